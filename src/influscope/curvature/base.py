@@ -1,0 +1,75 @@
+"""The curvature interface: fit statistics → precondition a gradient.
+
+A curvature operator approximates, per tracked layer ℓ, the damped Gauss-Newton Hessian
+``G_ℓ + λ_ℓ I`` of the training objective (mean over sequences of the summed token loss)
+and applies its inverse to a gradient given in the ``(out, in)`` layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+
+class CurvatureOperator(ABC):
+    """Block-diagonal (per layer) damped curvature with an inverse-vector product.
+
+    Attributes:
+        damping: ``{layer: λ_ℓ}`` in absolute units.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, damping: dict[str, float]) -> None:
+        self.damping = dict(damping)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.damping)
+
+    @abstractmethod
+    def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        """``(G_ℓ + λ_ℓ I)^{-1} g`` for ``g`` of shape ``(..., out, in)``."""
+
+    def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        """``gᵀ (G_ℓ + λ_ℓ I)^{-1} g`` for ``g`` of shape ``(B, out, in)``: ``(B,)``."""
+        return (g * self.precondition(layer, g)).sum(dim=(-2, -1))
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to store (``"{layer}::{key}"`` → tensor)."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], damping: dict[str, float]
+    ) -> CurvatureOperator:
+        """Rebuild the operator from :meth:`tensors` and its damping."""
+
+    def to(self, device: torch.device | str) -> CurvatureOperator:
+        """A copy with every tensor on ``device``."""
+        return type(self).from_tensors(
+            {k: v.to(device) for k, v in self.tensors().items()}, self.damping
+        )
+
+    def dense(self, layer: str) -> torch.Tensor:
+        """The damped matrix ``G_ℓ + λ_ℓ I`` as a dense ``(out·in, out·in)`` tensor (tests)."""
+        raise NotImplementedError
+
+
+def split_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"layer::key": t}`` → ``{layer: {key: t}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for full, t in tensors.items():
+        layer, key = full.rsplit("::", 1)
+        out.setdefault(layer, {})[key] = t
+    return out
+
+
+def relative_damping(values: torch.Tensor, factor: float, absolute: float | None) -> float:
+    """``absolute`` when given, else ``factor × mean(values)``."""
+    if absolute is not None:
+        return float(absolute)
+    return float(factor * values.double().mean())

@@ -1,0 +1,91 @@
+"""Kronecker-factored curvature in an eigenbasis — shared by K-FAC and EK-FAC.
+
+For one layer with activation covariance ``A = Q_A Λ_A Q_Aᵀ`` (in × in) and output-gradient
+covariance ``S = Q_S Λ_S Q_Sᵀ`` (out × out), both approximations write the curvature as
+
+.. math:: G_ℓ = (Q_S ⊗ Q_A)\\, \\mathrm{diag}(\\mathrm{vec}\\,Λ)\\, (Q_S ⊗ Q_A)^⊤
+
+with an ``(out, in)`` eigenvalue matrix ``Λ``: K-FAC uses ``Λ = T̄ · λ_S λ_Aᵀ`` and EK-FAC
+refits ``Λ_ij = E_z[((Q_Sᵀ ∇_W L(z) Q_A)_ij)²]`` (George et al. 2018). The damped inverse is
+
+.. math:: (G_ℓ + λ I)^{-1} V = Q_S\\, [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)]\\, Q_Aᵀ .
+
+Reference: Grosse et al. 2023, "Studying Large Language Model Generalization with Influence
+Functions", §2.2 and App. A.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from influscope.curvature.base import CurvatureOperator, split_keys
+
+
+class KroneckerEigenOperator(CurvatureOperator):
+    """Eigenbasis ``Q_S ⊗ Q_A`` with a full ``(out, in)`` eigenvalue matrix per layer."""
+
+    name = "kronecker_eigen"
+
+    def __init__(
+        self,
+        q_a: dict[str, torch.Tensor],
+        q_s: dict[str, torch.Tensor],
+        eigenvalues: dict[str, torch.Tensor],
+        damping: dict[str, float],
+    ) -> None:
+        super().__init__(damping)
+        self.q_a = q_a  # {layer: (in, in)}
+        self.q_s = q_s  # {layer: (out, out)}
+        self.eigenvalues = eigenvalues  # {layer: (out, in)}
+
+    def rotate(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        """``Q_Sᵀ g Q_A`` for ``g`` of shape ``(..., out, in)``."""
+        q_a = self.q_a[layer].to(g.dtype)
+        q_s = self.q_s[layer].to(g.dtype)
+        return q_s.t() @ g @ q_a  # (..., out, in)
+
+    def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        q_a = self.q_a[layer].to(g.dtype)
+        q_s = self.q_s[layer].to(g.dtype)
+        lam = self.eigenvalues[layer].to(g.dtype) + self.damping[layer]  # (out, in)
+        return q_s @ ((q_s.t() @ g @ q_a) / lam) @ q_a.t()
+
+    def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        lam = self.eigenvalues[layer].to(g.dtype) + self.damping[layer]
+        return (self.rotate(layer, g).square() / lam).sum(dim=(-2, -1))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.q_a:
+            out[f"{name}::q_a"] = self.q_a[name]
+            out[f"{name}::q_s"] = self.q_s[name]
+            out[f"{name}::eigenvalues"] = self.eigenvalues[name]
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors, damping):
+        parts = split_keys(tensors)
+        return cls(
+            {k: v["q_a"] for k, v in parts.items()},
+            {k: v["q_s"] for k, v in parts.items()},
+            {k: v["eigenvalues"] for k, v in parts.items()},
+            damping,
+        )
+
+    def dense(self, layer: str) -> torch.Tensor:
+        """``G_ℓ + λ I`` in row-major ``vec`` order of ``(out, in)`` matrices."""
+        basis = torch.kron(self.q_s[layer].double(), self.q_a[layer].double())
+        lam = self.eigenvalues[layer].double().reshape(-1) + self.damping[layer]
+        return basis @ torch.diag(lam) @ basis.t()
+
+
+class KFACOperator(KroneckerEigenOperator):
+    """K-FAC: eigenvalues ``T̄ · λ_S λ_Aᵀ`` (see :mod:`influscope.curvature.kfac`)."""
+
+    name = "kfac"
+
+
+class EKFACOperator(KroneckerEigenOperator):
+    """EK-FAC: eigenvalues refitted on per-sequence gradients (see ``ekfac``)."""
+
+    name = "ekfac"

@@ -1,0 +1,456 @@
+"""Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute.
+
+The pieces, in the order the demo uses them:
+
+1. :func:`train_tokenizer` — byte-level BPE (``tokenizers``) on the corpus texts, wrapped as a
+   ``transformers`` fast tokenizer; ``<|endoftext|>`` is bos, eos, pad and unk. It adds no special
+   tokens: ``tokenizer(text)["input_ids"]`` is exactly what the model was trained on.
+2. :func:`make_gpt2_config` — a ``GPT2Config`` with dropout off (influence functions assume a
+   deterministic loss).
+3. :func:`train_lm` — AdamW on the causal-LM loss of each record's ``text``. The objective is
+   the one influence functions assume (DESIGN.md §1): the mean over sequences of the *summed*
+   token cross-entropies, J(θ) = (1/N) Σ_i Σ_t −log p(x_{i,t} | x_{i,<t}). It is a plain function of
+   (records, subset, seed), so a retraining harness (LOO, LDS) can call it on index subsets.
+4. :func:`evaluate_queries` — log-probability of each query's completion after its prompt.
+5. :func:`train_demo_model` — all of the above, saved with ``save_pretrained`` so that
+   ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` reload them.
+
+Command line (after ``make assets``)::
+
+    python -m influscope.demo.train --assets .cache/assets --out runs/demo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from influscope.errors import ConfigError, DataError
+
+__all__ = [
+    "EOT",
+    "DemoTrainConfig",
+    "QueryEval",
+    "TrainResult",
+    "evaluate_queries",
+    "make_gpt2_config",
+    "train_demo_model",
+    "train_lm",
+    "train_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+
+
+def train_tokenizer(
+    texts: Sequence[str], vocab_size: int = 4096, *, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style, no prefix space) on ``texts``.
+
+    Args:
+        texts: Training texts.
+        vocab_size: Upper bound of the vocabulary, special token included (a small corpus may
+            yield fewer merges).
+        min_frequency: Minimum count of a pair to be merged.
+
+    Returns:
+        A fast tokenizer with ``<|endoftext|>`` as bos/eos/pad/unk token (id 0).
+
+    Raises:
+        ConfigError: ``vocab_size`` is not above the 257 byte-level symbols.
+    """
+    if vocab_size <= 257:
+        raise ConfigError(f"vocab_size must exceed 257 (bytes + {EOT}), got {vocab_size}.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT
+    )
+
+
+def make_gpt2_config(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_positions: int = 128,
+) -> GPT2Config:
+    """Return a small ``GPT2Config`` for ``tokenizer``, dropout off, embeddings tied."""
+    if n_embd % n_head:
+        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}).")
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_lm` returns.
+
+    Attributes:
+        model: The trained model, in eval mode.
+        epoch_losses: Mean per-sequence loss (summed over tokens) of each epoch.
+        seconds: Wall-clock training time.
+        steps: Optimizer steps taken.
+        stopped_early: Whether ``time_budget_s`` ended training before ``epochs``.
+    """
+
+    model: GPT2LMHeadModel
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    stopped_early: bool = False
+
+
+def _encode(records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int) -> list[list[int]]:
+    ids = [tokenizer(r["text"])["input_ids"][:max_len] for r in records]
+    if any(len(x) < 2 for x in ids):
+        raise DataError("Every record's text must encode to at least 2 tokens.")
+    return ids
+
+
+def _batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # (B, T)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(seq)] = torch.tensor(seq)
+    return input_ids, labels
+
+
+def sequence_losses(
+    model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Return each sequence's summed next-token cross-entropy, shape ``(B,)``.
+
+    ``labels`` is ``-100`` at padding; position t's hidden state predicts token t + 1. The
+    LM head (the largest matrix of a small-vocabulary model) runs only on positions that have a
+    target, so padding costs no head compute.
+    """
+    mask = (labels != -100).long()  # (B, T)
+    hidden = model.transformer(
+        input_ids=input_ids, attention_mask=mask
+    ).last_hidden_state  # (B, T, D)
+    targets = labels[:, 1:]  # (B, T-1)
+    rows, cols = (targets != -100).nonzero(as_tuple=True)  # (M,), (M,)
+    logits = model.lm_head(hidden[rows, cols])  # (M, V)
+    nll = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")  # (M,)
+    return torch.zeros(len(input_ids), dtype=nll.dtype).index_add(0, rows, nll)  # (B,)
+
+
+def train_lm(
+    records: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerFast,
+    config: GPT2Config,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    subset: Sequence[int] | None = None,
+    time_budget_s: float | None = None,
+    warmup_frac: float = 0.05,
+) -> TrainResult:
+    """Train a fresh ``GPT2LMHeadModel(config)`` on the ``text`` of ``records``.
+
+    Minimises J(θ) = (1/N) Σ_i L(z_i, θ) with L the summed token cross-entropy of sequence z_i,
+    using AdamW (decoupled weight decay on weight matrices only, not on biases and LayerNorm),
+    linear warm-up over ``warmup_frac`` of the steps, cosine decay to 0.1 × ``lr``, gradient
+    clipping at norm 1. Initialisation and batch order depend only on ``seed``, so the same
+    (records, subset, seed) reproduce the same model on the same machine.
+
+    Args:
+        records: Training records with a ``"text"`` key.
+        tokenizer: Tokenizer from :func:`train_tokenizer`; texts are truncated to
+            ``config.n_positions`` tokens.
+        config: Model configuration (:func:`make_gpt2_config`).
+        epochs: Passes over the (subset of) records.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: Sequences per step.
+        seed: Seed of the initialisation and of the batch order.
+        subset: Indices into ``records`` to train on (default: all), e.g. for leave-one-out or
+            LDS retraining.
+        time_budget_s: Stop after this many seconds (breaks reproducibility across machines;
+            leave ``None`` for retraining experiments).
+        warmup_frac: Fraction of the steps spent warming up.
+
+    Returns:
+        The trained model (eval mode) with its loss history.
+
+    Raises:
+        ConfigError: A non-positive ``epochs``, ``lr`` or ``batch_size``.
+        DataError: An empty subset or a text shorter than 2 tokens.
+    """
+    if epochs < 1 or lr <= 0 or batch_size < 1:
+        raise ConfigError(
+            f"Need epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}."
+        )
+    chosen = [records[i] for i in subset] if subset is not None else list(records)
+    if not chosen:
+        raise DataError("No records to train on (empty subset).")
+    seqs = _encode(chosen, tokenizer, config.n_positions)
+    pad_id = tokenizer.pad_token_id
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    steps_per_epoch = math.ceil(len(seqs) / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, int(warmup_frac * total))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult(model=model)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(seqs), generator=generator).tolist()
+        total_loss = 0.0
+        for first in range(0, len(order), batch_size):
+            input_ids, labels = _batch([seqs[i] for i in order[first : first + batch_size]], pad_id)
+            losses = sequence_losses(model, input_ids, labels)  # (B,)
+            loss = losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            result.steps += 1
+            total_loss += float(losses.detach().sum())
+        result.epoch_losses.append(total_loss / len(seqs))
+        logger.info("epoch %d/%d loss %.3f", epoch + 1, epochs, result.epoch_losses[-1])
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            result.stopped_early = epoch + 1 < epochs
+            break
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+@dataclass
+class QueryEval:
+    """Log-probabilities of query completions under a model.
+
+    Attributes:
+        logprob: Per query, log p(completion | prompt) summed over completion tokens.
+        first_logprob: Per query, log-probability of the completion's first token.
+        first_top1: Per query, whether that first token is the model's top-1 prediction.
+        greedy_match: Per query, whether every completion token is the top-1 prediction.
+    """
+
+    logprob: list[float]
+    first_logprob: list[float]
+    first_top1: list[bool]
+    greedy_match: list[bool]
+
+    def summary(self) -> dict[str, float]:
+        """Means over the queries."""
+        n = max(1, len(self.logprob))
+        return {
+            "mean_logprob": sum(self.logprob) / n,
+            "mean_first_token_logprob": sum(self.first_logprob) / n,
+            "first_token_top1_accuracy": sum(self.first_top1) / n,
+            "greedy_match_accuracy": sum(self.greedy_match) / n,
+        }
+
+
+@torch.no_grad()
+def evaluate_queries(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, queries: Sequence[dict[str, Any]]
+) -> QueryEval:
+    """Score each query's ``completion`` after its ``prompt`` (no special tokens added)."""
+    out = QueryEval([], [], [], [])
+    model.eval()
+    for query in queries:
+        prompt = tokenizer(query["prompt"])["input_ids"]
+        completion = tokenizer(query["completion"])["input_ids"]
+        ids = torch.tensor([prompt + completion])  # (1, P + C)
+        logprobs = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)  # (C, V)
+        target = torch.tensor(completion)  # (C,)
+        token_lp = logprobs.gather(1, target[:, None])[:, 0]  # (C,)
+        top1 = logprobs.argmax(-1) == target  # (C,)
+        out.logprob.append(float(token_lp.sum()))
+        out.first_logprob.append(float(token_lp[0]))
+        out.first_top1.append(bool(top1[0]))
+        out.greedy_match.append(bool(top1.all()))
+    return out
+
+
+@dataclass(frozen=True)
+class DemoTrainConfig:
+    """Settings of :func:`train_demo_model` (defaults measured to train in ~1 min on 2 cores)."""
+
+    vocab_size: int = 4096
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 128
+    epochs: int = 30
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})."
+            )
+        if min(self.n_layer, self.n_positions, self.epochs, self.batch_size) < 1 or self.lr <= 0:
+            raise ConfigError(f"Sizes, epochs, batch_size and lr must be positive: {self}.")
+
+
+def train_demo_model(
+    corpus: Any,
+    out_dir: str | os.PathLike[str] | None = None,
+    settings: DemoTrainConfig | None = None,
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Train the demo tokenizer and model on a :class:`~influscope.demo.corpus.DemoCorpus`.
+
+    Args:
+        corpus: The corpus (``records`` are trained on, ``queries`` evaluated).
+        out_dir: If given, the model and tokenizer are saved there with ``save_pretrained``,
+            together with ``corpus.json`` and ``training.json`` (settings, timings, metrics).
+        settings: Training settings.
+
+    Returns:
+        ``(model, tokenizer, report)``; ``report`` holds the settings, training seconds, loss
+        history and :meth:`QueryEval.summary` of the corpus queries.
+    """
+    settings = settings or DemoTrainConfig()
+    torch.manual_seed(settings.seed)
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(corpus.texts, settings.vocab_size)
+    tokenizer.model_max_length = settings.n_positions
+    config = make_gpt2_config(
+        tokenizer,
+        n_layer=settings.n_layer,
+        n_embd=settings.n_embd,
+        n_head=settings.n_head,
+        n_positions=settings.n_positions,
+    )
+    result = train_lm(
+        corpus.records,
+        tokenizer,
+        config,
+        epochs=settings.epochs,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        time_budget_s=settings.time_budget_s,
+    )
+    report: dict[str, Any] = {
+        "settings": asdict(settings),
+        "n_records": len(corpus.records),
+        "vocab_size": len(tokenizer),
+        "n_parameters": sum(p.numel() for p in result.model.parameters()),
+        "seconds": time.perf_counter() - start,
+        "train_seconds": result.seconds,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "epoch_losses": result.epoch_losses,
+        "queries": evaluate_queries(result.model, tokenizer, corpus.queries).summary(),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        corpus.save(out / "corpus.json")
+        (out / "training.json").write_text(json.dumps(report, indent=1))
+    return result.model, tokenizer, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m influscope.demo.train``."""
+    from influscope.demo.corpus import build_demo_corpus
+
+    parser = argparse.ArgumentParser(
+        prog="python -m influscope.demo.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--assets", type=Path, default=None, help="asset cache directory")
+    parser.add_argument("--out", type=Path, default=None, help="where to save model and tokenizer")
+    parser.add_argument("--n-facts", type=int, default=40)
+    parser.add_argument("--n-chunks", type=int, default=300)
+    parser.add_argument("--langs", nargs="+", default=["en"])
+    defaults = DemoTrainConfig()
+    for name in ("epochs", "lr", "weight_decay", "batch_size", "seed", "n_layer", "n_embd"):
+        kind = type(getattr(defaults, name))
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name)
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    corpus = build_demo_corpus(
+        args.assets, args.n_facts, args.n_chunks, seed=args.seed, langs=args.langs
+    )
+    settings = DemoTrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+    )
+    _, _, report = train_demo_model(corpus, args.out, settings)
+    print(json.dumps({k: v for k, v in report.items() if k != "epoch_losses"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Slow, exact references used by the tests (float64, tiny models only).
+
+* :func:`per_example_gradients` — one autograd call per example, read from the parameters.
+* :func:`exact_gauss_newton` — the dense Gauss-Newton Hessian of the training objective over
+  the tracked parameters, ``G = (1/N) Σ_n J_n^⊤ H_n J_n`` with ``J_n`` the Jacobian of the
+  task's outputs and ``H_n`` the Hessian of the loss w.r.t. those outputs (``torch.func``).
+* :func:`exact_influence` — ``-∇f^⊤ (G + Λ_damp)^{-1} ∇L`` with the dense ``G``.
+* :func:`ekfac_eigenvalues` — EK-FAC's refitted eigenvalues from per-example gradients.
+
+The flat parameter vector concatenates each layer's ``(out, in[+1])`` matrix in row-major
+order, layer after layer (the layout every other part of influscope uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from influscope.modules.selection import TrackedLayer
+from influscope.tasks.base import Task
+from influscope.tasks.data import EncodedDataset, example_seeds
+
+
+def _batch(task: Task, data: EncodedDataset, i: int, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in task.collate([data.examples[i]]).items()}
+
+
+def per_example_gradients(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    data: EncodedDataset,
+    objective: str = "loss",
+    sample_seed: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients by an autograd loop: ``{layer: (N, out, in[+1])}``.
+
+    Args:
+        objective: ``"loss"`` (training loss) or ``"measurement"``.
+        sample_seed: Sample targets from the model as the fitting passes do.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    try:
+        for i in range(len(data)):
+            batch = _batch(task, data, i, device)
+            if objective == "loss":
+                seeds = None if sample_seed is None else example_seeds(sample_seed, [data.indices[i]])
+                value = task.training_loss(model, batch, seeds).sum()
+            else:
+                value = task.measurement(model, batch).sum()
+            params = [p for layer in layers for p, _ in layer.adapter.split(
+                layer.module, layer.adapter.weight_out_in(layer.module))]
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            k = 0
+            for layer in layers:
+                n = 1 + int(layer.has_bias)
+                out[layer.name].append(layer.adapter.join(layer.module, list(grads[k : k + n])))
+                k += n
+    finally:
+        model.train(was_training)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def flatten(grads: dict[str, torch.Tensor], layers: Sequence[TrackedLayer]) -> torch.Tensor:
+    """``{layer: (N, out, in)}`` → ``(N, P)`` in the flat layout."""
+    return torch.cat([grads[layer.name].reshape(grads[layer.name].shape[0], -1)
+                      for layer in layers], dim=1)
+
+
+class _TaskOutputs(nn.Module):
+    """``batch → task.outputs(model, batch)`` as a module, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.outputs(self.model, batch)
+
+
+def _functional(model: nn.Module, task: Task, layers: Sequence[TrackedLayer], batch):
+    """``outputs(flat θ_tracked)`` for one batch (other parameters fixed) and θ_tracked."""
+    wrapper = _TaskOutputs(model, task)
+    names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
+    shapes = [(layer.out_dim, layer.in_dim) for layer in layers]
+    sizes = [o * i for o, i in shapes]
+
+    def fn(flat: torch.Tensor) -> torch.Tensor:
+        params = {}
+        for layer, chunk, shape in zip(layers, flat.split(sizes), shapes):
+            for p, value in layer.adapter.split(layer.module, chunk.view(shape)):
+                params[names[id(p)]] = value
+        return functional_call(wrapper, params, (batch,))
+
+    theta = torch.cat([layer.adapter.weight_out_in(layer.module).reshape(-1) for layer in layers])
+    return fn, theta
+
+
+def exact_gauss_newton(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    data: EncodedDataset,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Dense ``G = (1/N) Σ_n J_n^⊤ H_n J_n`` over the tracked parameters: ``(P, P)``.
+
+    Examples are processed ``chunk`` at a time (one Jacobian of the chunk's outputs); the loss
+    Hessian w.r.t. the outputs is block-diagonal over examples because examples do not interact.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = None
+    try:
+        for start in range(0, len(data), chunk):
+            examples = data.examples[start : start + chunk]
+            batch = {k: v.to(device) for k, v in task.collate(examples).items()}
+            fn, theta = _functional(model, task, layers, batch)
+            outputs = fn(theta).detach()
+            jac = jacrev(fn)(theta).reshape(-1, theta.numel())  # (n_out, P)
+
+            def loss_of(o: torch.Tensor, batch=batch, shape=outputs.shape) -> torch.Tensor:
+                return task.loss_from_outputs(o.view(shape), batch).sum()
+
+            h = hessian(loss_of)(outputs.reshape(-1)).to(jac.dtype)  # (n_out, n_out)
+            g = jac.t() @ h @ jac  # (P, P)
+            total = g if total is None else total + g
+    finally:
+        model.train(was_training)
+    return total / len(data)
+
+
+def damping_vector(layers: Sequence[TrackedLayer], damping: float | dict[str, float]) -> torch.Tensor:
+    """Per-parameter damping in the flat layout: ``(P,)``."""
+    parts = [
+        torch.full((layer.numel,),
+                   float(damping[layer.name] if isinstance(damping, dict) else damping),
+                   dtype=torch.float64)
+        for layer in layers
+    ]
+    return torch.cat(parts)
+
+
+def exact_influence(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    train: EncodedDataset,
+    queries: EncodedDataset,
+    damping: float | dict[str, float],
+    gauss_newton: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``-∇f_q^⊤ (G + Λ)^{-1} ∇L(z_m)`` with the dense Gauss-Newton ``G``: ``(Q, N)``."""
+    g = gauss_newton if gauss_newton is not None else exact_gauss_newton(model, task, layers, train)
+    g = g.double() + torch.diag(damping_vector(layers, damping)).to(g.device)
+    q = flatten(per_example_gradients(model, task, layers, queries, "measurement"), layers)
+    t = flatten(per_example_gradients(model, task, layers, train, "loss"), layers)
+    return -(torch.linalg.solve(g, q.double().t()).t() @ t.double().t())
+
+
+def ekfac_eigenvalues(
+    grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor
+) -> torch.Tensor:
+    """``mean_n (Q_S^⊤ g_n Q_A)^{⊙2}`` for per-example gradients ``(N, out, in)``."""
+    return (q_s.t().double() @ grads.double() @ q_a.double()).square().mean(0)

@@ -1,0 +1,176 @@
+"""Scores of training sequences against preconditioned queries.
+
+Sign convention: the influence of training sequence ``z_m`` on query ``q`` is
+
+.. math:: I_q(z_m) = -\\nabla f_q^⊤ (G + λI)^{-1} \\nabla L(z_m) = \\frac{df_q}{dε},
+
+the rate of change of the query's measurement when ``z_m`` is up-weighted by ``ε``; positive
+means training on ``z_m`` *increases* ``f_q`` (e.g. ``log p(completion | prompt)``). Units: those
+of ``f`` per unit of up-weighting of one sequence's summed loss.
+
+Decompositions (both sum exactly to the total):
+
+* per layer: ``I = Σ_ℓ -q̃_ℓ · ∇_{W_ℓ} L(z_m)``;
+* per token: ``I = Σ_ℓ Σ_t -s_t^⊤ q̃_ℓ ā_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from influscope.config import ScoreConfig, resolve_dtype
+from influscope.curvature.base import CurvatureOperator
+from influscope.modules.capture import LayerBatch
+from influscope.modules.passes import layer_passes
+from influscope.modules.selection import TrackedLayer
+from influscope.scoring.queries import PreconditionedQueries
+from influscope.tasks.base import Task
+from influscope.tasks.data import EncodedDataset
+
+
+def layer_terms(pq: PreconditionedQueries, name: str, lb: LayerBatch) -> torch.Tensor:
+    """Influence terms of one layer: ``(Q, B)``."""
+    if name in pq.dense:
+        q = pq.dense[name].to(lb.a.dtype)  # (Q, out, in)
+        g = lb.gradient()  # (B, out, in)
+        return -torch.einsum("qoi,boi->qb", q, g)
+    return token_terms(pq, name, lb).sum(-1)
+
+
+def token_terms(pq: PreconditionedQueries, name: str, lb: LayerBatch) -> torch.Tensor:
+    """Per-token influence terms of one layer: ``(Q, B, T)``."""
+    if name in pq.dense:
+        q = pq.dense[name].to(lb.a.dtype)  # (Q, out, in)
+        qa = torch.einsum("qoi,bti->qbto", q, lb.a)  # (Q, B, T, out)
+        return -(qa * lb.s.unsqueeze(0)).sum(-1)
+    u, v = pq.factors[name]
+    u, v = u.to(lb.a.dtype), v.to(lb.a.dtype)  # (Q, r, out), (Q, r, in)
+    su = torch.einsum("bto,qro->qbtr", lb.s, u)  # (Q, B, T, r)
+    av = torch.einsum("bti,qri->qbtr", lb.a, v)  # (Q, B, T, r)
+    return -(su * av).sum(-1)
+
+
+@dataclass
+class Scores:
+    """Influence scores of training sequences on queries.
+
+    Attributes:
+        pairwise: ``(Q, N)`` total influence (see the module docstring for sign and units).
+        layer_names: Tracked layers, in the order of ``per_layer``'s last axis.
+        train_indices: Global index of each of the ``N`` training sequences.
+        per_layer: ``(Q, N, L)`` layer terms, or ``None``.
+        self_influence: ``(N,)`` ``∇L^⊤ (G + λI)^{-1} ∇L``, when computed.
+        measurements: ``(Q,)`` the queries' measurements at θ.
+    """
+
+    pairwise: torch.Tensor
+    layer_names: list[str]
+    train_indices: list[int]
+    per_layer: torch.Tensor | None = None
+    self_influence: torch.Tensor | None = None
+    measurements: torch.Tensor | None = None
+
+    def top(self, query: int, k: int = 10, opponents: bool = False) -> list[tuple[int, float]]:
+        """The ``k`` most positive (or most negative) training sequences for a query.
+
+        Returns:
+            ``[(position in the scored training set, score), ...]`` best first.
+        """
+        row = self.pairwise[query]
+        vals, idx = torch.topk(-row if opponents else row, min(k, row.numel()))
+        return [(int(i), float(row[i])) for i in idx]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"pairwise": self.pairwise.contiguous()}
+        for key in ("per_layer", "self_influence", "measurements"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.contiguous()
+        return out
+
+
+def score_pass(
+    model: nn.Module,
+    task: Task,
+    layers: list[TrackedLayer],
+    pq: PreconditionedQueries,
+    train: EncodedDataset,
+    config: ScoreConfig,
+    operator: CurvatureOperator | None = None,
+    want_self: bool = False,
+) -> Scores:
+    """One pass over the training data computing pairwise (and per-layer / self) scores."""
+    names = [layer.name for layer in layers]
+    blocks, selfs = [], []
+    for _, grads, _ in layer_passes(
+        model, task, layers, train, batch_size=config.batch_size, objective="loss",
+        amp_dtype=resolve_dtype(config.amp_dtype), desc="training scores",
+    ):
+        blocks.append(torch.stack([layer_terms(pq, n, grads[n]) for n in names], dim=-1))
+        if want_self and operator is not None:
+            selfs.append(sum(operator.quadratic(n, grads[n].gradient()) for n in names))
+    per_layer = torch.cat(blocks, dim=1)  # (Q, N, L)
+    self_inf = torch.cat(selfs) if selfs else None
+    pairwise = per_layer.sum(-1)
+    if config.normalize == "relatif":
+        if self_inf is None:
+            raise ValueError("RelatIF normalisation needs self-influence (want_self=True).")
+        pairwise = pairwise / self_inf.clamp_min(1e-30).sqrt()
+        per_layer = per_layer / self_inf.clamp_min(1e-30).sqrt()[None, :, None]
+    return Scores(
+        pairwise=pairwise,
+        layer_names=names,
+        train_indices=list(train.indices),
+        per_layer=per_layer if config.per_layer else None,
+        self_influence=self_inf,
+        measurements=pq.measurements,
+    )
+
+
+def self_influence_pass(
+    model: nn.Module,
+    task: Task,
+    layers: list[TrackedLayer],
+    operator: CurvatureOperator,
+    train: EncodedDataset,
+    batch_size: int = 8,
+    amp_dtype: str | None = None,
+) -> torch.Tensor:
+    """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for every training sequence: ``(N,)``."""
+    out = []
+    for _, grads, _ in layer_passes(
+        model, task, layers, train, batch_size=batch_size, objective="loss",
+        amp_dtype=resolve_dtype(amp_dtype), desc="self-influence",
+    ):
+        out.append(sum(operator.quadratic(layer.name, grads[layer.name].gradient())
+                       for layer in layers))
+    return torch.cat(out)
+
+
+def token_pass(
+    model: nn.Module,
+    task: Task,
+    layers: list[TrackedLayer],
+    pq: PreconditionedQueries,
+    train: EncodedDataset,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """Per-token influence of each training sequence on each query.
+
+    Returns:
+        One ``(Q, T_m)`` tensor per training sequence (``T_m`` its model rows × length, padding
+        removed); each row sums to the sequence's pairwise score.
+    """
+    out: list[torch.Tensor] = []
+    for pos, grads, _ in layer_passes(
+        model, task, layers, train, batch_size=batch_size, objective="loss", desc="token scores"
+    ):
+        total = sum(token_terms(pq, layer.name, grads[layer.name]) for layer in layers)
+        mask = grads[layers[0].name].mask  # (B, T) or None
+        for b in range(len(pos)):
+            row = total[:, b]  # (Q, T_pad)
+            out.append(row[:, mask[b]] if mask is not None else row)
+    return out

@@ -1,0 +1,122 @@
+"""Preconditioned query gradients, optionally as rank-r factorisations.
+
+For query ``q`` and layer ℓ the stored quantity is ``q̃_ℓ = (G_ℓ + λ_ℓ I)^{-1} ∇_{W_ℓ} f_q``,
+an ``(out, in)`` matrix. With ``rank = r`` it is kept as its truncated SVD
+``q̃_ℓ ≈ Σ_{k<r} σ_k u_k v_k^⊤`` (σ folded into ``u``): ``U (Q, r, out)``, ``V (Q, r, in)``.
+Many queries then share one pass over the training data (Grosse et al. 2023, §3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from influscope.config import ScoreConfig, resolve_dtype
+from influscope.curvature.base import CurvatureOperator
+from influscope.modules.passes import layer_passes
+from influscope.modules.selection import TrackedLayer
+from influscope.tasks.base import Task
+from influscope.tasks.data import EncodedDataset
+
+#: Above this many stored elements (all queries, all layers) low-rank queries stay factored.
+DENSE_BUDGET = 2**27
+
+
+@dataclass
+class PreconditionedQueries:
+    """Per-layer preconditioned query gradients.
+
+    Attributes:
+        dense: ``{layer: (Q, out, in)}`` for layers kept (or reconstructed) dense.
+        factors: ``{layer: (U (Q, r, out), V (Q, r, in))}`` for low-rank layers.
+        measurements: ``(Q,)`` the measurement ``f`` of each query at θ.
+    """
+
+    layer_names: list[str]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    measurements: torch.Tensor | None = None
+
+    @property
+    def n_queries(self) -> int:
+        name = self.layer_names[0]
+        return int(self.dense[name].shape[0] if name in self.dense else self.factors[name][0].shape[0])
+
+    def matrix(self, layer: str) -> torch.Tensor:
+        """The ``(Q, out, in)`` matrix of a layer (reconstructed from factors if needed)."""
+        if layer in self.dense:
+            return self.dense[layer]
+        u, v = self.factors[layer]
+        return torch.einsum("qro,qri->qoi", u, v)
+
+    def select(self, queries: list[int]) -> PreconditionedQueries:
+        """A view restricted to some queries."""
+        return PreconditionedQueries(
+            self.layer_names,
+            {k: v[queries] for k, v in self.dense.items()},
+            {k: (u[queries], v[queries]) for k, (u, v) in self.factors.items()},
+            None if self.measurements is None else self.measurements[queries],
+        )
+
+
+def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD ``p ≈ U V`` with singular values folded into ``U``.
+
+    Args:
+        p: ``(Q, out, in)``.
+        rank: ``r``.
+
+    Returns:
+        ``U (Q, r, out)``, ``V (Q, r, in)``.
+    """
+    u, s, vh = torch.linalg.svd(p.double() if p.dtype == torch.float64 else p.float(),
+                                full_matrices=False)  # (Q, out, k), (Q, k), (Q, k, in)
+    r = min(rank, s.shape[-1])
+    uu = (u[..., :r] * s[:, None, :r]).transpose(1, 2)  # (Q, r, out)
+    return uu.to(p.dtype).contiguous(), vh[:, :r, :].to(p.dtype).contiguous()
+
+
+def precondition_queries(
+    model: nn.Module,
+    task: Task,
+    layers: list[TrackedLayer],
+    operator: CurvatureOperator,
+    queries: EncodedDataset,
+    config: ScoreConfig,
+    dense_budget: int = DENSE_BUDGET,
+) -> PreconditionedQueries:
+    """Compute ``(G + λI)^{-1} ∇f`` for every query and layer (one pass over the queries)."""
+    dense: dict[str, list[torch.Tensor]] = {}
+    us: dict[str, list[torch.Tensor]] = {}
+    vs: dict[str, list[torch.Tensor]] = {}
+    values = []
+    for _, grads, f in layer_passes(
+        model, task, layers, queries, batch_size=config.batch_size, objective="measurement",
+        amp_dtype=resolve_dtype(config.amp_dtype), desc="query gradients",
+    ):
+        values.append(f)
+        for name, lb in grads.items():
+            p = operator.precondition(name, lb.gradient())  # (B, out, in)
+            if config.query_rank is None or config.query_rank >= min(p.shape[-2:]):
+                dense.setdefault(name, []).append(p)
+            else:
+                u, v = low_rank(p, config.query_rank)
+                us.setdefault(name, []).append(u)
+                vs.setdefault(name, []).append(v)
+    names = [layer.name for layer in layers]
+    pq = PreconditionedQueries(
+        names,
+        {k: torch.cat(v) for k, v in dense.items()},
+        {k: (torch.cat(us[k]), torch.cat(vs[k])) for k in us},
+        torch.cat(values),
+    )
+    # Reconstruct low-rank layers densely when it fits: the dense contraction is cheaper per
+    # training token than the factored one (out·in vs Q·r·(out+in)), and scores are identical.
+    total = sum(pq.n_queries * layer.numel for layer in layers)
+    if total <= dense_budget:
+        for name in list(pq.factors):
+            pq.dense[name] = pq.matrix(name)
+            del pq.factors[name]
+    return pq

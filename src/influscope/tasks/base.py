@@ -1,0 +1,106 @@
+"""The task contract: how a batch becomes a training loss and a measurement.
+
+A task has two required methods:
+
+* :meth:`Task.training_loss` — the **per-example** training loss ``L(z, θ)`` (for language
+  models the *sum* of token cross-entropies, which makes the Fisher equal the Gauss-Newton
+  Hessian). With ``sample_seeds`` it must replace the targets by labels sampled from the model
+  (one seed per example), which gives the true Fisher.
+* :meth:`Task.measurement` — the per-example quantity ``f(θ)`` whose change is attributed
+  (for causal LMs ``log p(completion | prompt)``).
+
+Optional: :meth:`Task.collate`, :meth:`Task.token_mask`, :meth:`Task.encode`, and the split
+:meth:`Task.outputs` / :meth:`Task.loss_from_outputs` used by the exact Gauss-Newton oracle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from influscope.tasks.data import EncodedDataset, pad_stack
+
+
+class Task(ABC):
+    """Base class of tasks. Subclass it and implement the two abstract methods."""
+
+    name: ClassVar[str] = "custom"
+    #: Model rows per example (2 when chosen/rejected responses are stacked in one batch).
+    rows_per_example: ClassVar[int] = 1
+    #: Padding values used by the default :meth:`collate`.
+    pad_values: ClassVar[dict[str, int]] = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+    @abstractmethod
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], sample_seeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-example training loss, shape ``(B,)``; sampled targets when seeds are given."""
+
+    @abstractmethod
+    def measurement(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example measurement ``f``, shape ``(B,)``; influence is ``df/dε``."""
+
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack examples into a batch, right-padding 1-D tensors."""
+        keys = examples[0].keys()
+        return {
+            k: pad_stack([e[k] for e in examples], self.pad_values.get(k, 0))
+            if examples[0][k].dim()
+            else torch.stack([e[k] for e in examples])
+            for k in keys
+        }
+
+    def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(R, T)`` positions counted in token statistics (defaults to the attention mask)."""
+        return batch.get("attention_mask")
+
+    def encode(self, records: list[dict], tokenizer, max_length: int | None = None,
+               truncate: bool = False) -> EncodedDataset:
+        """Turn records into an :class:`EncodedDataset` (implemented by the built-in tasks)."""
+        raise NotImplementedError(f"Task {self.name!r} does not implement encode().")
+
+    def outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model outputs the loss is a function of (for the exact Gauss-Newton oracle)."""
+        raise NotImplementedError(f"Task {self.name!r} does not implement outputs().")
+
+    def loss_from_outputs(
+        self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Per-example loss as a function of :meth:`outputs` (for the exact oracle)."""
+        raise NotImplementedError(f"Task {self.name!r} does not implement loss_from_outputs().")
+
+
+def sample_categorical(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Sample one class per position from ``softmax(logits)``, seeded per example.
+
+    Each example ``b`` draws its uniforms from its own generator seeded with ``seeds[b]``, so
+    the samples do not depend on batch composition, batch size or rank.
+
+    Args:
+        logits: ``(B, ..., V)``.
+        seeds: ``(B,)`` int64.
+
+    Returns:
+        ``(B, ...)`` int64 class indices.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)  # (B, ..., V)
+    cdf = probs.cumsum(-1)
+    u = torch.stack(
+        [
+            torch.rand(logits.shape[1:-1], generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds
+        ]
+    ).to(cdf.device)  # (B, ...)
+    idx = torch.searchsorted(cdf, u.unsqueeze(-1) * cdf[..., -1:]).squeeze(-1)
+    return idx.clamp_max(logits.shape[-1] - 1)
+
+
+def sample_bernoulli(p: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """One Bernoulli(p_b) draw per example with its own seed: ``(B,)`` bool."""
+    u = torch.stack(
+        [torch.rand((), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    ).to(p.device)
+    return u < p.detach().float()
