@@ -13,19 +13,35 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from influscope.tasks import CausalLMTask, EncodedDataset
 
 
-def tiny_gpt2(n_embd: int = 16, n_layer: int = 2, vocab: int = 32, n_positions: int = 32,
-              seed: int = 0, dtype=torch.float64) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    n_embd: int = 16,
+    n_layer: int = 2,
+    vocab: int = 32,
+    n_positions: int = 32,
+    seed: int = 0,
+    dtype=torch.float64,
+) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 with its native Conv1D layers."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=2, vocab_size=vocab,
-                     n_positions=n_positions, bos_token_id=0, eos_token_id=0,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def random_lm_data(n: int, vocab: int = 32, min_len: int = 5, max_len: int = 12, seed: int = 0,
-                   prompt_len: int = 0) -> EncodedDataset:
+def random_lm_data(
+    n: int, vocab: int = 32, min_len: int = 5, max_len: int = 12, seed: int = 0, prompt_len: int = 0
+) -> EncodedDataset:
     """Random token sequences of varied length (``prompt_len`` > 0 masks a prompt)."""
     g = torch.Generator().manual_seed(seed)
     examples = []
@@ -34,13 +50,21 @@ def random_lm_data(n: int, vocab: int = 32, min_len: int = 5, max_len: int = 12,
         ids = torch.randint(1, vocab, (t,), generator=g)
         labels = ids.clone()
         labels[:prompt_len] = -100
-        examples.append({"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long),
-                         "labels": labels})
+        examples.append(
+            {"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long), "labels": labels}
+        )
     return EncodedDataset(examples)
 
 
-def train_lm(model, data: EncodedDataset, steps: int = 200, lr: float = 3e-3,
-             weight_decay: float = 0.01, batch_size: int = 8, seed: int = 0):
+def train_lm(
+    model,
+    data: EncodedDataset,
+    steps: int = 200,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    batch_size: int = 8,
+    seed: int = 0,
+):
     """A short AdamW run (weight decay) so the model sits near a minimum."""
     task = CausalLMTask()
     torch.manual_seed(seed)

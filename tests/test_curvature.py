@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_data, tiny_gpt2, train_lm
 
+from conftest import random_lm_data, tiny_gpt2, train_lm
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.reference import (
     ekfac_eigenvalues,
@@ -89,7 +89,9 @@ def test_kfac_and_ekfac_track_exact_gauss_newton_influence(trained_small):
         damping = op.damping
         est = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise
         exact = exact_influence(model, inf.task, inf.layers, train, queries, damping)
-        results[curvature] = sum(pearson(est[q], exact[q]) for q in range(len(queries))) / len(queries)
+        results[curvature] = sum(pearson(est[q], exact[q]) for q in range(len(queries))) / len(
+            queries
+        )
         # absolute scale, not only correlation
         ratio = float((est * exact).sum() / exact.square().sum())
         assert 0.5 < ratio < 1.5, (curvature, ratio)

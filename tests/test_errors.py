@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_data, tiny_gpt2
 
+from conftest import random_lm_data, tiny_gpt2
 from influscope import (
     ConfigError,
     DataError,
@@ -81,7 +81,8 @@ def test_factors_from_a_different_model_are_refused(tmp_path):
         Influence(tiny_gpt2(seed=0), run_dir=tmp_path).fit(random_lm_data(6, seed=9), name="f")
     with pytest.raises(StaleArtifactError, match="different config"):
         Influence(tiny_gpt2(seed=0), run_dir=tmp_path).fit(
-            data, FitConfig(damping_factor=0.5), name="f")
+            data, FitConfig(damping_factor=0.5), name="f"
+        )
     other.fit(data, name="f", overwrite=True)  # explicit overwrite works
 
 

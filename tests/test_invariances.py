@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_data, tiny_gpt2
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
 
 
@@ -33,8 +33,9 @@ def test_fit_and_scores_independent_of_batch_size(setup):
     inf, train, queries, op = setup
     op1 = inf.fit(train, FitConfig(curvature="ekfac", batch_size=1))
     for name in op.eigenvalues:
-        torch.testing.assert_close(op1.eigenvalues[name], op.eigenvalues[name], rtol=1e-7,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            op1.eigenvalues[name], op.eigenvalues[name], rtol=1e-7, atol=1e-12
+        )
     s1 = inf.score(queries, train, op, ScoreConfig(batch_size=1, query_rank=None)).pairwise
     s5 = inf.score(queries, train, op, ScoreConfig(batch_size=5, query_rank=None)).pairwise
     torch.testing.assert_close(s1, s5, rtol=1e-9, atol=1e-12)
@@ -53,8 +54,12 @@ def test_per_token_terms_sum_to_sequence_score(setup, rank):
     cfg = ScoreConfig(query_rank=rank)
     pq = inf.precondition(queries, op, cfg)
     if rank is not None:  # exercise the factored path too
-        pq.factors = {n: __import__("influscope.scoring.queries", fromlist=["low_rank"]).low_rank(
-            pq.matrix(n), rank) for n in pq.layer_names}
+        pq.factors = {
+            n: __import__("influscope.scoring.queries", fromlist=["low_rank"]).low_rank(
+                pq.matrix(n), rank
+            )
+            for n in pq.layer_names
+        }
         pq.dense = {}
     total = inf.score(pq, train, op, cfg).pairwise
     tokens = inf.token_scores(pq, train, op, cfg)

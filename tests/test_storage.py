@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import random_lm_data, tiny_gpt2
 
+from conftest import random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.storage import RunDirectory, atomic_write_json
 

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gradients import hooked
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config
-from transformers import GPT2ForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.modules import select_layers
 from influscope.reference import per_example_gradients
 from influscope.tasks import ClassificationTask, EncodedDataset, RewardTask
+from test_gradients import hooked
 
 
 def tiny_bert(num_labels: int = 3):
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     cfg._attn_implementation = "eager"
     return BertForSequenceClassification(cfg).double().eval()
 
@@ -28,21 +40,31 @@ def cls_data(n: int, seed: int = 0) -> EncodedDataset:
     out = []
     for _ in range(n):
         t = int(torch.randint(4, 10, (1,), generator=g))
-        out.append({"input_ids": torch.randint(1, 40, (t,), generator=g),
-                    "attention_mask": torch.ones(t, dtype=torch.long),
-                    "labels": torch.randint(0, 3, (), generator=g)})
+        out.append(
+            {
+                "input_ids": torch.randint(1, 40, (t,), generator=g),
+                "attention_mask": torch.ones(t, dtype=torch.long),
+                "labels": torch.randint(0, 3, (), generator=g),
+            }
+        )
     return EncodedDataset(out)
 
 
 def pair_data(n: int, seed: int = 0) -> EncodedDataset:
     g = torch.Generator().manual_seed(seed)
-    return EncodedDataset([
-        {"chosen_ids": torch.randint(1, 40, (int(torch.randint(3, 9, (1,), generator=g)),),
-                                     generator=g),
-         "rejected_ids": torch.randint(1, 40, (int(torch.randint(3, 9, (1,), generator=g)),),
-                                       generator=g)}
-        for _ in range(n)
-    ])
+    return EncodedDataset(
+        [
+            {
+                "chosen_ids": torch.randint(
+                    1, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g
+                ),
+                "rejected_ids": torch.randint(
+                    1, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g
+                ),
+            }
+            for _ in range(n)
+        ]
+    )
 
 
 def test_bert_mlp_preset_and_gradients():
@@ -62,9 +84,18 @@ def test_bert_mlp_preset_and_gradients():
 
 def test_reward_pairs_gradients_cover_both_responses():
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=32,
-                     num_labels=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        vocab_size=40,
+        n_positions=32,
+        num_labels=1,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "eager"
     model = GPT2ForSequenceClassification(cfg).double().eval()
     task, data = RewardTask(pad_token_id=0), pair_data(5)

@@ -22,7 +22,14 @@ from influscope.errors import (
 )
 from influscope.modules import select_layers
 from influscope.scoring.pairwise import Scores
-from influscope.tasks import TASKS, CausalLMTask, ClassificationTask, EncodedDataset, RewardTask, Task
+from influscope.tasks import (
+    TASKS,
+    CausalLMTask,
+    ClassificationTask,
+    EncodedDataset,
+    RewardTask,
+    Task,
+)
 
 __all__ = [
     "CURVATURES",

@@ -111,16 +111,52 @@ class Influence:
 
         def passes(desc: str):
             return layer_passes(
-                self.model, self.task, self.layers, train, batch_size=config.batch_size,
-                objective="loss", sample_seed=config.seed if config.fisher == "true" else None,
-                amp_dtype=_amp(config.amp_dtype), desc=desc, shard=True,
+                self.model,
+                self.task,
+                self.layers,
+                train,
+                batch_size=config.batch_size,
+                objective="loss",
+                sample_seed=config.seed if config.fisher == "true" else None,
+                amp_dtype=_amp(config.amp_dtype),
+                desc=desc,
+                shard=True,
             )
 
         operator = fitter(passes, self.layers, config)
         if self.run is not None and rank_and_world()[0] == 0:
-            self.run.save("factors", name, operator.tensors(),
-                          {**expected, "curvature": config.curvature, "damping": operator.damping})
+            self.run.save(
+                "factors",
+                name,
+                operator.tensors(),
+                {**expected, "curvature": config.curvature, "damping": operator.damping},
+            )
         return operator
+
+    def load_factors(self, train: EncodedDataset, name: str = "factors") -> CurvatureOperator:
+        """Load a stored curvature stage, checking it matches this model and training data.
+
+        Raises:
+            StaleArtifactError: If the stage was fitted on another model or data set.
+            DataError: If there is no run directory or no such stage.
+        """
+        if self.run is None or not self.run.exists("factors", name):
+            raise DataError(
+                f"No factors named {name!r} under {self.run.root if self.run else None}. Run "
+                "`influscope fit` (or Influence.fit) first."
+            )
+        from influscope.config import FitConfig
+
+        meta = self.run.check("factors", name, {"layers": self.layer_names})
+        config = FitConfig.from_dict(meta["config"])
+        if config.max_examples is not None and config.max_examples < len(train):
+            train = train.subset(range(config.max_examples))
+        device = next(self.model.parameters()).device
+        tensors, meta = self.run.load(
+            "factors", name, {"model": self.fingerprint(), "data": train.fingerprint()}, device
+        )
+        op_cls, _ = CURVATURES[meta["curvature"]]
+        return op_cls.from_tensors(tensors, meta["damping"])
 
     # --- scores -------------------------------------------------------------------------
     def precondition(
@@ -150,30 +186,39 @@ class Influence:
         """
         config = config or ScoreConfig()
         self._check(train)
-        pq = queries if isinstance(queries, PreconditionedQueries) else self.precondition(
-            queries, factors, config)
+        pq = (
+            queries
+            if isinstance(queries, PreconditionedQueries)
+            else self.precondition(queries, factors, config)
+        )
         expected = None
         if self.run is not None and name is not None:
             expected = {
                 "config": config.to_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
-                "queries": None if isinstance(queries, PreconditionedQueries)
+                "queries": None
+                if isinstance(queries, PreconditionedQueries)
                 else queries.fingerprint(),
                 "curvature": factors.name,
                 "damping": factors.damping,
             }
             if self.run.exists("scores", name) and not overwrite:
                 tensors, meta = self.run.load("scores", name, expected)
-                return Scores(layer_names=meta["layers"], train_indices=meta["train_indices"],
-                              **tensors)
+                return Scores(
+                    layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
+                )
         want_self = self_influence or config.normalize == "relatif"
-        scores = score_pass(self.model, self.task, self.layers, pq, train, config, factors,
-                            want_self)
+        scores = score_pass(
+            self.model, self.task, self.layers, pq, train, config, factors, want_self
+        )
         if expected is not None and rank_and_world()[0] == 0:
-            self.run.save("scores", name, scores.tensors(),
-                          {**expected, "layers": scores.layer_names,
-                           "train_indices": scores.train_indices})
+            self.run.save(
+                "scores",
+                name,
+                scores.tensors(),
+                {**expected, "layers": scores.layer_names, "train_indices": scores.train_indices},
+            )
         return scores
 
     def self_influence(
@@ -192,8 +237,11 @@ class Influence:
     ) -> list[torch.Tensor]:
         """Per-token influence: one ``(Q, T_m)`` tensor per training sequence (sums to its score)."""
         config = config or ScoreConfig()
-        pq = queries if isinstance(queries, PreconditionedQueries) else self.precondition(
-            queries, factors, config)
+        pq = (
+            queries
+            if isinstance(queries, PreconditionedQueries)
+            else self.precondition(queries, factors, config)
+        )
         return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
 
 

@@ -14,8 +14,12 @@ import torch
 
 from influscope.errors import ConfigError
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -78,21 +82,34 @@ class FitConfig(_Serializable):
     def __post_init__(self) -> None:
         from influscope.curvature import CURVATURES
 
-        _check(self.curvature in CURVATURES,
-               f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.")
-        _check(self.fisher in ("true", "empirical"),
-               f"fisher must be 'true' or 'empirical', received {self.fisher!r}.")
-        _check(self.damping is None or self.damping >= 0,
-               f"damping must be None or ≥ 0, received {self.damping}.")
-        _check(self.damping_factor >= 0,
-               f"damping_factor must be ≥ 0, received {self.damping_factor}.")
+        _check(
+            self.curvature in CURVATURES,
+            f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.",
+        )
+        _check(
+            self.fisher in ("true", "empirical"),
+            f"fisher must be 'true' or 'empirical', received {self.fisher!r}.",
+        )
+        _check(
+            self.damping is None or self.damping >= 0,
+            f"damping must be None or ≥ 0, received {self.damping}.",
+        )
+        _check(
+            self.damping_factor >= 0, f"damping_factor must be ≥ 0, received {self.damping_factor}."
+        )
         _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
-        _check(self.stats_dtype in ("float32", "float64"),
-               f"stats_dtype must be 'float32' or 'float64', received {self.stats_dtype!r}.")
-        _check(self.amp_dtype in (None, "bfloat16", "float16"),
-               f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.")
-        _check(self.max_examples is None or self.max_examples >= 1,
-               f"max_examples must be None or ≥ 1, received {self.max_examples}.")
+        _check(
+            self.stats_dtype in ("float32", "float64"),
+            f"stats_dtype must be 'float32' or 'float64', received {self.stats_dtype!r}.",
+        )
+        _check(
+            self.amp_dtype in (None, "bfloat16", "float16"),
+            f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.",
+        )
+        _check(
+            self.max_examples is None or self.max_examples >= 1,
+            f"max_examples must be None or ≥ 1, received {self.max_examples}.",
+        )
 
 
 @dataclass(frozen=True)
@@ -117,10 +134,16 @@ class ScoreConfig(_Serializable):
     amp_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.query_rank is None or self.query_rank >= 1,
-               f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.")
+        _check(
+            self.query_rank is None or self.query_rank >= 1,
+            f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.",
+        )
         _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
-        _check(self.normalize in (None, "relatif"),
-               f"normalize must be None or 'relatif', received {self.normalize!r}.")
-        _check(self.amp_dtype in (None, "bfloat16", "float16"),
-               f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.")
+        _check(
+            self.normalize in (None, "relatif"),
+            f"normalize must be None or 'relatif', received {self.normalize!r}.",
+        )
+        _check(
+            self.amp_dtype in (None, "bfloat16", "float16"),
+            f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.",
+        )

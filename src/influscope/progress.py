@@ -16,7 +16,9 @@ def progress_enabled() -> bool:
     return os.environ.get("INFLUSCOPE_PROGRESS", "1") not in ("0", "false", "no")
 
 
-def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "batch") -> Iterator[T]:
+def track(
+    items: Iterable[T], desc: str, total: int | None = None, unit: str = "batch"
+) -> Iterator[T]:
     """Wrap ``items`` in a progress bar when enabled."""
     if not progress_enabled():
         yield from items

@@ -50,12 +50,19 @@ def per_example_gradients(
         for i in range(len(data)):
             batch = _batch(task, data, i, device)
             if objective == "loss":
-                seeds = None if sample_seed is None else example_seeds(sample_seed, [data.indices[i]])
+                seeds = (
+                    None if sample_seed is None else example_seeds(sample_seed, [data.indices[i]])
+                )
                 value = task.training_loss(model, batch, seeds).sum()
             else:
                 value = task.measurement(model, batch).sum()
-            params = [p for layer in layers for p, _ in layer.adapter.split(
-                layer.module, layer.adapter.weight_out_in(layer.module))]
+            params = [
+                p
+                for layer in layers
+                for p, _ in layer.adapter.split(
+                    layer.module, layer.adapter.weight_out_in(layer.module)
+                )
+            ]
             grads = torch.autograd.grad(value, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             k = 0
@@ -70,8 +77,9 @@ def per_example_gradients(
 
 def flatten(grads: dict[str, torch.Tensor], layers: Sequence[TrackedLayer]) -> torch.Tensor:
     """``{layer: (N, out, in)}`` → ``(N, P)`` in the flat layout."""
-    return torch.cat([grads[layer.name].reshape(grads[layer.name].shape[0], -1)
-                      for layer in layers], dim=1)
+    return torch.cat(
+        [grads[layer.name].reshape(grads[layer.name].shape[0], -1) for layer in layers], dim=1
+    )
 
 
 class _TaskOutputs(nn.Module):
@@ -136,15 +144,19 @@ def exact_gauss_newton(
             total = g if total is None else total + g
     finally:
         model.train(was_training)
-    return total / len(data)
+    return total.detach() / len(data)
 
 
-def damping_vector(layers: Sequence[TrackedLayer], damping: float | dict[str, float]) -> torch.Tensor:
+def damping_vector(
+    layers: Sequence[TrackedLayer], damping: float | dict[str, float]
+) -> torch.Tensor:
     """Per-parameter damping in the flat layout: ``(P,)``."""
     parts = [
-        torch.full((layer.numel,),
-                   float(damping[layer.name] if isinstance(damping, dict) else damping),
-                   dtype=torch.float64)
+        torch.full(
+            (layer.numel,),
+            float(damping[layer.name] if isinstance(damping, dict) else damping),
+            dtype=torch.float64,
+        )
         for layer in layers
     ]
     return torch.cat(parts)
@@ -167,8 +179,6 @@ def exact_influence(
     return -(torch.linalg.solve(g, q.double().t()).t() @ t.double().t())
 
 
-def ekfac_eigenvalues(
-    grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor
-) -> torch.Tensor:
+def ekfac_eigenvalues(grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
     """``mean_n (Q_S^⊤ g_n Q_A)^{⊙2}`` for per-example gradients ``(N, out, in)``."""
     return (q_s.t().double() @ grads.double() @ q_a.double()).square().mean(0)

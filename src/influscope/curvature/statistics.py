@@ -65,7 +65,9 @@ def covariances(
     return stats, int(n_seq_t)
 
 
-def eigendecompose(matrix: torch.Tensor, layer: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+def eigendecompose(
+    matrix: torch.Tensor, layer: str, which: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric matrix, in float64.
 
     Raises:
@@ -83,7 +85,9 @@ def eigendecompose(matrix: torch.Tensor, layer: str, which: str) -> tuple[torch.
 
 
 def eigenvalue_statistics(
-    passes: Passes, q_a: dict[str, torch.Tensor], q_s: dict[str, torch.Tensor],
+    passes: Passes,
+    q_a: dict[str, torch.Tensor],
+    q_s: dict[str, torch.Tensor],
     dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sums of squared per-sequence gradients in the Kronecker eigenbasis: ``{layer: (out, in)}``."""

@@ -143,8 +143,9 @@ class Capture:
                 for o, g in zip(self._outputs[layer.name], grads[i : i + k])
             ]
             i += k
-            result[layer.name] = self._regroup(layer, self._inputs[layer.name], gs, token_mask,
-                                               n_examples)
+            result[layer.name] = self._regroup(
+                layer, self._inputs[layer.name], gs, token_mask, n_examples
+            )
         return result
 
     def _regroup(

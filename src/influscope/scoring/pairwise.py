@@ -106,8 +106,14 @@ def score_pass(
     names = [layer.name for layer in layers]
     blocks, selfs = [], []
     for _, grads, _ in layer_passes(
-        model, task, layers, train, batch_size=config.batch_size, objective="loss",
-        amp_dtype=resolve_dtype(config.amp_dtype), desc="training scores",
+        model,
+        task,
+        layers,
+        train,
+        batch_size=config.batch_size,
+        objective="loss",
+        amp_dtype=resolve_dtype(config.amp_dtype),
+        desc="training scores",
     ):
         blocks.append(torch.stack([layer_terms(pq, n, grads[n]) for n in names], dim=-1))
         if want_self and operator is not None:
@@ -142,11 +148,18 @@ def self_influence_pass(
     """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for every training sequence: ``(N,)``."""
     out = []
     for _, grads, _ in layer_passes(
-        model, task, layers, train, batch_size=batch_size, objective="loss",
-        amp_dtype=resolve_dtype(amp_dtype), desc="self-influence",
+        model,
+        task,
+        layers,
+        train,
+        batch_size=batch_size,
+        objective="loss",
+        amp_dtype=resolve_dtype(amp_dtype),
+        desc="self-influence",
     ):
-        out.append(sum(operator.quadratic(layer.name, grads[layer.name].gradient())
-                       for layer in layers))
+        out.append(
+            sum(operator.quadratic(layer.name, grads[layer.name].gradient()) for layer in layers)
+        )
     return torch.cat(out)
 
 

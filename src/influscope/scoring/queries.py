@@ -42,7 +42,9 @@ class PreconditionedQueries:
     @property
     def n_queries(self) -> int:
         name = self.layer_names[0]
-        return int(self.dense[name].shape[0] if name in self.dense else self.factors[name][0].shape[0])
+        return int(
+            self.dense[name].shape[0] if name in self.dense else self.factors[name][0].shape[0]
+        )
 
     def matrix(self, layer: str) -> torch.Tensor:
         """The ``(Q, out, in)`` matrix of a layer (reconstructed from factors if needed)."""
@@ -71,8 +73,9 @@ def low_rank(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``U (Q, r, out)``, ``V (Q, r, in)``.
     """
-    u, s, vh = torch.linalg.svd(p.double() if p.dtype == torch.float64 else p.float(),
-                                full_matrices=False)  # (Q, out, k), (Q, k), (Q, k, in)
+    u, s, vh = torch.linalg.svd(
+        p.double() if p.dtype == torch.float64 else p.float(), full_matrices=False
+    )  # (Q, out, k), (Q, k), (Q, k, in)
     r = min(rank, s.shape[-1])
     uu = (u[..., :r] * s[:, None, :r]).transpose(1, 2)  # (Q, r, out)
     return uu.to(p.dtype).contiguous(), vh[:, :r, :].to(p.dtype).contiguous()
@@ -93,8 +96,14 @@ def precondition_queries(
     vs: dict[str, list[torch.Tensor]] = {}
     values = []
     for _, grads, f in layer_passes(
-        model, task, layers, queries, batch_size=config.batch_size, objective="measurement",
-        amp_dtype=resolve_dtype(config.amp_dtype), desc="query gradients",
+        model,
+        task,
+        layers,
+        queries,
+        batch_size=config.batch_size,
+        objective="measurement",
+        amp_dtype=resolve_dtype(config.amp_dtype),
+        desc="query gradients",
     ):
         values.append(f)
         for name, lb in grads.items():

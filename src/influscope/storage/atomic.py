@@ -42,8 +42,9 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return _atomic(Path(path), write)
 
 
-def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                         metadata: dict[str, str] | None = None) -> Path:
+def atomic_write_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write tensors to a safetensors file, atomically (tensors are made contiguous on CPU)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return _atomic(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))

@@ -18,7 +18,12 @@ import torch
 
 from influscope import __version__
 from influscope.errors import StaleArtifactError
-from influscope.storage.atomic import atomic_write_json, atomic_write_tensors, read_json, read_tensors
+from influscope.storage.atomic import (
+    atomic_write_json,
+    atomic_write_tensors,
+    read_json,
+    read_tensors,
+)
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -64,15 +69,19 @@ class RunDirectory:
         return meta
 
     def load(
-        self, kind: str, name: str, expected: dict[str, Any],
+        self,
+        kind: str,
+        name: str,
+        expected: dict[str, Any],
         device: str | torch.device = "cpu",
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata of a stage, after :meth:`check`."""
         meta = self.check(kind, name, expected)
         return read_tensors(self.stage_dir(kind, name) / TENSORS, device), meta
 
-    def save(self, kind: str, name: str, tensors: dict[str, torch.Tensor],
-             meta: dict[str, Any]) -> Path:
+    def save(
+        self, kind: str, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> Path:
         """Write a stage atomically (replacing an existing one)."""
         final = self.stage_dir(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,9 @@ class Task(ABC):
         """``(R, T)`` positions counted in token statistics (defaults to the attention mask)."""
         return batch.get("attention_mask")
 
-    def encode(self, records: list[dict], tokenizer, max_length: int | None = None,
-               truncate: bool = False) -> EncodedDataset:
+    def encode(
+        self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
+    ) -> EncodedDataset:
         """Turn records into an :class:`EncodedDataset` (implemented by the built-in tasks)."""
         raise NotImplementedError(f"Task {self.name!r} does not implement encode().")
 

@@ -49,8 +49,9 @@ class CausalLMTask(Task):
         self.add_bos = add_bos
 
     # --- encoding -----------------------------------------------------------------------
-    def encode(self, records: list[dict], tokenizer, max_length: int | None = None,
-               truncate: bool = False) -> EncodedDataset:
+    def encode(
+        self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
+    ) -> EncodedDataset:
         """Tokenize ``{"text"}`` or ``{"prompt", "completion"}`` records.
 
         Raises:

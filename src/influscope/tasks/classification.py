@@ -20,8 +20,9 @@ class ClassificationTask(Task):
 
     name = "classification"
 
-    def encode(self, records: list[dict], tokenizer, max_length: int | None = None,
-               truncate: bool = False) -> EncodedDataset:
+    def encode(
+        self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
+    ) -> EncodedDataset:
         """Tokenize ``{"text", "label"}`` records (with the tokenizer's special tokens)."""
         if not records:
             raise DataError("Expected at least one record, received an empty list.")

@@ -31,8 +31,9 @@ class RewardTask(Task):
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
 
-    def encode(self, records: list[dict], tokenizer, max_length: int | None = None,
-               truncate: bool = False) -> EncodedDataset:
+    def encode(
+        self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
+    ) -> EncodedDataset:
         if not records:
             raise DataError("Expected at least one record, received an empty list.")
         examples = []

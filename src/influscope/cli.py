@@ -1,0 +1,255 @@
+"""The ``influscope`` command line: ``fit``, ``score``, ``demo``.
+
+Examples::
+
+    influscope fit   --model runs/demo/model --train train.jsonl --run runs/x
+    influscope score --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x
+    influscope demo  --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from influscope.errors import InfluscopeError
+
+console = Console(stderr=True)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="Local Hugging Face model directory, or a .gguf file."
+    )
+    p.add_argument(
+        "--train",
+        required=True,
+        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion'), "
+        "a .txt file (one record per paragraph), or a saved HF dataset dir.",
+    )
+    p.add_argument("--run", required=True, help="Run directory where stages are stored.")
+    p.add_argument(
+        "--task",
+        default="causal_lm",
+        choices=["causal_lm", "classification", "reward"],
+        help="How a batch becomes a loss and a measurement (default: causal_lm).",
+    )
+    p.add_argument(
+        "--modules",
+        default="mlp",
+        nargs="+",
+        help="Modules to track: preset 'mlp' (default) or 'all', or regexes / names.",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="Cut sequences longer than the model's context instead of failing.",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Recompute a stored stage even if it exists (else it is reused when it "
+        "matches, refused when model/data/config differ).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influscope",
+        description="Which training sequences made this language model produce this output? "
+        "Influence functions with EK-FAC curvature. Positive influence = "
+        "up-weighting the training sequence raises log p(completion | prompt).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="Fit curvature factors on the training data.")
+    _common(fit)
+    fit.add_argument("--name", default="factors", help="Name of the factors stage.")
+    fit.add_argument(
+        "--curvature",
+        default="ekfac",
+        choices=["identity", "diagonal", "kfac", "ekfac"],
+        help="Curvature approximation (default: ekfac).",
+    )
+    fit.add_argument(
+        "--fisher",
+        default="true",
+        choices=["true", "empirical"],
+        help="'true' samples labels from the model (default); 'empirical' uses the data labels.",
+    )
+    fit.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="Absolute damping for every layer (default: relative, see below).",
+    )
+    fit.add_argument(
+        "--damping-factor",
+        type=float,
+        default=0.1,
+        help="Damping = factor × mean eigenvalue per layer (default: 0.1).",
+    )
+    fit.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    fit.add_argument("--seed", type=int, default=0, help="Seed of sampled labels.")
+    fit.add_argument(
+        "--max-examples", type=int, default=None, help="Fit on the first N training records only."
+    )
+
+    score = sub.add_parser("score", help="Score training sequences against queries.")
+    _common(score)
+    score.add_argument(
+        "--queries",
+        required=True,
+        help="Query records (.jsonl with 'prompt'+'completion', or 'text').",
+    )
+    score.add_argument("--factors", default="factors", help="Name of the fitted factors stage.")
+    score.add_argument("--name", default="scores", help="Name of the scores stage.")
+    score.add_argument(
+        "--rank",
+        type=int,
+        default=32,
+        help="Rank of each layer's preconditioned query gradient (0 = full).",
+    )
+    score.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    score.add_argument("--top-k", type=int, default=5, help="Proponents/opponents to report.")
+    score.add_argument(
+        "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
+    )
+    score.add_argument(
+        "--report", default=None, help="Write an HTML report here (default: RUN/<name>.html)."
+    )
+
+    demo = sub.add_parser("demo", help="End-to-end attribution on the embedded default.")
+    demo.add_argument(
+        "--assets", default=".cache/assets", help="Asset cache (filled by `make assets`)."
+    )
+    demo.add_argument("--out", default="runs/demo", help="Output directory.")
+    demo.add_argument("--seed", type=int, default=0, help="Seed of the corpus and training.")
+    return parser
+
+
+def _load(args):
+    from influscope.analyzer import Influence
+    from influscope.loading import load_model, load_records
+
+    model, tokenizer = load_model(args.model, args.task)
+    model.to(_device(args.device))
+    modules = args.modules[0] if len(args.modules) == 1 else args.modules
+    inf = Influence(model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer)
+    train = inf.encode(load_records(args.train), truncate=args.truncate)
+    return inf, train
+
+
+def cmd_fit(args) -> int:
+    from influscope.config import FitConfig
+
+    inf, train = _load(args)
+    config = FitConfig(
+        curvature=args.curvature,
+        fisher=args.fisher,
+        damping=args.damping,
+        damping_factor=args.damping_factor,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_examples=args.max_examples,
+    )
+    op = inf.fit(train, config, name=args.name, overwrite=args.overwrite)
+    console.print(
+        f"[green]fitted[/green] {config.curvature} on {len(train)} sequences, "
+        f"{len(inf.layers)} layers → {inf.run.stage_dir('factors', args.name)}"
+    )
+    for layer, damping in op.damping.items():
+        console.print(f"  {layer}: damping {damping:.3g}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from influscope.config import ScoreConfig
+    from influscope.loading import load_records
+    from influscope.report import write_report
+    from influscope.report.build import build_report
+    from influscope.report.terminal import print_summary
+    from influscope.storage import atomic_write_json
+
+    inf, train = _load(args)
+    queries = inf.encode(load_records(args.queries), truncate=args.truncate)
+    op = inf.load_factors(train, args.factors)
+    config = ScoreConfig(
+        query_rank=args.rank or None,
+        batch_size=args.batch_size,
+        per_layer=True,
+        normalize="relatif" if args.relatif else None,
+    )
+    pq = inf.precondition(queries, op, config)
+    scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
+    report = build_report(
+        inf,
+        queries,
+        pq,
+        train,
+        op,
+        scores,
+        title=f"influscope — {args.run}",
+        overview={
+            "model": str(args.model),
+            "curvature": op.name,
+            "training sequences": str(len(train)),
+            "queries": str(len(queries)),
+            "tracked layers": str(len(inf.layers)),
+            "query rank": str(config.query_rank or "full"),
+        },
+        top_k=args.top_k,
+    )
+    html_path = Path(args.report or Path(args.run) / f"{args.name}.html")
+    write_report(report, html_path)
+    atomic_write_json(
+        Path(args.run) / f"{args.name}.json",
+        {
+            "queries": [
+                {
+                    "prompt": q.prompt,
+                    "completion": q.completion,
+                    "proponents": [{"index": s.index, "score": s.score} for s in q.proponents],
+                    "opponents": [{"index": s.index, "score": s.score} for s in q.opponents],
+                }
+                for q in report.queries
+            ]
+        },
+    )
+    print_summary(report, Console())
+    console.print(f"report → {html_path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from influscope.demo.pipeline import run_demo
+
+    run_demo(assets=args.assets, out=args.out, seed=args.seed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``influscope`` command."""
+    args = build_parser().parse_args(argv)
+    handlers = {"fit": cmd_fit, "score": cmd_score, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except InfluscopeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

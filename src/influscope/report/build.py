@@ -1,0 +1,115 @@
+"""Turn scores into report views: top proponents/opponents with token-level influence.
+
+Token-level influence of training sequence ``z`` on query ``q`` at position ``t`` is
+``-Σ_ℓ s_{t}^⊤ q̃_ℓ ā_{t}`` — the part of the score carried by the layer inputs at that
+position (see :mod:`influscope.scoring.pairwise`); the terms of a sequence sum to its score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from influscope.analyzer import Influence
+from influscope.curvature import CurvatureOperator
+from influscope.report.views import QueryView, ReportView, Section, SequenceView
+from influscope.scoring.pairwise import Scores
+from influscope.scoring.queries import PreconditionedQueries
+from influscope.tasks import EncodedDataset
+
+
+def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """One string per token id (what the token contributes to the decoded text)."""
+    if tokenizer is None:
+        return [f"[{int(i)}]" for i in ids]
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _record_text(record: dict) -> tuple[str, str]:
+    if "prompt" in record and "completion" in record:
+        return str(record["prompt"]), str(record["completion"])
+    return str(record.get("text", "")), ""
+
+
+def build_report(
+    inf: Influence,
+    queries: EncodedDataset,
+    pq: PreconditionedQueries,
+    train: EncodedDataset,
+    factors: CurvatureOperator,
+    scores: Scores,
+    *,
+    title: str,
+    overview: dict[str, str],
+    top_k: int = 5,
+    notes: Sequence[dict[str, str]] | None = None,
+    sections: Sequence[Section] = (),
+) -> ReportView:
+    """Assemble a :class:`ReportView` for every query.
+
+    Token scores are computed only for the sequences shown (each query's top ``top_k``
+    proponents and opponents), in one extra pass over those sequences.
+    """
+    n_q = scores.pairwise.shape[0]
+    tops = [scores.top(q, top_k) for q in range(n_q)]
+    bottoms = [scores.top(q, top_k, opponents=True) for q in range(n_q)]
+    shown = sorted({i for lst in tops + bottoms for i, _ in lst})
+    tokens = inf.token_scores(pq, train.subset(shown), factors)  # one (Q, T) per shown sequence
+    token_of = dict(zip(shown, tokens))
+
+    def view(q: int, pos: int, score: float) -> SequenceView:
+        ids = train.examples[pos]["input_ids"].tolist()
+        ts = token_of[pos][q].tolist()
+        rec = train.records[pos]
+        meta = {k: str(v) for k, v in rec.items() if k not in ("text", "prompt", "completion")}
+        return SequenceView(
+            index=train.indices[pos],
+            score=score,
+            tokens=decode_tokens(inf.tokenizer, ids)[: len(ts)],
+            token_scores=ts,
+            meta=meta,
+        )
+
+    views = []
+    for q in range(n_q):
+        prompt, completion = _record_text(queries.records[q])
+        layer_scores = {}
+        if scores.per_layer is not None and tops[q]:
+            idx = torch.tensor([i for i, _ in tops[q]])
+            per = scores.per_layer[q, idx].sum(0)  # (L,)
+            layer_scores = {n: float(v) for n, v in zip(scores.layer_names, per)}
+        views.append(
+            QueryView(
+                name=f"query {q}",
+                prompt=prompt,
+                completion=completion,
+                proponents=[view(q, i, s) for i, s in tops[q]],
+                opponents=[view(q, i, s) for i, s in bottoms[q]],
+                layer_scores=layer_scores,
+                notes=dict(notes[q]) if notes else {},
+            )
+        )
+    heatmap = None
+    if scores.per_layer is not None:
+        cols, values = [], []
+        for q in range(n_q):
+            if tops[q]:
+                i, s = tops[q][0]
+                per = scores.per_layer[q, i]
+                cols.append(f"q{q} → #{train.indices[i]}")
+                values.append((per / per.abs().sum().clamp_min(1e-30)).tolist())
+        if cols:
+            rows = list(scores.layer_names)
+            heatmap = (
+                rows,
+                cols,
+                [[values[c][r] for c in range(len(cols))] for r in range(len(rows))],
+            )
+    return ReportView(
+        title=title,
+        overview=overview,
+        queries=views,
+        sections=list(sections),
+        layer_heatmap=heatmap,
+    )

@@ -1,0 +1,41 @@
+"""A rich summary table in the terminal: each query with its strongest proponents."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from influscope.report.views import ReportView
+
+
+def _snippet(tokens: list[str], width: int = 70) -> str:
+    text = "".join(tokens).replace("\n", " ⏎ ").strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_summary(report: ReportView, console: Console | None = None, per_query: int = 3) -> None:
+    """Print the overview and one row per (query, top proponent)."""
+    console = console or Console()
+    over = Table(title=report.title, show_header=False, box=None)
+    for key, value in report.overview.items():
+        over.add_row(f"[bold]{escape(key)}[/bold]", escape(str(value)))
+    console.print(over)
+    table = Table(title="Top proponents (positive = raises log p(completion | prompt))")
+    table.add_column("query", overflow="fold", max_width=40)
+    table.add_column("rank", justify="right")
+    table.add_column("train #", justify="right")
+    table.add_column("influence", justify="right")
+    table.add_column("training sequence", overflow="fold")
+    for q in report.queries:
+        label = f"{escape(q.prompt)}[bold]{escape(q.completion)}[/bold]"
+        for r, seq in enumerate(q.proponents[:per_query]):
+            table.add_row(
+                label if r == 0 else "",
+                str(r + 1),
+                str(seq.index),
+                f"{seq.score:+.3g}",
+                escape(_snippet(seq.tokens)),
+            )
+        table.add_section()
+    console.print(table)
