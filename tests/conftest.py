@@ -70,7 +70,7 @@ def train_lm(
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randperm(len(data))[:batch_size].tolist()
         batch = task.collate([data.examples[i] for i in idx])
         loss = task.training_loss(model, batch, None).mean()

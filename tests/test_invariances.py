@@ -88,7 +88,7 @@ def test_low_rank_queries_track_full_rank(setup):
 
 
 def _to_linear(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 lin = nn.Linear(child.weight.shape[0], child.weight.shape[1]).to(child.weight.dtype)

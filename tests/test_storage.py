@@ -41,7 +41,7 @@ def test_interrupted_stage_write_leaves_previous_stage(tmp_path, monkeypatch):
     monkeypatch.setattr("influscope.storage.run.atomic_write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         run.save("factors", "x", {"a": torch.zeros(2)}, {"k": 2})
-    tensors, meta = run.load("factors", "x", {"k": 1})
+    tensors, _ = run.load("factors", "x", {"k": 1})
     torch.testing.assert_close(tensors["a"], torch.ones(2))
     assert [p.name for p in (tmp_path / "factors").iterdir()] == ["x"]
 

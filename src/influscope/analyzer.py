@@ -16,6 +16,7 @@ from torch import nn
 
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
+from influscope.curvature.shards import PartialSums, ShardedPasses
 from influscope.errors import DataError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, select_layers
@@ -56,6 +57,8 @@ class Influence:
         self.layers: list[TrackedLayer] = select_layers(model, modules)
         self.run = RunDirectory(run_dir) if run_dir is not None else None
         self.tokenizer = tokenizer
+        #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed.
+        self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0}
 
     @property
     def layer_names(self) -> list[str]:
@@ -109,21 +112,29 @@ class Influence:
             tensors, meta = self.run.load("factors", name, expected, device)
             return op_cls.from_tensors(tensors, meta["damping"])
 
-        def passes(desc: str):
+        def make(desc: str, positions):
             return layer_passes(
                 self.model,
                 self.task,
                 self.layers,
-                train,
+                train.subset(positions),
                 batch_size=config.batch_size,
                 objective="loss",
                 sample_seed=config.seed if config.fisher == "true" else None,
                 amp_dtype=_amp(config.amp_dtype),
                 desc=desc,
-                shard=True,
             )
 
+        store = None
+        if self.run is not None:  # per-shard partial sums: a killed fit resumes
+            partial = self.run.stage_dir("factors", name).with_name(f".{name}.partial")
+            store = PartialSums(partial, expected)
+        passes = ShardedPasses(make, len(train), config.batch_size, config.shard_size, store)
         operator = fitter(passes, self.layers, config)
+        self.last_fit_shards = {
+            "loaded": store.loaded if store else 0,
+            "computed": store.computed if store else 0,
+        }
         if self.run is not None and rank_and_world()[0] == 0:
             self.run.save(
                 "factors",
@@ -131,6 +142,8 @@ class Influence:
                 operator.tensors(),
                 {**expected, "curvature": config.curvature, "damping": operator.damping},
             )
+        if store is not None:
+            store.clear()
         return operator
 
     def load_factors(self, train: EncodedDataset, name: str = "factors") -> CurvatureOperator:

@@ -67,6 +67,10 @@ class FitConfig(_Serializable):
         amp_dtype: Autocast dtype of the model's forward/backward (``bfloat16``/``float16``),
             or ``None`` for the model's own dtype.
         max_examples: Fit on at most this many training examples (the first ones).
+        shard_size: Examples per shard of the statistics passes (rounded up to whole batches).
+            With a run directory each shard's partial sums are saved as soon as it is done, so
+            a killed fit resumes where it stopped; under ``torch.distributed`` shards are
+            dealt to ranks round-robin.
     """
 
     curvature: str = "ekfac"
@@ -78,6 +82,7 @@ class FitConfig(_Serializable):
     stats_dtype: str = "float64"
     amp_dtype: str | None = None
     max_examples: int | None = None
+    shard_size: int = 256
 
     def __post_init__(self) -> None:
         from influscope.curvature import CURVATURES
@@ -110,6 +115,7 @@ class FitConfig(_Serializable):
             self.max_examples is None or self.max_examples >= 1,
             f"max_examples must be None or ≥ 1, received {self.max_examples}.",
         )
+        _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
 
 
 @dataclass(frozen=True)

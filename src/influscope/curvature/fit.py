@@ -43,7 +43,7 @@ def fit_identity(passes: Passes, layers: list[TrackedLayer], config: FitConfig):
 
 
 def fit_diagonal(passes: Passes, layers: list[TrackedLayer], config: FitConfig):
-    sums, n = diagonal_statistics(passes, _dtype(config))
+    sums, n = diagonal_statistics(passes, _dtype(config), layers)
     diag = {k: v / n for k, v in sums.items()}
     damping = {
         k: relative_damping(d, config.damping_factor, config.damping) for k, d in diag.items()

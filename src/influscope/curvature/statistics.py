@@ -5,7 +5,8 @@
 * :func:`eigenvalue_statistics` — ``Σ_z (Q_S^⊤ ∇_W L(z) Q_A)^{⊙2}`` (EK-FAC refit).
 * :func:`diagonal_statistics` — ``Σ_z (∇_W L(z))^{⊙2}``.
 
-Each returns sums plus the number of sequences; the caller divides.
+Each returns sums plus the number of sequences; the caller divides. Passes are split into
+shards whose partial sums can be stored and resumed (:mod:`influscope.curvature.shards`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from influscope.curvature.shards import ShardedPasses, reduce_shards
 from influscope.errors import NumericalError
 from influscope.modules.capture import LayerBatch
-from influscope.modules.passes import all_reduce_
 from influscope.modules.selection import TrackedLayer
 
-Passes = Callable[[str], Iterator[tuple[list[int], dict[str, LayerBatch], torch.Tensor]]]
+#: A sharded pass, or any ``desc → iterator of batches`` callable.
+Passes = (
+    ShardedPasses | Callable[[str], Iterator[tuple[list[int], dict[str, LayerBatch], torch.Tensor]]]
+)
 
 
 @dataclass
@@ -38,31 +42,49 @@ class Covariances:
     n_tokens: float
 
 
+def _device(layers: list[TrackedLayer]) -> torch.device:
+    return layers[0].module.weight.device
+
+
 def covariances(
     passes: Passes, layers: list[TrackedLayer], dtype: torch.dtype
 ) -> tuple[dict[str, Covariances], int]:
     """Token-covariance sums per layer and the number of sequences."""
-    stats: dict[str, Covariances] = {}
-    n_seq = 0
-    for pos, grads, _ in passes("covariance"):
-        n_seq += len(pos)
-        for name, lb in grads.items():
-            a, s = lb.masked_tokens()  # (N_tok, in), (N_tok, out)
-            if name not in stats:
-                stats[name] = Covariances(
-                    a.new_zeros(a.shape[1], a.shape[1], dtype=dtype),
-                    s.new_zeros(s.shape[1], s.shape[1], dtype=dtype),
-                    0.0,
-                )
-            stats[name].a += (a.t() @ a).to(dtype)
-            stats[name].s += (s.t() @ s).to(dtype)
-            stats[name].n_tokens += a.shape[0]
-    n_seq_t = all_reduce_(torch.tensor(float(n_seq), dtype=torch.float64))
-    for c in stats.values():
-        all_reduce_(c.a)
-        all_reduce_(c.s)
-        c.n_tokens = float(all_reduce_(torch.tensor(c.n_tokens, dtype=torch.float64)))
-    return stats, int(n_seq_t)
+    dev = _device(layers)
+
+    def zeros() -> dict[str, torch.Tensor]:
+        out = {"n_seq": torch.zeros((), dtype=torch.float64, device=dev)}
+        for layer in layers:
+            out[f"{layer.name}::a"] = torch.zeros(
+                layer.in_dim, layer.in_dim, dtype=dtype, device=dev
+            )
+            out[f"{layer.name}::s"] = torch.zeros(
+                layer.out_dim, layer.out_dim, dtype=dtype, device=dev
+            )
+            out[f"{layer.name}::n_tokens"] = torch.zeros((), dtype=torch.float64, device=dev)
+        return out
+
+    def compute(batches) -> dict[str, torch.Tensor]:
+        acc = zeros()
+        for pos, grads, _ in batches:
+            acc["n_seq"] += len(pos)
+            for name, lb in grads.items():
+                a, s = lb.masked_tokens()  # (N_tok, in), (N_tok, out)
+                acc[f"{name}::a"] += (a.t() @ a).to(dtype)  # (in, in)
+                acc[f"{name}::s"] += (s.t() @ s).to(dtype)  # (out, out)
+                acc[f"{name}::n_tokens"] += a.shape[0]
+        return acc
+
+    total = reduce_shards(passes, "covariance", compute, zeros)
+    stats = {
+        layer.name: Covariances(
+            total[f"{layer.name}::a"],
+            total[f"{layer.name}::s"],
+            float(total[f"{layer.name}::n_tokens"]),
+        )
+        for layer in layers
+    }
+    return stats, int(total["n_seq"])
 
 
 def eigendecompose(
@@ -90,29 +112,55 @@ def eigenvalue_statistics(
     q_s: dict[str, torch.Tensor],
     dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Sums of squared per-sequence gradients in the Kronecker eigenbasis: ``{layer: (out, in)}``."""
-    sums: dict[str, torch.Tensor] = {}
-    n_seq = 0
-    for pos, grads, _ in passes("eigenvalues"):
-        n_seq += len(pos)
-        for name, lb in grads.items():
-            g = lb.gradient()  # (B, out, in)
-            qa, qs = q_a[name].to(g.dtype), q_s[name].to(g.dtype)
-            rot = qs.t() @ g @ qa  # (B, out, in)
-            acc = rot.square().sum(0).to(dtype)
-            sums[name] = sums[name] + acc if name in sums else acc
-    n = int(all_reduce_(torch.tensor(float(n_seq), dtype=torch.float64)))
-    return {k: all_reduce_(v) for k, v in sums.items()}, n
+    """Sums of squared per-sequence gradients in the Kronecker eigenbasis: ``{layer: (out, in)}``.
+
+    The rotated gradient ``Q_S^⊤ (Σ_t s_t ā_t^⊤) Q_A = Σ_t (Q_S^⊤ s_t)(Q_A^⊤ ā_t)^⊤`` is formed
+    from rotated activations and output gradients, so no unrotated ``(B, out, in)`` gradient is
+    built.
+    """
+    dev = next(iter(q_a.values())).device
+
+    def zeros() -> dict[str, torch.Tensor]:
+        out = {"n_seq": torch.zeros((), dtype=torch.float64, device=dev)}
+        for name in q_a:
+            out[name] = torch.zeros(q_s[name].shape[0], q_a[name].shape[0], dtype=dtype, device=dev)
+        return out
+
+    def compute(batches) -> dict[str, torch.Tensor]:
+        acc = zeros()
+        for pos, grads, _ in batches:
+            acc["n_seq"] += len(pos)
+            for name, lb in grads.items():
+                qa, qs = q_a[name].to(lb.a.dtype), q_s[name].to(lb.s.dtype)
+                rot = torch.einsum("bto,bti->boi", lb.s @ qs, lb.a @ qa)  # (B, out, in)
+                acc[name] += rot.square().sum(0).to(dtype)
+        return acc
+
+    total = reduce_shards(passes, "eigenvalues", compute, zeros)
+    n = int(total.pop("n_seq"))
+    return total, n
 
 
-def diagonal_statistics(passes: Passes, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
+def diagonal_statistics(
+    passes: Passes, dtype: torch.dtype, layers: list[TrackedLayer]
+) -> tuple[dict[str, torch.Tensor], int]:
     """Sums of squared per-sequence gradients: ``{layer: (out, in)}``."""
-    sums: dict[str, torch.Tensor] = {}
-    n_seq = 0
-    for pos, grads, _ in passes("diagonal"):
-        n_seq += len(pos)
-        for name, lb in grads.items():
-            acc = lb.gradient().square().sum(0).to(dtype)  # (out, in)
-            sums[name] = sums[name] + acc if name in sums else acc
-    n = int(all_reduce_(torch.tensor(float(n_seq), dtype=torch.float64)))
-    return {k: all_reduce_(v) for k, v in sums.items()}, n
+    dev = _device(layers)
+
+    def zeros() -> dict[str, torch.Tensor]:
+        out = {"n_seq": torch.zeros((), dtype=torch.float64, device=dev)}
+        for layer in layers:
+            out[layer.name] = torch.zeros(layer.out_dim, layer.in_dim, dtype=dtype, device=dev)
+        return out
+
+    def compute(batches) -> dict[str, torch.Tensor]:
+        acc = zeros()
+        for pos, grads, _ in batches:
+            acc["n_seq"] += len(pos)
+            for name, lb in grads.items():
+                acc[name] += lb.gradient().square().sum(0).to(dtype)  # (out, in)
+        return acc
+
+    total = reduce_shards(passes, "diagonal", compute, zeros)
+    n = int(total.pop("n_seq"))
+    return total, n

@@ -95,7 +95,7 @@ def build_report(
         cols, values = [], []
         for q in range(n_q):
             if tops[q]:
-                i, s = tops[q][0]
+                i, _ = tops[q][0]
                 per = scores.per_layer[q, i]
                 cols.append(f"q{q} → #{train.indices[i]}")
                 values.append((per / per.abs().sum().clamp_min(1e-30)).tolist())

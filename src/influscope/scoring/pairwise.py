@@ -80,7 +80,7 @@ class Scores:
             ``[(position in the scored training set, score), ...]`` best first.
         """
         row = self.pairwise[query]
-        vals, idx = torch.topk(-row if opponents else row, min(k, row.numel()))
+        _, idx = torch.topk(-row if opponents else row, min(k, row.numel()))
         return [(int(i), float(row[i])) for i in idx]
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""Shared pieces of the studies: score matrices, rank correlations, and the result protocol.
+
+Every study in :mod:`influscope.analysis` takes plain inputs (a ``(Q, N)`` score matrix, records,
+texts) and returns a frozen result dataclass with two methods:
+
+- ``to_dict()`` — JSON-serialisable numbers and strings (saved beside a run, printed by the
+  benchmark);
+- ``to_section()`` — a :class:`~influscope.report.views.Section` for the HTML report, built only
+  with the report's escaping helpers.
+
+Sign convention (as everywhere in influscope): a positive score means up-weighting the training
+sequence *increases* the query's measurement ``log p(completion | prompt)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from influscope.errors import DataError
+from influscope.report.views import Section
+from influscope.scoring.pairwise import Scores
+
+__all__ = ["StudyResult", "as_matrix", "check_records", "pearson", "spearman"]
+
+
+class StudyResult(Protocol):
+    """What every study returns."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def to_section(self) -> Section: ...
+
+
+def as_matrix(scores: Scores | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Return the pairwise influence as a float64 ``(Q, N)`` array.
+
+    Args:
+        scores: A :class:`~influscope.scoring.pairwise.Scores`, or a ``(Q, N)`` / ``(N,)``
+            tensor or array (a vector is one query).
+
+    Raises:
+        DataError: If the scores are not 1-D or 2-D, are empty, or hold NaN/Inf.
+    """
+    if isinstance(scores, Scores):
+        scores = scores.pairwise
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(
+            f"Expected a non-empty (queries, training sequences) score matrix, received shape "
+            f"{tuple(arr.shape)}. Pass Scores.pairwise or a (Q, N) tensor."
+        )
+    if not np.isfinite(arr).all():
+        raise DataError(
+            f"The score matrix holds {int((~np.isfinite(arr)).sum())} NaN/Inf values. Recompute "
+            "the scores (check the curvature damping) before running a study."
+        )
+    return arr
+
+
+def check_records(records: Sequence[dict[str, Any]], n: int, what: str) -> None:
+    """Raise :class:`DataError` unless there is one record per score row/column."""
+    if len(records) != n:
+        raise DataError(
+            f"Expected {n} {what} records (one per score {'row' if what == 'query' else 'column'}),"
+            f" received {len(records)}. Pass the records in the order they were scored."
+        )
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), 0-based."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation ``cov(x, y) / (σ_x σ_y)``; NaN when either is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either is constant."""
+    return pearson(_ranks(np.asarray(x)), _ranks(np.asarray(y)))
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    """A number for a report table: ``"–"`` for NaN/None, else ``digits`` significant digits."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (NaN when there are none)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def finite_median(values: Sequence[float]) -> float:
+    """Median of the finite values (NaN when there are none)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def clean(value: Any) -> Any:
+    """Make a value JSON-safe: NaN/Inf become ``None``, numpy scalars become Python ones."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

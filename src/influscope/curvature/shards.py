@@ -1,0 +1,181 @@
+"""Sharded, resumable statistics passes.
+
+A statistics pass (covariances, eigenvalue refit, diagonal) is a sum over training sequences.
+:class:`ShardedPasses` splits the batches into fixed *shards* of consecutive batches; each shard's
+partial sums are computed by one rank (shard ``k`` on rank ``k mod world``) and, when a
+:class:`PartialSums` store is attached, written atomically to disk as soon as the shard is done.
+A rerun after a crash (even ``SIGKILL``) loads the shards that exist and computes only the rest.
+
+The total is always ``Σ_k part_k`` summed in shard order, whether a part was computed now or
+loaded, so an interrupted-and-resumed run gives bit-identical statistics to an uninterrupted one.
+Across ranks the per-rank totals are all-reduced, which equals a single process to float
+tolerance (only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from influscope.modules.capture import LayerBatch
+from influscope.modules.passes import all_reduce_, rank_and_world
+from influscope.storage.atomic import (
+    atomic_write_json,
+    atomic_write_tensors,
+    read_json,
+    read_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[list[int], dict[str, LayerBatch], torch.Tensor]
+#: ``make(desc, positions)`` runs one pass over the examples at ``positions``.
+PassFactory = Callable[[str, Sequence[int]], Iterator[Batch]]
+
+
+class PartialSums:
+    """Per-shard partial sums of statistics passes, stored under one directory.
+
+    Layout: ``DIR/meta.json`` (what the partial sums were computed from) and
+    ``DIR/<phase>/shard-<k>.safetensors``. A directory whose ``meta.json`` differs from
+    ``expected`` is stale and is cleared (partial sums are a cache, not a result).
+
+    Args:
+        directory: Where partial sums live.
+        expected: JSON-able description (config, model and data fingerprints, shard layout).
+    """
+
+    def __init__(self, directory: str | Path, expected: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.loaded = 0
+        self.computed = 0
+        rank, _ = rank_and_world()
+        meta = self.directory / "meta.json"
+        if meta.is_file() and read_json(meta) != _jsonable(expected):
+            logger.info("discarding stale partial sums in %s", self.directory)
+            if rank == 0:
+                shutil.rmtree(self.directory, ignore_errors=True)
+        if rank == 0 and not meta.is_file():
+            atomic_write_json(meta, _jsonable(expected))
+        barrier()
+
+    def path(self, phase: str, shard: int) -> Path:
+        return self.directory / phase / f"shard-{shard:05d}.safetensors"
+
+    def get(self, phase: str, shard: int) -> dict[str, torch.Tensor] | None:
+        """The stored partial sums of a shard, or ``None``."""
+        p = self.path(phase, shard)
+        if not p.is_file():
+            return None
+        self.loaded += 1
+        return read_tensors(p)
+
+    def put(self, phase: str, shard: int, sums: dict[str, torch.Tensor]) -> None:
+        """Store a shard's partial sums atomically."""
+        self.computed += 1
+        atomic_write_tensors(self.path(phase, shard), sums)
+
+    def clear(self) -> None:
+        """Delete every partial sum (after the stage has been saved; rank 0 only)."""
+        barrier()
+        if rank_and_world()[0] == 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass
+class ShardedPasses:
+    """Passes over the training data split into shards of consecutive batches.
+
+    Calling the object (``passes(desc)``) iterates over all batches of this rank, like a plain
+    pass; :func:`reduce_shards` uses the shards instead.
+
+    Attributes:
+        make: Runs one pass over the given example positions.
+        n_examples: Number of training examples.
+        batch_size: Examples per batch.
+        shard_size: Examples per shard (rounded up to whole batches).
+        store: Where partial sums are kept, or ``None`` (in memory only).
+    """
+
+    make: PassFactory
+    n_examples: int
+    batch_size: int
+    shard_size: int
+    store: PartialSums | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def shards(self) -> list[list[int]]:
+        """Example positions of each shard."""
+        per = max(1, -(-self.shard_size // self.batch_size)) * self.batch_size
+        return [
+            list(range(s, min(s + per, self.n_examples))) for s in range(0, self.n_examples, per)
+        ]
+
+    def __call__(self, desc: str) -> Iterator[Batch]:
+        rank, world = rank_and_world()
+        for k, positions in enumerate(self.shards()):
+            if k % world == rank:
+                yield from self.make(desc, positions)
+
+
+Compute = Callable[[Iterator[Batch]], dict[str, torch.Tensor]]
+
+
+def reduce_shards(
+    passes: ShardedPasses | Callable[[str], Iterator[Batch]],
+    phase: str,
+    compute: Compute,
+    zeros: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``Σ_shards compute(shard)``, resumable and all-reduced over ranks.
+
+    Args:
+        passes: Sharded passes (or a plain ``desc → iterator`` callable: one shard, no store).
+        phase: Name of the statistics (``"covariance"``, ``"eigenvalues"``, …).
+        compute: Sums the statistics over the batches of one shard (keys fixed by ``zeros``).
+        zeros: Zero tensors with every key and shape, for ranks without shards.
+
+    Returns:
+        The totals over all shards and ranks, same keys as ``zeros()``.
+    """
+    total = zeros()
+    if not isinstance(passes, ShardedPasses):
+        _add(total, compute(passes(phase)))
+    else:
+        rank, world = rank_and_world()
+        shards = passes.shards()
+        for k, positions in enumerate(shards):
+            if k % world != rank:
+                continue
+            part = passes.store.get(phase, k) if passes.store is not None else None
+            if part is None:
+                part = compute(passes.make(f"{phase} {k + 1}/{len(shards)}", positions))
+                if passes.store is not None:
+                    passes.store.put(phase, k, part)
+            _add(total, part)
+    for v in total.values():
+        all_reduce_(v)
+    return total
+
+
+def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+    for key, value in part.items():
+        total[key] += value.to(total[key].device, total[key].dtype)

@@ -1,0 +1,74 @@
+"""Ground truth for influence scores: how far can they be trusted?
+
+Influence functions on large models are contested (Li et al. 2024, "Do Influence Functions
+Work on Large Language Models?"), so influscope measures its estimators against counterfactual
+retraining and exact references:
+
+* :mod:`.retrain` — :class:`RetrainingHarness`: a recipe ``(indices, seed) → model`` run on
+  subsets in parallel processes, every result stored atomically so evaluations resume;
+* :mod:`.counterfactual` — :func:`leave_one_out`, :func:`lds` (linear datamodeling score),
+  :func:`brittleness` (remove top proponents vs. random);
+* :mod:`.pbrf` — :func:`pbrf_influence`, the proximal Bregman response function (what
+  influence functions estimate for a network that is not at an optimum);
+* :mod:`.mislabel` — :func:`flip_labels`, :func:`detection_report` (ROC-AUC, found@p);
+* :mod:`.baselines` — gradient dot / cosine, TracIn, representation similarity, BM25;
+* :mod:`.metrics` — Pearson, Spearman, LDS, ROC-AUC.
+
+The measured figures live in ``docs/accuracy.md``; ``make bench-accuracy`` reproduces them.
+"""
+
+from influscope.evaluation.baselines import (
+    bm25,
+    gradient_cosine,
+    gradient_dot,
+    hidden_states,
+    representation_similarity,
+    tracin,
+)
+from influscope.evaluation.config import BrittlenessConfig, LDSConfig, MislabelConfig, PBRFConfig
+from influscope.evaluation.counterfactual import (
+    BrittlenessResult,
+    LDSResult,
+    LOOResult,
+    brittleness,
+    lds,
+    lds_subsets,
+    leave_one_out,
+)
+from influscope.evaluation.metrics import found_at, lds_score, pearson, roc_auc, spearman
+from influscope.evaluation.mislabel import MislabelReport, detection_report, flip_labels
+from influscope.evaluation.pbrf import PBRFResult, pbrf_influence
+from influscope.evaluation.retrain import Job, RetrainingHarness, default_workers
+
+__all__ = [
+    "BrittlenessConfig",
+    "BrittlenessResult",
+    "Job",
+    "LDSConfig",
+    "LDSResult",
+    "LOOResult",
+    "MislabelConfig",
+    "MislabelReport",
+    "PBRFConfig",
+    "PBRFResult",
+    "RetrainingHarness",
+    "bm25",
+    "brittleness",
+    "default_workers",
+    "detection_report",
+    "flip_labels",
+    "found_at",
+    "gradient_cosine",
+    "gradient_dot",
+    "hidden_states",
+    "lds",
+    "lds_score",
+    "lds_subsets",
+    "leave_one_out",
+    "pbrf_influence",
+    "pearson",
+    "representation_similarity",
+    "roc_auc",
+    "spearman",
+    "tracin",
+]
