@@ -36,6 +36,10 @@ class Influence:
         modules: Modules to track: a preset (``"mlp"``, ``"all"``), a regex, or a list.
         run_dir: Where stages are stored (``None``: keep everything in memory).
         tokenizer: Used by :meth:`encode`.
+        device: Where every stage runs; the model is moved there. Default: CUDA when
+            available, else CPU.
+        offload: Keep curvature factors in CPU memory; each layer's factors are copied to the
+            device when used (saves accelerator memory for large models).
 
     Example:
         >>> inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tok)  # doctest: +SKIP
@@ -51,14 +55,22 @@ class Influence:
         modules: str | Sequence[str] = "mlp",
         run_dir: str | Path | None = None,
         tokenizer=None,
+        device: str | torch.device | None = None,
+        offload: bool = False,
     ) -> None:
-        self.model = model
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.offload = offload
         self.task = get_task(task)
         self.layers: list[TrackedLayer] = select_layers(model, modules)
         self.run = RunDirectory(run_dir) if run_dir is not None else None
         self.tokenizer = tokenizer
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed.
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0}
+
+    @property
+    def _factor_device(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.device
 
     @property
     def layer_names(self) -> list[str]:
@@ -108,8 +120,7 @@ class Influence:
         }
         op_cls, fitter = CURVATURES[config.curvature]
         if self.run is not None and self.run.exists("factors", name) and not overwrite:
-            device = next(self.model.parameters()).device
-            tensors, meta = self.run.load("factors", name, expected, device)
+            tensors, meta = self.run.load("factors", name, expected, self._factor_device)
             return op_cls.from_tensors(tensors, meta["damping"])
 
         def make(desc: str, positions):
@@ -131,6 +142,8 @@ class Influence:
             store = PartialSums(partial, expected)
         passes = ShardedPasses(make, len(train), config.batch_size, config.shard_size, store)
         operator = fitter(passes, self.layers, config)
+        if self.offload:
+            operator = operator.to("cpu")
         self.last_fit_shards = {
             "loaded": store.loaded if store else 0,
             "computed": store.computed if store else 0,
@@ -256,6 +269,13 @@ class Influence:
             else self.precondition(queries, factors, config)
         )
         return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def _amp(name: str | None) -> torch.dtype | None:

@@ -1,10 +1,11 @@
-"""The ``influscope`` command line: ``fit``, ``score``, ``demo``.
+"""The ``influscope`` command line: ``fit``, ``score``, ``demo``, ``report``.
 
 Examples::
 
     influscope fit   --model runs/demo/model --train train.jsonl --run runs/x
     influscope score --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x
     influscope demo  --out runs/demo
+    influscope report runs/demo --out runs/demo/studies.html
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from influscope.errors import InfluscopeError
 
 console = Console(stderr=True)
-
-
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -137,6 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="Output directory.")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the corpus and training.")
+
+    report = sub.add_parser(
+        "report",
+        help="Render a run directory (scores + studies) into one self-contained HTML file.",
+    )
+    report.add_argument("run", help="Run directory holding scores/<name> (from score or demo).")
+    report.add_argument("--scores", default="scores", help="Name of the scores stage.")
+    report.add_argument("--factors", default="factors", help="Name of the factors stage.")
+    report.add_argument(
+        "--train",
+        default=None,
+        help="Training records that were scored (default: RUN/data.json or RUN/model/corpus.json).",
+    )
+    report.add_argument("--queries", default=None, help="Query records that were scored.")
+    report.add_argument(
+        "--model",
+        default=None,
+        help="Model directory for per-token colouring (default: RUN/model if present; "
+        "'none' to skip).",
+    )
+    report.add_argument("--top-k", type=int, default=5, help="Proponents/opponents per query.")
+    report.add_argument(
+        "--bootstrap",
+        type=int,
+        default=100,
+        help="Bootstrap sets of the power-law goodness-of-fit test (0 skips it).",
+    )
+    report.add_argument("--out", default=None, help="HTML file (default: RUN/studies.html).")
+
+    from influscope.index.cli import add_parsers as add_index_parsers
+
+    add_index_parsers(sub, _common)  # `index`, `query`
+    fit.add_argument(
+        "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
+    )
     return parser
 
 
@@ -145,9 +174,9 @@ def _load(args):
     from influscope.loading import load_model, load_records
 
     model, tokenizer = load_model(args.model, args.task)
-    model.to(_device(args.device))
     modules = args.modules[0] if len(args.modules) == 1 else args.modules
-    inf = Influence(model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer)
+    inf = Influence(model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer,
+                    device=args.device)
     train = inf.encode(load_records(args.train), truncate=args.truncate)
     return inf, train
 
@@ -156,6 +185,11 @@ def cmd_fit(args) -> int:
     from influscope.config import FitConfig
 
     inf, train = _load(args)
+    if args.dry_run:
+        from influscope.resources import describe, estimate
+
+        console.print(describe(estimate(inf, train, batch_size=args.batch_size)))
+        return 0
     config = FitConfig(
         curvature=args.curvature,
         fisher=args.fisher,
@@ -240,10 +274,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from influscope.analysis.runs import StudyConfig, report_run
+    from influscope.analysis.sparsity import SparsityConfig
+    from influscope.report import write_report
+
+    config = StudyConfig(sparsity=SparsityConfig(n_bootstrap=args.bootstrap), top_k=args.top_k)
+    view, studies = report_run(
+        args.run,
+        scores_name=args.scores,
+        factors_name=args.factors,
+        train=args.train,
+        queries=args.queries,
+        model=args.model,
+        config=config,
+    )
+    path = write_report(view, Path(args.out or Path(args.run) / "studies.html"))
+    console.print(f"studies: {', '.join(studies)}; report → {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``influscope`` command."""
     args = build_parser().parse_args(argv)
-    handlers = {"fit": cmd_fit, "score": cmd_score, "demo": cmd_demo}
+    from influscope.index.cli import COMMANDS as INDEX_COMMANDS
+
+    handlers = {"fit": cmd_fit, "score": cmd_score, "demo": cmd_demo, "report": cmd_report}
+    handlers |= INDEX_COMMANDS
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:

@@ -21,7 +21,7 @@ class DiagonalOperator(CurvatureOperator):
         self.diag = diag  # {layer: (out, in)}
 
     def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
-        d = self.diag[layer].to(g.dtype)
+        d = self.diag[layer].to(g.device, g.dtype)
         return g / (d + self.damping[layer])
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -40,18 +40,18 @@ class KroneckerEigenOperator(CurvatureOperator):
 
     def rotate(self, layer: str, g: torch.Tensor) -> torch.Tensor:
         """``Q_Sᵀ g Q_A`` for ``g`` of shape ``(..., out, in)``."""
-        q_a = self.q_a[layer].to(g.dtype)
-        q_s = self.q_s[layer].to(g.dtype)
+        q_a = self.q_a[layer].to(g.device, g.dtype)
+        q_s = self.q_s[layer].to(g.device, g.dtype)
         return q_s.t() @ g @ q_a  # (..., out, in)
 
     def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
-        q_a = self.q_a[layer].to(g.dtype)
-        q_s = self.q_s[layer].to(g.dtype)
-        lam = self.eigenvalues[layer].to(g.dtype) + self.damping[layer]  # (out, in)
+        q_a = self.q_a[layer].to(g.device, g.dtype)
+        q_s = self.q_s[layer].to(g.device, g.dtype)
+        lam = self.eigenvalues[layer].to(g.device, g.dtype) + self.damping[layer]  # (out, in)
         return q_s @ ((q_s.t() @ g @ q_a) / lam) @ q_a.t()
 
     def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
-        lam = self.eigenvalues[layer].to(g.dtype) + self.damping[layer]
+        lam = self.eigenvalues[layer].to(g.device, g.dtype) + self.damping[layer]
         return (self.rotate(layer, g).square() / lam).sum(dim=(-2, -1))
 
     def tensors(self) -> dict[str, torch.Tensor]:
