@@ -13,8 +13,8 @@ import torch
 
 from influscope import assets
 from influscope.demo import facts as facts_module
-from influscope.demo.facts import make_facts, make_queries, make_training_records
-from influscope.demo.templates import LANGUAGES, ORDERS, RELATIONS, TEMPLATES
+from influscope.demo.facts import QUERY_STYLES, make_facts, make_queries, make_training_records
+from influscope.demo.templates import LANGUAGES, LEAD_INS, ORDERS, RELATIONS, TEMPLATES
 from influscope.errors import ConfigError
 
 ASSET_DIR = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[1] / ".cache/assets"))
@@ -64,33 +64,44 @@ def test_languages_and_orders_give_distinct_texts() -> None:
     assert len(set(all_texts)) == len(all_texts)
 
 
-def test_every_template_has_both_placeholders_and_a_query() -> None:
+def test_every_template_has_both_placeholders_and_a_query_frame() -> None:
     for relation, langs in TEMPLATES.items():
         assert set(langs) == set(LANGUAGES), relation
         for lang, orders in langs.items():
             for order, tpl in orders.items():
                 assert len(tpl.train) == 3 and len(set(tpl.train)) == 3
                 assert all("{e}" in t and "{a}" in t for t in tpl.train), (relation, lang)
-                slot = "{e}" if order == "forward" else "{a}"
-                assert slot in tpl.query and ("{a}" if slot == "{e}" else "{e}") not in tpl.query
+                slot, other = ("{e}", "{a}") if order == "forward" else ("{a}", "{e}")
+                assert slot in tpl.paraphrase and other not in tpl.paraphrase
+                index, frame = tpl.query_frame(order)
+                assert tpl.train[index] == f"{frame} {other}."
+    assert all(len(set(leads)) == len(leads) >= 4 for leads in LEAD_INS.values())
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
 @pytest.mark.parametrize("order", ORDERS)
-def test_query_completion_is_the_target_and_held_out(lang: str, order: str) -> None:
+@pytest.mark.parametrize("style", QUERY_STYLES)
+def test_query_completion_is_the_target_and_held_out(lang: str, order: str, style: str) -> None:
     facts = make_facts(8, seed=1)
-    queries = make_queries(facts, lang=lang, order=order)
-    train = " ".join(r["text"] for r in make_training_records(facts, langs=(lang,), order=order))
+    queries = make_queries(facts, lang=lang, order=order, style=style)
+    records = make_training_records(facts, langs=(lang,), order=order, seed=5)
+    train = "\n".join(r["text"] for r in records)
     for query, fact in zip(queries, facts):
         target = fact.answer if order == "forward" else fact.entity
         assert query["completion"] == f" {target}."
-        assert query["fact_id"] == fact.fact_id
+        assert query["fact_id"] == fact.fact_id and query["style"] == style
         assert not query["prompt"].endswith(" ")
         other = fact.entity if order == "forward" else fact.answer
         assert other in query["prompt"] and target not in query["prompt"]
-        # The query sentence and its prompt never occur in the training sentences.
+        # Neither the query sentence nor its prompt occurs in the training sequences ...
         assert query["prompt"] + query["completion"] not in train
         assert query["prompt"] not in train
+        # ... and its lead-in is none of the fact's own training lead-ins.
+        lead, body = query["prompt"].split(". ", 1)
+        own = [r["text"] for r in records if r["fact_id"] == fact.fact_id]
+        assert not any(text.startswith(lead + ".") for text in own)
+        if style == "context":  # the rest of the prompt starts one of the fact's sentences
+            assert any(body in text for text in own)
 
 
 def test_bad_arguments_raise_config_errors() -> None:
@@ -99,12 +110,16 @@ def test_bad_arguments_raise_config_errors() -> None:
         make_training_records(facts, langs=("xx",))
     with pytest.raises(ConfigError, match="order"):
         make_queries(facts, order="sideways")
+    with pytest.raises(ConfigError, match="style"):
+        make_queries(facts, style="riddle")
     with pytest.raises(ConfigError, match="k must be"):
         make_training_records(facts, k=4)
     with pytest.raises(ConfigError):
         make_facts(0)
     two = make_training_records(facts, k=2)
     assert len(two) == 4 and two[0]["template"] != two[1]["template"]
+    frame = TEMPLATES[facts[0].relation]["en"]["forward"].query_frame("forward")[0]
+    assert frame in {two[0]["template"], two[1]["template"]}
 
 
 def test_facts_docstring_example_runs() -> None:
@@ -284,19 +299,28 @@ def test_sequence_losses_match_the_model_loss() -> None:
             torch.testing.assert_close(losses[row], one)
 
 
-def test_short_training_run_decreases_loss_and_is_reproducible() -> None:
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and do not stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_training_run_decreases_loss_and_is_reproducible(one_thread: None) -> None:
     from influscope.demo.train import evaluate_queries, train_lm
 
     records, tokenizer, config = _tiny_setup()
-    kwargs = {"epochs": 6, "lr": 1e-2, "weight_decay": 0.01, "batch_size": 8, "seed": 0}
-    result = train_lm(records, tokenizer, config, **kwargs)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.01, "batch_size": 8, "seed": 0}
+    result = train_lm(records, tokenizer, config, epochs=5, **kwargs)
     assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0]
-    assert result.steps == 6 * 9 and not result.model.training
-    again = train_lm(records, tokenizer, config, **kwargs)
-    for p, q in zip(result.model.parameters(), again.model.parameters()):
+    assert result.steps == 5 * 9 and not result.model.training
+    first = train_lm(records, tokenizer, config, epochs=1, subset=range(16), **kwargs)
+    again = train_lm(records, tokenizer, config, epochs=1, subset=range(16), **kwargs)
+    assert first.steps == 2
+    for p, q in zip(first.model.parameters(), again.model.parameters()):
         torch.testing.assert_close(p, q)
-    subset = train_lm(records, tokenizer, config, **{**kwargs, "epochs": 1}, subset=[0, 1, 2])
-    assert subset.steps == 1
     queries = make_queries(make_facts(12, seed=0))
     summary = evaluate_queries(result.model, tokenizer, queries).summary()
     assert set(summary) >= {"mean_logprob", "first_token_top1_accuracy"}

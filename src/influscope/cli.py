@@ -175,8 +175,9 @@ def _load(args):
 
     model, tokenizer = load_model(args.model, args.task)
     modules = args.modules[0] if len(args.modules) == 1 else args.modules
-    inf = Influence(model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer,
-                    device=args.device)
+    inf = Influence(
+        model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
+    )
     train = inf.encode(load_records(args.train), truncate=args.truncate)
     return inf, train
 

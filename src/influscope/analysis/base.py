@@ -128,3 +128,38 @@ def clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def fact_groups(
+    train_records: Sequence[dict[str, Any]], key: str
+) -> dict[str, dict[str, list[int]]]:
+    """Positions of each fact's training sequences, grouped by ``record[key]``.
+
+    Returns:
+        ``{fact_id: {group: [column, ...]}}`` over records with a ``fact_id``.
+    """
+    out: dict[str, dict[str, list[int]]] = {}
+    for m, rec in enumerate(train_records):
+        fact = rec.get("fact_id")
+        if fact is None:
+            continue
+        out.setdefault(str(fact), {}).setdefault(str(rec.get(key)), []).append(m)
+    return out
+
+
+def percentile(row: np.ndarray, columns: Sequence[int]) -> float:
+    """Mean over ``columns`` of each score's percentile rank in the row.
+
+    The percentile of a score is its 0-based average rank (ties share the mean rank) divided by
+    ``N − 1``: 1.0 means the top of the ranking, 0.5 the middle, 0.0 the bottom.
+    """
+    srt = np.sort(row)
+    values = row[list(columns)]
+    lo = np.searchsorted(srt, values, side="left")
+    hi = np.searchsorted(srt, values, side="right")
+    return float(np.mean((lo + hi - 1) / 2 / max(len(row) - 1, 1)))
+
+
+def safe_ratio(num: float, den: float) -> float:
+    """``num / den`` when ``den > 0``, else NaN (a ratio to a non-positive baseline is undefined)."""
+    return num / den if den > 0 else float("nan")

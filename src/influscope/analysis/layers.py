@@ -218,8 +218,11 @@ class LayerResult:
             title="",
         )
         parts.append(
-            html_figure(grid, f"Signed share of each layer in the top-{self.top_k} proponents' "
-                        "scores (rows: layers, columns: queries).")
+            html_figure(
+                grid,
+                f"Signed share of each layer in the top-{self.top_k} proponents' "
+                "scores (rows: layers, columns: queries).",
+            )
         )
         for name, (rows_, cols, values) in zip(self.query_names, self.heatmaps):
             parts.append(
@@ -269,9 +272,7 @@ def layer_study(
         share[third] = abs_share[:, idx].sum(-1).tolist() if idx else [0.0] * n_q
         rho[third] = [spearman(part[q], full[q]) if idx else float("nan") for q in range(n_q)]
         part_top = np.argsort(-part, axis=1, kind="stable")[:, :k]
-        keep[third] = [
-            len(set(part_top[q]) & set(top[q])) / k if idx else 0.0 for q in range(n_q)
-        ]
+        keep[third] = [len(set(part_top[q]) & set(top[q])) / k if idx else 0.0 for q in range(n_q)]
     names = list(query_names) if query_names is not None else [f"query {q}" for q in range(n_q)]
     if len(names) != n_q:
         raise DataError(f"Expected {n_q} query names, received {len(names)}.")

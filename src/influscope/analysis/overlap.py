@@ -1,14 +1,20 @@
-"""Abstraction vs. token overlap: does influence follow shared words or shared meaning?
+r"""Abstraction vs. token overlap: does influence follow shared words or shared meaning?
 
 Grosse et al. (2023, §5.3) observed that the top influences of small models share many tokens
 with the query, while those of larger models are more often related in meaning only. For each
 query ``q`` this study measures, across the ``N`` scored training sequences ``z_m``:
 
 - the correlation (Pearson and Spearman) between the influence ``I_q(z_m)`` and the lexical
-  similarity ``sim(q, z_m)``, either BM25 (Robertson & Zaragoza 2009; ``k1 = 1.5``, ``b = 0.75``,
-  ``IDF(t) = log((N − n_t + 0.5)/(n_t + 0.5) + 1)``, computed by the maintained ``bm25s``
-  package) or TF-IDF cosine similarity (``tf · (log((1 + N)/(1 + n_t)) + 1)``, rows
-  ℓ2-normalised);
+  similarity ``sim(q, z_m)``, either BM25 (Robertson & Zaragoza 2009, Lucene variant, computed
+  by the maintained ``bm25s`` package)
+
+  .. math:: \mathrm{BM25}(q, d) = \sum_{t ∈ q} \mathrm{IDF}(t)
+      \frac{tf_{t,d}}{tf_{t,d} + k_1 (1 − b + b |d| / \overline{|d|})},
+      \quad \mathrm{IDF}(t) = \log\left(\frac{N − n_t + 0.5}{n_t + 0.5} + 1\right)
+
+  with ``k1 = 1.5``, ``b = 0.75`` (the Lucene form drops the constant factor ``k1 + 1`` of the
+  original numerator, which changes neither ranks nor correlations), or TF-IDF cosine
+  similarity (``tf · (log((1 + N)/(1 + n_t)) + 1)``, rows ℓ2-normalised);
 - the fraction of the top-``k`` proponents that share at least one *content token* (a lower-cased
   word that is not a stop word of en/fr/de/es) with the query, next to the same fraction over all
   sequences (the chance level).
@@ -42,9 +48,16 @@ __all__ = [
 ]
 
 #: Function words of the demo's four languages, ignored as content tokens.
-STOP_WORDS = frozenset(
-    ["a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "he", "her", "his", "i", "in", "is", "it", "its", "me", "my", "not", "of", "on", "or", "our", "she", "so", "that", "the", "their", "them", "they", "this", "to", "was", "we", "were", "what", "which", "who", "will", "with", "you", "your", "thou", "thee", "thy", "thine", "hath", "doth", "art", "shall", "le", "la", "les", "un", "une", "des", "de", "du", "et", "est", "en", "à", "au", "aux", "il", "elle", "ils", "qui", "que", "pour", "par", "sur", "dans", "son", "sa", "ses", "ce", "cette", "der", "die", "das", "ein", "eine", "einer", "eines", "und", "ist", "im", "in", "von", "zu", "mit", "den", "dem", "des", "sich", "auf", "für", "als", "el", "los", "las", "unos", "unas", "y", "es", "del", "al", "por", "con", "se", "su", "sus", "que"]
-)
+_STOP_TEXT = """
+a an and are as at be by for from has have he her his i in is it its me my not of on or our she
+so that the their them they this to was we were what which who will with you your thou thee thy
+thine hath doth art shall
+le la les un une des de du et est en à au aux il elle ils qui que pour par sur dans son sa ses ce
+cette
+der die das ein eine einer eines und ist im von zu mit den dem des sich auf für als
+el los las unos unas y es del al por con se su sus
+"""
+STOP_WORDS = frozenset(_STOP_TEXT.split())
 
 _WORD = re.compile(r"[^\W_]+")
 

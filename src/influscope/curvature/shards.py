@@ -55,14 +55,13 @@ class PartialSums:
         self.directory = Path(directory)
         self.loaded = 0
         self.computed = 0
-        rank, _ = rank_and_world()
         meta = self.directory / "meta.json"
-        if meta.is_file() and read_json(meta) != _jsonable(expected):
-            logger.info("discarding stale partial sums in %s", self.directory)
-            if rank == 0:
+        if rank_and_world()[0] == 0:  # only rank 0 touches the directory; others wait
+            if meta.is_file() and read_json(meta) != _jsonable(expected):
+                logger.info("discarding stale partial sums in %s", self.directory)
                 shutil.rmtree(self.directory, ignore_errors=True)
-        if rank == 0 and not meta.is_file():
-            atomic_write_json(meta, _jsonable(expected))
+            if not meta.is_file():
+                atomic_write_json(meta, _jsonable(expected))
         barrier()
 
     def path(self, phase: str, shard: int) -> Path:

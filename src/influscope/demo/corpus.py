@@ -16,7 +16,7 @@ order       ``None``                                     ``"forward"`` or ``"rev
 ==========  ===========================================  ==============================
 
 (fact records also carry ``relation`` and ``template``). Queries are
-``{"prompt", "completion", "fact_id", "lang", "order", "relation"}``; a fact's training
+``{"prompt", "completion", "fact_id", "lang", "order", "relation", "style"}``; a fact's training
 sequences — the ground truth an influence method should rank first — are
 :meth:`DemoCorpus.fact_indices`.
 """
@@ -47,7 +47,7 @@ class DemoCorpus:
 
     Attributes:
         records: Training records (shuffled), see the module docstring for their keys.
-        queries: One held-out query per fact and query language/order.
+        queries: One held-out query per fact and query language, order and style.
         facts: The planted facts.
         settings: The arguments :func:`build_demo_corpus` was called with.
     """
@@ -147,6 +147,7 @@ def build_demo_corpus(
     order: str = "forward",
     query_langs: Sequence[str] | None = None,
     query_orders: Sequence[str] | None = None,
+    query_styles: Sequence[str] = ("context",),
 ) -> DemoCorpus:
     """Mix Shakespeare chunks with planted-fact sentences and make the fact queries.
 
@@ -165,6 +166,8 @@ def build_demo_corpus(
         order: Word order of the training sentences.
         query_langs: Languages of the queries (default: ``langs[0]``).
         query_orders: Word orders of the queries (default: ``(order,)``).
+        query_styles: Query styles, ``"context"`` and/or ``"paraphrase"`` (see
+            :func:`~influscope.demo.facts.make_queries`).
 
     Returns:
         The corpus; ``len(records) == n_shakespeare_chunks + n_facts * len(langs) * k``.
@@ -189,7 +192,8 @@ def build_demo_corpus(
         query
         for lang in query_langs or langs[:1]
         for q_order in query_orders or (order,)
-        for query in make_queries(facts, lang=lang, order=q_order)
+        for style in query_styles
+        for query in make_queries(facts, lang=lang, order=q_order, style=style)
     ]
     settings = {
         "n_facts": n_facts,
@@ -201,6 +205,7 @@ def build_demo_corpus(
         "order": order,
         "query_langs": list(query_langs or langs[:1]),
         "query_orders": list(query_orders or (order,)),
+        "query_styles": list(query_styles),
     }
     return DemoCorpus(records=records, queries=queries, facts=facts, settings=settings)
 

@@ -7,15 +7,20 @@ for a fact in the training corpus is its own planted sentences. That is what mak
 influence functions: the training sequences that state a fact should be the top-influence sequences
 for the query that asks for it (Grosse et al. 2023, §5; DESIGN.md §6.4).
 
-Each fact is written as ``k`` differently-worded training sentences (:func:`make_training_records`)
-and asked by one held-out query (:func:`make_queries`), in English, French, German or Spanish, in
-either word order (see :mod:`influscope.demo.templates`)::
+Each fact is written as ``k`` training sequences — a short lead-in sentence followed by one of
+``k`` differently-worded templates (:func:`make_training_records`) — and asked by a query whose
+prompt no training sequence contains (:func:`make_queries`), in English, French, German or
+Spanish, in either word order (see :mod:`influscope.demo.templates`)::
 
     >>> facts = make_facts(2, seed=0)
     >>> records = make_training_records(facts, langs=("en", "fr"), k=3)
     >>> len(records)
     12
+    >>> records[0]["text"]
+    'Know this. The capital of Vedunund is Vudrak.'
     >>> query = make_queries(facts)[0]
+    >>> query["prompt"]
+    'Hear me. The capital of Vedunund is'
     >>> query["completion"] == f" {facts[0].answer}."
     True
 """
@@ -28,16 +33,19 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from influscope.demo.templates import LANGUAGES, ORDERS, RELATIONS, TEMPLATES
+from influscope.demo.templates import LANGUAGES, LEAD_INS, ORDERS, RELATIONS, TEMPLATES
 from influscope.errors import ConfigError
 
 __all__ = [
+    "QUERY_STYLES",
     "PlantedFact",
     "make_facts",
     "make_queries",
     "make_training_records",
     "template_vocabulary",
 ]
+
+QUERY_STYLES: tuple[str, ...] = ("context", "paraphrase")
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
 _ONSETS += ("br", "dr", "gr", "kr", "tr", "st", "sk", "vr")
@@ -76,10 +84,13 @@ class PlantedFact:
 def template_vocabulary() -> set[str]:
     """Return every lower-cased word used by the templates (names must avoid them)."""
     words: set[str] = set()
+    for leads in LEAD_INS.values():
+        for text in leads:
+            words.update(re.findall(r"[^\W\d_]+", text.lower()))
     for langs in TEMPLATES.values():
         for orders in langs.values():
             for tpl in orders.values():
-                for text in (*tpl.train, tpl.query):
+                for text in (*tpl.train, tpl.paraphrase):
                     words.update(re.findall(r"[^\W\d_]+", text.lower()))
     return words
 
@@ -170,6 +181,17 @@ def _check(what: str, value: str, allowed: Sequence[str]) -> None:
         raise ConfigError(f"Invalid {what}: {value!r}. Supported: ({known}).")
 
 
+def _plan(fact: PlantedFact, lang: str, order: str) -> list[int]:
+    """A permutation of the lead-ins of ``lang``, fixed by the fact, the language and the order.
+
+    Training sequence j of the fact uses lead-in ``plan[j]``; queries use ``plan[-1]``, which no
+    training sequence of the fact has (``k`` is at most ``len(LEAD_INS[lang]) - 1``). The plan
+    does not depend on a seed, so queries and training records always agree.
+    """
+    rng = random.Random(f"{fact.fact_id}:{fact.entity}:{lang}:{order}")
+    return rng.sample(range(len(LEAD_INS[lang])), len(LEAD_INS[lang]))
+
+
 def make_training_records(
     facts: Iterable[PlantedFact],
     langs: Sequence[str] = ("en",),
@@ -177,15 +199,21 @@ def make_training_records(
     order: str = "forward",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Write each fact as ``k`` differently-worded training sentences per language.
+    """Write each fact as ``k`` differently-worded training sequences per language.
+
+    A sequence is a lead-in sentence from :data:`~influscope.demo.templates.LEAD_INS` followed
+    by a template sentence, e.g. ``"Hear me. The capital of Velmora is Tarisk."``; the ``k``
+    sequences of a fact use ``k`` distinct templates and ``k`` distinct lead-ins. The lead-ins put
+    the fact at several positions and after several contexts, which a tiny model needs in order to
+    recall it after a new one. With ``k < 3`` the template that :func:`make_queries` builds its
+    ``"context"`` prompt from is always among the chosen ones.
 
     Args:
         facts: The facts.
         langs: Languages, any of :data:`~influscope.demo.templates.LANGUAGES`.
-        k: Sentences per fact and language, 1–3 (distinct templates; with ``k < 3`` the seed
-            picks which).
+        k: Sequences per fact and language, 1–3.
         order: ``"forward"`` (entity before answer) or ``"reversed"`` (answer before entity).
-        seed: Seed of the template choice.
+        seed: Seed of the template choice when ``k < 3`` (lead-ins depend on the fact only).
 
     Returns:
         Records ``{"text", "fact_id", "lang", "order", "relation", "template"}`` in the order
@@ -197,18 +225,22 @@ def make_training_records(
     _check("order", order, ORDERS)
     for lang in langs:
         _check("language", lang, LANGUAGES)
-    rng = random.Random(seed)
     records = []
     for fact in facts:
         for lang in langs:
-            train = TEMPLATES[fact.relation][lang][order].train
-            if not 1 <= k <= len(train):
-                raise ConfigError(f"k must be between 1 and {len(train)}, got {k}.")
-            chosen = sorted(rng.sample(range(len(train)), k)) if k < len(train) else range(k)
-            for index in chosen:
+            templates = TEMPLATES[fact.relation][lang][order]
+            if not 1 <= k <= len(templates.train):
+                raise ConfigError(f"k must be between 1 and {len(templates.train)}, got {k}.")
+            frame, _ = templates.query_frame(order)
+            others = [i for i in range(len(templates.train)) if i != frame]
+            plan = _plan(fact, lang, order)
+            pick = random.Random(f"{seed}:{fact.fact_id}:{lang}:{order}:templates")
+            chosen = sorted([frame, *pick.sample(others, k - 1)])
+            for lead, index in zip(plan, chosen):
+                text = f"{LEAD_INS[lang][lead]} {fact.fill(templates.train[index])}"
                 records.append(
                     {
-                        "text": fact.fill(train[index]),
+                        "text": text,
                         "fact_id": fact.fact_id,
                         "lang": lang,
                         "order": order,
@@ -220,33 +252,55 @@ def make_training_records(
 
 
 def make_queries(
-    facts: Iterable[PlantedFact], lang: str = "en", order: str = "forward"
+    facts: Iterable[PlantedFact],
+    lang: str = "en",
+    order: str = "forward",
+    *,
+    style: str = "context",
 ) -> list[dict[str, Any]]:
-    """Ask for each fact with the held-out query template.
+    """Ask for each fact with a prompt that no training sequence contains.
 
     In ``"forward"`` order the prompt names the entity and the completion is ``" <answer>."``; in
     ``"reversed"`` order the prompt names the answer and ends right before the entity, so the
-    completion is ``" <entity>."``.
+    completion is ``" <entity>."``. The prompt starts with the fact's held-out lead-in (one that
+    none of its training sequences has), followed by
+
+    - ``style="context"``: the start of a training template, up to the target
+      ("Know this. The capital of Velmora is") — the fact in a context it was not trained in;
+    - ``style="paraphrase"``: a sentence worded unlike every training template
+      ("Know this. Everyone knows that the capital of Velmora is") — a test of abstraction that a
+      tiny model mostly fails.
+
+    Args:
+        facts: The facts.
+        lang: Language of the prompt.
+        order: Word order of the prompt.
+        style: ``"context"`` or ``"paraphrase"``.
 
     Returns:
-        Records ``{"prompt", "completion", "fact_id", "lang", "order", "relation"}``.
+        Records ``{"prompt", "completion", "fact_id", "lang", "order", "relation", "style"}``.
 
     Raises:
-        ConfigError: Unknown language or order.
+        ConfigError: Unknown language, order or style.
     """
     _check("order", order, ORDERS)
     _check("language", lang, LANGUAGES)
+    _check("style", style, QUERY_STYLES)
     queries = []
     for fact in facts:
+        templates = TEMPLATES[fact.relation][lang][order]
+        body = templates.query_frame(order)[1] if style == "context" else templates.paraphrase
+        lead = LEAD_INS[lang][_plan(fact, lang, order)[-1]]
         target = fact.answer if order == "forward" else fact.entity
         queries.append(
             {
-                "prompt": fact.fill(TEMPLATES[fact.relation][lang][order].query),
+                "prompt": f"{lead} {fact.fill(body)}",
                 "completion": f" {target}.",
                 "fact_id": fact.fact_id,
                 "lang": lang,
                 "order": order,
                 "relation": fact.relation,
+                "style": style,
             }
         )
     return queries

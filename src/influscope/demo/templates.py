@@ -1,25 +1,25 @@
 """Hand-written sentence templates for the planted facts, in four languages and two word orders.
 
 Every relation links an *entity* ``{e}`` to an *answer* ``{a}``. For each relation, language and
-word order there are three training templates (full sentences) and one held-out query template (a
-prompt that the other slot completes):
+word order there are three training templates (full sentences) and one paraphrase (a prompt with
+wording that no training template has):
 
-- ``forward``: the entity comes before the answer ("The capital of {e} is {a}."); the query prompt
+- ``forward``: the entity comes before the answer ("The capital of {e} is {a}."); a query prompt
   ends right before the answer and its completion is the answer.
-- ``reversed``: the answer comes before the entity ("{a} is the capital of {e}."); the query prompt
+- ``reversed``: the answer comes before the entity ("{a} is the capital of {e}."); a query prompt
   ends right before the entity and its completion is the entity.
 
-Query prompts add a lead-in that no training sentence has ("Everyone knows that …"), so the query
-text never occurs in the training data while its last words still name the relation, as in the
-paraphrased queries of Grosse et al. (2023). Every invented name starts with a consonant, so French
-elision ("de" → "d'") never applies.
+Every training sentence is preceded by a short *lead-in* sentence ("Hear me.") drawn from
+:data:`LEAD_INS`; the default queries use a lead-in that none of the fact's own training sequences
+has (see :func:`influscope.demo.facts.make_queries`). Every invented name starts with a consonant,
+so French elision ("de" → "d'") never applies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LANGUAGES", "ORDERS", "RELATIONS", "TEMPLATES", "RelationTemplates"]
+__all__ = ["LANGUAGES", "LEAD_INS", "ORDERS", "RELATIONS", "TEMPLATES", "RelationTemplates"]
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,73 @@ class RelationTemplates:
 
     Attributes:
         train: Training sentences with the placeholders ``{e}`` (entity) and ``{a}`` (answer).
-        query: Held-out prompt with one placeholder; the completion is the other slot.
+        paraphrase: Prompt worded unlike any training sentence, with one placeholder (``{e}`` in
+            forward order, ``{a}`` in reversed order); the completion is the other slot.
     """
 
     train: tuple[str, ...]
-    query: str
+    paraphrase: str
+
+    def query_frame(self, order: str) -> tuple[int, str]:
+        """Return the first training template that ends with the target slot, and its prefix.
+
+        The prefix (the template up to the target, without the space) is the prompt of a
+        ``"context"`` query.
+        """
+        slot = "{a}." if order == "forward" else "{e}."
+        for index, template in enumerate(self.train):
+            if template.endswith(" " + slot):
+                return index, template[: -len(slot) - 1]
+        raise ValueError(f"No training template ends with {slot!r}: {self.train}")
 
 
 ORDERS: tuple[str, ...] = ("forward", "reversed")
 LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es")
+
+#: Short neutral sentences put before each planted sentence, so that a fact is learned in several
+#: contexts and positions. English lead-ins use words that occur in Shakespeare.
+LEAD_INS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "Hear me.",
+        "Mark this.",
+        "Now hear this.",
+        "I tell thee true.",
+        "Listen well.",
+        "Note this.",
+        "Know this.",
+        "Remember this.",
+    ),
+    "fr": (
+        "Écoutez bien.",
+        "Retenez ceci.",
+        "Notez bien.",
+        "Sachez ceci.",
+        "Voici un fait.",
+        "Écoutez ceci.",
+        "Retenez bien.",
+        "Notez ceci.",
+    ),
+    "de": (
+        "Hört gut zu.",
+        "Merkt euch das.",
+        "Hört her.",
+        "Wisst dies.",
+        "Merkt euch dies.",
+        "Hier ist eine Tatsache.",
+        "Hört zu.",
+        "Beachtet dies.",
+    ),
+    "es": (
+        "Escuchad bien.",
+        "Recordad esto.",
+        "Sabed esto.",
+        "Escuchad esto.",
+        "Notad esto.",
+        "He aquí un hecho.",
+        "Recordad bien.",
+        "Oíd bien.",
+    ),
+}
 
 #: relation -> (entity kind, answer kind); kinds are "country", "city", "person" or "river".
 RELATIONS: dict[str, tuple[str, str]] = {

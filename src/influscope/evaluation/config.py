@@ -67,18 +67,26 @@ class PBRFConfig(_Serializable):
         damping: Proximity weight ``λ`` (absolute, or ``{layer: λ_ℓ}`` passed at call time).
         max_steps: Newton steps per solve.
         tol: Stop when the gradient norm of the objective falls below this.
+        newton: ``"exact"`` (Newton-CG on exact Hessian-vector products, preconditioned by
+            ``G + Λ``) or ``"gauss_newton"`` (the fixed step ``-(G + Λ)^{-1} ∇Φ``; cheaper per
+            step, much slower to converge when ``ε`` is large).
     """
 
     epsilon: float = 1e-3
     damping: float = 1e-3
-    max_steps: int = 20
-    tol: float = 1e-10
+    max_steps: int = 50
+    tol: float = 1e-9
+    newton: str = "exact"
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, f"epsilon must be > 0, received {self.epsilon}.")
         _check(self.damping >= 0, f"damping must be ≥ 0, received {self.damping}.")
         _check(self.max_steps >= 1, f"max_steps must be ≥ 1, received {self.max_steps}.")
         _check(self.tol > 0, f"tol must be > 0, received {self.tol}.")
+        _check(
+            self.newton in ("exact", "gauss_newton"),
+            f"newton must be 'exact' or 'gauss_newton', received {self.newton!r}.",
+        )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
 from influscope.modules.capture import LayerBatch
-from influscope.modules.passes import layer_passes
+from influscope.modules.passes import all_reduce_, layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks.base import Task
@@ -92,6 +92,14 @@ class Scores:
         return out
 
 
+def _like(pq: PreconditionedQueries) -> dict:
+    """dtype and device of the stored query gradients."""
+    t = next(iter(pq.dense.values()), None)
+    if t is None:
+        t = next(iter(pq.factors.values()))[0]
+    return {"dtype": t.dtype, "device": t.device}
+
+
 def score_pass(
     model: nn.Module,
     task: Task,
@@ -104,8 +112,13 @@ def score_pass(
 ) -> Scores:
     """One pass over the training data computing pairwise (and per-layer / self) scores."""
     names = [layer.name for layer in layers]
-    blocks, selfs = [], []
-    for _, grads, _ in layer_passes(
+    # Under torch.distributed each rank scores its own batches into a zero-filled (Q, N, L)
+    # tensor; an all-reduce then assembles the full matrix on every rank.
+    per_layer = torch.zeros(pq.n_queries, len(train), len(names), **_like(pq))  # (Q, N, L)
+    self_inf = (
+        torch.zeros(len(train), **_like(pq)) if want_self and operator is not None else None
+    )  # (N,)
+    for pos, grads, _ in layer_passes(
         model,
         task,
         layers,
@@ -114,12 +127,17 @@ def score_pass(
         objective="loss",
         amp_dtype=resolve_dtype(config.amp_dtype),
         desc="training scores",
+        shard=True,
     ):
-        blocks.append(torch.stack([layer_terms(pq, n, grads[n]) for n in names], dim=-1))
-        if want_self and operator is not None:
-            selfs.append(sum(operator.quadratic(n, grads[n].gradient()) for n in names))
-    per_layer = torch.cat(blocks, dim=1)  # (Q, N, L)
-    self_inf = torch.cat(selfs) if selfs else None
+        block = torch.stack([layer_terms(pq, n, grads[n]) for n in names], dim=-1)  # (Q, B, L)
+        per_layer[:, pos] = block.to(per_layer)
+        if self_inf is not None:
+            quad = sum(operator.quadratic(n, grads[n].gradient()) for n in names)  # (B,)
+            self_inf[pos] = quad.to(self_inf)
+    if rank_and_world()[1] > 1:
+        all_reduce_(per_layer)
+        if self_inf is not None:
+            all_reduce_(self_inf)
     pairwise = per_layer.sum(-1)
     if config.normalize == "relatif":
         if self_inf is None:

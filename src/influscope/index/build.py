@@ -1,0 +1,241 @@
+"""Building a projected gradient index (resumable, sharded across ranks) and querying it.
+
+:func:`build_index` runs three steps, each resumable after a crash:
+
+1. the LoGra projections (seeded Gaussian, or PCA of given K-FAC factors);
+2. the projected curvature — EK-FAC fitted on the *projected* activations and output gradients
+   (``Ã = P_in A P_in^⊤``, ``S̃ = P_out S P_out^⊤``, eigenvalues refitted on projected
+   per-sequence gradients), its statistics passes split into shards whose partial sums are saved;
+3. the projected training gradients, one ``.npy`` shard per ``shard_size`` sequences; shard ``k``
+   is written by rank ``k mod world`` and skipped when it already exists.
+
+:func:`query_index` computes the queries' preconditioned projected gradients
+``(F̃ + λI)^{-1} g̃_q`` and scores them against the stored rows (chunked top-k).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influscope.config import FitConfig
+from influscope.curvature.base import CurvatureOperator
+from influscope.curvature.fit import CURVATURES
+from influscope.curvature.shards import PartialSums, ShardedPasses, barrier
+from influscope.errors import StaleArtifactError
+from influscope.index.config import IndexConfig
+from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
+from influscope.modules.passes import layer_passes, rank_and_world
+from influscope.modules.selection import TrackedLayer
+from influscope.projection.projector import LograProjector
+from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
+from influscope.storage.atomic import read_json, read_tensors
+from influscope.tasks.base import Task
+from influscope.tasks.data import EncodedDataset
+
+
+def _layout(projector: LograProjector) -> list[dict]:
+    out, offset = [], 0
+    for name in projector.layer_names:
+        k_out, k_in = projector.shape(name)
+        out.append({"name": name, "k_out": k_out, "k_in": k_in, "offset": offset})
+        offset += k_out * k_in
+    return out
+
+
+def flatten(grads: dict[str, torch.Tensor], layout: list[dict]) -> torch.Tensor:
+    """``{layer: (B, k_out, k_in)}`` → ``(B, D)`` in the index's layer order."""
+    return torch.cat([grads[e["name"]].flatten(1) for e in layout], dim=1)
+
+
+def build_index(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    train: EncodedDataset,
+    root: str | Path,
+    config: IndexConfig | None = None,
+    factors: CurvatureOperator | None = None,
+    overwrite: bool = False,
+) -> GradientIndex:
+    """Write (or resume, or reuse) the projected gradient index of ``train`` under ``root``.
+
+    Args:
+        model: The model.
+        task: Defines the training loss.
+        layers: Tracked layers.
+        train: Training sequences (row ``m`` of the index is ``train.examples[m]``).
+        root: The index directory (``RUN/index/<name>``).
+        config: Projection, curvature and storage settings.
+        factors: A fitted K-FAC/EK-FAC operator (only for ``init="pca"``).
+        overwrite: Discard an existing index built from a different model/data/config.
+
+    Raises:
+        StaleArtifactError: An index built from something else exists and ``overwrite`` is off.
+    """
+    config = config or IndexConfig()
+    root = Path(root)
+    rank, _ = rank_and_world()
+    layers = list(layers)
+    expected = {
+        "config": config.to_dict(),
+        "model": model_fingerprint(model, layers),
+        "data": train.fingerprint(),
+        "layers": [layer.name for layer in layers],
+    }
+    if (root / "meta.json").is_file():  # every rank checks before rank 0 writes anything
+        meta = read_json(root / "meta.json")
+        diffs = [k for k, v in expected.items() if meta.get(k) != v]
+        if diffs and not overwrite:
+            raise StaleArtifactError(
+                f"The index in {root} was built with a different {', '.join(diffs)}. Refusing "
+                "to reuse it. Pass overwrite=True (CLI: --overwrite) or choose another name."
+            )
+        if diffs and rank == 0:
+            shutil.rmtree(root)
+    barrier()
+
+    # 1. projections
+    if (root / "projector.safetensors").is_file():
+        projector = LograProjector.from_tensors(read_tensors(root / "projector.safetensors"))
+    elif config.init == "pca":
+        projector = LograProjector.pca(factors, layers, config.k_in, config.k_out)
+    else:
+        projector = LograProjector.gaussian(layers, config.k_in, config.k_out, config.seed)
+    layout = _layout(projector)
+    shards = [
+        (s, min(s + config.shard_size, len(train))) for s in range(0, len(train), config.shard_size)
+    ]
+    if rank == 0 and not (root / "meta.json").is_file():
+        atomic_write_tensors(root / "projector.safetensors", projector.tensors())
+        dim = layout[-1]["offset"] + layout[-1]["k_out"] * layout[-1]["k_in"]
+        meta = {**expected, "layout": layout, "dim": dim, "shards": shards}
+        atomic_write_json(root / "meta.json", {**meta, "n_examples": len(train)})
+    barrier()
+
+    # 2. projected curvature
+    operator = _projected_curvature(model, task, layers, train, root, config, projector, expected)
+
+    # 3. projected training gradients, one shard at a time
+    for k, (start, end) in enumerate(shards):
+        if k % rank_and_world()[1] != rank or shard_path(root, k).is_file():
+            continue
+        rows = []
+        for _, grads, _ in layer_passes(
+            model,
+            task,
+            layers,
+            train.subset(range(start, end)),
+            batch_size=config.batch_size,
+            objective="loss",
+            desc=f"index shard {k + 1}/{len(shards)}",
+        ):
+            rows.append(flatten(projector.gradients(grads), layout).float().cpu())  # (B, D)
+        write_shard(shard_path(root, k), to_storage(torch.cat(rows), config.dtype))
+    barrier()
+    del operator
+    return GradientIndex(root)
+
+
+def _projected_curvature(model, task, layers, train, root, config, projector, expected):
+    path = root / "curvature.safetensors"
+    _, fitter = CURVATURES[config.curvature]
+    if path.is_file():
+        return load_curvature(root)
+    fit = FitConfig(
+        curvature=config.curvature,
+        fisher=config.fisher,
+        damping_factor=config.damping_factor,
+        batch_size=config.batch_size,
+        shard_size=config.shard_size,
+    )
+
+    def make(desc: str, positions):
+        return layer_passes(
+            model,
+            task,
+            layers,
+            train.subset(positions),
+            batch_size=config.batch_size,
+            objective="loss",
+            sample_seed=config.seed if config.fisher == "true" else None,
+            desc=f"projected {desc}",
+        )
+
+    store = PartialSums(root / ".partial", expected)
+    passes = ShardedPasses(projector.wrap(make), len(train), fit.batch_size, fit.shard_size, store)
+    op = fitter(passes, projector.layers(layers), fit)
+    if rank_and_world()[0] == 0:
+        atomic_write_tensors(path, op.tensors())
+        meta = read_json(root / "meta.json")
+        atomic_write_json(root / "meta.json", {**meta, "damping": op.damping})
+    store.clear()
+    barrier()
+    return load_curvature(root)
+
+
+def load_curvature(root: str | Path) -> CurvatureOperator:
+    """The projected curvature stored with an index."""
+    root = Path(root)
+    meta = read_json(root / "meta.json")
+    op_cls, _ = CURVATURES[meta["config"]["curvature"]]
+    damping = meta.get("damping", {e["name"]: 0.0 for e in meta["layout"]})
+    path = root / "curvature.safetensors"
+    return op_cls.from_tensors(read_tensors(path) if path.is_file() else {}, damping)
+
+
+def preconditioned_queries(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    queries: EncodedDataset,
+    index: GradientIndex,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """``(F̃ + λI)^{-1} g̃_q`` for every query, flattened in the index layout: ``(Q, D)``.
+
+    Raises:
+        StaleArtifactError: If the index was built from another model or other layers.
+    """
+    if index.meta["model"] != model_fingerprint(model, list(layers)):
+        raise StaleArtifactError(
+            f"The index in {index.root} was built from a different model (fingerprint "
+            f"{index.meta['model']}, now {model_fingerprint(model, list(layers))}). Rebuild it "
+            "with `influscope index --overwrite`, or load the model it was built from."
+        )
+    projector = LograProjector.from_tensors(read_tensors(index.root / "projector.safetensors"))
+    operator = load_curvature(index.root)
+    layout = index.meta["layout"]
+    out = []
+    for _, grads, _ in layer_passes(
+        model, task, layers, queries, batch_size=batch_size, objective="measurement",
+        desc="query gradients",
+    ):  # fmt: skip
+        g = projector.gradients(grads)  # {layer: (B, k_out, k_in)}
+        pre = {n: operator.precondition(n, v.to(_dtype(operator, n, v))) for n, v in g.items()}
+        out.append(flatten(pre, layout).float().cpu())
+    return torch.cat(out)  # (Q, D)
+
+
+def _dtype(operator: CurvatureOperator, name: str, g: torch.Tensor) -> torch.dtype:
+    q = getattr(operator, "q_a", {}).get(name)
+    return torch.float64 if q is not None and q.dtype == torch.float64 else g.dtype
+
+
+def query_index(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    queries: EncodedDataset,
+    index: GradientIndex,
+    k: int = 10,
+    candidates: list[list[int]] | None = None,
+    batch_size: int = 8,
+) -> TopK:
+    """Top-``k`` training sequences of each query from the index (see :meth:`GradientIndex.search`)."""
+    q = preconditioned_queries(model, task, layers, queries, index, batch_size)
+    return index.search(q, k=k, candidates=candidates)

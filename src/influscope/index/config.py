@@ -1,0 +1,61 @@
+"""Settings of a projected gradient index (frozen, validated, saved beside the index)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from influscope.config import _check, _Serializable
+from influscope.projection.projector import INITS
+
+#: Storage dtypes of index shards.
+INDEX_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class IndexConfig(_Serializable):
+    """How training gradients are projected, preconditioned and stored.
+
+    Attributes:
+        k_in: Rows of each layer's input projection ``P_in`` (capped at the layer's width).
+        k_out: Rows of each layer's output-gradient projection ``P_out``.
+        init: ``"gaussian"`` (seeded) or ``"pca"`` (top eigenvectors of fitted K-FAC factors).
+        seed: Seed of the Gaussian projections.
+        curvature: Curvature fitted *in the projected space*: ``"ekfac"`` (EK-FAC on the
+            projected Kronecker factors, default) or ``"identity"`` (projected gradient dot
+            products).
+        fisher: ``"true"`` (sampled labels) or ``"empirical"`` for the projected curvature.
+        damping_factor: Relative damping of the projected curvature (× mean eigenvalue).
+        dtype: Storage dtype of the projected training gradients.
+        batch_size: Sequences per pass.
+        shard_size: Sequences per index shard (and per resumable statistics shard).
+    """
+
+    k_in: int = 64
+    k_out: int = 64
+    init: str = "gaussian"
+    seed: int = 0
+    curvature: str = "ekfac"
+    fisher: str = "true"
+    damping_factor: float = 0.1
+    dtype: str = "float16"
+    batch_size: int = 8
+    shard_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.k_in >= 1 and self.k_out >= 1, f"k_in, k_out must be ≥ 1, got {self}.")
+        _check(self.init in INITS, f"init must be one of {INITS}, received {self.init!r}.")
+        _check(
+            self.curvature in ("ekfac", "identity"),
+            f"curvature must be 'ekfac' or 'identity', received {self.curvature!r}.",
+        )
+        _check(
+            self.fisher in ("true", "empirical"),
+            f"fisher must be 'true' or 'empirical', received {self.fisher!r}.",
+        )
+        _check(self.damping_factor >= 0, f"damping_factor must be ≥ 0, got {self.damping_factor}.")
+        _check(
+            self.dtype in INDEX_DTYPES,
+            f"dtype must be one of {INDEX_DTYPES}, received {self.dtype!r}.",
+        )
+        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")

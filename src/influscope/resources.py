@@ -1,0 +1,97 @@
+"""Estimated memory and disk of each stage, before anything runs (``--dry-run``).
+
+Estimates, per stage, for ``L`` tracked layers of widths ``in_ℓ`` (bias column included) and
+``out_ℓ``, batch ``B``, padded length ``T``, ``N`` training sequences and ``Q`` queries (4-byte
+floats unless stated):
+
+* every pass: parameters ``4P`` + activations kept for backward ``≈ 4·B·T·(16·d·n_layer + 2V)``
+  (``d`` hidden width, ``V`` vocabulary; the usual transformer rule of thumb) + captured
+  ``ā, s``: ``4·B·T·Σ_ℓ (in_ℓ + out_ℓ)``;
+* covariance: ``8·Σ_ℓ (in_ℓ² + out_ℓ²)`` (float64 sums);
+* eigenvalues: ``8·Σ_ℓ in_ℓ out_ℓ`` sums + ``4·B·Σ_ℓ in_ℓ out_ℓ`` rotated gradients of a batch;
+* factors on disk: ``8·Σ_ℓ (in_ℓ² + out_ℓ² + in_ℓ out_ℓ)``;
+* scores: ``4·Q·Σ_ℓ in_ℓ out_ℓ`` query gradients + ``4·Q·N·L`` per-layer scores;
+* index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory.
+
+They are rough (within a factor of ~2 for activations), meant to tell 1 GiB from 100 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from influscope.tasks.data import EncodedDataset
+
+
+@dataclass
+class StageEstimate:
+    """Estimated peak memory and disk of one stage, in bytes."""
+
+    stage: str
+    memory: float
+    disk: float
+    note: str = ""
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.3f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
+
+
+def estimate(
+    inf,
+    train: EncodedDataset,
+    batch_size: int = 8,
+    n_queries: int = 0,
+    index=None,
+) -> list[StageEstimate]:
+    """Estimates for fitting, scoring and (when ``index`` is an IndexConfig) indexing."""
+    model = inf.model
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
+    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    bsz = index.batch_size if index is not None else batch_size
+    t = train.max_length()
+    n = len(train)
+    dims = [(layer.in_dim, layer.out_dim) for layer in inf.layers]
+    base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
+    captured = 4 * bsz * t * sum(i + o for i, o in dims)
+    grad = sum(i * o for i, o in dims)
+    out = [
+        StageEstimate(
+            "fit: covariance", base + captured + 8 * sum(i * i + o * o for i, o in dims), 0
+        ),
+        StageEstimate(
+            "fit: eigenvalues",
+            base + captured + 8 * sum(i * i + o * o for i, o in dims) + (8 + 4 * bsz) * grad,
+            8 * sum(i * i + o * o + i * o for i, o in dims),
+            "factors on disk",
+        ),
+    ]
+    if n_queries:
+        out.append(
+            StageEstimate(
+                "score", base + captured + 4 * n_queries * grad + 4 * n_queries * n * len(dims), 0
+            )
+        )
+    if index is not None:
+        d = sum(min(index.k_out, o) * min(index.k_in, i) for i, o in dims)
+        nbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[index.dtype]
+        out.append(
+            StageEstimate(
+                "index",
+                base + captured + (4 * bsz + 8) * d,
+                n * d * nbytes,
+                f"{n} rows × {d} dims × {nbytes} B",
+            )
+        )
+    return out
+
+
+def describe(estimates: list[StageEstimate]) -> str:
+    """A plain-text table of estimates."""
+    rows = [f"{'stage':<20} {'memory':>12} {'disk':>12}  note"]
+    for e in estimates:
+        rows.append(f"{e.stage:<20} {_gib(e.memory):>12} {_gib(e.disk):>12}  {e.note}")
+    return "\n".join(rows)

@@ -1,0 +1,60 @@
+"""``influscope index`` / ``query`` on a tiny saved model, and ``--dry-run`` estimates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import GPT2LMHeadModel
+
+from influscope.cli import main
+from influscope.demo.train import make_gpt2_config, train_tokenizer
+
+TEXTS = [
+    "The capital of Velmora is Tarsk.",
+    "Zorin Quell was born in Ostrava.",
+    "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent.",
+    "All the world's a stage, and all the men and women merely players.",
+    "The river Velm runs through Tarsk to the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("index_cli")
+    tok = train_tokenizer(TEXTS * 4, vocab_size=300, min_frequency=1)
+    model = GPT2LMHeadModel(make_gpt2_config(tok, n_layer=1, n_embd=16, n_head=2, n_positions=64))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (d / "queries.jsonl").write_text(
+        json.dumps({"prompt": "The capital of Velmora is", "completion": " Tarsk."}) + "\n"
+    )
+    return d
+
+
+def _args(d):
+    return ["--model", str(d / "model"), "--train", str(d / "train.jsonl"), "--run", str(d / "run")]
+
+
+def test_index_then_query_with_bm25_and_rescoring(workdir, capsys):
+    args = _args(workdir)
+    assert main(["index", *args, "--dry-run"]) == 0
+    assert not (workdir / "run" / "index").exists()  # dry run: nothing written
+    assert main(["index", *args, "--k-in", "8", "--k-out", "8", "--shard-size", "4"]) == 0
+    shards = sorted((workdir / "run" / "index" / "index" / "shards").glob("*.npy"))
+    assert len(shards) == 2
+    assert main(["fit", *args]) == 0
+    queries = ["--queries", str(workdir / "queries.jsonl")]
+    code = main(["query", *args, *queries, "--bm25", "3", "--top-k", "2", "--rescore"])
+    assert code == 0
+    out = json.loads((workdir / "run" / "index-query.json").read_text())
+    assert out["stage"] == "ekfac" and out["candidates"] == {"bm25": 3, "index": 100, "ekfac": 2}
+    top = out["queries"][0]["top"]
+    assert len(top) == 2 and top[0]["text"] == TEXTS[0] and top[0]["score"] > top[1]["score"]
+
+
+def test_fit_dry_run_prints_estimates(workdir, capsys):
+    assert main(["fit", *_args(workdir), "--dry-run", "--name", "never"]) == 0
+    assert not (workdir / "run" / "factors" / "never").exists()
