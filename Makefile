@@ -38,5 +38,10 @@ format: $(VENV)/.installed
 bench: assets
 	$(PY) benchmarks/vs_kronfluence.py
 
+# Accuracy against ground truth (docs/accuracy.md); about 10 min on 2 cores.
+bench-accuracy: assets
+	$(PY) benchmarks/accuracy_exact.py --out runs/accuracy/exact
+	$(PY) benchmarks/accuracy_lds.py --words 20 --subsets 100 --out runs/accuracy/lds
+
 clean:
 	rm -rf runs .pytest_cache

@@ -135,10 +135,13 @@ def prepare(variant: str, n_train: int, n_queries: int) -> BenchData:
 
 
 class Stages:
-    """Wall-clock seconds and peak RSS (MiB, sampled every 10 ms) of named stages."""
+    """Wall-clock seconds, CPU seconds (user + system, all threads) and peak RSS (MiB, sampled
+    every 10 ms) of named stages. CPU seconds are less sensitive than wall time to other jobs
+    on a shared machine."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}
         self._proc = psutil.Process(os.getpid())
 
@@ -153,11 +156,12 @@ class Stages:
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = time.perf_counter() - start
+            self.cpu[name] = time.process_time() - cpu
             done.set()
             thread.join()
             peak[0] = max(peak[0], self._proc.memory_info().rss)
@@ -166,6 +170,7 @@ class Stages:
     def result(self) -> dict:
         return {
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu,
             "peak_mib": self.peak_mib,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Stages, _chunks, load_average, write_section
-
 from influscope import EncodedDataset, Influence
 from influscope.assets import smollm2_gguf
 from influscope.index import IndexConfig, build_index, query_index

@@ -2,13 +2,14 @@
 
 :func:`build_demo_corpus` draws contiguous word windows from the 42 Shakespeare works
 (:func:`influscope.assets.shakespeare_texts`), writes planted facts about invented entities as
-short training sentences (:mod:`influscope.demo.facts`), shuffles the two deterministically and
-adds one held-out query per fact. Every training record has the same keys:
+short training sequences (a lead-in sentence and a fact sentence, :mod:`influscope.demo.facts`),
+shuffles the two deterministically and adds one held-out query per fact. Every training record
+has the same keys:
 
 ==========  ===========================================  ==============================
 key         Shakespeare chunk                            planted fact
 ==========  ===========================================  ==============================
-text        the words of the window, joined by spaces    the sentence
+text        the words of the window, joined by spaces    lead-in + fact sentence
 source      work name, e.g. ``"hamlet"``                 ``"planted_fact"``
 fact_id     ``None``                                     ``"fact-0000"`` …
 lang        ``"en"``                                     ``"en"``, ``"fr"``, ``"de"``, ``"es"``
@@ -36,7 +37,13 @@ from influscope.assets import shakespeare_texts
 from influscope.demo.facts import PlantedFact, make_facts, make_queries, make_training_records
 from influscope.errors import ConfigError, DataError
 
-__all__ = ["PLANTED_SOURCE", "DemoCorpus", "build_demo_corpus", "free_text_queries"]
+__all__ = [
+    "PLANTED_SOURCE",
+    "DemoCorpus",
+    "build_demo_corpus",
+    "free_text_queries",
+    "shakespeare_chunks",
+]
 
 PLANTED_SOURCE = "planted_fact"
 

@@ -1,4 +1,4 @@
-"""Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute.
+"""Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute and a half.
 
 The pieces, in the order the demo uses them:
 
@@ -348,7 +348,28 @@ def _grouped_summary(
 
 @dataclass(frozen=True)
 class DemoTrainConfig:
-    """Settings of :func:`train_demo_model` (defaults measured to train in ~1 min on 2 cores)."""
+    """Settings of :func:`train_demo_model`.
+
+    The defaults train the 40-fact / 300-chunk demo corpus in about 80 s of one CPU core (735
+    AdamW steps over ~0.5 M tokens) and recall ~90 % of the held-out ``"context"`` queries'
+    answers as the top-1 token (see the report written by :func:`train_demo_model`).
+
+    Attributes:
+        vocab_size: Upper bound of the BPE vocabulary.
+        n_layer: Transformer blocks.
+        n_embd: Width of the residual stream.
+        n_head: Attention heads.
+        n_positions: Context length; longer records are truncated.
+        epochs: Passes over the corpus.
+        lr: Peak AdamW learning rate (warm-up, then cosine decay to 0.1 × lr).
+        weight_decay: AdamW weight decay of the weight matrices.
+        batch_size: Sequences per step.
+        fact_repeats: Visits of each planted-fact record per epoch. A fact record has ~12
+            tokens against ~70 for a Shakespeare chunk, so repeating them is cheap; it makes
+            the objective weight them ``fact_repeats`` times (the records themselves stay unique).
+        seed: Seed of the initialisation and the batch order.
+        time_budget_s: Optional wall-clock limit of training.
+    """
 
     vocab_size: int = 4096
     n_layer: int = 2
@@ -359,7 +380,7 @@ class DemoTrainConfig:
     lr: float = 1e-2
     weight_decay: float = 0.01
     batch_size: int = 16
-    fact_repeats: int = 4
+    fact_repeats: int = 8
     seed: int = 0
     time_budget_s: float | None = None
 

@@ -40,11 +40,15 @@ def gradient_dot(
     inf: Influence, queries: EncodedDataset, train: EncodedDataset, batch_size: int = 8
 ) -> Scores:
     """Gradient dot product ``-∇f_q^⊤ ∇L(z_i)`` over the tracked layers: ``(Q, N)``."""
-    return inf.score(queries, train, _identity(inf), ScoreConfig(query_rank=None, batch_size=batch_size))
+    return inf.score(
+        queries, train, _identity(inf), ScoreConfig(query_rank=None, batch_size=batch_size)
+    )
 
 
 def _query_norms(inf: Influence, queries: EncodedDataset, batch_size: int) -> torch.Tensor:
-    pq = inf.precondition(queries, _identity(inf), ScoreConfig(query_rank=None, batch_size=batch_size))
+    pq = inf.precondition(
+        queries, _identity(inf), ScoreConfig(query_rank=None, batch_size=batch_size)
+    )
     sq = sum(pq.matrix(n).double().square().sum(dim=(-2, -1)) for n in pq.layer_names)
     return sq.sqrt()  # (Q,)
 

@@ -61,9 +61,7 @@ class PBRFResult:
 
 
 def _batch(task: Task, data: EncodedDataset, positions: Sequence[int], device):
-    return {
-        k: v.to(device) for k, v in task.collate([data.examples[i] for i in positions]).items()
-    }
+    return {k: v.to(device) for k, v in task.collate([data.examples[i] for i in positions]).items()}
 
 
 def _assign(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> None:
@@ -223,7 +221,12 @@ def pbrf_influence(
             values = []
             for sign in (1.0, -1.0):
 
-                def objective(theta: torch.Tensor, e: float = sign * eps) -> torch.Tensor:
+                def objective(
+                    theta: torch.Tensor,
+                    e: float = sign * eps,
+                    fn_m=fn_m,
+                    batch_m=batch_m,
+                ) -> torch.Tensor:
                     h = fn_all(theta)
                     bregman = (
                         task.loss_from_outputs(h, batch_all).sum()

@@ -205,10 +205,13 @@ class RetrainingHarness:
     def _execute(self, todo: list[Job]) -> None:
         if self.workers == 1 or len(todo) == 1:
             threads = torch.get_num_threads()
-            for job in todo:
-                values, seconds = _run(self.recipe, self.measure, job)
-                self._store(job, values, seconds)
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.threads)
+            try:
+                for job in todo:
+                    values, seconds = _run(self.recipe, self.measure, job)
+                    self._store(job, values, seconds)
+            finally:
+                torch.set_num_threads(threads)
             return
         if "fork" not in mp.get_all_start_methods():
             raise ConfigError(

@@ -118,4 +118,3 @@ def train_mlp(
         loss.backward()
         opt.step()
     return model.eval()
-

@@ -40,9 +40,15 @@ class LayerBatch:
 
     def masked_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows kept by the mask: ``a`` as ``(N_tok, in_dim)``, ``s`` as ``(N_tok, out_dim)``."""
-        if self.mask is None:
+        if self.mask is None or bool(self.mask.all()):  # no copy when every token counts
             return self.a.reshape(-1, self.a.shape[-1]), self.s.reshape(-1, self.s.shape[-1])
         return self.a[self.mask], self.s[self.mask]
+
+
+def _stack_calls(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of all calls of a layer as ``(R, T, d)`` (no copy for the usual single call)."""
+    parts = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in tensors]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Capture:
@@ -157,8 +163,8 @@ class Capture:
         n_examples: int,
     ) -> LayerBatch:
         try:
-            a = torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x in inputs])  # (R, T, in)
-            s = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])  # (R, T, out)
+            a = _stack_calls(inputs)  # (R, T, in)
+            s = _stack_calls(grads)  # (R, T, out)
         except RuntimeError as exc:
             raise DataError(
                 f"Layer {layer.name!r} was called several times with different sequence "
