@@ -20,11 +20,17 @@ from influscope.errors import ConfigError
 ASSET_DIR = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[1] / ".cache/assets"))
 
 
-def needs_asset(name: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(
+def needs_asset(name: str):
+    """Mark a test as needing asset ``name``; skip it when the asset has not been fetched."""
+    skip = pytest.mark.skipif(
         not assets.is_fetched(name, ASSET_DIR),
         reason=f"asset {name!r} not in {ASSET_DIR}; run `make assets` to fetch it",
     )
+
+    def decorate(test):
+        return pytest.mark.assets(skip(test))
+
+    return decorate
 
 
 # ------------------------------------------------------------------------------------ facts

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from influscope import FitConfig, Influence, ScoreConfig
-from influscope.demo.pipeline import planted_top1, spearman
+from influscope.demo.pipeline import direct_fact_queries, planted_top1, spearman
 
 ASSETS = Path(__file__).resolve().parents[1] / ".cache" / "assets"
 
@@ -33,7 +33,7 @@ def demo():
     model, tok, _ = train_demo_model(corpus, None, DemoTrainConfig(seed=0))
     inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tok)
     train = inf.encode(corpus.records, truncate=True)
-    records = list(corpus.queries) + free_text_queries()
+    records = direct_fact_queries(corpus) + free_text_queries()
     queries = inf.encode(records, truncate=True)
     factors = inf.fit(train, FitConfig(curvature="ekfac"))
     return inf, train, queries, records, factors

@@ -55,13 +55,12 @@ class PartialSums:
         self.directory = Path(directory)
         self.loaded = 0
         self.computed = 0
+        self.expected = _jsonable(expected)
         meta = self.directory / "meta.json"
-        if rank_and_world()[0] == 0:  # only rank 0 touches the directory; others wait
-            if meta.is_file() and read_json(meta) != _jsonable(expected):
-                logger.info("discarding stale partial sums in %s", self.directory)
-                shutil.rmtree(self.directory, ignore_errors=True)
-            if not meta.is_file():
-                atomic_write_json(meta, _jsonable(expected))
+        # only rank 0 touches the directory; the others wait at the barrier
+        if rank_and_world()[0] == 0 and meta.is_file() and read_json(meta) != self.expected:
+            logger.info("discarding stale partial sums in %s", self.directory)
+            shutil.rmtree(self.directory, ignore_errors=True)
         barrier()
 
     def path(self, phase: str, shard: int) -> Path:
@@ -78,6 +77,9 @@ class PartialSums:
     def put(self, phase: str, shard: int, sums: dict[str, torch.Tensor]) -> None:
         """Store a shard's partial sums atomically."""
         self.computed += 1
+        meta = self.directory / "meta.json"
+        if not meta.is_file():  # created lazily: a fit failing in its first shard leaves nothing
+            atomic_write_json(meta, self.expected)
         atomic_write_tensors(self.path(phase, shard), sums)
 
     def clear(self) -> None:

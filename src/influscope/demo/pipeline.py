@@ -33,6 +33,29 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-30))
 
 
+def direct_fact_queries(corpus) -> list[dict]:
+    """One query per planted fact in the wording it was taught.
+
+    The prompt is the fact's first training sequence up to the answer, the completion the answer
+    (no trailing punctuation): the model is asked to complete a fact it was trained on, and the
+    question is which training sequence taught it. (The corpus' own queries use a lead-in no
+    training sequence of the fact has; their figure is reported separately.)
+    """
+    facts = {f.fact_id: f for f in corpus.facts}
+    queries = []
+    for fact_id, fact in facts.items():
+        positions = corpus.fact_indices(fact_id)
+        if not positions:
+            continue
+        text = corpus.records[positions[0]]["text"]
+        cut = text.find(fact.answer)
+        if cut <= 0:
+            continue
+        queries.append({"prompt": text[:cut].rstrip(" "), "completion": " " + fact.answer,
+                        "fact_id": fact_id, "style": "taught wording"})
+    return queries
+
+
 def planted_top1(scores: Scores, train_records: list[dict], queries: list[dict]) -> list[bool]:
     """For each planted-fact query: does its top-ranked training sequence state that fact?"""
     hits = []
@@ -73,7 +96,8 @@ def run_demo(
 
     inf = Influence(model, "causal_lm", modules="mlp", run_dir=out, tokenizer=tokenizer)
     train = inf.encode(corpus.records, truncate=True)
-    query_records = list(corpus.queries) + free_text_queries()
+    query_records = direct_fact_queries(corpus) + free_text_queries()
+    heldout_records = list(corpus.queries)
     queries = inf.encode(query_records, truncate=True)
 
     t1 = time.perf_counter()
@@ -88,6 +112,8 @@ def run_demo(
     rank_agreement = [spearman(scores.pairwise[q], full.pairwise[q]) for q in range(len(queries))]
 
     hits = planted_top1(scores, train.records, query_records)
+    heldout = inf.score(inf.encode(heldout_records, truncate=True), train, factors, config)
+    heldout_hits = planted_top1(heldout, train.records, heldout_records)
     notes = []
     for q, rec in enumerate(query_records):
         if rec.get("fact_id") is None:
@@ -105,6 +131,7 @@ def run_demo(
     summary = {
         "planted_fact_top1": sum(hits) / max(len(hits), 1),
         "n_planted_queries": len(hits),
+        "planted_fact_top1_heldout_wording": sum(heldout_hits) / max(len(heldout_hits), 1),
         "n_free_text_queries": len(query_records) - len(hits),
         "n_train": len(train),
         "n_parameters": training["n_parameters"],

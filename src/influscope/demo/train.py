@@ -1,4 +1,4 @@
-"""Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute and a half.
+"""Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute.
 
 The pieces, in the order the demo uses them:
 
@@ -350,9 +350,12 @@ def _grouped_summary(
 class DemoTrainConfig:
     """Settings of :func:`train_demo_model`.
 
-    The defaults train the 40-fact / 300-chunk demo corpus in about 80 s of one CPU core (735
-    AdamW steps over ~0.5 M tokens) and recall ~90 % of the held-out ``"context"`` queries'
-    answers as the top-1 token (see the report written by :func:`train_demo_model`).
+    Measured on the 40-fact / 300-chunk demo corpus (seeds 0 and 1, one torch thread): about
+    50 s of CPU time (735 AdamW steps), the answer of 78–90 % of the ``"context"`` queries is the
+    top-1 next token (mean log-probability of its first token −0.6 to −1.0), against 13–18 % for
+    ``"paraphrase"`` queries. More ``fact_repeats`` fit the facts' own sequences closer to zero
+    loss, which shrinks their training gradients and with them their influence scores; 4 was the
+    best trade-off measured.
 
     Attributes:
         vocab_size: Upper bound of the BPE vocabulary.
@@ -380,7 +383,7 @@ class DemoTrainConfig:
     lr: float = 1e-2
     weight_decay: float = 0.01
     batch_size: int = 16
-    fact_repeats: int = 8
+    fact_repeats: int = 4
     seed: int = 0
     time_budget_s: float | None = None
 

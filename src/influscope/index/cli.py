@@ -36,7 +36,12 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     index.add_argument(
         "--curvature", default="ekfac", choices=["ekfac", "identity"], help="Projected curvature."
     )
-    index.add_argument("--fisher", default="true", choices=["true", "empirical"])
+    index.add_argument(
+        "--fisher",
+        default="true",
+        choices=["true", "empirical"],
+        help="Labels of the projected curvature: sampled from the model (default) or the data.",
+    )
     index.add_argument(
         "--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="Storage."
     )
