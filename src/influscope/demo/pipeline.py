@@ -51,8 +51,14 @@ def direct_fact_queries(corpus) -> list[dict]:
         cut = text.find(fact.answer)
         if cut <= 0:
             continue
-        queries.append({"prompt": text[:cut].rstrip(" "), "completion": " " + fact.answer,
-                        "fact_id": fact_id, "style": "taught wording"})
+        queries.append(
+            {
+                "prompt": text[:cut].rstrip(" "),
+                "completion": " " + fact.answer,
+                "fact_id": fact_id,
+                "style": "taught wording",
+            }
+        )
     return queries
 
 
