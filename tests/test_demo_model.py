@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from influscope import FitConfig, Influence, ScoreConfig
-from influscope.demo.pipeline import direct_fact_queries, planted_top1, spearman
+from influscope.demo.pipeline import direct_fact_queries, planted_top1
+from influscope.evaluation.metrics import spearman
 
 ASSETS = Path(__file__).resolve().parents[1] / ".cache" / "assets"
 

@@ -18,19 +18,12 @@ from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig
 from influscope.demo.corpus import build_demo_corpus, free_text_queries
 from influscope.demo.train import DemoTrainConfig, train_demo_model
+from influscope.evaluation.metrics import spearman
 from influscope.report import write_report
 from influscope.report.build import build_report
 from influscope.report.terminal import print_summary
 from influscope.scoring.pairwise import Scores
 from influscope.storage import atomic_write_json
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (ties broken by order)."""
-    rx = x.double().argsort().argsort().double()
-    ry = y.double().argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-30))
 
 
 def direct_fact_queries(corpus) -> list[dict]:

@@ -17,43 +17,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from influscope.errors import ConfigError
-from influscope.tasks import EncodedDataset, Task, sample_categorical
+from influscope.tasks import EncodedDataset
+from influscope.toy import MLP, VectorClassificationTask
 
+__all__ = ["TabularMLP", "ToyData", "VectorClassificationTask", "make_classification", "train_mlp"]
 
-class TabularMLP(nn.Module):
-    """``x ↦ W_3 tanh(W_2 tanh(W_1 x))`` (with biases)."""
-
-    def __init__(self, d: int = 4, h: int = 16, c: int = 4) -> None:
-        super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))  # (B, c)
-
-
-class VectorClassificationTask(Task):
-    """Feature vectors ``x`` with labels ``y``: cross-entropy loss, margin measurement."""
-
-    def outputs(self, model, batch):
-        return model(batch["x"])  # (B, C)
-
-    def loss_from_outputs(self, outputs, batch, sample_seeds=None):
-        y = batch["y"] if sample_seeds is None else sample_categorical(outputs, sample_seeds)
-        return F.cross_entropy(outputs, y, reduction="none")  # (B,)
-
-    def training_loss(self, model, batch, sample_seeds=None):
-        return self.loss_from_outputs(self.outputs(model, batch), batch, sample_seeds)
-
-    def measurement(self, model, batch):
-        logits, y = self.outputs(model, batch), batch["y"]  # (B, C), (B,)
-        others = logits.scatter(1, y[:, None], float("-inf"))
-        return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(others, 1)  # (B,)
-
-    def token_mask(self, batch):
-        return None
+#: The MLP and task are shared with the exact-oracle tests (:mod:`influscope.toy`).
+TabularMLP = MLP
 
 
 @dataclass
