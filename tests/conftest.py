@@ -89,3 +89,14 @@ def gpt2():
 @pytest.fixture
 def lm_data():
     return random_lm_data(12)
+
+
+def save_tiny_model(directory, texts, n_layer: int = 1):
+    """Train a tokenizer on ``texts``, save it with a random tiny GPT-2 in ``directory``."""
+    from influscope.demo.train import make_gpt2_config, train_tokenizer
+
+    tok = train_tokenizer(list(texts) * 4, vocab_size=300, min_frequency=1)
+    cfg = make_gpt2_config(tok, n_layer=n_layer, n_embd=16, n_head=2, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

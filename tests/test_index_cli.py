@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import GPT2LMHeadModel
 
+from conftest import save_tiny_model
 from influscope.cli import main
-from influscope.demo.train import make_gpt2_config, train_tokenizer
 
 TEXTS = [
     "The capital of Velmora is Tarsk.",
@@ -23,10 +22,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("index_cli")
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300, min_frequency=1)
-    model = GPT2LMHeadModel(make_gpt2_config(tok, n_layer=1, n_embd=16, n_head=2, n_positions=64))
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", TEXTS, n_layer=1)
     (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     (d / "queries.jsonl").write_text(
         json.dumps({"prompt": "The capital of Velmora is", "completion": " Tarsk."}) + "\n"

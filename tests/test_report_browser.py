@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import GPT2LMHeadModel
 
+from conftest import save_tiny_model
 from influscope.cli import main
-from influscope.demo.train import make_gpt2_config, train_tokenizer
 
 CHROMIUM = (
     os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -47,10 +46,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("browser")
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300, min_frequency=1)
-    model = GPT2LMHeadModel(make_gpt2_config(tok, n_layer=2, n_embd=16, n_head=2, n_positions=64))
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model", TEXTS, n_layer=2)
     train = [{"text": t, "fact_id": "f0" if "Velmora" in t else None} for t in TEXTS]
     train[2]["lang"] = "fr"
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
