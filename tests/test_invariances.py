@@ -41,6 +41,22 @@ def test_fit_and_scores_independent_of_batch_size(setup):
     torch.testing.assert_close(s1, s5, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("cache_mb", [0.0, 0.3])
+def test_replay_cache_gives_identical_factors(setup, cache_mb):
+    """EK-FAC's second pass replayed from memory (default) equals recomputing it (0 MiB), and
+    a budget that holds only some shards (0.3 MiB) replays those and recomputes the rest."""
+    inf, train, _, _ = setup
+    op = inf.fit(train, FitConfig(curvature="ekfac", batch_size=4, shard_size=4))
+    assert inf.last_fit_shards["replayed"] == 4  # 14 examples → 4 shards, all replayed
+    ref = inf.fit(
+        train, FitConfig(curvature="ekfac", batch_size=4, shard_size=4, cache_mb=cache_mb)
+    )
+    assert inf.last_fit_shards["replayed"] == (0 if cache_mb == 0 else 2)
+    for name in op.eigenvalues:
+        assert torch.equal(ref.eigenvalues[name], op.eigenvalues[name]), name
+        assert torch.equal(ref.q_a[name], op.q_a[name]), name
+
+
 def test_per_layer_terms_sum_to_total(setup):
     inf, train, queries, op = setup
     s = inf.score(queries, train, op, ScoreConfig(per_layer=True, query_rank=None))

@@ -65,8 +65,9 @@ class Influence:
         self.layers: list[TrackedLayer] = select_layers(model, modules)
         self.run = RunDirectory(run_dir) if run_dir is not None else None
         self.tokenizer = tokenizer
-        #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed.
-        self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0}
+        #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
+        #: replayed from the in-memory cache (EK-FAC's second pass).
+        self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
 
     @property
     def _factor_device(self) -> torch.device:
@@ -113,7 +114,7 @@ class Influence:
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
         expected = {
-            "config": config.to_dict(),
+            "config": config.fingerprint_dict(),
             "model": self.fingerprint(),
             "data": train.fingerprint(),
             "layers": self.layer_names,
@@ -140,13 +141,20 @@ class Influence:
         if self.run is not None:  # per-shard partial sums: a killed fit resumes
             partial = self.run.stage_dir("factors", name).with_name(f".{name}.partial")
             store = PartialSums(partial, expected)
-        passes = ShardedPasses(make, len(train), config.batch_size, config.shard_size, store)
+        # Only EK-FAC makes a second pass over the same objective: replay it from memory.
+        cache = int(config.cache_mb * 2**20) if config.curvature == "ekfac" else 0
+        passes = ShardedPasses(
+            make, len(train), config.batch_size, config.shard_size, store, cache_bytes=cache
+        )
         operator = fitter(passes, self.layers, config)
+        self.last_fit_shards["replayed"] = passes.counts.get("replayed", 0)
+        passes.clear_cache()
         if self.offload:
             operator = operator.to("cpu")
         self.last_fit_shards = {
             "loaded": store.loaded if store else 0,
             "computed": store.computed if store else 0,
+            "replayed": self.last_fit_shards["replayed"],
         }
         if self.run is not None and rank_and_world()[0] == 0:
             self.run.save(

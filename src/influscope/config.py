@@ -71,6 +71,11 @@ class FitConfig(_Serializable):
             With a run directory each shard's partial sums are saved as soon as it is done, so
             a killed fit resumes where it stopped; under ``torch.distributed`` shards are
             dealt to ranks round-robin.
+        cache_mb: Memory (MiB, on the device) for keeping what the first statistics pass
+            captured so that EK-FAC's eigenvalue refit replays it instead of running the model
+            again (one forward + backward over the data instead of two; identical results).
+            Shards beyond the budget are recomputed; ``0`` disables the cache. Not part of the
+            stored fingerprint, since it does not change the factors.
     """
 
     curvature: str = "ekfac"
@@ -83,6 +88,13 @@ class FitConfig(_Serializable):
     amp_dtype: str | None = None
     max_examples: int | None = None
     shard_size: int = 256
+    cache_mb: float = 2048.0
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The settings that determine the factors (``to_dict`` without ``cache_mb``)."""
+        out = self.to_dict()
+        out.pop("cache_mb")
+        return out
 
     def __post_init__(self) -> None:
         from influscope.curvature import CURVATURES
@@ -116,6 +128,7 @@ class FitConfig(_Serializable):
             f"max_examples must be None or ≥ 1, received {self.max_examples}.",
         )
         _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
+        _check(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
 
 
 @dataclass(frozen=True)

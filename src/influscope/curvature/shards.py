@@ -8,6 +8,14 @@ A rerun after a crash (even ``SIGKILL``) loads the shards that exist and compute
 
 The total is always ``Σ_k part_k`` summed in shard order, whether a part was computed now or
 loaded, so an interrupted-and-resumed run gives bit-identical statistics to an uninterrupted one.
+
+**Replay cache.** EK-FAC needs two statistics passes over the same data (covariances, then the
+eigenvalue refit in their eigenbasis); both differentiate the very same objective (the data
+labels, or labels sampled with the same per-example seeds). With ``cache_bytes > 0`` the
+captured ``LayerBatch`` tensors of the first pass are kept, shard by shard, while they fit in
+that budget, and the second pass replays them instead of running the model again: the fit
+then costs one forward + backward over the data instead of two, with bit-identical statistics.
+Shards that do not fit (or were loaded from a previous run) are recomputed as before.
 Across ranks the per-rank totals are all-reduced, which equals a single process to float
 tolerance (only the summation order differs).
 """
@@ -122,6 +130,41 @@ class ShardedPasses:
     shard_size: int
     store: PartialSums | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    cache_bytes: int = 0
+    _cache: dict[int, list[Batch]] = field(default_factory=dict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
+    _cache_full: bool = field(default=False, repr=False)
+
+    @property
+    def cached_shards(self) -> int:
+        """Number of shards whose captured batches are held for replay."""
+        return len(self._cache)
+
+    def shard_batches(self, desc: str, k: int, positions: Sequence[int]) -> Iterator[Batch]:
+        """The batches of shard ``k``: replayed when cached, else computed (and cached if room)."""
+        if k in self._cache:
+            self.counts["replayed"] = self.counts.get("replayed", 0) + 1
+            yield from self._cache[k]
+            return
+        keep: list[Batch] | None = [] if self.cache_bytes > 0 and not self._cache_full else None
+        kept = 0
+        for batch in self.make(desc, positions):
+            if keep is not None:
+                size = batch_bytes(batch)
+                if self._cached_bytes + kept + size > self.cache_bytes:
+                    self._cache_full, keep = True, None  # over budget: stop caching
+                else:
+                    keep.append(batch)
+                    kept += size
+            yield batch
+        if keep is not None:
+            self._cache[k] = keep
+            self._cached_bytes += kept
+
+    def clear_cache(self) -> None:
+        """Drop the replay cache (frees the captured tensors)."""
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def shards(self) -> list[list[int]]:
         """Example positions of each shard."""
@@ -134,7 +177,7 @@ class ShardedPasses:
         rank, world = rank_and_world()
         for k, positions in enumerate(self.shards()):
             if k % world == rank:
-                yield from self.make(desc, positions)
+                yield from self.shard_batches(desc, k, positions)
 
 
 Compute = Callable[[Iterator[Batch]], dict[str, torch.Tensor]]
@@ -168,12 +211,22 @@ def reduce_shards(
                 continue
             part = passes.store.get(phase, k) if passes.store is not None else None
             if part is None:
-                part = compute(passes.make(f"{phase} {k + 1}/{len(shards)}", positions))
+                part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
                 if passes.store is not None:
                     passes.store.put(phase, k, part)
             _add(total, part)
     for v in total.values():
         all_reduce_(v)
+    return total
+
+
+def batch_bytes(batch: Batch) -> int:
+    """Bytes held by the captured tensors of one batch."""
+    total = 0
+    for lb in batch[1].values():
+        for t in (lb.a, lb.s, lb.mask):
+            if t is not None:
+                total += t.numel() * t.element_size()
     return total
 
 

@@ -167,8 +167,12 @@ def _projected_curvature(model, task, layers, train, root, config, projector, ex
         )
 
     store = PartialSums(root / ".partial", expected)
-    passes = ShardedPasses(projector.wrap(make), len(train), fit.batch_size, fit.shard_size, store)
+    cache = int(fit.cache_mb * 2**20) if fit.curvature == "ekfac" else 0
+    passes = ShardedPasses(
+        projector.wrap(make), len(train), fit.batch_size, fit.shard_size, store, cache_bytes=cache
+    )
     op = fitter(passes, projector.layers(layers), fit)
+    passes.clear_cache()
     if rank_and_world()[0] == 0:
         atomic_write_tensors(path, op.tensors())
         meta = read_json(root / "meta.json")
