@@ -83,3 +83,66 @@ def test_fit_killed_mid_pass_resumes_identically(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not (tmp_path / "killed" / "factors" / ".factors.partial").exists()
+
+
+INDEX_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+os.environ["INFLUSCOPE_PROGRESS"] = "0"
+import torch
+torch.set_num_threads(1)
+from conftest import random_lm_data, tiny_gpt2
+from influscope import CausalLMTask, Influence
+from influscope.index import IndexConfig, build_index
+
+class SlowTask(CausalLMTask):
+    def training_loss(self, model, batch, seeds):
+        time.sleep(float(os.environ.get("SLOW", "0")))
+        return super().training_loss(model, batch, seeds)
+
+inf = Influence(tiny_gpt2(n_embd=16), SlowTask(), modules="mlp", device="cpu")
+cfg = IndexConfig(k_in=8, k_out=8, dtype="float32", batch_size=4, shard_size=4)
+build_index(inf.model, inf.task, inf.layers, random_lm_data(40, seed=1), sys.argv[1], cfg)
+"""
+
+
+def _index_cmd(tmp: Path, root: str) -> list[str]:
+    script = tmp / "index_script.py"
+    script.write_text(INDEX_SCRIPT.format(tests=str(TESTS)))
+    return [sys.executable, str(script), str(tmp / root)]
+
+
+@pytest.mark.slow
+def test_index_killed_mid_build_resumes_identically(tmp_path):
+    """SIGKILL while the projected gradient shards are being written; the rerun keeps the
+    finished shards and writes the rest, and every file equals an uninterrupted build."""
+    import numpy as np
+
+    proc = subprocess.Popen(_index_cmd(tmp_path, "killed"), env={**os.environ, "SLOW": "0.1"})
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.monotonic() + 90
+    while len(list(shards.glob("shard-*.npy"))) < 2:
+        assert proc.poll() is None, "the index build ended before it could be killed"
+        assert time.monotonic() < deadline, "no gradient shard appeared in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npy")}
+    assert 2 <= len(done_before) < 10, done_before
+
+    env = {**os.environ, "SLOW": "0"}
+    subprocess.run(_index_cmd(tmp_path, "killed"), check=True, env=env)
+    subprocess.run(_index_cmd(tmp_path, "fresh"), check=True, env=env)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npy")}
+    assert len(after) == 10
+    for name, mtime in done_before.items():  # finished shards were kept, not rewritten
+        assert after[name] == mtime, name
+    assert not list(shards.glob(".*.tmp")), "a temporary file survived"
+    for name in after:
+        a = np.load(shards / name)
+        b = np.load(tmp_path / "fresh" / "shards" / name)
+        assert np.array_equal(a, b), name
+    for name in ("projector.safetensors", "curvature.safetensors"):
+        ta = read_tensors(tmp_path / "killed" / name)
+        tb = read_tensors(tmp_path / "fresh" / name)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
