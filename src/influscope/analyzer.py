@@ -113,12 +113,17 @@ class Influence:
         self._check(train)
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
-        expected = {
-            "config": config.fingerprint_dict(),
-            "model": self.fingerprint(),
-            "data": train.fingerprint(),
-            "layers": self.layer_names,
-        }
+        # Fingerprints (a hash of every tracked weight) only matter when stages are stored.
+        expected = (
+            {
+                "config": config.fingerprint_dict(),
+                "model": self.fingerprint(),
+                "data": train.fingerprint(),
+                "layers": self.layer_names,
+            }
+            if self.run is not None
+            else {}
+        )
         op_cls, fitter = CURVATURES[config.curvature]
         if self.run is not None and self.run.exists("factors", name) and not overwrite:
             tensors, meta = self.run.load("factors", name, expected, self._factor_device)
