@@ -5,14 +5,15 @@ the demo model. Setting: the demo corpus and model of ``make demo`` (40 planted 
 300 Shakespeare chunks, GPT-2 with 2 layers of width 64, MLP ``c_fc`` 65 → 256 and ``c_proj``
 257 → 64 tracked), its planted-fact and free-text queries. Reference: unprojected EK-FAC,
 full-rank queries. Candidates: the projected gradient index (:func:`influscope.index.build_index`,
-projected EK-FAC) at several LoGra widths ``k_in × k_out`` with Gaussian projections.
+projected EK-FAC) at several LoGra widths ``k_in × k_out``, with orthogonal (default) and plain
+Gaussian projections. The trained demo model is kept in ``--out`` and reused by later runs.
 
 Both sides use the same Fisher (``--fisher``, default ``empirical`` so that the comparison sees
 the projection only; with ``true`` the two fits draw their labels independently and Monte Carlo
 noise enters as well). Printed: mean / min per-query Spearman over all training sequences, and
 the top-10 overlap.
 
-    .venv/bin/python benchmarks/projection_agreement.py [--widths 32 64 128] [--report docs/benchmarks.md]
+    .venv/bin/python benchmarks/projection_agreement.py [--widths 32 64 128] [--inits orthogonal gaussian] [--report docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, load_average, spearman, write_section
@@ -39,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--assets", default=str(ROOT / ".cache" / "assets"))
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--inits", nargs="+", default=["orthogonal", "gaussian"])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "projection"))
     parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", default=None, help="Markdown file to update.")
@@ -47,17 +51,27 @@ def main() -> None:
     os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
     t0 = time.perf_counter()
     corpus = build_demo_corpus(args.assets, n_facts=40, n_shakespeare_chunks=300, seed=args.seed)
-    model, tokenizer, _ = train_demo_model(corpus, None, DemoTrainConfig(seed=args.seed))
+    saved = Path(args.out) / f"model-seed{args.seed}"
+    if (saved / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        model, tokenizer, _ = train_demo_model(corpus, saved, DemoTrainConfig(seed=args.seed))
     inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tokenizer, device="cpu")
     train = inf.encode(corpus.records, truncate=True)
     queries = inf.encode(direct_fact_queries(corpus) + free_text_queries(), truncate=True)
     op = inf.fit(train, FitConfig(curvature="ekfac", fisher=args.fisher))
     exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise  # (Q, N)
-    print(f"demo model trained and unprojected EK-FAC scored in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"demo model ready, unprojected EK-FAC scored in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
     rows = []
-    for k in args.widths:
-        cfg = IndexConfig(k_in=k, k_out=k, dtype="float32", fisher=args.fisher, seed=args.seed)
+    for init, k in [(init, k) for init in args.inits for k in args.widths]:
+        cfg = IndexConfig(
+            k_in=k, k_out=k, init=init, dtype="float32", fisher=args.fisher, seed=args.seed
+        )
         with tempfile.TemporaryDirectory() as tmp:
             t1 = time.perf_counter()
             index = build_index(model, inf.task, inf.layers, train, Path(tmp) / "idx", cfg)
@@ -71,8 +85,8 @@ def main() -> None:
             / 10
             for i in range(len(exact))
         ]
-        rows.append((k, dim, sum(rho) / len(rho), min(rho), sum(top) / len(top), seconds))
-        print(f"k={k}: D={dim} spearman mean={rows[-1][2]:.4f} min={rows[-1][3]:.4f}", flush=True)
+        rows.append((init, k, dim, sum(rho) / len(rho), min(rho), sum(top) / len(top), seconds))
+        print(f"{init} k={k}: D={dim} spearman mean={rows[-1][3]:.4f}", flush=True)
 
     lines = [
         "## Projected index vs unprojected EK-FAC on the demo model",
@@ -81,21 +95,22 @@ def main() -> None:
         "",
         f"Demo corpus and model (`make demo` settings, seed {args.seed}): {len(train)} training "
         f"sequences, {len(queries)} queries, MLP layers tracked, {args.fisher} Fisher on both "
-        "sides, Gaussian LoGra projections, float32 index.",
+        "sides, float32 index; `orthogonal` = seeded Gaussian with orthonormal rows (the default), "
+        "`gaussian` = i.i.d. N(0, 1/k).",
         "",
-        "| k_in × k_out | D per sequence | Spearman mean | Spearman min | top-10 overlap | "
-        "build + query s |",
-        "|---|---|---|---|---|---|",
+        "| projection | k_in × k_out | D per sequence | Spearman mean | Spearman min | "
+        "top-10 overlap | build + query s |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {k} × {k} | {d} | {m:.4f} | {lo:.4f} | {t:.2f} | {s:.1f} |"
-        for k, d, m, lo, t, s in rows
+        f"| {i} | {k} × {k} | {d} | {m:.4f} | {lo:.4f} | {t:.2f} | {s:.1f} |"
+        for i, k, d, m, lo, t, s in rows
     ]
     lines += ["", f"- load average after the run (2-core machine, shared): {load_average()}"]
     print("\n".join(lines))
     if args.report:
         write_section(ROOT / args.report, "projection_agreement", "\n".join(lines))
-    best64 = next((r[2] for r in rows if r[0] == 64), rows[-1][2])
+    best64 = next((r[3] for r in rows if r[1] == 64), rows[-1][3])
     print(f"projected64_spearman_vs_ekfac={best64:.4f}")
 
 

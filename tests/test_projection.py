@@ -64,7 +64,26 @@ def test_full_width_pca_projection_reproduces_ekfac(setup, tmp_path):
     torch.testing.assert_close(full.double(), exact, rtol=2e-3, atol=2e-3 * exact.abs().max())
 
 
-def test_narrow_gaussian_projection_keeps_the_ranking(setup, tmp_path):
+def test_full_width_orthogonal_projection_is_exact_and_gaussian_is_not(tmp_path):
+    """``P P^⊤ = I``: at full width the projected EK-FAC is a change of basis (exact scores);
+    a square Gaussian ``P`` turns the damping into ``λ̃ (P^⊤P)^{-1}`` and changes the scores."""
+    model = tiny_gpt2(n_embd=16)
+    train, queries = random_lm_data(24, seed=1), random_lm_data(4, seed=2, prompt_len=3)
+    inf = Influence(model, "causal_lm", modules="mlp", device="cpu")
+    op = inf.fit(train, FitConfig(curvature="ekfac", fisher="empirical", batch_size=4))
+    exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise
+    kw = {"k_in": 10_000, "k_out": 10_000, "fisher": "empirical", "dtype": "float32"}
+    orth = _index_scores(inf, train, queries, tmp_path / "o", IndexConfig(**kw, batch_size=4))
+    torch.testing.assert_close(orth.double(), exact, rtol=2e-3, atol=2e-3 * exact.abs().max())
+    proj = LograProjector.orthogonal(inf.layers, 5, 7, seed=3)
+    for name in proj.p_in:
+        torch.testing.assert_close(proj.p_in[name] @ proj.p_in[name].t(), torch.eye(5))
+    cfg = IndexConfig(**kw, init="gaussian", batch_size=4)
+    gauss = _index_scores(inf, train, queries, tmp_path / "g", cfg)
+    assert (gauss.double() - exact).abs().max() > 0.05 * exact.abs().max()
+
+
+def test_narrow_projection_keeps_the_ranking(setup, tmp_path):
     inf, train, queries, _, exact = setup
     # widths: c_fc 17 → 64, c_proj 65 → 16; 16 × 16 keeps 6 % of c_fc's and c_proj's entries
     cfg = IndexConfig(k_in=16, k_out=16, dtype="float16", batch_size=4)

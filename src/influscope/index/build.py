@@ -104,6 +104,8 @@ def build_index(
         projector = LograProjector.from_tensors(read_tensors(root / "projector.safetensors"))
     elif config.init == "pca":
         projector = LograProjector.pca(factors, layers, config.k_in, config.k_out)
+    elif config.init == "orthogonal":
+        projector = LograProjector.orthogonal(layers, config.k_in, config.k_out, config.seed)
     else:
         projector = LograProjector.gaussian(layers, config.k_in, config.k_out, config.seed)
     layout = _layout(projector)

@@ -28,7 +28,10 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     index.add_argument("--k-in", type=int, default=64, help="Input projection rows per layer.")
     index.add_argument("--k-out", type=int, default=64, help="Output projection rows per layer.")
     index.add_argument(
-        "--init", default="gaussian", choices=["gaussian", "pca"], help="Projection init."
+        "--init",
+        default="orthogonal",
+        choices=["orthogonal", "gaussian", "pca"],
+        help="Projection init (docs/scale.md).",
     )
     index.add_argument(
         "--factors", default="factors", help="Factors stage used by --init pca (K-FAC/EK-FAC)."

@@ -18,7 +18,8 @@ class IndexConfig(_Serializable):
     Attributes:
         k_in: Rows of each layer's input projection ``P_in`` (capped at the layer's width).
         k_out: Rows of each layer's output-gradient projection ``P_out``.
-        init: ``"gaussian"`` (seeded) or ``"pca"`` (top eigenvectors of fitted K-FAC factors).
+        init: ``"orthogonal"`` (default: seeded Gaussian with orthonormalised rows), ``"gaussian"``
+            (seeded, i.i.d.) or ``"pca"`` (top eigenvectors of fitted K-FAC factors).
         seed: Seed of the Gaussian projections.
         curvature: Curvature fitted *in the projected space*: ``"ekfac"`` (EK-FAC on the
             projected Kronecker factors, default) or ``"identity"`` (projected gradient dot
@@ -32,7 +33,7 @@ class IndexConfig(_Serializable):
 
     k_in: int = 64
     k_out: int = 64
-    init: str = "gaussian"
+    init: str = "orthogonal"
     seed: int = 0
     curvature: str = "ekfac"
     fisher: str = "true"

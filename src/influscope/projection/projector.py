@@ -14,6 +14,15 @@ gradient (``k_out × k_in``, default 64 × 64) is what a persistent index stores
 
 Initialisations (registry :data:`INITS`):
 
+* ``orthogonal`` (default) — the Gaussian matrix below with its rows orthonormalised (QR),
+  i.e. a uniformly random ``k``-dimensional subspace. Why it matters: with projected
+  gradients ``g̃ = P g`` and projected curvature ``F̃ = P F P^⊤``, the projected score is
+  ``g_q^⊤ P^⊤ (P F P^⊤ + λ̃ I)^{-1} P g``. When ``P P^⊤ = I`` the damping stays isotropic inside
+  the kept subspace, and at full width (``P`` square) the score is exactly the unprojected one
+  — an orthogonal change of basis. With a Gaussian ``P`` the same expression equals
+  ``g_q^⊤ (F + λ̃ (P^⊤P)^{-1})^{-1} g`` at full width: the damping is scaled by the spread
+  (Marchenko–Pastur) spectrum of ``P^⊤P``, which distorts the ranking even without any loss of
+  dimension. The overall scale of ``P`` cancels (relative damping), so no rescaling is needed.
 * ``gaussian`` — i.i.d. ``N(0, 1/k)`` entries, seeded per layer (Johnson-Lindenstrauss:
   inner products are preserved in expectation);
 * ``pca`` — the top-``k`` eigenvectors of the K-FAC factors ``A`` and ``S`` (needs a fitted
@@ -33,12 +42,20 @@ from influscope.modules.capture import LayerBatch
 from influscope.modules.selection import TrackedLayer
 
 #: Known initialisations of the projection matrices.
-INITS = ("gaussian", "pca")
+INITS = ("orthogonal", "gaussian", "pca")
 
 
 def _layer_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:7], "little")
+
+
+def _orthonormal_rows(p: torch.Tensor) -> torch.Tensor:
+    """Rows of ``p`` (k × d, k ≤ d) orthonormalised by QR of ``p^⊤``, signs fixed by ``R``'s diagonal."""
+    q, r = torch.linalg.qr(p.double().t())  # (d, k), (k, k)
+    sign = torch.sign(torch.diagonal(r))
+    sign[sign == 0] = 1.0
+    return (q * sign).t().contiguous().to(p.dtype)  # (k, d)
 
 
 @dataclass
@@ -65,6 +82,17 @@ class LograProjector:
             p_in[layer.name] = torch.randn(ki, layer.in_dim, generator=g) / ki**0.5
             p_out[layer.name] = torch.randn(ko, layer.out_dim, generator=g) / ko**0.5
         return cls(p_in, p_out)
+
+    @classmethod
+    def orthogonal(
+        cls, layers: Sequence[TrackedLayer], k_in: int, k_out: int, seed: int = 0
+    ) -> LograProjector:
+        """The seeded Gaussian projections with orthonormal rows (``P P^⊤ = I_k``)."""
+        base = cls.gaussian(layers, k_in, k_out, seed)
+        return cls(
+            {n: _orthonormal_rows(p) for n, p in base.p_in.items()},
+            {n: _orthonormal_rows(p) for n, p in base.p_out.items()},
+        )
 
     @classmethod
     def pca(cls, operator, layers: Sequence[TrackedLayer], k_in: int, k_out: int) -> LograProjector:
