@@ -26,25 +26,16 @@ os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
 
 import torch
 
-from influscope.corrections.benchmark import METHODS, HallucinationConfig, run_benchmark
+from influscope.corrections.benchmark import (
+    METHODS,
+    QUICK,
+    HallucinationConfig,
+    run_benchmark,
+)
 from influscope.evaluation.metrics import summary
 from influscope.storage import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: The reduced set-up of the CI test (tests/test_corrections_benchmark.py).
-QUICK = HallucinationConfig(
-    n_facts=8,
-    n_false=4,
-    n_pretrain_chunks=16,
-    n_replay_chunks=8,
-    seq_len_words=24,
-    n_positions=64,
-    n_embd=32,
-    vocab_size=512,
-    pretrain_epochs=8,
-    finetune_epochs=3,
-)
 
 LABELS = {
     "plain": "plain influence (EK-FAC, fine-tuned model)",
@@ -82,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds.")
     parser.add_argument("--assets", default=str(ROOT / ".cache" / "assets"), help="Assets.")
     parser.add_argument("--quick", action="store_true", help="The reduced CI set-up, 1 seed.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1).")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = QUICK if args.quick else HallucinationConfig()

@@ -131,6 +131,21 @@ class HallucinationConfig:
             )
 
 
+#: The reduced set-up of the CI test (``tests/test_corrections_benchmark.py``, ``--quick``).
+QUICK = HallucinationConfig(
+    n_facts=8,
+    n_false=4,
+    n_pretrain_chunks=16,
+    n_replay_chunks=8,
+    seq_len_words=24,
+    n_positions=64,
+    n_embd=32,
+    vocab_size=512,
+    pretrain_epochs=8,
+    finetune_epochs=3,
+)
+
+
 @dataclass
 class HallucinationData:
     """Texts, facts and models of one run of the benchmark."""
