@@ -33,7 +33,7 @@ from influscope.corrections.benchmark import (
     run_benchmark,
 )
 from influscope.evaluation.metrics import summary
-from influscope.storage import atomic_write_json
+from influscope.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def table(runs: list[dict]) -> str:
             continue
         s = summary(values)
         per_seed = ", ".join(f"{v:.3f}" for v in values)
-        lines.append(f"| {LABELS[method]} | {s['mean']:.3f} ± {s['se']:.3f} | {per_seed} |")
+        lines.append(f"| {LABELS[method]} | {s['mean']:.3f} ± {s['sem']:.3f} | {per_seed} |")
     return "\n".join(lines)
 
 
@@ -74,7 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", default=str(ROOT / ".cache" / "assets"), help="Assets.")
     parser.add_argument("--quick", action="store_true", help="The reduced CI set-up, 1 seed.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1).")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="Only combine the results.json of runs made separately (e.g. one seed per "
+        "process; every seed is independent, so the table is the same) into OUT.",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        runs = [run for path in args.merge for run in read_json(path)["runs"]]
+        out = Path(args.out)
+        atomic_write_json(out / "results.json", {"runs": runs, "merged_from": args.merge})
+        (out / "table.md").write_text(table(runs) + "\n")
+        print(table(runs))
+        return 0
     torch.set_num_threads(args.threads)
     base = QUICK if args.quick else HallucinationConfig()
     seeds = args.seeds[:1] if args.quick else args.seeds
