@@ -1,4 +1,4 @@
-"""A small-scale version of the DDA paper's hallucination-tracing benchmark (arXiv 2410.01285 §4).
+"""A small-scale version of the DDA paper's hallucination-tracing evaluation (arXiv 2410.01285).
 
 The set-up, on the demo's planted facts (:mod:`influscope.demo.facts`) about invented entities:
 

@@ -3,7 +3,8 @@
 Wu, Pang, Shen & Cheng, *Enhancing Training Data Attribution for Large Language Models with
 Fitting Error Consideration* (EMNLP 2024, arXiv 2410.01285), argue that influence functions
 assume a model at the minimum of its empirical risk, which a fine-tuned LLM is not, and correct
-the scores in two ways (their §3, "Debias and Denoise Attribution"):
+the scores in two ways (the method section; we could read only the abstract and the authors'
+README, not the section's equations — see below):
 
 * **debias** — the fine-tuned model θ_ft inherits knowledge ("bias") from its base model θ_0
   that the fine-tuning data did not teach it. The influence the base model already assigns to a
