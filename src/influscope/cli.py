@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from influscope.index.cli import add_parsers as add_index_parsers
 
     add_index_parsers(sub, _common)  # `index`, `query`
+    from influscope.corrections.cli import add_parser as add_dda_parser
+
+    add_dda_parser(sub, _common)  # `dda`
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -302,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"fit": cmd_fit, "score": cmd_score, "demo": cmd_demo, "report": cmd_report}
     handlers |= INDEX_COMMANDS
+    from influscope.corrections.cli import COMMANDS as DDA_COMMANDS
+
+    handlers |= DDA_COMMANDS
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:

@@ -23,12 +23,13 @@ Command line (after ``make assets``)::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,10 @@ def train_lm(
     subset: Sequence[int] | None = None,
     time_budget_s: float | None = None,
     warmup_frac: float = 0.05,
+    init: GPT2LMHeadModel | None = None,
+    on_epoch_end: Callable[[int, GPT2LMHeadModel], None] | None = None,
 ) -> TrainResult:
-    """Train a fresh ``GPT2LMHeadModel(config)`` on the ``text`` of ``records``.
+    """Train ``GPT2LMHeadModel(config)`` (fresh, or a copy of ``init``) on the records' ``text``.
 
     Minimises J(θ) = (1/N) Σ_i L(z_i, θ) with L the summed token cross-entropy of sequence z_i,
     using AdamW (decoupled weight decay on weight matrices only, not on biases and LayerNorm),
@@ -213,6 +216,10 @@ def train_lm(
         time_budget_s: Stop after this many seconds (breaks reproducibility across machines;
             leave ``None`` for retraining experiments).
         warmup_frac: Fraction of the steps spent warming up.
+        init: Start from a copy of this model instead of a fresh initialisation (fine-tuning;
+            ``init`` itself is left untouched).
+        on_epoch_end: Called as ``on_epoch_end(epoch, model)`` after each epoch (e.g. to keep
+            checkpoints); the model is in train mode and keeps training afterwards.
 
     Returns:
         The trained model (eval mode) with its loss history.
@@ -232,7 +239,7 @@ def train_lm(
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    model = copy.deepcopy(init) if init is not None else GPT2LMHeadModel(config)
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -274,6 +281,8 @@ def train_lm(
             total_loss += float(losses.detach().sum())
         result.epoch_losses.append(total_loss / len(seqs))
         logger.info("epoch %d/%d loss %.3f", epoch + 1, epochs, result.epoch_losses[-1])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             result.stopped_early = epoch + 1 < epochs
             break
