@@ -41,7 +41,8 @@ bench: assets
 # Accuracy against ground truth (docs/accuracy.md); about 10 min on 2 cores.
 bench-accuracy: assets
 	$(PY) benchmarks/accuracy_exact.py --out runs/accuracy/exact
-	$(PY) benchmarks/accuracy_lds.py --words 20 --subsets 100 --out runs/accuracy/lds
+	$(PY) benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds
+	$(PY) benchmarks/accuracy_brittleness.py --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
 
 clean:
 	rm -rf runs .pytest_cache

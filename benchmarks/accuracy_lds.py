@@ -77,6 +77,13 @@ def main() -> None:
         [q["prompt"] + q["completion"] for q in setup.queries_rec], setup.train_texts
     )
     if not args.no_kronfluence:
+        try:
+            import kronfluence  # noqa: F401
+        except ImportError:
+            sys.exit(
+                "Kronfluence is not installed: `pip install --no-deps kronfluence==1.0.1` "
+                "(see pyproject.toml), or pass --no-kronfluence to leave its row out."
+            )
         from kronfluence_lds import kronfluence_scores
 
         t = time.time()
