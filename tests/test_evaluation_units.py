@@ -10,12 +10,14 @@ import torch
 
 from influscope import ConfigError, DataError, Influence, StaleArtifactError
 from influscope.evaluation import (
+    BrittlenessConfig,
     Job,
     LDSConfig,
     MislabelConfig,
     PBRFConfig,
     RetrainingHarness,
     bm25,
+    brittleness,
     found_at,
     gradient_cosine,
     gradient_dot,
@@ -99,6 +101,29 @@ def test_job_key_is_order_free_and_harness_refuses_another_setup(tmp_path):
         RetrainingHarness(recipe, measure, 16, tmp_path, tag="b")
     with pytest.raises(DataError, match="indices in"):
         h.measure_jobs([Job.make([0, 16], 0)])
+
+
+def test_brittleness_shares_random_removals_and_checks_query_rows():
+    data = make_classification(n=24, n_queries=3)
+    task = VectorClassificationTask()
+
+    def recipe(subset, seed):
+        return train_mlp(data.x, data.y, subset, seed, steps=5)
+
+    def measure(m):
+        return task.measurement(m, task.collate(data.queries().examples))  # (3,)
+
+    h = RetrainingHarness(recipe, measure, 24)
+    config = BrittlenessConfig(ks=(2, 4))
+    tau = torch.randn(2, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    first = brittleness(h, tau, config)  # 2 of the 3 measured queries
+    assert first.top.shape == first.random.shape == (2, 2) and h.trained == 1 + 2 * 2 * 2
+    second = brittleness(h, -tau, config)  # another estimator (its top = first's bottom)
+    assert torch.equal(first.random, second.random)
+    assert h.trained == 9 + 2 * 2  # only its own top-k removals were retrained
+    assert not torch.equal(first.top, second.top)
+    with pytest.raises(DataError, match="query rows"):
+        brittleness(h, torch.zeros(4, 24), config)
 
 
 def test_gradient_baselines_match_per_example_autograd():

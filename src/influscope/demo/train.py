@@ -42,6 +42,7 @@ from influscope.errors import ConfigError, DataError
 
 __all__ = [
     "EOT",
+    "Checkpoint",
     "DemoTrainConfig",
     "QueryEval",
     "TrainResult",
@@ -119,6 +120,28 @@ def make_gpt2_config(
 
 
 @dataclass
+class Checkpoint:
+    """A copy of the parameters taken during :func:`train_lm` (for TracIn, Pruthi et al. 2020).
+
+    Attributes:
+        step: Optimizer steps taken when the copy was made.
+        lr: Learning rate of the step that produced these parameters (the schedule's value for
+            step ``step``), the ``η_k`` weight of TracIn-CP.
+        state_dict: Detached copies of the model's tensors (``GPT2LMHeadModel.load_state_dict``).
+    """
+
+    step: int
+    lr: float
+    state_dict: dict[str, torch.Tensor]
+
+    def model(self, config: GPT2Config) -> GPT2LMHeadModel:
+        """A fresh model (eval mode) holding this checkpoint's parameters."""
+        model = GPT2LMHeadModel(config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+@dataclass
 class TrainResult:
     """What :func:`train_lm` returns.
 
@@ -130,6 +153,7 @@ class TrainResult:
             with one torch thread it equals ``seconds``.
         steps: Optimizer steps taken.
         stopped_early: Whether ``time_budget_s`` ended training before ``epochs``.
+        checkpoints: Parameter copies every ``checkpoint_every`` steps (empty by default).
     """
 
     model: GPT2LMHeadModel
@@ -138,6 +162,7 @@ class TrainResult:
     cpu_seconds: float = 0.0
     steps: int = 0
     stopped_early: bool = False
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 def _encode(records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int) -> list[list[int]]:
@@ -192,6 +217,7 @@ def train_lm(
     warmup_frac: float = 0.05,
     init: GPT2LMHeadModel | None = None,
     on_epoch_end: Callable[[int, GPT2LMHeadModel], None] | None = None,
+    checkpoint_every: int | None = None,
 ) -> TrainResult:
     """Train ``GPT2LMHeadModel(config)`` (fresh, or a copy of ``init``) on the records' ``text``.
 
@@ -220,17 +246,25 @@ def train_lm(
             ``init`` itself is left untouched).
         on_epoch_end: Called as ``on_epoch_end(epoch, model)`` after each epoch (e.g. to keep
             checkpoints); the model is in train mode and keeps training afterwards.
+        checkpoint_every: Keep a :class:`Checkpoint` (a copy of every parameter and the
+            step's learning rate) after every ``checkpoint_every`` optimizer steps, e.g. for
+            TracIn. Copying changes neither the random streams nor the trained model.
 
     Returns:
-        The trained model (eval mode) with its loss history.
+        The trained model (eval mode) with its loss history (and checkpoints, if asked).
 
     Raises:
-        ConfigError: A non-positive ``epochs``, ``lr`` or ``batch_size``.
+        ConfigError: A non-positive ``epochs``, ``lr``, ``batch_size`` or
+            ``checkpoint_every``.
         DataError: An empty subset or a text shorter than 2 tokens.
     """
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ConfigError(
             f"Need epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}."
+        )
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(
+            f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every}."
         )
     chosen = [records[i] for i in subset] if subset is not None else list(records)
     if not chosen:
@@ -275,9 +309,13 @@ def train_lm(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            step_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             result.steps += 1
+            if checkpoint_every is not None and result.steps % checkpoint_every == 0:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                result.checkpoints.append(Checkpoint(result.steps, step_lr, state))
             total_loss += float(losses.detach().sum())
         result.epoch_losses.append(total_loss / len(seqs))
         logger.info("epoch %d/%d loss %.3f", epoch + 1, epochs, result.epoch_losses[-1])

@@ -198,9 +198,14 @@ def brittleness(
 ) -> BrittlenessResult:
     """Remove each query's top-``k`` proponents (and ``k`` random sequences) and retrain.
 
+    All retrains are submitted to the harness at once (so they run in parallel). The random
+    removals depend only on ``config.seed`` (one draw per ``(k, query)``), so two estimators
+    evaluated with the same config share them — and their retrains.
+
     Args:
         harness: The retraining harness.
-        scores: ``(Q, N)`` influence scores of the estimator under test.
+        scores: ``(Q, N)`` influence scores of the estimator under test; row ``q`` belongs to
+            the harness's query ``q`` (the harness may measure more queries than ``Q``).
         config: Removal sizes and seeds.
     """
     config = config or BrittlenessConfig()
@@ -209,17 +214,28 @@ def brittleness(
     if max(config.ks) >= n:
         raise DataError(f"Every k must be below N = {n}, received ks = {config.ks}.")
     rng = np.random.default_rng(config.seed)
-    seeds = range(config.n_seeds)
+    seeds = list(range(config.n_seeds))
     everything = np.arange(n)
-    base = harness.full_model_measurement(seeds)  # (Q,)
-    top = torch.zeros(len(config.ks), tau.shape[0], dtype=torch.float64)
-    rand = torch.zeros_like(top)
-    for i, k in enumerate(config.ks):
-        for q in range(tau.shape[0]):
-            removed = np.argsort(-tau[q], kind="stable")[:k]
-            random = rng.choice(n, size=k, replace=False)
-            for dest, drop in ((top, removed), (rand, random)):
-                keep = np.setdiff1d(everything, drop).tolist()
-                out = harness.measure_jobs([Job.make(keep, s) for s in seeds]).mean(0)
-                dest[i, q] = out[q] - base[q]
-    return BrittlenessResult(config.ks, top, rand)
+    q_count, r = tau.shape[0], len(seeds)
+    # Every removal of every (k, query), top then random; the random draws depend only on
+    # ``config.seed``, so two estimators evaluated with the same config share them.
+    removals = []
+    for k in config.ks:
+        for q in range(q_count):
+            removals.append(np.argsort(-tau[q], kind="stable")[:k])
+            removals.append(rng.choice(n, size=k, replace=False))
+    jobs = [Job.make(range(n), s) for s in seeds]
+    for drop in removals:
+        keep = np.setdiff1d(everything, drop).tolist()
+        jobs += [Job.make(keep, s) for s in seeds]
+    out = harness.measure_jobs(jobs)  # (r + 2·|ks|·Q·r, W), all retrains at once (parallel)
+    if out.shape[1] < q_count:
+        raise DataError(
+            f"Scores have {q_count} query rows but the harness measures {out.shape[1]} queries; "
+            "row q of the scores must be the harness's query q."
+        )
+    base = out[:r, :q_count].mean(0)  # (Q,)
+    removed = out[r:, :q_count].reshape(len(config.ks), q_count, 2, r, q_count).mean(3)
+    rows = torch.arange(q_count)
+    delta = removed[:, rows, :, rows] - base[:, None, None]  # (Q, K, 2): own query's Δf
+    return BrittlenessResult(config.ks, delta[..., 0].T.contiguous(), delta[..., 1].T.contiguous())
