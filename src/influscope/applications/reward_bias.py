@@ -22,6 +22,7 @@ TracIn), ``self_influence`` (``∇Lᵀ (G + λI)⁻¹ ∇L``, Koh & Liang's misl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -148,8 +149,6 @@ def default_modules(model: torch.nn.Module) -> str:
 
 
 def _timed(seconds: dict[str, float], name: str, start: float) -> None:
-    import time
-
     seconds[name] = time.perf_counter() - start
 
 
@@ -184,8 +183,6 @@ def rank_biased_pairs(
     Raises:
         DataError: Empty training or validation data.
     """
-    import time
-
     config = config or BiasDetectionConfig()
     if len(train) == 0 or len(validation) == 0:
         raise DataError(

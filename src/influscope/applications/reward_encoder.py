@@ -29,9 +29,16 @@ from torch import nn
 from influscope.errors import DataError
 from influscope.storage import atomic_write_json, atomic_write_tensors
 
-__all__ = ["HEAD_FILE", "FrozenEncoderReward", "load_reward_model"]
+__all__ = ["HEAD_FILE", "FrozenEncoderReward", "encoder_memo", "load_reward_model"]
 
 HEAD_FILE = "reward_head.json"
+_MEMOS: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
+
+
+def encoder_memo(encoder_dir: str | Path) -> dict[tuple[int, ...], torch.Tensor]:
+    """The process-wide memo of embeddings of the frozen encoder at ``encoder_dir`` (shared by
+    every model loaded from it in this process; ~1.5 kB per distinct text for MiniLM)."""
+    return _MEMOS.setdefault(str(Path(encoder_dir).resolve()), {})
 
 
 class FrozenEncoderReward(nn.Module):
@@ -132,6 +139,11 @@ def load_reward_model(path: str | Path):
             "Fetch the assets (`make assets`) or edit encoder_dir in that file."
         )
     encoder = AutoModel.from_pretrained(encoder_dir)
-    model = FrozenEncoderReward(encoder, hidden=int(meta["hidden"]), encoder_dir=str(encoder_dir))
+    model = FrozenEncoderReward(
+        encoder,
+        hidden=int(meta["hidden"]),
+        encoder_dir=str(encoder_dir),
+        memo=encoder_memo(encoder_dir),
+    )
     model.head.load_state_dict(load_file(str(path / "head.safetensors")))
     return model.eval(), AutoTokenizer.from_pretrained(encoder_dir)

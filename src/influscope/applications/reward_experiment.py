@@ -35,6 +35,7 @@ from influscope.applications.reward_model import (
     train_reward_model,
 )
 from influscope.config import _check, _Serializable
+from influscope.evaluation.metrics import roc_auc
 from influscope.storage import atomic_write_json
 from influscope.storage.atomic import _atomic
 from influscope.tasks import RewardTask
@@ -90,7 +91,7 @@ def _build(config: BiasExperimentConfig, texts: list[str], encoder_dir, memo):
         return model, tok, train_cfg
     from transformers import AutoModel, AutoTokenizer
 
-    from influscope.applications.reward_encoder import FrozenEncoderReward
+    from influscope.applications.reward_encoder import FrozenEncoderReward, encoder_memo
     from influscope.assets import minilm_dir
 
     encoder_dir = Path(encoder_dir) if encoder_dir else minilm_dir()
@@ -99,7 +100,7 @@ def _build(config: BiasExperimentConfig, texts: list[str], encoder_dir, memo):
         hidden=config.hidden,
         seed=seed,
         encoder_dir=str(encoder_dir.resolve()),
-        memo=memo,
+        memo=memo if memo is not None else encoder_memo(encoder_dir),
     )
     return model, AutoTokenizer.from_pretrained(encoder_dir), replace(config.train, seed=seed)
 
@@ -126,7 +127,7 @@ def run_bias_experiment(
         encoder_dir: The MiniLM directory (default: the ``minilm`` asset).
         out_dir: If given, the trained model, ``train.jsonl``, ``validation.jsonl`` and
             ``result.json`` are written there (the model and files ``influscope bias`` reads).
-        memo: Shared memo of encoder embeddings (speeds up several MiniLM experiments).
+        memo: Memo of encoder embeddings (default: the process-wide one of the encoder).
 
     Returns:
         ``{"auc": {method: AUC}, "found@10%": {...}, "accuracy": {...}, ...}``; the AUCs are
@@ -180,12 +181,8 @@ def run_bias_experiment(
         wrong = data.flipped | data.noise
         result["auc_any_wrong_label"] = ranking.auc(wrong)
         result["auc_biased_vs_other_wrong"] = {
-            m: float(v)
-            for m, v in ranking.__class__(
-                {k: s[wrong] for k, s in ranking.scores.items()}, ranking.influence[wrong]
-            )
-            .auc(data.flipped[wrong])
-            .items()
+            m: roc_auc(s[wrong], data.flipped[wrong].astype(float))
+            for m, s in ranking.scores.items()
         }
     if out_dir is not None:
         _save(Path(out_dir), model, tok, data, result)
