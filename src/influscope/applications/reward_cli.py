@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
         default=list(BASELINES),
         help=f"Also compute these rankings (default: {' '.join(BASELINES)}; none: no value).",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="Pairs per pass (default 64).")
     p.add_argument("--top-k", type=int, default=10, help="Suspects printed and saved in full.")
     p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
     p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
