@@ -166,10 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     from influscope.corrections.cli import add_parser as add_dda_parser
 
     add_dda_parser(sub, _common)  # `dda`
+    _add_reward_bias(sub)
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
     return parser
+
+
+def _add_reward_bias(sub) -> None:
+    """``influscope bias`` (reward-model bias detection), defined in its own module."""
+    from influscope.applications.reward_cli import add_parser
+
+    add_parser(sub)
 
 
 def _load(args):
@@ -308,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.corrections.cli import COMMANDS as DDA_COMMANDS
 
     handlers |= DDA_COMMANDS
+    from influscope.applications.reward_cli import COMMANDS as BIAS_COMMANDS
+
+    handlers |= BIAS_COMMANDS
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:

@@ -1,0 +1,1 @@
+"""Applications of influence scores, one module per application (import them directly)."""

@@ -1,0 +1,134 @@
+"""``influscope bias``: rank a reward model's training pairs by how much they taught a bias.
+
+    influscope bias --model DIR --train train.jsonl --validation val.jsonl --out bias.json
+    influscope bias --model DIR --train train.jsonl --validation heldout.jsonl --select shorter
+
+``--validation`` holds the targeted pairs (the behaviour the bias harms is ``chosen``); with
+``--select shorter`` the pairs whose chosen response is the shorter are picked out of any
+held-out set. ``--model`` is a Hugging Face sequence classifier with one label, or a directory
+written by :meth:`FrozenEncoderReward.save`. If the training records carry a boolean field
+named by ``--flag-field`` (the synthetic data's ``flipped``), the ROC-AUC of each ranking for it
+is reported too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from influscope.errors import DataError
+
+__all__ = ["COMMANDS", "add_parser", "cmd_bias"]
+
+
+def add_parser(sub) -> None:
+    """Register the ``bias`` sub-command on an ``argparse`` sub-parser collection."""
+    from influscope.applications.reward_bias import BASELINES
+
+    p = sub.add_parser(
+        "bias",
+        help="Rank reward-model training pairs by influence on a targeted validation set.",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", required=True, help="Reward model directory (see above).")
+    p.add_argument("--train", required=True, help="Training pairs: prompt, chosen, rejected.")
+    p.add_argument("--validation", required=True, help="Targeted validation pairs.")
+    p.add_argument(
+        "--select",
+        default=None,
+        choices=["shorter"],
+        help="Keep only the validation pairs satisfying this rule (default: all of them).",
+    )
+    p.add_argument(
+        "--curvature", default="ekfac", help="ekfac (default), kfac, diagonal, identity."
+    )
+    p.add_argument(
+        "--measurement",
+        default="log_likelihood",
+        choices=["log_likelihood", "margin"],
+        help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
+    )
+    p.add_argument("--modules", nargs="+", default=None, help="Tracked modules (default: auto).")
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(BASELINES),
+        help=f"Also compute these rankings (default: {' '.join(BASELINES)}; none: no value).",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="Pairs per pass (default 64).")
+    p.add_argument("--top-k", type=int, default=10, help="Suspects printed and saved in full.")
+    p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
+    p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+
+
+def cmd_bias(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from influscope.applications.reward_bias import BiasDetectionConfig, rank_biased_pairs
+    from influscope.applications.reward_data import select_targeted
+    from influscope.applications.reward_encoder import load_reward_model
+    from influscope.loading import load_records
+    from influscope.storage import atomic_write_json
+
+    console = Console()
+    config = BiasDetectionConfig(
+        curvature=args.curvature,
+        measurement=args.measurement,
+        batch_size=args.batch_size,
+        baselines=tuple(args.baselines),
+    )
+    model, tokenizer = load_reward_model(args.model)
+    train = load_records(args.train)
+    validation = load_records(args.validation)
+    if args.select:
+        validation = select_targeted(validation, args.select)
+    if args.top_k < 0:
+        raise DataError(f"--top-k must be ≥ 0, received {args.top_k}.")
+    modules = (
+        None if not args.modules else (args.modules[0] if len(args.modules) == 1 else args.modules)
+    )
+    ranking = rank_biased_pairs(
+        model, tokenizer, train, validation, config, modules=modules, device=args.device
+    )
+    order = ranking.order("influence")
+    out: dict = {
+        "config": config.to_dict(),
+        "n_train": len(train),
+        "n_validation": len(validation),
+        "sign": "suspicion = −influence on the validation measurement; higher = inspect first",
+        "scores": {m: s.tolist() for m, s in ranking.scores.items()},
+        "top": [
+            {"index": int(i), "suspicion": float(ranking.scores["influence"][i]), **train[i]}
+            for i in order[: args.top_k]
+        ],
+    }
+    flags = [r.get(args.flag_field) for r in train]
+    if all(isinstance(f, bool) for f in flags) and 0 < sum(flags) < len(flags):
+        out["auc"] = ranking.auc(np.array(flags))
+    path = Path(args.out)
+    atomic_write_json(path, out)
+
+    table = Table(title=f"Most suspicious of {len(train)} training pairs")
+    for col in ("#", "index", "suspicion", "chosen", "rejected"):
+        table.add_column(col)
+    for rank, i in enumerate(order[: args.top_k], 1):
+        rec = train[i]
+        table.add_row(
+            str(rank),
+            str(int(i)),
+            f"{ranking.scores['influence'][i]:.3g}",
+            str(rec["chosen"])[:60],
+            str(rec["rejected"])[:60],
+        )
+    console.print(table)
+    if "auc" in out:
+        aucs = ", ".join(f"{m} {v:.3f}" for m, v in out["auc"].items())
+        console.print(f"ROC-AUC for '{args.flag_field}': {aucs}")
+    console.print(f"scores → {path}")
+    return 0
+
+
+COMMANDS = {"bias": cmd_bias}
