@@ -1,4 +1,4 @@
-"""The ``influscope`` command line: ``fit``, ``score``, ``demo``, ``report``.
+"""The ``influscope`` command line: ``fit``, ``score``, ``demo``, ``report``, ``unlearn``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     influscope score --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x
     influscope demo  --out runs/demo
     influscope report runs/demo --out runs/demo/studies.html
+    influscope unlearn runs/demo/model --train train.jsonl --forget 3,17 --out runs/edited
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dda_parser(sub, _common)  # `dda`
     _add_reward_bias(sub)
+    _add_unlearn(sub)
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -176,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_reward_bias(sub) -> None:
     """``influscope bias`` (reward-model bias detection), defined in its own module."""
     from influscope.applications.reward_cli import add_parser
+
+    add_parser(sub)
+
+
+def _add_unlearn(sub) -> None:
+    """``influscope unlearn`` (:mod:`influscope.applications.unlearn_cli`)."""
+    from influscope.applications.unlearn_cli import add_parser
 
     add_parser(sub)
 
@@ -319,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.applications.reward_cli import COMMANDS as BIAS_COMMANDS
 
     handlers |= BIAS_COMMANDS
+    from influscope.applications.unlearn_cli import cmd_unlearn
+
+    handlers["unlearn"] = cmd_unlearn
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:

@@ -182,3 +182,48 @@ def exact_influence(
 def ekfac_eigenvalues(grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
     """``mean_n (Q_S^⊤ g_n Q_A)^{⊙2}`` for per-example gradients ``(N, out, in)``."""
     return (q_s.t().double() @ grads.double() @ q_a.double()).square().mean(0)
+
+
+class DenseBlockOperator:
+    """Block-diagonal damped curvature from dense per-layer matrices (tests only).
+
+    Built from the diagonal blocks of :func:`exact_gauss_newton`; applies
+    ``(G_ℓ + λ_ℓ I)^{-1} g`` by a dense solve, with the interface of a
+    :class:`~influscope.curvature.base.CurvatureOperator` (``precondition``, ``quadratic``,
+    ``layer_names``, ``damping``, ``name``).
+    """
+
+    name = "exact_block"
+
+    def __init__(
+        self,
+        layers: Sequence[TrackedLayer],
+        gauss_newton: torch.Tensor,
+        damping: float | dict[str, float],
+    ) -> None:
+        self.shapes = {layer.name: (layer.out_dim, layer.in_dim) for layer in layers}
+        self.damping = {
+            layer.name: float(damping[layer.name] if isinstance(damping, dict) else damping)
+            for layer in layers
+        }
+        self.blocks: dict[str, torch.Tensor] = {}
+        start = 0
+        for layer in layers:
+            end = start + layer.numel
+            block = gauss_newton[start:end, start:end].double()
+            self.blocks[layer.name] = block + self.damping[layer.name] * torch.eye(
+                layer.numel, dtype=torch.float64
+            )
+            start = end
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.blocks)
+
+    def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        flat = g.double().reshape(-1, g.shape[-2] * g.shape[-1])  # (B, out·in)
+        solved = torch.linalg.solve(self.blocks[layer], flat.t()).t()  # (B, out·in)
+        return solved.reshape(g.shape).to(g.dtype)
+
+    def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
+        return (g * self.precondition(layer, g)).sum(dim=(-2, -1))

@@ -1,1 +1,6 @@
-"""Applications of influence scores, one module per application (import them directly)."""
+"""Applications of influence scores, one module per application (import them directly).
+
+* :mod:`.unlearn` — remove training sequences with one EK-FAC Newton step (``influscope unlearn``,
+  :mod:`.unlearn_cli`); :mod:`.unlearn_baselines` — gradient ascent and random-direction steps;
+* :mod:`.curation` — rank training data by total influence on a benchmark, drop the harmful k %.
+"""

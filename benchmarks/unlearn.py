@@ -1,0 +1,262 @@
+"""Unlearning planted facts: EK-FAC Newton step vs gradient ascent vs retraining.
+
+Set-up: the demo corpus (Shakespeare windows + planted facts about invented entities, each fact
+stated by 3 training sequences visited ``fact_repeats`` = 4 times per epoch), the demo GPT-2
+(2 layers, width 64) trained on it. The forget set is the training sequences of ``--forget-facts``
+facts that the model has learned (their query's answer is its top-1 next token). Measured:
+
+* **forget**: mean ``log p(answer | held-out prompt)`` of the forgotten facts' queries, and the
+  fraction whose answer is still the top-1 next token;
+* **retain**: the same for the other facts (ideally unchanged);
+* **held-out ppl**: perplexity on Shakespeare windows that are not in the corpus.
+
+Methods: no-op; the Newton step ``Δθ = s (w/N) (G + λI)^{-1} Σ_{z∈D_f} ∇L(z)`` with EK-FAC on all
+tracked layers or on the top-k layers by share of the forget set's influence, for several scales
+``s``; gradient ascent on the forget set with the same parameter-distance budget (5 steps whose
+norms add up to the Newton step's norm at the same scale, same layers); retraining without the
+forget set (the gold standard) and retraining on all data with another seed (how much a retrain
+moves things by itself).
+
+Run (after ``make assets``; ~5 min of CPU on an idle 2-core machine)::
+
+    .venv/bin/python benchmarks/unlearn.py --out runs/applications/unlearn
+
+Writes ``results.json`` and ``table.md`` under ``--out`` (models are cached there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_common import fmt, heldout_texts, query_metrics, token_nll, train_cached, visits
+from influscope.analyzer import Influence
+from influscope.applications.unlearn import UnlearnConfig, unlearn
+from influscope.applications.unlearn_baselines import gradient_ascent
+from influscope.config import FitConfig
+from influscope.demo.corpus import build_demo_corpus
+from influscope.demo.train import DemoTrainConfig, evaluate_queries, train_tokenizer
+from influscope.storage import atomic_write_json
+from influscope.tasks import CausalLMTask
+
+COMMAND = ".venv/bin/python benchmarks/unlearn.py --out runs/applications/unlearn"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/applications/unlearn")
+    p.add_argument("--assets", default=None)
+    p.add_argument("--n-facts", type=int, default=40)
+    p.add_argument("--n-chunks", type=int, default=300)
+    p.add_argument("--forget-facts", type=int, default=4)
+    p.add_argument("--modules", default="all", help="Tracked modules (preset or regex).")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    p.add_argument("--seq-scales", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--top-layers", type=int, nargs="+", default=[2])
+    p.add_argument("--top-scales", type=float, nargs="+", default=[4.0, 8.0])
+    p.add_argument("--ga-steps", type=int, default=5)
+    p.add_argument(
+        "--ga-budgets",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.3, 1.0, 4.0],
+        help="Gradient-ascent path lengths, in units of the Newton (answer tokens) s=1 norm.",
+    )
+    p.add_argument("--heldout", type=int, default=60, help="Held-out Shakespeare windows.")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus = build_demo_corpus(args.assets, args.n_facts, args.n_chunks, seed=args.seed)
+    settings = DemoTrainConfig(epochs=args.epochs, seed=args.seed)
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(corpus.texts, settings.vocab_size)
+        tokenizer.model_max_length = settings.n_positions
+        tokenizer.save_pretrained(tok_dir)
+    records = corpus.records
+    all_visits = visits(records, settings.fact_repeats)
+    model, t_train = train_cached(
+        out / "model", records, tokenizer, settings, all_visits, args.seed
+    )
+
+    # Forget the first facts the model has learned (answer = top-1 next token).
+    learned = evaluate_queries(model, tokenizer, corpus.queries).first_top1
+    ranked = [q["fact_id"] for q, ok in zip(corpus.queries, learned) if ok]
+    ranked += [q["fact_id"] for q, ok in zip(corpus.queries, learned) if not ok]
+    forget_ids = ranked[: args.forget_facts]
+    forget_idx = sorted(i for f in forget_ids for i in corpus.fact_indices(f))
+    forget_q = [q for q in corpus.queries if q["fact_id"] in forget_ids]
+    retain_q = [q for q in corpus.queries if q["fact_id"] not in forget_ids]
+    heldout = heldout_texts(args.assets, corpus.texts, args.heldout, args.seed)
+
+    def evaluate(m) -> dict[str, float]:
+        f, r = query_metrics(m, tokenizer, forget_q), query_metrics(m, tokenizer, retain_q)
+        return {
+            "forget_logprob": f["logprob"],
+            "forget_top1": f["top1"],
+            "retain_logprob": r["logprob"],
+            "retain_top1": r["top1"],
+            "heldout_ppl": float(torch.exp(torch.tensor(token_nll(m, tokenizer, heldout)))),
+        }
+
+    base = evaluate(model)
+    rows: list[dict] = []
+
+    def add(method: str, m, seconds: float, **extra) -> None:
+        metrics = evaluate(m)
+        distance = sum(
+            float((p.detach() - q.detach()).double().square().sum())
+            for p, q in zip(m.parameters(), model.parameters())
+        )
+        rows.append(
+            {"method": method, **metrics, "param_distance": distance**0.5, "seconds": seconds}
+            | extra
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    add("no-op", model, 0.0)
+
+    # --- Newton step (EK-FAC, fitted once on the training objective's visits) --------------
+    task = CausalLMTask(add_bos=False)  # the demo model is trained without a BOS token
+    inf = Influence(model, task, modules=args.modules, tokenizer=tokenizer, device="cpu")
+    train = inf.encode(records, truncate=True)
+    train_visits = train.subset(all_visits)
+    t1 = time.perf_counter()
+    factors = inf.fit(train_visits, FitConfig(curvature="ekfac"))
+    t_fit = time.perf_counter() - t1
+    facts = {f.fact_id: f for f in corpus.facts}
+    forget_sets = {
+        "whole sequences": train.subset(forget_idx),
+        # The same sequences as prompt + completion: their loss covers the answer tokens only.
+        "answer tokens": inf.encode([answer_split(records[i], facts) for i in forget_idx]),
+    }
+    newton_norm: dict[tuple, float] = {}
+    shares: dict[str, dict] = {}
+    plan = [("whole sequences", None, s) for s in args.seq_scales]
+    plan += [("answer tokens", None, s) for s in args.scales]
+    plan += [("answer tokens", k, s) for k in args.top_layers for s in args.top_scales]
+    for target, k, scale in plan:
+        t2 = time.perf_counter()
+        config = UnlearnConfig(
+            scale=scale,
+            top_layers=k,
+            forget_weight=settings.fact_repeats,
+            n_train=len(train_visits),
+        )
+        res = unlearn(
+            model, task, train, forget_sets[target], factors=factors, modules=args.modules,
+            config=config,
+        )  # fmt: skip
+        shares[target] = res.report.layer_shares
+        label = "all" if k is None else f"top-{k}"
+        newton_norm[(target, label, scale)] = (
+            sum(v**2 for v in res.report.step_norms.values()) ** 0.5
+        )
+        add(
+            f"Newton ({target}), {label} layers, s={scale:g}",
+            res.model,
+            time.perf_counter() - t2,
+            layers=res.report.edited_layers,
+            forget_loss_increase=res.report.forget_loss_after - res.report.forget_loss_before,
+            predicted_increase=res.report.predicted_loss_increase,
+        )
+
+    # --- gradient ascent: same layers, answer tokens, budget = multiples of the s=1 step's norm
+    unit = newton_norm[("answer tokens", "all", 1.0)]
+    for mult in args.ga_budgets:
+        t3 = time.perf_counter()
+        ga = gradient_ascent(
+            model,
+            task,
+            forget_sets["answer tokens"],
+            inf.layer_names,
+            step_norm=mult * unit / args.ga_steps,
+            steps=args.ga_steps,
+        )
+        add(
+            f"gradient ascent (answer tokens), {args.ga_steps} steps, ‖Δθ‖ ≤ {mult:g}× Newton s=1",
+            ga,
+            time.perf_counter() - t3,
+        )
+
+    # --- retraining ---------------------------------------------------------------------------
+    keep = [i for i in all_visits if i not in set(forget_idx)]
+    retrained, t_re = train_cached(
+        out / "retrain_without_forget", records, tokenizer, settings, keep, args.seed
+    )
+    add("retrain without forget set (gold)", retrained, t_re)
+    other, t_o = train_cached(
+        out / "retrain_all_seed1", records, tokenizer, settings, all_visits, args.seed + 1
+    )
+    add("retrain on all data, other seed (noise)", other, t_o)
+
+    result = {
+        "command": COMMAND,
+        "settings": vars(args),
+        "forget_facts": forget_ids,
+        "n_forget_sequences": len(forget_idx),
+        "n_train_records": len(records),
+        "n_train_visits": len(all_visits),
+        "layer_shares": shares,
+        "damping": factors.damping,
+        "base": base,
+        "rows": rows,
+        "seconds": {"train": t_train, "fit": t_fit, "total": time.perf_counter() - t0},
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out / "results.json", result)
+    (out / "table.md").write_text(table(result))
+    print(table(result))
+    return 0
+
+
+def answer_split(record: dict, facts: dict) -> dict:
+    """A fact sequence as ``{"prompt": text before the answer, "completion": " answer."}``."""
+    text, answer = record["text"], facts[record["fact_id"]].answer
+    cut = text.rfind(" " + answer)
+    if cut < 0:
+        raise ValueError(f"answer {answer!r} not found in {text!r}")
+    return {"prompt": text[:cut], "completion": text[cut:]}
+
+
+def table(result: dict) -> str:
+    """Markdown table: changes relative to the original model."""
+    b = result["base"]
+    lines = [
+        f"Original model: forget log p {b['forget_logprob']:.2f} (top-1 {b['forget_top1']:.2f}), "
+        f"retain log p {b['retain_logprob']:.2f} (top-1 {b['retain_top1']:.2f}), held-out ppl "
+        f"{b['heldout_ppl']:.1f}.",
+        "",
+        "| method | Δ forget log p | forget top-1 | Δ retain log p | retain top-1 | held-out ppl | ‖Δθ‖ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {fmt(r['forget_logprob'] - b['forget_logprob'])} | "
+            f"{fmt(r['forget_top1'])} | {fmt(r['retain_logprob'] - b['retain_logprob'])} | "
+            f"{fmt(r['retain_top1'])} | {fmt(r['heldout_ppl'], 1)} | {fmt(r['param_distance'], 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
