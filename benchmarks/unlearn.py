@@ -10,12 +10,13 @@ facts that the model has learned (their query's answer is its top-1 next token).
 * **retain**: the same for the other facts (ideally unchanged);
 * **held-out ppl**: perplexity on Shakespeare windows that are not in the corpus.
 
-Methods: no-op; the Newton step ``Δθ = s (w/N) (G + λI)^{-1} Σ_{z∈D_f} ∇L(z)`` with EK-FAC on all
-tracked layers or on the top-k layers by share of the forget set's influence, for several scales
-``s``; gradient ascent on the forget set with the same parameter-distance budget (5 steps whose
-norms add up to the Newton step's norm at the same scale, same layers); retraining without the
-forget set (the gold standard) and retraining on all data with another seed (how much a retrain
-moves things by itself).
+Methods: no-op; the Newton step ``Δθ = s (w/N) (G + λI)^{-1} Σ_{z∈D_f} ∇L(z)`` with EK-FAC,
+its forget gradient taken over the whole forget sequences or over their answer tokens only (the
+sequences as prompt + completion), on all tracked layers or the top-k layers by share of the
+forget set's influence, for several scales ``s``; gradient ascent on the answer tokens of the
+forget set, same layers, 5 steps whose norms add up to a multiple of the Newton (answer tokens,
+s=1) step's norm; retraining without the forget set (the gold standard) and retraining on all
+data with another seed (how much a retrain moves things by itself).
 
 Run (after ``make assets``; ~5 min of CPU on an idle 2-core machine)::
 
