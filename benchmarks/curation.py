@@ -128,15 +128,18 @@ def main(argv=None) -> int:
         [{"prompt": q["prompt"], "completion": q["completion"]} for q in benchmark]
     )
     t1 = time.perf_counter()
-    ranking = rank_by_influence(
-        model,
-        task,
-        train,
-        queries,
-        fit_data=train.subset(all_visits),
-        fit_config=FitConfig(curvature="ekfac"),
-        score_config=ScoreConfig(query_rank=None),
-    )
+    factors = inf.fit(train.subset(all_visits), FitConfig(curvature="ekfac"))
+    rankings = {
+        name: rank_by_influence(
+            model,
+            task,
+            train,
+            queries,
+            factors=factors,
+            score_config=ScoreConfig(query_rank=None, normalize=normalize),
+        )
+        for name, normalize in (("influence", None), ("influence (RelatIF)", "relatif"))
+    }
     t_rank = time.perf_counter() - t1
     losses = sequence_losses(model, task, train)
     n_tokens = torch.tensor([len(e["input_ids"]) - 1 for e in train.examples], dtype=torch.float64)
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
     plans: list[tuple[str, float, int, list[int]]] = [("none", 0.0, s, []) for s in seeds]
     for frac in args.fractions:
         for s in seeds:
-            plans.append(("influence", frac, s, harmful_subset(ranking.total, frac)))
+            for name, r in rankings.items():
+                plans.append((name, frac, s, harmful_subset(r.total, frac)))
             plans.append(("random", frac, s, random_subset(n, frac, 1000 + s)))
             if s == seeds[0]:  # one seed: the baseline's subset does not depend on it
                 plans.append(("highest loss", frac, s, highest_loss_subset(mean_token_loss, frac)))
@@ -201,9 +205,16 @@ def main(argv=None) -> int:
         "n_train": n,
         "n_false": int(false.sum()),
         "original_benchmark_loss": -base["logprob"],
-        "influence_top_false_precision": {
-            str(f): float(false[harmful_subset(ranking.total, f)].float().mean())
-            for f in args.fractions
+        "false_fraction_of_removed": {
+            name: {
+                str(f): float(false[harmful_subset(r.total, f)].float().mean())
+                for f in args.fractions
+            }
+            for name, r in rankings.items()
+        },
+        "false_rank_positions": {
+            name: sorted(torch.argsort(torch.argsort(r.total))[false].tolist())
+            for name, r in rankings.items()
         },
         "rows": rows,
         "seconds": {
@@ -249,7 +260,7 @@ def table(result: dict) -> str:
     ]
     fractions = sorted({r["fraction"] for r in rows if r["fraction"] > 0})
     for frac in fractions:
-        for method in ("influence", "random", "highest loss"):
+        for method in ("influence", "influence (RelatIF)", "random", "highest loss"):
             sel = [r for r in rows if r["method"] == method and r["fraction"] == frac]
             losses = [r["benchmark_loss"] for r in sel]
             mean = sum(losses) / len(losses)
