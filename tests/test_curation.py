@@ -33,8 +33,10 @@ def _benchmark_loss(model, data) -> float:
 
 def test_removing_harmful_beats_reversed_and_random():
     """Floor: dropping the most harmful 15 % (by influence on a clean benchmark) gives a lower
-    benchmark loss than dropping the most helpful 15 % (reversed ranking) and than random 15 %.
-    A sign error swaps the first two; random scores make all three alike."""
+    benchmark loss than keeping everything, than dropping the most helpful 15 % (reversed
+    ranking) and than random 15 %. Measured: 0.435 vs 0.756 (none), 1.230 (reversed), 0.856
+    (random). A sign error swaps the first two; shuffled totals failed this test for all 5
+    shuffles tried."""
     clean = make_classification(n=160, n_queries=64, noise=1.0, seed=3)
     noisy, flipped = flip_labels(clean.y, 4, MislabelConfig(fraction=0.2, seed=0))
     clean.y = torch.tensor(noisy)
@@ -59,6 +61,7 @@ def test_removing_harmful_beats_reversed_and_random():
         return _benchmark_loss(train_mlp(clean.x, clean.y, keep, seed, steps=200), clean)
 
     by_influence = loss_without(harmful)
+    assert by_influence < loss_without([]) - 0.1
     reversed_ = loss_without(helpful)
     rand = sum(loss_without(random_subset(n, frac, s)) for s in range(2)) / 2
     assert by_influence < reversed_ - 0.05, (by_influence, reversed_)
