@@ -10,10 +10,10 @@ epoch, as in the demo). Benchmark: one held-out-wording query per fact, measurem
 Ranking: EK-FAC total influence of each training sequence on the benchmark,
 ``T(z) = Σ_q I_q(z)`` (:mod:`influscope.applications.curation`); the most negative are removed.
 Compared with removing a random k % and the k % with the highest mean token loss, at
-k ∈ {5, 10, 20} %, each retrained from scratch with 2 seeds (the random subset changes with the
+k ∈ {5, 10, 20} %, each retrained from scratch with 3 seeds (the random subset changes with the
 seed; the highest-loss baseline is retrained with one seed to save time). Also reported: which fraction of the removed sequences are false facts.
 
-Run (after ``make assets``; about 10 min of CPU per worker on an idle 2-core machine)::
+Run (after ``make assets``; about 10 min on an idle 2-core machine, 2 retrain workers)::
 
     .venv/bin/python benchmarks/curation.py --out runs/applications/curation
 
@@ -63,7 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--false-facts", type=int, default=10)
     p.add_argument("--n-chunks", type=int, default=100)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--heldout", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
