@@ -78,3 +78,30 @@ def test_subsets_and_errors():
     assert len(random_subset(100, 0.05, 1)) == 5
     with pytest.raises(ConfigError, match="fraction"):
         harmful_subset(total, 1.5)
+
+
+def test_cli_curate_flags_the_most_harmful_and_writes_kept_records(tmp_path):
+    """``influscope curate`` ranks by total influence (same as the API) and drops the flagged."""
+    import json
+
+    from conftest import save_tiny_model
+    from influscope.cli import main
+
+    texts = [f"the cat {w} on the mat number {i}" for i, w in enumerate(["sat", "ran"] * 6)]
+    model_dir = save_tiny_model(tmp_path / "m", texts)
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "the cat", "completion": " sat on the mat"}) + "\n")
+    out, kept = tmp_path / "curate.json", tmp_path / "kept.jsonl"
+    argv = [str(model_dir), "--train", str(train), "--benchmark", str(bench)]
+    argv += ["--fraction", "0.25", "--out", str(out), "--kept", str(kept), "--device", "cpu"]
+    assert main(["curate", *argv]) == 0
+    report = json.loads(out.read_text())
+    total = torch.tensor(report["total"])
+    assert len(report["harmful"]) == 3
+    assert sorted(report["harmful"]) == sorted(torch.argsort(total)[:3].tolist())
+    assert report["order"][:3] == torch.argsort(total, stable=True)[:3].tolist()
+    kept_texts = [json.loads(line)["text"] for line in kept.read_text().splitlines()]
+    assert kept_texts == [t for i, t in enumerate(texts) if i not in report["harmful"]]
+    assert main(["curate", *argv[:-2], "--fraction", "1.5"]) != 0

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dda_parser(sub, _common)  # `dda`
     _add_reward_bias(sub)
     _add_unlearn(sub)
+    _add_curate(sub)
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -185,6 +186,13 @@ def _add_reward_bias(sub) -> None:
 def _add_unlearn(sub) -> None:
     """``influscope unlearn`` (:mod:`influscope.applications.unlearn_cli`)."""
     from influscope.applications.unlearn_cli import add_parser
+
+    add_parser(sub)
+
+
+def _add_curate(sub) -> None:
+    """``influscope curate`` (:mod:`influscope.applications.curation_cli`)."""
+    from influscope.applications.curation_cli import add_parser
 
     add_parser(sub)
 
@@ -331,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.applications.unlearn_cli import cmd_unlearn
 
     handlers["unlearn"] = cmd_unlearn
+    from influscope.applications.curation_cli import cmd_curate
+
+    handlers["curate"] = cmd_curate
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:
