@@ -38,11 +38,12 @@ format: $(VENV)/.installed
 bench: assets
 	$(PY) benchmarks/vs_kronfluence.py
 
-# Accuracy against ground truth (docs/accuracy.md); about 15 min on 2 idle cores.
+# Accuracy against ground truth (docs/accuracy.md); about 20 min on 2 idle cores.
 bench-accuracy: assets
 	$(PY) benchmarks/accuracy_exact.py --out runs/accuracy/exact
 	$(PY) benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds
 	$(PY) benchmarks/accuracy_brittleness.py --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
+	$(PY) benchmarks/accuracy_mislabel.py --out runs/accuracy/mislabel
 
 clean:
 	rm -rf runs .pytest_cache

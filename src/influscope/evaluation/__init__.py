@@ -11,6 +11,8 @@ retraining and exact references:
 * :mod:`.pbrf` — :func:`pbrf_influence`, the proximal Bregman response function (what
   influence functions estimate for a network that is not at an optimum);
 * :mod:`.mislabel` — :func:`flip_labels`, :func:`detection_report` (ROC-AUC, found@p);
+* :mod:`.sentiment` — the MiniLM movie-review classifier of the mislabel benchmark (imported
+  on demand: ``from influscope.evaluation.sentiment import ...``);
 * :mod:`.baselines` — gradient dot / cosine, TracIn, representation similarity, BM25;
 * :mod:`.metrics` — Pearson, Spearman, LDS, ROC-AUC.
 
