@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 ASSETS ?= .cache/assets
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench bench-accuracy assets clean
+.PHONY: demo test lint format bench bench-accuracy peers assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,20 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: assets
+# Peers for side-by-side benchmarks (never core dependencies): Kronfluence without its
+# torchvision requirement, which would replace the pinned torch.
+$(VENV)/.peers: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
+	$(PIP) install -q --no-deps kronfluence==1.0.1
+	touch $@
+
+peers: $(VENV)/.peers
+
+bench: assets peers
 	$(PY) benchmarks/vs_kronfluence.py
 
 # Accuracy against ground truth (docs/accuracy.md); about 20 min on 2 idle cores.
-bench-accuracy: assets
+bench-accuracy: assets peers
 	$(PY) benchmarks/accuracy_exact.py --out runs/accuracy/exact
 	$(PY) benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds
 	$(PY) benchmarks/accuracy_brittleness.py --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
