@@ -49,7 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--modules", default="mlp", help="Modules to track (preset or regex).")
     p.add_argument(
-        "--curvature", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac"]
+        "--curvature",
+        default="ekfac",
+        choices=["identity", "diagonal", "kfac", "ekfac"],
+        help="Curvature of the influence scores (default: ekfac).",
     )
     p.add_argument("--run", default=None, help="Run directory to store / reuse fitted factors.")
     p.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
