@@ -8,7 +8,7 @@ os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from influscope.tasks import CausalLMTask, EncodedDataset
 
@@ -100,3 +100,22 @@ def save_tiny_model(directory, texts, n_layer: int = 1):
     GPT2LMHeadModel(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def tiny_reward_model():
+    """A float64 one-layer GPT-2 with a scalar head (``num_labels=1``), seeded, dropout off."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        vocab_size=40,
+        n_positions=32,
+        num_labels=1,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    cfg._attn_implementation = "eager"
+    return GPT2ForSequenceClassification(cfg).double().eval()

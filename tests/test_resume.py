@@ -22,7 +22,7 @@ from influscope.storage import read_tensors
 
 TESTS = Path(__file__).parent
 
-SCRIPT = """
+PRELUDE = """
 import json, os, sys, time
 sys.path.insert(0, {tests!r})
 os.environ["INFLUSCOPE_PROGRESS"] = "0"
@@ -35,8 +35,10 @@ class SlowTask(CausalLMTask):
     def training_loss(self, model, batch, seeds):
         time.sleep(float(os.environ.get("SLOW", "0")))
         return super().training_loss(model, batch, seeds)
+"""
 
-run, out = sys.argv[1], sys.argv[2]
+SCRIPT = """
+{prelude}run, out = sys.argv[1], sys.argv[2]
 inf = Influence(tiny_gpt2(n_embd=16), SlowTask(), modules="mlp", run_dir=run, device="cpu")
 op = inf.fit(random_lm_data(48, seed=1), FitConfig(batch_size=4, shard_size=4, cache_mb=float(sys.argv[3])))
 with open(out, "w") as fh:
@@ -46,7 +48,7 @@ with open(out, "w") as fh:
 
 def _cmd(tmp: Path, run: str, cache_mb: float = 0.0) -> list[str]:
     script = tmp / "fit_script.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
+    script.write_text(SCRIPT.format(prelude=PRELUDE.format(tests=str(TESTS))))
     return [sys.executable, str(script), str(tmp / run), str(tmp / f"{run}.json"), str(cache_mb)]
 
 
@@ -86,20 +88,7 @@ def test_fit_killed_mid_pass_resumes_identically(tmp_path):
 
 
 INDEX_SCRIPT = """
-import os, sys, time
-sys.path.insert(0, {tests!r})
-os.environ["INFLUSCOPE_PROGRESS"] = "0"
-import torch
-torch.set_num_threads(1)
-from conftest import random_lm_data, tiny_gpt2
-from influscope import CausalLMTask, Influence
-from influscope.index import IndexConfig, build_index
-
-class SlowTask(CausalLMTask):
-    def training_loss(self, model, batch, seeds):
-        time.sleep(float(os.environ.get("SLOW", "0")))
-        return super().training_loss(model, batch, seeds)
-
+{prelude}from influscope.index import IndexConfig, build_index
 inf = Influence(tiny_gpt2(n_embd=16), SlowTask(), modules="mlp", device="cpu")
 cfg = IndexConfig(k_in=8, k_out=8, dtype="float32", batch_size=4, shard_size=4)
 build_index(inf.model, inf.task, inf.layers, random_lm_data(40, seed=1), sys.argv[1], cfg)
@@ -108,7 +97,7 @@ build_index(inf.model, inf.task, inf.layers, random_lm_data(40, seed=1), sys.arg
 
 def _index_cmd(tmp: Path, root: str) -> list[str]:
     script = tmp / "index_script.py"
-    script.write_text(INDEX_SCRIPT.format(tests=str(TESTS)))
+    script.write_text(INDEX_SCRIPT.format(prelude=PRELUDE.format(tests=str(TESTS))))
     return [sys.executable, str(script), str(tmp / root)]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification
 
+from conftest import tiny_reward_model
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.applications.reward_bias import (
     BiasDetectionConfig,
@@ -97,24 +97,6 @@ def test_bad_settings_are_clear_errors():
         select_targeted(recs, "longest")
     with pytest.raises(DataError, match="chosen"):
         select_targeted([{"text": "x"}])
-
-
-def tiny_reward_model():
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        vocab_size=40,
-        n_positions=32,
-        num_labels=1,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    cfg._attn_implementation = "eager"
-    return GPT2ForSequenceClassification(cfg).double().eval()
 
 
 def pairs(n: int, seed: int) -> EncodedDataset:

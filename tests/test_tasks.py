@@ -7,10 +7,9 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
 )
 
+from conftest import tiny_reward_model
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.modules import select_layers
 from influscope.reference import per_example_gradients
@@ -83,21 +82,7 @@ def test_bert_mlp_preset_and_gradients():
 
 
 def test_reward_pairs_gradients_cover_both_responses():
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        vocab_size=40,
-        n_positions=32,
-        num_labels=1,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    cfg._attn_implementation = "eager"
-    model = GPT2ForSequenceClassification(cfg).double().eval()
+    model = tiny_reward_model()
     task, data = RewardTask(pad_token_id=0), pair_data(5)
     layers = select_layers(model, "mlp")
     for objective, seed in (("loss", None), ("loss", 1), ("measurement", None)):
