@@ -3,6 +3,8 @@ stale-index refusal, and two-stage (BM25 → index → EK-FAC) retrieval."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -73,6 +75,20 @@ def test_stale_index_is_refused(built):
     inf, train, _, index, _ = built
     with pytest.raises(StaleArtifactError, match="different data"):
         build_index(inf.model, inf.task, inf.layers, train.subset(range(10)), index.root, CFG)
+
+
+def test_cache_budget_is_not_part_of_the_fingerprint(built, tmp_path):
+    """``cache_mb`` changes only memory: the same index is reused, and one built without the
+    replay cache is identical."""
+    inf, train, _, index, _ = built
+    build_index(inf.model, inf.task, inf.layers, train, index.root, replace(CFG, cache_mb=0))
+    other = build_index(
+        inf.model, inf.task, inf.layers, train, tmp_path / "nocache", replace(CFG, cache_mb=0)
+    )
+    for k in range(len(index.meta["shards"])):
+        assert (other.root / "shards" / f"shard-{k:05d}.npy").read_bytes() == (
+            index.root / "shards" / f"shard-{k:05d}.npy"
+        ).read_bytes()
 
 
 def _texts(data) -> list[str]:

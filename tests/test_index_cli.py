@@ -54,3 +54,16 @@ def test_index_then_query_with_bm25_and_rescoring(workdir, capsys):
 def test_fit_dry_run_prints_estimates(workdir, capsys):
     assert main(["fit", *_args(workdir), "--dry-run", "--name", "never"]) == 0
     assert not (workdir / "run" / "factors" / "never").exists()
+
+
+def test_eigen_index_from_fitted_factors(workdir, capsys):
+    args = _args(workdir)
+    assert main(["fit", *args]) == 0  # reused when the first test already fitted them
+    assert main(["index", *args, "--init", "eigen", "--name", "eig", "--k-in", "8"]) == 0
+    meta = json.loads((workdir / "run" / "index" / "eig" / "meta.json").read_text())
+    assert meta["operator"] == "diagonal" and "factors" in meta
+    queries = ["--queries", str(workdir / "queries.jsonl")]
+    out = workdir / "eig.json"
+    assert main(["query", *args, *queries, "--index", "eig", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["stage"] == "index" and len(result["queries"][0]["top"]) == 6

@@ -6,6 +6,8 @@
   task's outputs and ``H_n`` the Hessian of the loss w.r.t. those outputs (``torch.func``).
 * :func:`exact_influence` — ``-∇f^⊤ (G + Λ_damp)^{-1} ∇L`` with the dense ``G``.
 * :func:`ekfac_eigenvalues` — EK-FAC's refitted eigenvalues from per-example gradients.
+* :func:`truncated_ekfac_influence` — EK-FAC influence restricted to chosen eigen-coordinates,
+  with dense Kronecker eigenvectors (the reference of the ``eigen`` index selection).
 
 The flat parameter vector concatenates each layer's ``(out, in[+1])`` matrix in row-major
 order, layer after layer (the layout every other part of influscope uses).
@@ -182,6 +184,34 @@ def exact_influence(
 def ekfac_eigenvalues(grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
     """``mean_n (Q_S^⊤ g_n Q_A)^{⊙2}`` for per-example gradients ``(N, out, in)``."""
     return (q_s.t().double() @ grads.double() @ q_a.double()).square().mean(0)
+
+
+def truncated_ekfac_influence(
+    model: nn.Module,
+    task: Task,
+    layers: Sequence[TrackedLayer],
+    train: EncodedDataset,
+    queries: EncodedDataset,
+    operator,
+    keep: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``-Σ_ℓ Σ_{(i,j) ∈ keep_ℓ} q̃_ij g̃_ij / (Λ_ij + λ_ℓ)``: ``(Q, N)``.
+
+    ``g̃_ij = (q_{S,i} ⊗ q_{A,j})^⊤ vec(G)``, the columns of the dense ``Q_S ⊗ Q_A`` taken at the
+    kept flat coordinates ``keep[ℓ]`` (``i·in + j``); gradients from the autograd loop.
+    """
+    q = per_example_gradients(model, task, layers, queries, "measurement")
+    t = per_example_gradients(model, task, layers, train, "loss")
+    total = torch.zeros(len(queries), len(train), dtype=torch.float64)
+    for layer in layers:
+        n = layer.name
+        basis = torch.kron(operator.q_s[n].double(), operator.q_a[n].double())  # (P, P)
+        rows = basis[:, keep[n]].t()  # (K, P)
+        lam = operator.eigenvalues[n].double().reshape(-1)[keep[n]] + operator.damping[n]  # (K,)
+        q_k = q[n].double().flatten(1) @ rows.t()  # (Q, K)
+        t_k = t[n].double().flatten(1) @ rows.t()  # (N, K)
+        total -= (q_k / lam) @ t_k.t()
+    return total
 
 
 class DenseBlockOperator:

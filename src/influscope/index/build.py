@@ -2,10 +2,12 @@
 
 :func:`build_index` runs three steps, each resumable after a crash:
 
-1. the LoGra projections (seeded Gaussian, or PCA of given K-FAC factors);
+1. the projections: LoGra (seeded orthogonal or Gaussian, or PCA of given K-FAC factors), or
+   the selection of EK-FAC eigen-coordinates (``init="eigen"``, from given EK-FAC factors);
 2. the projected curvature — EK-FAC fitted on the *projected* activations and output gradients
    (``Ã = P_in A P_in^⊤``, ``S̃ = P_out S P_out^⊤``, eigenvalues refitted on projected
    per-sequence gradients), its statistics passes split into shards whose partial sums are saved;
+   with ``init="eigen"`` no pass is needed: the given EK-FAC is diagonal on the kept coordinates;
 3. the projected training gradients, one ``.npy`` shard per ``shard_size`` sequences; shard ``k``
    is written by rank ``k mod world`` and skipped when it already exists.
 
@@ -26,29 +28,32 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.fit import CURVATURES
 from influscope.curvature.shards import PartialSums, ShardedPasses, barrier
-from influscope.errors import StaleArtifactError
+from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
-from influscope.modules.passes import layer_passes, rank_and_world
+from influscope.modules.passes import compute_dtype, layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer
-from influscope.projection.projector import LograProjector
+from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
 from influscope.storage.atomic import read_json, read_tensors
+from influscope.storage.fingerprint import operator_fingerprint
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 
-def _layout(projector: LograProjector) -> list[dict]:
+def _layout(projector: LograProjector | EigenSelection) -> list[dict]:
     out, offset = [], 0
     for name in projector.layer_names:
-        k_out, k_in = projector.shape(name)
-        out.append({"name": name, "k_out": k_out, "k_in": k_in, "offset": offset})
-        offset += k_out * k_in
+        entry = {"name": name, "size": projector.size(name), "offset": offset}
+        if isinstance(projector, LograProjector):
+            entry["k_out"], entry["k_in"] = projector.shape(name)
+        out.append(entry)
+        offset += entry["size"]
     return out
 
 
 def flatten(grads: dict[str, torch.Tensor], layout: list[dict]) -> torch.Tensor:
-    """``{layer: (B, k_out, k_in)}`` → ``(B, D)`` in the index's layer order."""
+    """``{layer: (B, k_out, k_in) or (B, K_ℓ)}`` → ``(B, D)`` in the index's layer order."""
     return torch.cat([grads[e["name"]].flatten(1) for e in layout], dim=1)
 
 
@@ -71,22 +76,32 @@ def build_index(
         train: Training sequences (row ``m`` of the index is ``train.examples[m]``).
         root: The index directory (``RUN/index/<name>``).
         config: Projection, curvature and storage settings.
-        factors: A fitted K-FAC/EK-FAC operator (only for ``init="pca"``).
+        factors: A fitted K-FAC/EK-FAC operator (only for ``init="pca"`` and ``"eigen"``).
         overwrite: Discard an existing index built from a different model/data/config.
 
     Raises:
         StaleArtifactError: An index built from something else exists and ``overwrite`` is off.
+        ConfigError: ``init`` is ``"pca"`` or ``"eigen"`` and no ``factors`` are given.
     """
     config = config or IndexConfig()
     root = Path(root)
     rank, _ = rank_and_world()
     layers = list(layers)
     expected = {
-        "config": config.to_dict(),
+        "config": config.fingerprint_dict(),
         "model": model_fingerprint(model, layers),
         "data": train.fingerprint(),
         "layers": [layer.name for layer in layers],
     }
+    if config.init in ("pca", "eigen"):
+        if factors is None:
+            raise ConfigError(
+                f"init={config.init!r} derives the projection from fitted K-FAC/EK-FAC factors, "
+                "but none were given. Fit them first and pass factors=... (CLI: `influscope fit "
+                "--curvature ekfac`, then `influscope index --init "
+                f"{config.init} --factors <stage>`), or use init='orthogonal'."
+            )
+        expected["factors"] = operator_fingerprint(factors)
     if (root / "meta.json").is_file():  # every rank checks before rank 0 writes anything
         meta = read_json(root / "meta.json")
         diffs = [k for k, v in expected.items() if meta.get(k) != v]
@@ -101,7 +116,12 @@ def build_index(
 
     # 1. projections
     if (root / "projector.safetensors").is_file():
-        projector = LograProjector.from_tensors(read_tensors(root / "projector.safetensors"))
+        projector = projector_from_tensors(
+            config.init, read_tensors(root / "projector.safetensors")
+        )
+    elif config.init == "eigen":
+        budget = sum(min(config.k_out, t.out_dim) * min(config.k_in, t.in_dim) for t in layers)
+        projector = EigenSelection.from_operator(factors, layers, budget, compute_dtype(model))
     elif config.init == "pca":
         projector = LograProjector.pca(factors, layers, config.k_in, config.k_out)
     elif config.init == "orthogonal":
@@ -114,7 +134,7 @@ def build_index(
     ]
     if rank == 0 and not (root / "meta.json").is_file():
         atomic_write_tensors(root / "projector.safetensors", projector.tensors())
-        dim = layout[-1]["offset"] + layout[-1]["k_out"] * layout[-1]["k_in"]
+        dim = layout[-1]["offset"] + layout[-1]["size"]
         meta = {**expected, "layout": layout, "dim": dim, "shards": shards}
         atomic_write_json(root / "meta.json", {**meta, "n_examples": len(train)})
     barrier()
@@ -148,12 +168,18 @@ def _projected_curvature(model, task, layers, train, root, config, projector, ex
     _, fitter = CURVATURES[config.curvature]
     if path.is_file():
         return load_curvature(root)
+    if isinstance(projector, EigenSelection):  # diagonal on the kept eigen-coordinates
+        if rank_and_world()[0] == 0:
+            _save_curvature(root, projector.operator())
+        barrier()
+        return load_curvature(root)
     fit = FitConfig(
         curvature=config.curvature,
         fisher=config.fisher,
         damping_factor=config.damping_factor,
         batch_size=config.batch_size,
         shard_size=config.shard_size,
+        cache_mb=config.cache_mb,
     )
 
     def make(desc: str, positions):
@@ -176,19 +202,23 @@ def _projected_curvature(model, task, layers, train, root, config, projector, ex
     op = fitter(passes, projector.layers(layers), fit)
     passes.clear_cache()
     if rank_and_world()[0] == 0:
-        atomic_write_tensors(path, op.tensors())
-        meta = read_json(root / "meta.json")
-        atomic_write_json(root / "meta.json", {**meta, "damping": op.damping})
+        _save_curvature(root, op)
     store.clear()
     barrier()
     return load_curvature(root)
+
+
+def _save_curvature(root: Path, op: CurvatureOperator) -> None:
+    atomic_write_tensors(root / "curvature.safetensors", op.tensors())
+    meta = read_json(root / "meta.json")
+    atomic_write_json(root / "meta.json", {**meta, "operator": op.name, "damping": op.damping})
 
 
 def load_curvature(root: str | Path) -> CurvatureOperator:
     """The projected curvature stored with an index."""
     root = Path(root)
     meta = read_json(root / "meta.json")
-    op_cls, _ = CURVATURES[meta["config"]["curvature"]]
+    op_cls, _ = CURVATURES[meta.get("operator", meta["config"]["curvature"])]
     damping = meta.get("damping", {e["name"]: 0.0 for e in meta["layout"]})
     path = root / "curvature.safetensors"
     return op_cls.from_tensors(read_tensors(path) if path.is_file() else {}, damping)
@@ -213,7 +243,9 @@ def preconditioned_queries(
             f"{index.meta['model']}, now {model_fingerprint(model, list(layers))}). Rebuild it "
             "with `influscope index --overwrite`, or load the model it was built from."
         )
-    projector = LograProjector.from_tensors(read_tensors(index.root / "projector.safetensors"))
+    projector = projector_from_tensors(
+        index.meta["config"]["init"], read_tensors(index.root / "projector.safetensors")
+    )
     operator = load_curvature(index.root)
     layout = index.meta["layout"]
     out = []
@@ -221,7 +253,7 @@ def preconditioned_queries(
         model, task, layers, queries, batch_size=batch_size, objective="measurement",
         desc="query gradients",
     ):  # fmt: skip
-        g = projector.gradients(grads)  # {layer: (B, k_out, k_in)}
+        g = projector.gradients(grads)  # {layer: (B, k_out, k_in) or (B, K_ℓ)}
         pre = {n: operator.precondition(n, v.to(_dtype(operator, n, v))) for n, v in g.items()}
         out.append(flatten(pre, layout).float().cpu())
     return torch.cat(out)  # (Q, D)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from influscope.projection.projector import INITS
+
 console = Console(stderr=True)
 
 
@@ -30,11 +32,14 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     index.add_argument(
         "--init",
         default="orthogonal",
-        choices=["orthogonal", "gaussian", "pca"],
-        help="Projection init (docs/scale.md).",
+        choices=list(INITS),
+        help="LoGra projection (orthogonal, gaussian, pca), or 'eigen': the EK-FAC "
+        "eigen-coordinates with most preconditioned mass, same size (docs/scale.md).",
     )
     index.add_argument(
-        "--factors", default="factors", help="Factors stage used by --init pca (K-FAC/EK-FAC)."
+        "--factors",
+        default="factors",
+        help="Factors stage used by --init pca/eigen (K-FAC/EK-FAC; eigen keeps its damping).",
     )
     index.add_argument(
         "--curvature", default="ekfac", choices=["ekfac", "identity"], help="Projected curvature."
@@ -51,6 +56,12 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     index.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
     index.add_argument("--shard-size", type=int, default=1024, help="Sequences per shard.")
     index.add_argument("--seed", type=int, default=0, help="Seed of projections and labels.")
+    index.add_argument(
+        "--cache-mb",
+        type=float,
+        default=2048.0,
+        help="MiB for replaying the projected curvature's first pass (0: off; same results).",
+    )
     index.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -96,11 +107,12 @@ def cmd_index(args) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
+        cache_mb=args.cache_mb,
     )
     if args.dry_run:
         console.print(describe(estimate(inf, train, index=config)))
         return 0
-    factors = inf.load_factors(train, args.factors) if args.init == "pca" else None
+    factors = inf.load_factors(train, args.factors) if args.init in ("pca", "eigen") else None
     root = inf.run.root / "index" / args.name
     index = build_index(
         inf.model, inf.task, inf.layers, train, root, config, factors, overwrite=args.overwrite

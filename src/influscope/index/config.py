@@ -19,7 +19,10 @@ class IndexConfig(_Serializable):
         k_in: Rows of each layer's input projection ``P_in`` (capped at the layer's width).
         k_out: Rows of each layer's output-gradient projection ``P_out``.
         init: ``"orthogonal"`` (default: seeded Gaussian with orthonormalised rows), ``"gaussian"``
-            (seeded, i.i.d.) or ``"pca"`` (top eigenvectors of fitted K-FAC factors).
+            (seeded, i.i.d.), ``"pca"`` (top eigenvectors of fitted K-FAC factors) or
+            ``"eigen"`` (the ``Σ_ℓ k_out k_in`` EK-FAC eigen-coordinates with the largest
+            ``Λ/(Λ+λ)``, from fitted factors; preconditions with their ``Λ`` and damping, so
+            ``curvature`` must be ``"ekfac"`` and ``fisher``/``damping_factor`` are unused).
         seed: Seed of the Gaussian projections.
         curvature: Curvature fitted *in the projected space*: ``"ekfac"`` (EK-FAC on the
             projected Kronecker factors, default) or ``"identity"`` (projected gradient dot
@@ -29,6 +32,9 @@ class IndexConfig(_Serializable):
         dtype: Storage dtype of the projected training gradients.
         batch_size: Sequences per pass.
         shard_size: Sequences per index shard (and per resumable statistics shard).
+        cache_mb: Memory (MiB) for replaying the projected curvature's first statistics pass
+            in its eigenvalue refit (see :class:`influscope.FitConfig`); ``0`` disables it.
+            Not part of the stored fingerprint, since it does not change the index.
     """
 
     k_in: int = 64
@@ -41,6 +47,13 @@ class IndexConfig(_Serializable):
     dtype: str = "float16"
     batch_size: int = 8
     shard_size: int = 1024
+    cache_mb: float = 2048.0
+
+    def fingerprint_dict(self) -> dict:
+        """The settings that determine the index (``to_dict`` without ``cache_mb``)."""
+        out = self.to_dict()
+        out.pop("cache_mb")
+        return out
 
     def __post_init__(self) -> None:
         _check(self.k_in >= 1 and self.k_out >= 1, f"k_in, k_out must be ≥ 1, got {self}.")
@@ -48,6 +61,11 @@ class IndexConfig(_Serializable):
         _check(
             self.curvature in ("ekfac", "identity"),
             f"curvature must be 'ekfac' or 'identity', received {self.curvature!r}.",
+        )
+        _check(
+            self.init != "eigen" or self.curvature == "ekfac",
+            "init='eigen' preconditions with the fitted EK-FAC eigenvalues, so curvature must "
+            f"be 'ekfac'; received curvature={self.curvature!r}.",
         )
         _check(
             self.fisher in ("true", "empirical"),
@@ -60,3 +78,4 @@ class IndexConfig(_Serializable):
         )
         _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
         _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
+        _check(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")

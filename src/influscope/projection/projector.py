@@ -27,6 +27,9 @@ Initialisations (registry :data:`INITS`):
   inner products are preserved in expectation);
 * ``pca`` — the top-``k`` eigenvectors of the K-FAC factors ``A`` and ``S`` (needs a fitted
   K-FAC/EK-FAC operator), which keeps the directions where the curvature has most mass.
+* ``eigen`` — not a Kronecker product of two projections but a selection of single EK-FAC
+  eigen-coordinates (:class:`influscope.projection.eigen.EigenSelection`), with the same
+  storage budget ``Σ_ℓ k_out k_in``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from influscope.errors import ConfigError
 from influscope.modules.capture import LayerBatch
 from influscope.modules.selection import TrackedLayer
 
-#: Known initialisations of the projection matrices.
-INITS = ("orthogonal", "gaussian", "pca")
+#: Known initialisations of the projection matrices (``eigen``: :mod:`influscope.projection.eigen`).
+INITS = ("orthogonal", "gaussian", "pca", "eigen")
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -120,6 +123,11 @@ class LograProjector:
     def shape(self, name: str) -> tuple[int, int]:
         """``(k_out, k_in)`` of a layer's projected gradient."""
         return self.p_out[name].shape[0], self.p_in[name].shape[0]
+
+    def size(self, name: str) -> int:
+        """Stored numbers per sequence for one layer (``k_out · k_in``)."""
+        k_out, k_in = self.shape(name)
+        return k_out * k_in
 
     def project(self, name: str, lb: LayerBatch) -> LayerBatch:
         """Project one layer's activations and output gradients: ``(B, T, k_in)``, ``(B, T, k_out)``."""

@@ -33,3 +33,12 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
 def data_fingerprint(data: EncodedDataset) -> str:
     """The dataset's fingerprint (see :meth:`EncodedDataset.fingerprint`)."""
     return data.fingerprint()
+
+
+def operator_fingerprint(operator) -> str:
+    """A short hex digest of a fitted curvature operator (its kind, damping and tensors)."""
+    h = hashlib.sha256(f"{operator.name}:{sorted(operator.damping.items())};".encode())
+    for key, t in sorted(operator.tensors().items()):
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
