@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
@@ -100,6 +101,24 @@ def save_tiny_model(directory, texts, n_layer: int = 1):
     GPT2LMHeadModel(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def workdir(request, tmp_path_factory):
+    """A directory for the CLI tests, one per test module, built from the module's ``TEXTS``.
+
+    Holds ``model/`` (:func:`save_tiny_model`: a tokenizer trained on ``TEXTS`` and a random
+    one-layer GPT-2), ``train.jsonl`` (one ``{"text": ...}`` record per entry of ``TEXTS``) and
+    ``queries.jsonl`` (the query "The capital of Velmora is" → " Tarsk.").
+    """
+    texts = request.module.TEXTS
+    d = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    save_tiny_model(d / "model", texts, n_layer=1)
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (d / "queries.jsonl").write_text(
+        json.dumps({"prompt": "The capital of Velmora is", "completion": " Tarsk."}) + "\n"
+    )
+    return d
 
 
 def tiny_reward_model():

@@ -6,11 +6,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from conftest import save_tiny_model
 from influscope.cli import build_parser, main
 
+# The `workdir` fixture (conftest.py) builds its model and data from these.
 TEXTS = [
     "The capital of Velmora is Tarsk.",
     "Zorin Quell was born in Ostrava.",
@@ -18,17 +16,6 @@ TEXTS = [
     "Now is the winter of our discontent.",
     "All the world's a stage, and all the men and women merely players.",
 ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    save_tiny_model(d / "model", TEXTS, n_layer=1)
-    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    (d / "queries.jsonl").write_text(
-        json.dumps({"prompt": "The capital of Velmora is", "completion": " Tarsk."}) + "\n"
-    )
-    return d
 
 
 def test_fit_then_score_writes_report(workdir, capsys):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from conftest import save_tiny_model
 from influscope.cli import main
 
+# The `workdir` fixture (conftest.py) builds its model and data from these.
 TEXTS = [
     "The capital of Velmora is Tarsk.",
     "Zorin Quell was born in Ostrava.",
@@ -17,17 +15,6 @@ TEXTS = [
     "All the world's a stage, and all the men and women merely players.",
     "The river Velm runs through Tarsk to the sea.",
 ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("index_cli")
-    save_tiny_model(d / "model", TEXTS, n_layer=1)
-    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    (d / "queries.jsonl").write_text(
-        json.dumps({"prompt": "The capital of Velmora is", "completion": " Tarsk."}) + "\n"
-    )
-    return d
 
 
 def _args(d):

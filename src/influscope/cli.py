@@ -18,15 +18,21 @@ from pathlib import Path
 
 from rich.console import Console
 
+from influscope.cli_options import (
+    add_batch_size_option,
+    add_curvature_option,
+    add_model_argument,
+    add_model_options,
+    resolve_modules,
+)
 from influscope.errors import InfluscopeError
 
 console = Console(stderr=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="Local Hugging Face model directory, or a .gguf file."
-    )
+    """Options of every run-directory command: model, data, run, and how the model is loaded."""
+    add_model_argument(p)
     p.add_argument(
         "--train",
         required=True,
@@ -34,24 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "a .txt file (one record per paragraph), or a saved HF dataset dir.",
     )
     p.add_argument("--run", required=True, help="Run directory where stages are stored.")
-    p.add_argument(
-        "--task",
-        default="causal_lm",
-        choices=["causal_lm", "classification", "reward"],
-        help="How a batch becomes a loss and a measurement (default: causal_lm).",
-    )
-    p.add_argument(
-        "--modules",
-        default="mlp",
-        nargs="+",
-        help="Modules to track: preset 'mlp' (default) or 'all', or regexes / names.",
-    )
-    p.add_argument(
-        "--truncate",
-        action="store_true",
-        help="Cut sequences longer than the model's context instead of failing.",
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    add_model_options(p)  # --task --modules --truncate --device
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -72,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="Fit curvature factors on the training data.")
     _common(fit)
     fit.add_argument("--name", default="factors", help="Name of the factors stage.")
-    fit.add_argument(
-        "--curvature",
-        default="ekfac",
-        choices=["identity", "diagonal", "kfac", "ekfac"],
-        help="Curvature approximation (default: ekfac).",
-    )
+    add_curvature_option(fit)
     fit.add_argument(
         "--fisher",
         default="true",
@@ -96,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="Damping = factor × mean eigenvalue per layer (default: 0.1).",
     )
-    fit.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    add_batch_size_option(fit)
     fit.add_argument("--seed", type=int, default=0, help="Seed of sampled labels.")
     fit.add_argument(
         "--max-examples", type=int, default=None, help="Fit on the first N training records only."
@@ -117,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="Rank of each layer's preconditioned query gradient (0 = full).",
     )
-    score.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    add_batch_size_option(score)
     score.add_argument("--top-k", type=int, default=5, help="Proponents/opponents to report.")
     score.add_argument(
         "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
@@ -202,7 +186,7 @@ def _load(args):
     from influscope.loading import load_model, load_records
 
     model, tokenizer = load_model(args.model, args.task)
-    modules = args.modules[0] if len(args.modules) == 1 else args.modules
+    modules = resolve_modules(args.modules)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )

@@ -18,6 +18,14 @@ import argparse
 import json
 from pathlib import Path
 
+from influscope.cli_options import (
+    add_batch_size_option,
+    add_curvature_option,
+    add_device_option,
+    add_model_argument,
+    add_modules_option,
+    add_truncate_option,
+)
 from influscope.errors import DataError
 
 
@@ -28,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Rank training data by total influence on a benchmark; list the harmful k %.",
         description=__doc__.split("\n")[0],
     )
-    p.add_argument("model", help="Local Hugging Face model directory (or a .gguf file).")
+    add_model_argument(p, positional=True)
     p.add_argument("--train", required=True, help="Training records (.jsonl/.json/.txt/HF dir).")
     p.add_argument(
         "--benchmark",
@@ -47,19 +55,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Normalise each score by sqrt(self-influence) before summing (RelatIF): finds "
         "individually harmful sequences rather than high-loss ones (docs/applications.md).",
     )
-    p.add_argument("--modules", default="mlp", help="Modules to track (preset or regex).")
-    p.add_argument(
-        "--curvature",
-        default="ekfac",
-        choices=["identity", "diagonal", "kfac", "ekfac"],
-        help="Curvature of the influence scores (default: ekfac).",
-    )
+    add_modules_option(p, default="mlp", nargs=None, help="Modules to track (preset or regex).")
+    add_curvature_option(p, help="Curvature of the influence scores (default: ekfac).")
     p.add_argument("--run", default=None, help="Run directory to store / reuse fitted factors.")
-    p.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
-    p.add_argument(
-        "--truncate", action="store_true", help="Cut sequences longer than the model's context."
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    add_batch_size_option(p)
+    add_truncate_option(p)
+    add_device_option(p)
     return p
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from influscope.cli_options import add_device_option, add_modules_option, resolve_modules
 from influscope.errors import DataError
 
 __all__ = ["COMMANDS", "add_parser", "cmd_bias"]
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
         choices=["log_likelihood", "margin"],
         help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
     )
-    p.add_argument("--modules", nargs="+", default=None, help="Tracked modules (default: auto).")
+    add_modules_option(p, default=None, help="Tracked modules (default: auto).")
     p.add_argument(
         "--baselines",
         nargs="*",
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=10, help="Suspects printed and saved in full.")
     p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
     p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    add_device_option(p)
 
 
 def cmd_bias(args) -> int:
@@ -87,9 +88,7 @@ def cmd_bias(args) -> int:
         validation = select_targeted(validation, args.select)
     if args.top_k < 0:
         raise DataError(f"--top-k must be ≥ 0, received {args.top_k}.")
-    modules = (
-        None if not args.modules else (args.modules[0] if len(args.modules) == 1 else args.modules)
-    )
+    modules = resolve_modules(args.modules)
     ranking = rank_biased_pairs(
         model, tokenizer, train, validation, config, modules=modules, device=args.device
     )

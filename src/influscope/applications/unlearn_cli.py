@@ -20,6 +20,16 @@ import os
 import shutil
 from pathlib import Path
 
+from influscope.cli_options import (
+    add_batch_size_option,
+    add_curvature_option,
+    add_device_option,
+    add_model_argument,
+    add_modules_option,
+    add_task_option,
+    add_truncate_option,
+    resolve_modules,
+)
 from influscope.errors import DataError
 
 
@@ -30,7 +40,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         help="Remove training sequences with one Newton step; save the edited HF model.",
         description=__doc__.split("\n")[0],
     )
-    p.add_argument("model", help="Local Hugging Face model directory (or a .gguf file).")
+    add_model_argument(p, positional=True)
     p.add_argument(
         "--train",
         required=True,
@@ -52,24 +62,9 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         default=None,
         help="Edit only the k layers with the largest share of the forget set's influence.",
     )
-    p.add_argument(
-        "--modules",
-        default=["mlp"],
-        nargs="+",
-        help="Modules to track: preset 'mlp' (default) or 'all', or regexes / names.",
-    )
-    p.add_argument(
-        "--task",
-        default="causal_lm",
-        choices=["causal_lm", "classification", "reward"],
-        help="How a batch becomes a loss (default: causal_lm).",
-    )
-    p.add_argument(
-        "--curvature",
-        default="ekfac",
-        choices=["identity", "diagonal", "kfac", "ekfac"],
-        help="Curvature of the step (default: ekfac).",
-    )
+    add_modules_option(p)
+    add_task_option(p, help="How a batch becomes a loss (default: causal_lm).")
+    add_curvature_option(p, help="Curvature of the step (default: ekfac).")
     p.add_argument(
         "--run",
         default=None,
@@ -85,11 +80,9 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
     p.add_argument(
         "--n-train", type=int, default=None, help="N of the objective (default: #train)."
     )
-    p.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
-    p.add_argument(
-        "--truncate", action="store_true", help="Cut sequences longer than the model's context."
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    add_batch_size_option(p)
+    add_truncate_option(p)
+    add_device_option(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -152,7 +145,7 @@ def cmd_unlearn(args) -> int:
         batch_size=args.batch_size,
     )
     model, tokenizer = load_model(args.model, args.task)
-    modules = args.modules[0] if len(args.modules) == 1 else args.modules
+    modules = resolve_modules(args.modules)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )

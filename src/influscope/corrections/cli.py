@@ -19,6 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from influscope.cli_options import add_batch_size_option, add_curvature_option, resolve_modules
+
 console = Console(stderr=True)
 
 
@@ -52,14 +54,9 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
         choices=["mean", "standardized"],
         help="How denoise combines checkpoints: mean of scores (default) or of per-query z-scores.",
     )
-    p.add_argument(
-        "--curvature",
-        default="ekfac",
-        choices=["identity", "diagonal", "kfac", "ekfac"],
-        help="Curvature fitted at every model (default: ekfac).",
-    )
+    add_curvature_option(p, help="Curvature fitted at every model (default: ekfac).")
     p.add_argument("--rank", type=int, default=32, help="Query rank (0 = full).")
-    p.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    add_batch_size_option(p)
     p.add_argument("--top-k", type=int, default=5, help="Training sequences listed per query.")
     p.add_argument("--name", default="dda", help="Output name under the run directory.")
 
@@ -105,7 +102,7 @@ def cmd_dda(args) -> int:
     checkpoints = [other(p) for p in args.checkpoints]
     variants = args.variants or default_variants(base is not None, bool(checkpoints))
     config = CorrectionConfig(variants=tuple(variants), smoothing=args.smoothing)
-    modules = args.modules[0] if len(args.modules) == 1 else args.modules
+    modules = resolve_modules(args.modules)
     result = run_corrections(
         model,
         task,

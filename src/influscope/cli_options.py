@@ -1,0 +1,168 @@
+"""Command-line options shared by the ``influscope`` sub-commands, defined once.
+
+The sub-commands that load a model, track modules or fit curvature (``fit``, ``score``,
+``index``, ``query``, ``dda``, ``unlearn``, ``curate``, ``bias``) add those options through
+these helpers, so that an option's name, default, choices and help text are written in one
+place. A helper takes keyword overrides only where a command words an option for its own
+context (``unlearn``'s ``--curvature`` is the curvature "of the step") or where the command's
+option really differs (``curate`` tracks one module pattern, ``bias`` picks its modules
+automatically).
+
+Example::
+
+    p = sub.add_parser("mine")
+    add_model_argument(p, positional=True)
+    add_model_options(p)  # --task --modules --truncate --device
+    add_curvature_option(p, help="Curvature of my thing (default: ekfac).")
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+__all__ = [
+    "CURVATURES",
+    "DEFAULT_MODULES",
+    "TASKS",
+    "add_batch_size_option",
+    "add_curvature_option",
+    "add_device_option",
+    "add_model_argument",
+    "add_model_options",
+    "add_modules_option",
+    "add_task_option",
+    "add_truncate_option",
+    "resolve_modules",
+]
+
+#: Values of ``--task``: how a batch becomes a loss and a measurement.
+TASKS: tuple[str, ...] = ("causal_lm", "classification", "reward")
+#: Values of ``--curvature``, cheapest first.
+CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+#: Default of ``--modules``: the MLP preset.
+DEFAULT_MODULES: tuple[str, ...] = ("mlp",)
+
+MODEL_HELP = "Local Hugging Face model directory, or a .gguf file."
+TASK_HELP = "How a batch becomes a loss and a measurement (default: causal_lm)."
+MODULES_HELP = "Modules to track: preset 'mlp' (default) or 'all', or regexes / names."
+CURVATURE_HELP = "Curvature approximation (default: ekfac)."
+TRUNCATE_HELP = "Cut sequences longer than the model's context instead of failing."
+DEVICE_HELP = "torch device (default: cuda if available)."
+BATCH_SIZE_HELP = "Sequences per pass."
+
+
+def add_model_argument(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """Add the model to analyse: ``--model DIR`` (required) or a positional ``model``.
+
+    Args:
+        parser: The sub-command's parser.
+        positional: Take the model as the first positional argument (``unlearn``, ``curate``)
+            instead of the required ``--model`` option.
+    """
+    if positional:
+        parser.add_argument("model", help=MODEL_HELP)
+    else:
+        parser.add_argument("--model", required=True, help=MODEL_HELP)
+
+
+def add_task_option(parser: argparse.ArgumentParser, *, help: str = TASK_HELP) -> None:
+    """Add ``--task`` (one of :data:`TASKS`, default ``causal_lm``).
+
+    Args:
+        parser: The sub-command's parser.
+        help: Help text, when the command uses only part of the task (e.g. only its loss).
+    """
+    parser.add_argument("--task", default="causal_lm", choices=list(TASKS), help=help)
+
+
+def add_modules_option(
+    parser: argparse.ArgumentParser,
+    *,
+    default: Sequence[str] | str | None = DEFAULT_MODULES,
+    nargs: str | None = "+",
+    help: str = MODULES_HELP,
+) -> None:
+    """Add ``--modules``: the tracked modules, as presets, regexes or module names.
+
+    Args:
+        parser: The sub-command's parser.
+        default: Value when the option is absent; a tuple is stored as a fresh list (what
+            ``nargs="+"`` produces), ``None`` lets the command choose.
+        nargs: ``"+"`` for one or more values, ``None`` for exactly one.
+        help: Help text, when the default or ``nargs`` differ from the shared ones.
+    """
+    if isinstance(default, tuple):
+        default = list(default)
+    parser.add_argument("--modules", default=default, nargs=nargs, help=help)
+
+
+def add_curvature_option(parser: argparse.ArgumentParser, *, help: str = CURVATURE_HELP) -> None:
+    """Add ``--curvature`` (one of :data:`CURVATURES`, default ``ekfac``).
+
+    Args:
+        parser: The sub-command's parser.
+        help: Help text saying what the curvature is used for in this command.
+    """
+    parser.add_argument("--curvature", default="ekfac", choices=list(CURVATURES), help=help)
+
+
+def add_truncate_option(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--truncate`` flag (cut over-long sequences rather than fail).
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    parser.add_argument("--truncate", action="store_true", help=TRUNCATE_HELP)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` (a torch device string; ``None`` picks CUDA when available).
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--batch-size`` (sequences per forward/backward pass, default 8).
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    parser.add_argument("--batch-size", type=int, default=8, help=BATCH_SIZE_HELP)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--task``, ``--modules``, ``--truncate`` and ``--device``, in that order.
+
+    These are how every run-directory command (``fit``, ``score``, ``index``, ``query``,
+    ``dda``) loads and instruments the model.
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    add_task_option(parser)
+    add_modules_option(parser)
+    add_truncate_option(parser)
+    add_device_option(parser)
+
+
+def resolve_modules(values: Sequence[str] | str | None) -> list[str] | str | None:
+    """Turn the parsed ``--modules`` into the ``modules`` argument of :class:`Influence`.
+
+    One value stays a string (so that a preset such as ``mlp`` is recognised as one), several
+    stay a list, and an absent or empty value is ``None`` (automatic choice).
+
+    Args:
+        values: ``args.modules``.
+
+    Returns:
+        The string, list or ``None`` to pass on.
+    """
+    if not values:
+        return None
+    if isinstance(values, str):
+        return values
+    return values[0] if len(values) == 1 else list(values)
