@@ -83,6 +83,8 @@ def test_help_explains_every_option():
         check=True,
     ).stdout
     assert "--rank" in out and "--queries" in out
+    for name, p in sub.choices.items():  # every help text formats (a bare "%" would not)
+        assert name in parser.format_help() and p.format_help()
 
 
 def test_readme_python_example_runs(workdir, tmp_path):

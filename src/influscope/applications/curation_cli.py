@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register the ``curate`` sub-command on ``sub`` (an argparse sub-parsers object)."""
     p = sub.add_parser(
         "curate",
-        help="Rank training data by total influence on a benchmark; list the harmful k %.",
+        help="Rank training data by total influence on a benchmark; list the harmful k %%.",
         description=__doc__.split("\n")[0],
     )
     add_model_argument(p, positional=True)
