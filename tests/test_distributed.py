@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
-from influscope.index import IndexConfig, build_index
+from influscope.index import IndexConfig, build_index, preconditioned_queries
 from influscope.storage import atomic_write_tensors, read_tensors
 
 WORLD = 2
@@ -44,6 +44,11 @@ def _run(run_dir: Path) -> dict[str, torch.Tensor]:
     cfg = IndexConfig(k_in=8, k_out=8, dtype="float32", batch_size=3, shard_size=4)
     index = build_index(model, inf.task, inf.layers, train, run_dir / "index", cfg)
     out["index_rows"] = index.rows(list(range(len(train))))
+    # the eigen-coordinate index from the fitted factors (scores: eigenvector signs cancel)
+    cfg = IndexConfig(k_in=8, k_out=8, init="eigen", dtype="float32", batch_size=3, shard_size=4)
+    eigen = build_index(model, inf.task, inf.layers, train, run_dir / "eigen", cfg, factors=op)
+    q = preconditioned_queries(model, inf.task, inf.layers, queries, eigen)
+    out["index_rows_eigen_scores"] = eigen.search(q, k=3, return_all=True)[1]
     return out
 
 
@@ -68,7 +73,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         got = read_tensors(tmp_path / f"rank{rank}.safetensors")
         assert set(got) == set(single)
         for key, value in single.items():
-            tol = 1e-5 if key == "index_rows" else 1e-9  # float32 storage
+            tol = 1e-5 if key.startswith("index_rows") else 1e-9  # float32 storage
             torch.testing.assert_close(got[key], value, rtol=tol, atol=tol * 1e-3, msg=key)
     # the distributed fit stored its factors (rank 0) and cleaned up its partial sums
     assert (tmp_path / "run" / "factors" / "factors" / "meta.json").is_file()
