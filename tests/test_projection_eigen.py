@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from conftest import random_lm_data, tiny_gpt2
-from influscope import ConfigError, FitConfig, Influence, ScoreConfig, StaleArtifactError
+from influscope import (
+    ConfigError,
+    DataError,
+    FitConfig,
+    Influence,
+    ScoreConfig,
+    StaleArtifactError,
+)
 from influscope.index import IndexConfig, build_index, preconditioned_queries
 from influscope.modules.passes import layer_passes
 from influscope.projection import EigenSelection
@@ -99,3 +106,13 @@ def test_eigen_needs_factors_and_refuses_stale_ones(setup, tmp_path):
         inf.model, inf.task, inf.layers, train, tmp_path / "c", cfg, factors=other, overwrite=True
     )
     assert index.n_rows == len(train)
+
+
+def test_facade_builds_and_queries_an_eigen_index(setup, tmp_path):
+    inf, train, queries, op, exact = setup
+    cfg = IndexConfig(k_in=10_000, k_out=10_000, init="eigen", dtype="float32", batch_size=4)
+    with pytest.raises(DataError, match="run_dir"):
+        inf.build_index(train, cfg, op)
+    index = inf.build_index(train, cfg, op, root=tmp_path / "idx")
+    top = inf.query_index(queries, index, k=3)
+    assert top.indices[:, 0].tolist() == exact.argmax(dim=1).tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass,
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory, model_fingerprint
 from influscope.tasks import EncodedDataset, Task, context_length, get_task
+
+if TYPE_CHECKING:
+    from influscope.index import GradientIndex, IndexConfig, TopK
 
 
 class Influence:
@@ -282,6 +286,48 @@ class Influence:
             else self.precondition(queries, factors, config)
         )
         return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
+
+    # --- index ---------------------------------------------------------------------------
+    def build_index(
+        self,
+        train: EncodedDataset,
+        config: IndexConfig | None = None,
+        factors: CurvatureOperator | None = None,
+        name: str = "index",
+        root: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> GradientIndex:
+        """Write, resume or reuse the projected gradient index of ``train``.
+
+        Stored under ``RUN/index/<name>`` (or ``root``); see :func:`influscope.index.build_index`.
+        ``factors`` are needed for ``IndexConfig(init="pca")`` and ``init="eigen"``.
+
+        Raises:
+            DataError: With neither a run directory nor ``root``.
+        """
+        from influscope.index import build_index
+
+        self._check(train)
+        if root is None and self.run is None:
+            raise DataError(
+                "build_index needs a place for its shards: pass root=... or create the "
+                "Influence with run_dir=..."
+            )
+        root = Path(root) if root is not None else self.run.root / "index" / name
+        return build_index(
+            self.model, self.task, self.layers, train, root, config, factors, overwrite
+        )
+
+    def query_index(
+        self, queries: EncodedDataset, index: GradientIndex, k: int = 10, batch_size: int = 8
+    ) -> TopK:
+        """Top-``k`` training sequences of each query from a built index (a :class:`TopK`)."""
+        from influscope.index import query_index
+
+        self._check(queries)
+        return query_index(
+            self.model, self.task, self.layers, queries, index, k=k, batch_size=batch_size
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

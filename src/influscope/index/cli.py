@@ -93,7 +93,7 @@ def _text(record: dict) -> str:
 
 def cmd_index(args) -> int:
     from influscope.cli import _load
-    from influscope.index import IndexConfig, build_index
+    from influscope.index import IndexConfig
     from influscope.resources import describe, estimate
 
     inf, train = _load(args)
@@ -113,10 +113,8 @@ def cmd_index(args) -> int:
         console.print(describe(estimate(inf, train, index=config)))
         return 0
     factors = inf.load_factors(train, args.factors) if args.init in ("pca", "eigen") else None
-    root = inf.run.root / "index" / args.name
-    index = build_index(
-        inf.model, inf.task, inf.layers, train, root, config, factors, overwrite=args.overwrite
-    )
+    index = inf.build_index(train, config, factors, name=args.name, overwrite=args.overwrite)
+    root = index.root
     size = sum(p.stat().st_size for p in (root / "shards").glob("*.npy"))
     console.print(
         f"[green]indexed[/green] {index.n_rows} sequences × {index.meta['dim']} projected "
