@@ -26,6 +26,8 @@ from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
+from influscope.evaluation.metrics import spearman  # noqa: F401  (the benchmarks' Spearman)
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"
 SEQ = 128
@@ -174,14 +176,6 @@ class Stages:
             "peak_mib": self.peak_mib,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (no ties expected)."""
-    rx = x.double().argsort().argsort().double()
-    ry = y.double().argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
 def load_average() -> str:

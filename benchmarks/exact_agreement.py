@@ -22,20 +22,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
+from influscope.evaluation.metrics import pearson, spearman
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import CausalLMTask, EncodedDataset
 from influscope.toy import VectorClassificationTask, mlp_problem
 
 ESTIMATORS = ("identity", "diagonal", "kfac", "ekfac")
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    return pearson(x.argsort().argsort().double(), y.argsort().argsort().double())
 
 
 def lm_problem(seed: int = 1):

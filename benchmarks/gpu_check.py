@@ -134,14 +134,6 @@ def rate(amount: float, seconds: float | None) -> float | None:
     return amount / seconds if seconds else None
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors."""
-    rx = x.double().argsort().argsort().double()
-    ry = y.double().argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-30))
-
-
 # --- (a) the CUDA test subset -----------------------------------------------------------------
 def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``pytest -m cuda tests/test_cuda.py`` and summarise its JUnit report.
@@ -918,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             free_memory(device)
             report["kronfluence"] = kron
             if kron_scores is not None and kron_scores.shape == ours_scores.shape:
+                from influscope.evaluation.metrics import spearman
+
                 rho = [spearman(ours_scores[q], kron_scores[q]) for q in range(len(queries))]
                 report["spearman_vs_kronfluence"] = sum(rho) / len(rho)
 

@@ -11,18 +11,13 @@ construction; that figure is reported (not asserted) in ``docs/accuracy.md``.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
+from influscope.evaluation.metrics import pearson
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import EncodedDataset
 from influscope.toy import VectorClassificationTask, mlp_problem
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
 
 
 @pytest.fixture(scope="module")

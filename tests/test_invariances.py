@@ -10,13 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    rx = x.argsort().argsort().double()
-    ry = y.argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+from influscope.evaluation.metrics import spearman
 
 
 @pytest.fixture(scope="module")

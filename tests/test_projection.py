@@ -9,15 +9,10 @@ import torch
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import ConfigError, FitConfig, Influence, ScoreConfig
+from influscope.evaluation.metrics import spearman
 from influscope.index import IndexConfig, build_index, preconditioned_queries
 from influscope.modules.passes import layer_passes
 from influscope.projection import LograProjector
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from influscope.errors import DataError
+from influscope.evaluation import metrics
 from influscope.report.views import Section
 from influscope.scoring.pairwise import Scores
 
@@ -75,27 +76,16 @@ def check_records(records: Sequence[dict[str, Any]], n: int, what: str) -> None:
         )
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), 0-based."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation ``cov(x, y) / (σ_x σ_y)``; NaN when either is constant."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+    """Pearson correlation (:func:`influscope.evaluation.metrics.pearson`); NaN when either
+    vector is constant or has fewer than two values."""
+    return metrics.pearson(x, y) if np.size(x) >= 2 else float("nan")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN when either is constant."""
-    return pearson(_ranks(np.asarray(x)), _ranks(np.asarray(y)))
+    """Spearman rank correlation with average ranks for ties
+    (:func:`influscope.evaluation.metrics.spearman`); NaN as for :func:`pearson`."""
+    return metrics.spearman(x, y) if np.size(x) >= 2 else float("nan")
 
 
 def fmt(value: float, digits: int = 3) -> str:
