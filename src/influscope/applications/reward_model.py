@@ -23,6 +23,7 @@ from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 from influscope.config import _check, _Serializable
 from influscope.demo.train import make_gpt2_config, train_tokenizer
+from influscope.optim import decoupled_adamw
 from influscope.tasks import EncodedDataset, RewardTask
 
 __all__ = [
@@ -103,20 +104,13 @@ def train_reward_model(
     config = config or RewardModelConfig()
     task = RewardTask(pad_token_id=pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]  # a frozen encoder stays fixed
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = decoupled_adamw(params, config.lr, config.weight_decay)
     steps = config.epochs * math.ceil(len(data) / config.batch_size)
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:
+        # = cosine_factor(step, steps, warmup, 0.05) up to rounding; this operation order is
+        # kept so that the reward figures in docs/applications_reward.md reproduce bit for bit
         if step < warmup:
             return (step + 1) / warmup
         return 0.05 + 0.95 * 0.5 * (

@@ -39,6 +39,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from influscope.errors import ConfigError, DataError
+from influscope.optim import adamw_cosine
 
 __all__ = [
     "EOT",
@@ -275,27 +276,10 @@ def train_lm(
     torch.manual_seed(seed)
     model = copy.deepcopy(init) if init is not None else GPT2LMHeadModel(config)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.98),
+    total = epochs * math.ceil(len(seqs) / batch_size)
+    optimizer, scheduler = adamw_cosine(
+        model.parameters(), lr, weight_decay, total, max(1, int(warmup_frac * total)), floor=0.1
     )
-    steps_per_epoch = math.ceil(len(seqs) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, int(warmup_frac * total))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(model=model)
     start, cpu_start = time.perf_counter(), time.process_time()
