@@ -90,6 +90,33 @@ def _chunks() -> list[str]:
     return json.loads(path.read_text())
 
 
+def smollm2_datasets(tok, n_train: int, n_queries: int):
+    """Shakespeare windows for SmolLM2: ``n_train`` × 128 tokens (every token labelled) and
+    ``n_queries`` held-out windows of 48 tokens (first 32 the prompt, next 16 the completion)."""
+    from influscope import EncodedDataset
+
+    texts = _chunks()
+    ones = torch.ones(128, dtype=torch.long)
+    train = EncodedDataset(
+        [
+            {"input_ids": ids, "attention_mask": ones, "labels": ids}
+            for ids in (torch.tensor(tok(t)["input_ids"][:128]) for t in texts[:n_train])
+        ]
+    )
+    q_ids = [torch.tensor(tok(t)["input_ids"][:48]) for t in texts[-n_queries:]]
+    queries = EncodedDataset(
+        [
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(48, dtype=torch.long),
+                "labels": torch.cat([torch.full((32,), -100), ids[32:]]),
+            }
+            for ids in q_ids
+        ]
+    )
+    return train, queries
+
+
 def prepare(variant: str, n_train: int, n_queries: int) -> BenchData:
     """Train (or load) the variant's model; encode ``n_train`` + ``n_queries`` sequences.
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Stages, _chunks, load_average, write_section
-from influscope import EncodedDataset, Influence
+from common import ROOT, Stages, load_average, smollm2_datasets, write_section
+from influscope import Influence
 from influscope.assets import smollm2_gguf
 from influscope.index import IndexConfig, build_index, query_index
 from influscope.loading import load_model
@@ -40,25 +40,7 @@ def main() -> None:
     with stages.stage("load model"):
         model, tok = load_model(smollm2_gguf())
     inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tok)
-    texts = _chunks()
-    ones = torch.ones(128, dtype=torch.long)
-    train = EncodedDataset(
-        [
-            {"input_ids": ids, "attention_mask": ones, "labels": ids}
-            for ids in (torch.tensor(tok(t)["input_ids"][:128]) for t in texts[: args.n_train])
-        ]
-    )
-    q_ids = [torch.tensor(tok(t)["input_ids"][:48]) for t in texts[-args.n_queries :]]
-    queries = EncodedDataset(
-        [
-            {
-                "input_ids": ids,
-                "attention_mask": torch.ones(48, dtype=torch.long),
-                "labels": torch.cat([torch.full((32,), -100), ids[32:]]),
-            }
-            for ids in q_ids
-        ]
-    )
+    train, queries = smollm2_datasets(tok, args.n_train, args.n_queries)
     cfg = IndexConfig(dtype="float16", batch_size=args.batch_size, shard_size=256)
     with tempfile.TemporaryDirectory() as tmp:
         with stages.stage("index (projected EK-FAC + gradients)"):

@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="Rank of each layer's preconditioned query gradient (0 = full).",
     )
+    score.add_argument(
+        "--svd",
+        default="auto",
+        choices=["auto", "exact", "randomized"],
+        help="SVD behind --rank: randomized (much faster on wide layers), exact, or auto "
+        "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
+    )
     add_batch_size_option(score)
     score.add_argument("--top-k", type=int, default=5, help="Proponents/opponents to report.")
     score.add_argument(
@@ -235,6 +242,7 @@ def cmd_score(args) -> int:
     op = inf.load_factors(train, args.factors)
     config = ScoreConfig(
         query_rank=args.rank or None,
+        query_svd=args.svd,
         batch_size=args.batch_size,
         per_layer=True,
         normalize="relatif" if args.relatif else None,

@@ -139,6 +139,10 @@ class ScoreConfig(_Serializable):
         query_rank: Keep each layer's preconditioned query gradient as a rank-``r`` SVD
             (default 32, Grosse et al. report Pearson 0.995 against full rank); ``None`` keeps
             full rank.
+        query_svd: How the rank-``r`` SVD is computed: ``"exact"``, ``"randomized"`` (seeded
+            sketch with power iterations, much faster on LLM-sized layers) or ``"auto"``
+            (default: randomized when ``4 (r + 8) ≤ min(out, in)``, e.g. 576 ↔ 1536 layers at
+            rank 32, exact on small layers); see :mod:`influscope.scoring.queries`.
         batch_size: Training examples per pass.
         per_layer: Also return the per-layer terms ``(Q, N, L)``.
         normalize: ``None``, or ``"relatif"`` to divide by ``sqrt(self-influence)`` of each
@@ -147,6 +151,7 @@ class ScoreConfig(_Serializable):
     """
 
     query_rank: int | None = 32
+    query_svd: str = "auto"
     batch_size: int = 8
     per_layer: bool = False
     normalize: str | None = None
@@ -156,6 +161,10 @@ class ScoreConfig(_Serializable):
         _check(
             self.query_rank is None or self.query_rank >= 1,
             f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.",
+        )
+        _check(
+            self.query_svd in ("auto", "exact", "randomized"),
+            f"query_svd must be 'auto', 'exact' or 'randomized', received {self.query_svd!r}.",
         )
         _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
         _check(
