@@ -18,6 +18,7 @@ the top-10 overlap.
 
     .venv/bin/python benchmarks/projection_agreement.py [--widths 32 64 128] [--inits orthogonal gaussian] [--report docs/benchmarks.md]
     .venv/bin/python benchmarks/projection_agreement.py --widths 64 --inits orthogonal --damping-factors 0.003 0.01 0.03 0.1 0.3 1 --report docs/benchmarks.md
+    .venv/bin/python benchmarks/projection_agreement.py --model smollm2 --widths 64 --inits orthogonal eigen --report docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, spearman, write_section
+from common import ROOT, load_average, smollm2_datasets, spearman, write_section
 from influscope import FitConfig, Influence, ScoreConfig
+from influscope.assets import smollm2_gguf
 from influscope.demo.corpus import build_demo_corpus, free_text_queries
 from influscope.demo.pipeline import direct_fact_queries
 from influscope.demo.train import DemoTrainConfig, train_demo_model
 from influscope.index import IndexConfig, build_index, preconditioned_queries
+from influscope.loading import load_model
 
 
 def main() -> None:
@@ -57,24 +60,23 @@ def main() -> None:
     parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", default=None, help="Markdown file to update.")
+    parser.add_argument(
+        "--model",
+        choices=["demo", "smollm2"],
+        default="demo",
+        help="The demo GPT-2, or SmolLM2-135M's 90 MLP layers on Shakespeare windows.",
+    )
+    parser.add_argument("--n-train", type=int, default=128, help="SmolLM2 only.")
+    parser.add_argument("--n-queries", type=int, default=8, help="SmolLM2 only.")
     args = parser.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
     t0 = time.perf_counter()
-    corpus = build_demo_corpus(args.assets, n_facts=40, n_shakespeare_chunks=300, seed=args.seed)
-    saved = Path(args.out) / f"model-seed{args.seed}"
-    if (saved / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(saved)
-    else:
-        model, tokenizer, _ = train_demo_model(corpus, saved, DemoTrainConfig(seed=args.seed))
-    inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tokenizer, device="cpu")
-    train = inf.encode(corpus.records, truncate=True)
-    queries = inf.encode(direct_fact_queries(corpus) + free_text_queries(), truncate=True)
+    model, inf, train, queries = (_smollm2 if args.model == "smollm2" else _demo)(args)
     op = inf.fit(train, FitConfig(curvature="ekfac", fisher=args.fisher))
     exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise  # (Q, N)
     print(
-        f"demo model ready, unprojected EK-FAC scored in {time.perf_counter() - t0:.0f} s",
+        f"{args.model} model ready, unprojected EK-FAC scored in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
 
@@ -111,13 +113,20 @@ def main() -> None:
         )
         print(f"{init} k={k} damping={damping}: spearman mean={rows[-1][4]:.4f}", flush=True)
 
+    setting = (
+        f"SmolLM2-135M-Instruct, {len(inf.layers)} MLP layers, {len(train)} Shakespeare windows "
+        f"× 128 tokens, {len(queries)} held-out queries"
+        if args.model == "smollm2"
+        else f"Demo corpus and model (`make demo` settings, seed {args.seed}): {len(train)} "
+        f"training sequences, {len(queries)} queries, MLP layers tracked"
+    )
     lines = [
-        "## Projected index vs unprojected EK-FAC on the demo model",
+        "## Projected index vs unprojected EK-FAC on the "
+        + ("SmolLM2-135M" if args.model == "smollm2" else "demo model"),
         "",
         f"Command: `.venv/bin/python benchmarks/projection_agreement.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Demo corpus and model (`make demo` settings, seed {args.seed}): {len(train)} training "
-        f"sequences, {len(queries)} queries, MLP layers tracked, {args.fisher} Fisher on both "
+        f"{setting}, {args.fisher} Fisher on both "
         "sides, float32 index; `orthogonal` = seeded Gaussian with orthonormal rows (the default), "
         "`gaussian` = i.i.d. N(0, 1/k), `pca` = top-k eigenvectors of the K-FAC factors, "
         "`eigen` = the same number of single EK-FAC eigen-coordinates, largest Λ/(Λ+λ) first "
@@ -135,9 +144,31 @@ def main() -> None:
     print("\n".join(lines))
     if args.report:
         section = "projection_agreement" + ("" if args.damping_factors == [0.1] else "_damping")
+        section += "_smollm2" if args.model == "smollm2" else ""
         write_section(ROOT / args.report, section, "\n".join(lines))
     at64 = {r[0]: r[4] for r in rows if r[1] == 64 and r[2] == 0.1}
     print(" ".join(f"{i}64_spearman_vs_ekfac={v:.4f}" for i, v in at64.items()))
+
+
+def _demo(args):
+    corpus = build_demo_corpus(args.assets, n_facts=40, n_shakespeare_chunks=300, seed=args.seed)
+    saved = Path(args.out) / f"model-seed{args.seed}"
+    if (saved / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        model, tokenizer, _ = train_demo_model(corpus, saved, DemoTrainConfig(seed=args.seed))
+    inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tokenizer, device="cpu")
+    train = inf.encode(corpus.records, truncate=True)
+    queries = inf.encode(direct_fact_queries(corpus) + free_text_queries(), truncate=True)
+    return model, inf, train, queries
+
+
+def _smollm2(args):
+    model, tokenizer = load_model(smollm2_gguf())
+    inf = Influence(model, "causal_lm", modules="mlp", tokenizer=tokenizer, device="cpu")
+    train, queries = smollm2_datasets(tokenizer, args.n_train, args.n_queries)
+    return model, inf, train, queries
 
 
 if __name__ == "__main__":
