@@ -10,7 +10,8 @@ import torch
 from conftest import random_lm_data, tiny_gpt2
 from influscope import ConfigError, FitConfig, Influence, ScoreConfig
 from influscope.evaluation.metrics import spearman
-from influscope.scoring.queries import low_rank
+from influscope.modules.passes import layer_passes
+from influscope.scoring.queries import low_rank, preconditioned_low_rank
 
 
 def _rank_r(p: torch.Tensor, r: int) -> torch.Tensor:
@@ -63,3 +64,22 @@ def test_auto_is_randomized_only_on_wide_layers():
     for a, b in zip(low_rank(small, 32, "auto"), low_rank(small, 32, "exact")):
         assert torch.equal(a, b)
     assert ScoreConfig().query_svd == "auto"
+
+
+def test_kronecker_operators_take_the_svd_in_their_eigenbasis():
+    """``U_X Q_S^⊤``, ``V_X Q_A^⊤`` from the SVD of the rotated, divided gradient reconstruct the
+    same rank-r matrix as the SVD of the back-rotated one (float64)."""
+    model = tiny_gpt2(n_embd=16)
+    train = random_lm_data(12, seed=1)
+    inf = Influence(model, "causal_lm", modules="mlp", device="cpu")
+    op = inf.fit(train, FitConfig(curvature="ekfac", batch_size=4))
+    _, grads, _ = next(
+        iter(layer_passes(inf.model, inf.task, inf.layers, train, batch_size=4, objective="loss"))
+    )
+    for name, lb in grads.items():
+        g = lb.gradient()
+        u, v = preconditioned_low_rank(op, name, g, 3, "exact")
+        uu, vv = low_rank(op.precondition(name, g), 3, "exact")
+        torch.testing.assert_close(
+            u.transpose(1, 2) @ v, uu.transpose(1, 2) @ vv, rtol=1e-9, atol=1e-11
+        )

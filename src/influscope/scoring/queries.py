@@ -23,6 +23,7 @@ from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
+from influscope.curvature.eigen import KroneckerEigenOperator
 from influscope.modules.passes import layer_passes
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
@@ -124,6 +125,26 @@ def low_rank(
     return uu.to(p.dtype).contiguous(), vh[:, :r, :].to(p.dtype).contiguous()
 
 
+def preconditioned_low_rank(
+    operator: CurvatureOperator, name: str, g: torch.Tensor, rank: int, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``r`` factors ``U (B, r, out)``, ``V (B, r, in)`` of ``(G + λI)^{-1} g``.
+
+    For a Kronecker-eigenbasis operator (K-FAC, EK-FAC) the preconditioned matrix is
+    ``Q_S X Q_A^⊤`` with ``X = (Q_S^⊤ g Q_A) ⊘ (Λ + λ)``; ``Q_S``, ``Q_A`` are orthogonal, so its
+    SVD is that of ``X`` with the singular vectors rotated: ``U = U_X Q_S^⊤``, ``V = V_X Q_A^⊤``.
+    The SVD therefore runs in the eigenbasis and only the ``r`` factor rows are rotated back
+    (``r·(out² + in²)`` instead of the full ``out·in·(out + in)`` back-rotation).
+    """
+    if isinstance(operator, KroneckerEigenOperator):
+        lam = operator.eigenvalues[name].to(g.device, g.dtype) + operator.damping[name]
+        u, v = low_rank(operator.rotate(name, g) / lam, rank, method)  # (B, r, out), (B, r, in)
+        q_s = operator.q_s[name].to(u.device, u.dtype)  # (out, out)
+        q_a = operator.q_a[name].to(v.device, v.dtype)  # (in, in)
+        return u @ q_s.t(), v @ q_a.t()
+    return low_rank(operator.precondition(name, g), rank, method)
+
+
 def precondition_queries(
     model: nn.Module,
     task: Task,
@@ -150,11 +171,13 @@ def precondition_queries(
     ):
         values.append(f)
         for name, lb in grads.items():
-            p = operator.precondition(name, lb.gradient())  # (B, out, in)
-            if config.query_rank is None or config.query_rank >= min(p.shape[-2:]):
-                dense.setdefault(name, []).append(p)
+            g = lb.gradient()  # (B, out, in)
+            if config.query_rank is None or config.query_rank >= min(g.shape[-2:]):
+                dense.setdefault(name, []).append(operator.precondition(name, g))
             else:
-                u, v = low_rank(p, config.query_rank, config.query_svd)
+                u, v = preconditioned_low_rank(
+                    operator, name, g, config.query_rank, config.query_svd
+                )
                 us.setdefault(name, []).append(u)
                 vs.setdefault(name, []).append(v)
     names = [layer.name for layer in layers]
