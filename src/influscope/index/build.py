@@ -31,7 +31,7 @@ from influscope.curvature.shards import PartialSums, ShardedPasses, barrier
 from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
-from influscope.modules.passes import compute_dtype, layer_passes, rank_and_world
+from influscope.modules.passes import compute_dtype, layer_passes, model_device, rank_and_world
 from influscope.modules.selection import TrackedLayer
 from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
@@ -138,6 +138,7 @@ def build_index(
         meta = {**expected, "layout": layout, "dim": dim, "shards": shards}
         atomic_write_json(root / "meta.json", {**meta, "n_examples": len(train)})
     barrier()
+    projector = projector.to(model_device(model))  # once, not per batch and layer
 
     # 2. projected curvature
     operator = _projected_curvature(model, task, layers, train, root, config, projector, expected)
@@ -245,7 +246,7 @@ def preconditioned_queries(
         )
     projector = projector_from_tensors(
         index.meta["config"]["init"], read_tensors(index.root / "projector.safetensors")
-    )
+    ).to(model_device(model))
     operator = load_curvature(index.root)
     layout = index.meta["layout"]
     out = []

@@ -117,6 +117,17 @@ class EigenSelection:
     def layer_names(self) -> list[str]:
         return list(self.select)
 
+    def to(self, device: torch.device | str) -> EigenSelection:
+        """Eigenvectors and gather positions on ``device`` (moved once, not in every batch)."""
+        return EigenSelection(
+            {n: p.to(device) for n, p in self.p_in.items()},
+            {n: p.to(device) for n, p in self.p_out.items()},
+            {n: s.to(device) for n, s in self.select.items()},
+            self.coords,
+            self.eigenvalues,
+            self.damping,
+        )
+
     def size(self, name: str) -> int:
         """Stored numbers per sequence for one layer (``K_ℓ``)."""
         return int(self.select[name].numel())

@@ -120,6 +120,13 @@ class LograProjector:
     def layer_names(self) -> list[str]:
         return list(self.p_in)
 
+    def to(self, device: torch.device | str) -> LograProjector:
+        """The projections on ``device`` (moved once instead of in every batch)."""
+        return LograProjector(
+            {n: p.to(device) for n, p in self.p_in.items()},
+            {n: p.to(device) for n, p in self.p_out.items()},
+        )
+
     def shape(self, name: str) -> tuple[int, int]:
         """``(k_out, k_in)`` of a layer's projected gradient."""
         return self.p_out[name].shape[0], self.p_in[name].shape[0]
