@@ -203,3 +203,31 @@ def test_two_nccl_ranks_equal_one_process(tmp_path):
         assert set(got) == set(single)
         for key, value in single.items():
             torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_eigen_index_and_randomized_query_svd_on_cuda(data, tmp_path):
+    """An ``eigen`` index built and queried on CUDA scores like the CPU; randomized rank-r
+    queries (seeded sketch on the device) stay on CUDA and track the exact SVD."""
+    from influscope.evaluation.metrics import spearman
+    from influscope.index import IndexConfig, preconditioned_queries
+
+    train, queries = data
+    model = tiny_gpt2(n_embd=48, dtype=torch.float64)  # c_fc 49 → 192: 4 · (2 + 8) ≤ 49
+    cfg = IndexConfig(k_in=8, k_out=8, init="eigen", dtype="float32", batch_size=4)
+    got = {}
+    for device in ("cpu", "cuda"):
+        inf = Influence(copy.deepcopy(model), "causal_lm", modules="mlp", device=device)
+        op = inf.fit(train, FIT)
+        index = inf.build_index(train, cfg, op, root=tmp_path / device)
+        q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index)
+        got[device] = index.search(q, k=3, return_all=True)[1]
+        if device == "cuda":
+            fast = ScoreConfig(query_rank=2, query_svd="randomized", batch_size=4)
+            pq = inf.precondition(queries, op, fast)
+            assert all(t.device.type == "cuda" for t in _tensors_of(pq))
+            approx = inf.score(pq, train, op, fast).pairwise.cpu()
+            exact_cfg = ScoreConfig(query_rank=2, query_svd="exact", batch_size=4)
+            exact = inf.score(queries, train, op, exact_cfg).pairwise.cpu()
+            assert min(spearman(approx[i], exact[i]) for i in range(len(queries))) > 0.95
+    ref = got["cpu"]
+    torch.testing.assert_close(got["cuda"].cpu(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
