@@ -269,10 +269,12 @@ def calibrate(
     """Time the costs that scale with the number of tracked blocks, and one model step.
 
     Returns seconds for: ``eigh_hidden`` / ``eigh_intermediate`` (float64 ``eigh`` of one
-    factor), ``svd_query`` (float32 SVD of one ``(intermediate, hidden)`` query gradient),
+    factor), ``svd_query`` (the rank-``query_rank`` SVD influscope takes of one
+    ``(intermediate, hidden)`` float32 query gradient: randomized on these widths),
     ``layer_batch`` (one layer's covariance + rotated-gradient products for one batch), and
     ``model_step`` (forward + backward of the whole model on one batch).
     """
+    from influscope.scoring.queries import low_rank
     from influscope.tasks import CausalLMTask
 
     out: dict[str, float] = {}
@@ -286,7 +288,7 @@ def calibrate(
         _, out[key] = timed(device, lambda m=m: torch.linalg.eigh(m))
     b = min(2, s.n_queries)
     p = torch.randn(b, s.intermediate, s.hidden, generator=g).to(device)
-    _, t = timed(device, lambda: torch.linalg.svd(p, full_matrices=False))
+    _, t = timed(device, lambda: low_rank(p, s.query_rank, "auto"))
     out["svd_query"] = t / b
     tokens = s.batch_size * s.seq_len
     a = torch.randn(tokens, s.hidden, generator=g).to(device)
