@@ -121,8 +121,9 @@ def main() -> None:
         f"training sequences, {len(queries)} queries, MLP layers tracked"
     )
     lines = [
-        "## Projected index vs unprojected EK-FAC on the "
-        + ("SmolLM2-135M" if args.model == "smollm2" else "demo model"),
+        "## Projected index vs unprojected EK-FAC on "
+        + ("SmolLM2-135M" if args.model == "smollm2" else "the demo model")
+        + ("" if args.damping_factors == [0.1] else ": damping sweep"),
         "",
         f"Command: `.venv/bin/python benchmarks/projection_agreement.py {' '.join(sys.argv[1:])}`",
         "",
