@@ -116,3 +116,17 @@ def test_facade_builds_and_queries_an_eigen_index(setup, tmp_path):
     index = inf.build_index(train, cfg, op, root=tmp_path / "idx")
     top = inf.query_index(queries, index, k=3)
     assert top.indices[:, 0].tolist() == exact.argmax(dim=1).tolist()
+
+
+def test_dry_run_estimate_counts_the_eigenvectors(setup):
+    from influscope.resources import estimate
+
+    inf, train, *_ = setup
+    dims = [(t.in_dim, t.out_dim) for t in inf.layers]
+    lo = {e.stage: e for e in estimate(inf, train, index=IndexConfig(k_in=8, k_out=8))}
+    eig = {
+        e.stage: e for e in estimate(inf, train, index=IndexConfig(k_in=8, k_out=8, init="eigen"))
+    }
+    vectors = 4 * sum(i * i + o * o for i, o in dims)
+    assert eig["index"].disk - lo["index"].disk == vectors
+    assert eig["index"].memory - lo["index"].memory == vectors + 4 * 8 * max(i * o for i, o in dims)

@@ -11,7 +11,9 @@ floats unless stated):
 * eigenvalues: ``8·Σ_ℓ in_ℓ out_ℓ`` sums + ``4·B·Σ_ℓ in_ℓ out_ℓ`` rotated gradients of a batch;
 * factors on disk: ``8·Σ_ℓ (in_ℓ² + out_ℓ² + in_ℓ out_ℓ)``;
 * scores: ``4·Q·Σ_ℓ in_ℓ out_ℓ`` query gradients + ``4·Q·N·L`` per-layer scores;
-* index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory.
+* index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory;
+  with ``init="eigen"`` also up to one full rotated gradient ``4·B·max_ℓ in_ℓ out_ℓ`` per batch
+  and the used eigenvectors ``4·Σ_ℓ (in_ℓ² + out_ℓ²)`` (in memory and on disk).
 
 They are rough (within a factor of ~2 for activations), meant to tell 1 GiB from 100 GiB.
 """
@@ -78,11 +80,15 @@ def estimate(
     if index is not None:
         d = sum(min(index.k_out, o) * min(index.k_in, i) for i, o in dims)
         nbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[index.dtype]
+        extra_mem = extra_disk = 0
+        if index.init == "eigen":  # rotated gradients + used eigenvectors (at most all)
+            extra_disk = 4 * sum(i * i + o * o for i, o in dims)
+            extra_mem = 4 * bsz * max(i * o for i, o in dims) + extra_disk
         out.append(
             StageEstimate(
                 "index",
-                base + captured + (4 * bsz + 8) * d,
-                n * d * nbytes,
+                base + captured + (4 * bsz + 8) * d + extra_mem,
+                n * d * nbytes + extra_disk,
                 f"{n} rows × {d} dims × {nbytes} B",
             )
         )
