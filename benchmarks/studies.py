@@ -134,12 +134,12 @@ numbers are also written to `RUN/studies.json`. From Python:
 from influscope.analysis import sparsity_study, layer_study, overlap_study, language_study
 from influscope.analysis import word_order_study, token_study, report_run
 
-fits = sparsity_study(scores)                                   # Scores or (Q, N) tensor
-layers = layer_study(scores)                                    # needs ScoreConfig(per_layer=True)
-overlap = overlap_study(scores, query_texts, train_texts)       # BM25 (or method="tfidf")
-langs = language_study(scores, query_records, train_records)    # records with fact_id / lang
+fits = sparsity_study(scores)  # Scores or (Q, N) tensor
+layers = layer_study(scores)  # needs ScoreConfig(per_layer=True)
+overlap = overlap_study(scores, query_texts, train_texts)  # BM25 (or method="tfidf")
+langs = language_study(scores, query_records, train_records)  # records with fact_id / lang
 order = word_order_study(scores, query_records, train_records)  # records with fact_id / order
-view, studies = report_run("RUN")                               # what `influscope report` does
+view, studies = report_run("RUN")  # what `influscope report` does
 ```
 
 Each result has `.to_dict()` (JSON) and `.to_section()` (a report section).
