@@ -57,3 +57,20 @@ def test_no_parameter_grad_is_touched():
     layers = select_layers(model, "mlp")
     list(hooked(model, CausalLMTask(), layers, random_lm_data(3)).values())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_passes_run_in_eval_mode_and_restore_the_mode():
+    """Dropout is off during a pass (eval mode) and the caller's mode comes back, also when the
+    pass is abandoned early."""
+    from influscope.modules.passes import eval_mode
+
+    model = tiny_gpt2(n_embd=16).train()
+    layers = select_layers(model, "mlp")
+    passes = layer_passes(model, CausalLMTask(), layers, random_lm_data(4, seed=1), batch_size=2)
+    next(passes)
+    assert not model.training
+    passes.close()
+    assert model.training
+    with eval_mode(model.eval()):
+        pass
+    assert not model.training

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from influscope.modules.passes import eval_mode
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset, example_seeds
@@ -44,11 +45,9 @@ def per_example_gradients(
         objective: ``"loss"`` (training loss) or ``"measurement"``.
         sample_seed: Sample targets from the model as the fitting passes do.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
-    try:
+    with eval_mode(model):
         for i in range(len(data)):
             batch = _batch(task, data, i, device)
             if objective == "loss":
@@ -72,8 +71,6 @@ def per_example_gradients(
                 n = 1 + int(layer.has_bias)
                 out[layer.name].append(layer.adapter.join(layer.module, list(grads[k : k + n])))
                 k += n
-    finally:
-        model.train(was_training)
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -126,11 +123,9 @@ def exact_gauss_newton(
     Examples are processed ``chunk`` at a time (one Jacobian of the chunk's outputs); the loss
     Hessian w.r.t. the outputs is block-diagonal over examples because examples do not interact.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total = None
-    try:
+    with eval_mode(model):
         for start in range(0, len(data), chunk):
             examples = data.examples[start : start + chunk]
             batch = {k: v.to(device) for k, v in task.collate(examples).items()}
@@ -144,8 +139,6 @@ def exact_gauss_newton(
             h = hessian(loss_of)(outputs.reshape(-1)).to(jac.dtype)  # (n_out, n_out)
             g = jac.t() @ h @ jac  # (P, P)
             total = g if total is None else total + g
-    finally:
-        model.train(was_training)
     return total.detach() / len(data)
 
 

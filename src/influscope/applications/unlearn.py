@@ -42,7 +42,7 @@ from torch import nn
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.errors import ConfigError, DataError
-from influscope.modules.passes import layer_passes
+from influscope.modules.passes import eval_mode, layer_passes
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks import EncodedDataset, Task
 
@@ -234,16 +234,12 @@ def sequence_losses(
     model: nn.Module, task: Task, data: EncodedDataset, batch_size: int = 8
 ) -> torch.Tensor:
     """Training loss ``L(z, θ)`` of each sequence (data labels): ``(N,)``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = []
-    try:
+    with eval_mode(model):
         for _, examples in data.batches(batch_size):
             batch = {k: v.to(device) for k, v in task.collate(examples).items()}
             out.append(task.training_loss(model, batch, None).detach().double().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

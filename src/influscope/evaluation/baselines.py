@@ -24,6 +24,7 @@ from influscope.analyzer import Influence
 from influscope.config import ScoreConfig
 from influscope.curvature import IdentityOperator
 from influscope.errors import DataError
+from influscope.modules.passes import eval_mode
 from influscope.scoring.pairwise import Scores
 from influscope.tasks.data import EncodedDataset
 
@@ -98,11 +99,9 @@ def hidden_states(
 
     Positions are averaged under the attention mask (all positions without one).
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = []
-    try:
+    with eval_mode(model):
         for _, examples in data.batches(batch_size):
             batch = {k: v.to(device) for k, v in task.collate(examples).items()}
             mask = batch.get("attention_mask")
@@ -116,8 +115,6 @@ def hidden_states(
                 else torch.ones_like(h[..., :1])  # (B, T, 1)
             )
             out.append((h * w).sum(1) / w.sum(1).clamp_min(1))  # (B, D)
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

@@ -38,6 +38,17 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; the previous train/eval mode is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, or ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -84,8 +95,6 @@ def layer_passes(
         NumericalError: When an example's objective is NaN/Inf (the message names it).
     """
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     rank, world = rank_and_world() if shard else (0, 1)
     chunks = list(data.batches(batch_size))[rank::world]
     autocast = (
@@ -93,33 +102,30 @@ def layer_passes(
         if amp_dtype is not None
         else contextlib.nullcontext()
     )
-    try:
-        with Capture(layers, task.rows_per_example, compute_dtype(model)) as cap:
-            for pos, examples in track(chunks, desc, total=len(chunks)):
-                batch = {k: v.to(device) for k, v in task.collate(examples).items()}
-                with autocast:
-                    if objective == "loss":
-                        seeds = (
-                            example_seeds(sample_seed, [data.indices[p] for p in pos])
-                            if sample_seed is not None
-                            else None
-                        )
-                        values = task.training_loss(model, batch, seeds)
-                    else:
-                        values = task.measurement(model, batch)
-                bad = ~torch.isfinite(values.detach())
-                if bad.any():
-                    which = [data.indices[p] for p, b in zip(pos, bad.tolist()) if b]
-                    raise NumericalError(
-                        f"The {objective} is NaN/Inf for example(s) {which} (expected finite "
-                        "values). Check those inputs, the model weights, and that the loss "
-                        "masks leave at least one token."
+    with eval_mode(model), Capture(layers, task.rows_per_example, compute_dtype(model)) as cap:
+        for pos, examples in track(chunks, desc, total=len(chunks)):
+            batch = {k: v.to(device) for k, v in task.collate(examples).items()}
+            with autocast:
+                if objective == "loss":
+                    seeds = (
+                        example_seeds(sample_seed, [data.indices[p] for p in pos])
+                        if sample_seed is not None
+                        else None
                     )
-                grads = cap.backward(values.sum(), task.token_mask(batch), len(pos))
-                cap.clear()
-                yield pos, grads, values.detach()
-    finally:
-        model.train(was_training)
+                    values = task.training_loss(model, batch, seeds)
+                else:
+                    values = task.measurement(model, batch)
+            bad = ~torch.isfinite(values.detach())
+            if bad.any():
+                which = [data.indices[p] for p, b in zip(pos, bad.tolist()) if b]
+                raise NumericalError(
+                    f"The {objective} is NaN/Inf for example(s) {which} (expected finite "
+                    "values). Check those inputs, the model weights, and that the loss "
+                    "masks leave at least one token."
+                )
+            grads = cap.backward(values.sum(), task.token_mask(batch), len(pos))
+            cap.clear()
+            yield pos, grads, values.detach()
 
 
 def n_batches(n: int, batch_size: int) -> int:
