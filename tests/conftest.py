@@ -14,6 +14,13 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from influscope.tasks import CausalLMTask, EncodedDataset
 
 
+def _gpt2_config(**fields) -> GPT2Config:
+    """A 2-head GPT-2 config with dropout off and eager attention (deterministic, float64-safe)."""
+    cfg = GPT2Config(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **fields)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
 def tiny_gpt2(
     n_embd: int = 16,
     n_layer: int = 2,
@@ -24,19 +31,14 @@ def tiny_gpt2(
 ) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 with its native Conv1D layers."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(
+    cfg = _gpt2_config(
         n_embd=n_embd,
         n_layer=n_layer,
-        n_head=2,
         vocab_size=vocab,
         n_positions=n_positions,
         bos_token_id=0,
         eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
     )
-    cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
@@ -124,17 +126,7 @@ def workdir(request, tmp_path_factory):
 def tiny_reward_model():
     """A float64 one-layer GPT-2 with a scalar head (``num_labels=1``), seeded, dropout off."""
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        vocab_size=40,
-        n_positions=32,
-        num_labels=1,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+    cfg = _gpt2_config(
+        n_embd=16, n_layer=1, vocab_size=40, n_positions=32, num_labels=1, pad_token_id=0
     )
-    cfg._attn_implementation = "eager"
     return GPT2ForSequenceClassification(cfg).double().eval()
