@@ -274,7 +274,7 @@ def calibrate(
     ``layer_batch`` (one layer's covariance + rotated-gradient products for one batch), and
     ``model_step`` (forward + backward of the whole model on one batch).
     """
-    from influscope.scoring.queries import low_rank
+    from influscope.linalg import low_rank
     from influscope.tasks import CausalLMTask
 
     out: dict[str, float] = {}

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, load_average, smollm2_datasets, spearman, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf
+from influscope.linalg import OVERSAMPLE
 from influscope.loading import load_model
-from influscope.scoring.queries import OVERSAMPLE
 
 
 def main() -> None:

@@ -65,9 +65,7 @@ def test_per_token_terms_sum_to_sequence_score(setup, rank):
     pq = inf.precondition(queries, op, cfg)
     if rank is not None:  # exercise the factored path too
         pq.factors = {
-            n: __import__("influscope.scoring.queries", fromlist=["low_rank"]).low_rank(
-                pq.matrix(n), rank
-            )
+            n: __import__("influscope.linalg", fromlist=["low_rank"]).low_rank(pq.matrix(n), rank)
             for n in pq.layer_names
         }
         pq.dense = {}

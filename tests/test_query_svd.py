@@ -10,8 +10,8 @@ import torch
 from conftest import random_lm_data, tiny_gpt2
 from influscope import ConfigError, FitConfig, Influence, ScoreConfig
 from influscope.evaluation.metrics import spearman
+from influscope.linalg import low_rank
 from influscope.modules.passes import layer_passes
-from influscope.scoring.queries import low_rank, preconditioned_low_rank
 
 
 def _rank_r(p: torch.Tensor, r: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_kronecker_operators_take_the_svd_in_their_eigenbasis():
     )
     for name, lb in grads.items():
         g = lb.gradient()
-        u, v = preconditioned_low_rank(op, name, g, 3, "exact")
+        u, v = op.precondition_low_rank(name, g, 3, "exact")
         uu, vv = low_rank(op.precondition(name, g), 3, "exact")
         torch.testing.assert_close(
             u.transpose(1, 2) @ v, uu.transpose(1, 2) @ vv, rtol=1e-9, atol=1e-11

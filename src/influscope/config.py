@@ -142,7 +142,7 @@ class ScoreConfig(_Serializable):
         query_svd: How the rank-``r`` SVD is computed: ``"exact"``, ``"randomized"`` (seeded
             sketch with power iterations, much faster on LLM-sized layers) or ``"auto"``
             (default: randomized when ``4 (r + 8) ≤ min(out, in)``, e.g. 576 ↔ 1536 layers at
-            rank 32, exact on small layers); see :mod:`influscope.scoring.queries`.
+            rank 32, exact on small layers); see :mod:`influscope.linalg`.
         batch_size: Training examples per pass.
         per_layer: Also return the per-layer terms ``(Q, N, L)``.
         normalize: ``None``, or ``"relatif"`` to divide by ``sqrt(self-influence)`` of each

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import torch
 
+from influscope.linalg import low_rank
+
 
 class CurvatureOperator(ABC):
     """Block-diagonal (per layer) damped curvature with an inverse-vector product.
@@ -32,6 +34,13 @@ class CurvatureOperator(ABC):
     @abstractmethod
     def precondition(self, layer: str, g: torch.Tensor) -> torch.Tensor:
         """``(G_ℓ + λ_ℓ I)^{-1} g`` for ``g`` of shape ``(..., out, in)``."""
+
+    def precondition_low_rank(
+        self, layer: str, g: torch.Tensor, rank: int, method: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-``r`` factors ``U (B, r, out)``, ``V (B, r, in)`` of ``(G_ℓ + λ_ℓ I)^{-1} g``
+        (:func:`influscope.linalg.low_rank` of the preconditioned matrix)."""
+        return low_rank(self.precondition(layer, g), rank, method)
 
     def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
         """``gᵀ (G_ℓ + λ_ℓ I)^{-1} g`` for ``g`` of shape ``(B, out, in)``: ``(B,)``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from influscope.curvature.base import CurvatureOperator, split_keys
+from influscope.linalg import low_rank
 
 
 class KroneckerEigenOperator(CurvatureOperator):
@@ -49,6 +50,22 @@ class KroneckerEigenOperator(CurvatureOperator):
         q_s = self.q_s[layer].to(g.device, g.dtype)
         lam = self.eigenvalues[layer].to(g.device, g.dtype) + self.damping[layer]  # (out, in)
         return q_s @ ((q_s.t() @ g @ q_a) / lam) @ q_a.t()
+
+    def precondition_low_rank(
+        self, layer: str, g: torch.Tensor, rank: int, method: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors of ``Q_S X Q_A^⊤`` with ``X = (Q_S^⊤ g Q_A) ⊘ (Λ + λ)``.
+
+        ``Q_S``, ``Q_A`` are orthogonal, so the SVD of the preconditioned matrix is that of ``X``
+        with the singular vectors rotated: ``U = U_X Q_S^⊤``, ``V = V_X Q_A^⊤``. The SVD runs in
+        the eigenbasis and only the ``r`` factor rows are rotated back (``r·(out² + in²)``
+        instead of the full ``out·in·(out + in)`` back-rotation).
+        """
+        lam = self.eigenvalues[layer].to(g.device, g.dtype) + self.damping[layer]
+        u, v = low_rank(self.rotate(layer, g) / lam, rank, method)  # (B, r, out), (B, r, in)
+        q_s = self.q_s[layer].to(u.device, u.dtype)  # (out, out)
+        q_a = self.q_a[layer].to(v.device, v.dtype)  # (in, in)
+        return u @ q_s.t(), v @ q_a.t()
 
     def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
         lam = self.eigenvalues[layer].to(g.device, g.dtype) + self.damping[layer]
