@@ -32,7 +32,7 @@ console = Console(stderr=True)
 
 def _common(p: argparse.ArgumentParser) -> None:
     """Options of every run-directory command: model, data, run, and how the model is loaded."""
-    add_model_argument(p)
+    add_model_argument(p, adapter=True)
     p.add_argument(
         "--train",
         required=True,
@@ -192,8 +192,8 @@ def _load(args):
     from influscope.analyzer import Influence
     from influscope.loading import load_model, load_records
 
-    model, tokenizer = load_model(args.model, args.task)
-    modules = resolve_modules(args.modules)
+    model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
+    modules = resolve_modules(args.modules, model)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )
@@ -258,7 +258,7 @@ def cmd_score(args) -> int:
         scores,
         title=f"influscope — {args.run}",
         overview={
-            "model": str(args.model),
+            "model": str(args.model) + (f" + adapter {args.adapter}" if args.adapter else ""),
             "curvature": op.name,
             "training sequences": str(len(train)),
             "queries": str(len(queries)),

@@ -44,26 +44,38 @@ CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
 DEFAULT_MODULES: tuple[str, ...] = ("mlp",)
 
 MODEL_HELP = "Local Hugging Face model directory, or a .gguf file."
+ADAPTER_HELP = (
+    "PEFT (LoRA) adapter directory to apply on top of --model; influence is then taken "
+    "through the adapter weights unless --modules says otherwise."
+)
 TASK_HELP = "How a batch becomes a loss and a measurement (default: causal_lm)."
-MODULES_HELP = "Modules to track: preset 'mlp' (default) or 'all', or regexes / names."
+MODULES_HELP = (
+    "Modules to track: a preset ('mlp', 'all', 'lora', 'trainable') or regexes / names "
+    "(default: 'lora' for a model with LoRA adapters, else 'mlp')."
+)
 CURVATURE_HELP = "Curvature approximation (default: ekfac)."
 TRUNCATE_HELP = "Cut sequences longer than the model's context instead of failing."
 DEVICE_HELP = "torch device (default: cuda if available)."
 BATCH_SIZE_HELP = "Sequences per pass."
 
 
-def add_model_argument(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def add_model_argument(
+    parser: argparse.ArgumentParser, *, positional: bool = False, adapter: bool = False
+) -> None:
     """Add the model to analyse: ``--model DIR`` (required) or a positional ``model``.
 
     Args:
         parser: The sub-command's parser.
         positional: Take the model as the first positional argument (``unlearn``, ``curate``)
             instead of the required ``--model`` option.
+        adapter: Also add ``--adapter DIR`` (a PEFT adapter applied on top of the model).
     """
     if positional:
         parser.add_argument("model", help=MODEL_HELP)
     else:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
+    if adapter:
+        parser.add_argument("--adapter", default=None, help=ADAPTER_HELP)
 
 
 def add_task_option(parser: argparse.ArgumentParser, *, help: str = TASK_HELP) -> None:
@@ -138,31 +150,39 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--task``, ``--modules``, ``--truncate`` and ``--device``, in that order.
 
     These are how every run-directory command (``fit``, ``score``, ``index``, ``query``,
-    ``dda``) loads and instruments the model.
+    ``dda``) loads and instruments the model. ``--modules`` defaults to ``None``: the command
+    picks :func:`influscope.modules.default_modules` once the model is loaded.
 
     Args:
         parser: The sub-command's parser.
     """
     add_task_option(parser)
-    add_modules_option(parser)
+    add_modules_option(parser, default=None)
     add_truncate_option(parser)
     add_device_option(parser)
 
 
-def resolve_modules(values: Sequence[str] | str | None) -> list[str] | str | None:
+def resolve_modules(values: Sequence[str] | str | None, model=None) -> list[str] | str | None:
     """Turn the parsed ``--modules`` into the ``modules`` argument of :class:`Influence`.
 
     One value stays a string (so that a preset such as ``mlp`` is recognised as one), several
-    stay a list, and an absent or empty value is ``None`` (automatic choice).
+    stay a list. An absent or empty value is the model's default preset when ``model`` is
+    given (``"lora"`` for a LoRA model, else ``"mlp"``), and ``None`` (the command's own
+    automatic choice) when it is not.
 
     Args:
         values: ``args.modules``.
+        model: The loaded model, to choose the default preset.
 
     Returns:
         The string, list or ``None`` to pass on.
     """
     if not values:
-        return None
+        if model is None:
+            return None
+        from influscope.modules.selection import default_modules
+
+        return default_modules(model)
     if isinstance(values, str):
         return values
     return values[0] if len(values) == 1 else list(values)

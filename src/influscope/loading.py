@@ -1,7 +1,9 @@
 """Loading models and records from local files (no hub access is ever attempted).
 
 Models: a local Hugging Face directory, or a ``.gguf`` file (needs the ``gguf`` package;
-dequantised to float32 by transformers). Records: JSONL (one object per line with ``text``,
+dequantised to float32 by transformers), optionally with a PEFT adapter (LoRA) applied on top
+(needs the ``peft`` package). A PEFT adapter directory (one with ``adapter_config.json``) may
+also be given as the model itself when the base model it names is a local path. Records: JSONL (one object per line with ``text``,
 or ``prompt`` + ``completion``), JSON (a list of such objects), plain text (one record per
 paragraph, paragraphs separated by blank lines), or a Hugging Face dataset saved with
 ``save_to_disk`` (needs the ``datasets`` package).
@@ -17,13 +19,78 @@ import torch
 
 from influscope.errors import DataError
 
+ADAPTER_CONFIG = "adapter_config.json"
 
-def load_model(path: str | Path, task: str = "causal_lm", dtype: torch.dtype = torch.float32):
+
+def load_model(
+    path: str | Path,
+    task: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    adapter: str | Path | None = None,
+):
     """Load ``(model, tokenizer)`` from a local directory or GGUF file, offline.
 
+    Args:
+        path: A Hugging Face model directory, a ``.gguf`` file, or a PEFT adapter directory
+            whose ``base_model_name_or_path`` is a local path.
+        task: ``"causal_lm"`` loads a causal LM head, anything else a sequence classifier.
+        dtype: Parameter dtype.
+        adapter: A PEFT adapter directory to apply on top of the model at ``path``.
+
     Raises:
-        DataError: If the path does not exist or holds no loadable model.
+        DataError: If the path does not exist or holds no loadable model, or the adapter
+            cannot be applied.
     """
+    path = Path(path)
+    if adapter is None and (path / ADAPTER_CONFIG).is_file():
+        adapter, path = path, _adapter_base(path)
+    model, tokenizer = _load_base(path, task, dtype)
+    if adapter is not None:
+        model = _apply_adapter(model, Path(adapter))
+        if any((Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter)
+    return model.eval(), tokenizer
+
+
+def _adapter_base(adapter: Path) -> Path:
+    """The local base model named by a PEFT adapter directory's ``adapter_config.json``."""
+    try:
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{adapter / ADAPTER_CONFIG} is not valid JSON ({exc.msg}).") from None
+    base = config.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise DataError(
+            f"{str(adapter)!r} is a PEFT adapter whose base model {base!r} is not a local path "
+            "(no model hub is used). Give the base model and the adapter separately: "
+            f"--model BASE_DIR_OR.gguf --adapter {adapter}."
+        )
+    return Path(base)
+
+
+def _apply_adapter(model, adapter: Path):
+    """``PeftModel.from_pretrained(model, adapter)``, with clear errors."""
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise DataError(
+            f"Adapter {str(adapter)!r} has no {ADAPTER_CONFIG}: expected a directory written by "
+            "PEFT's `save_pretrained`."
+        )
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise DataError(
+            "Loading a LoRA/PEFT adapter needs the peft package: pip install 'influscope[peft]'."
+        ) from None
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise DataError(f"Could not apply the adapter {str(adapter)!r}: {exc}") from exc
+
+
+def _load_base(path: Path, task: str, dtype: torch.dtype):
+    """``(model, tokenizer)`` from a Hugging Face directory or a GGUF file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import (
         AutoModelForCausalLM,
@@ -31,7 +98,6 @@ def load_model(path: str | Path, task: str = "causal_lm", dtype: torch.dtype = t
         AutoTokenizer,
     )
 
-    path = Path(path)
     if not path.exists():
         raise DataError(
             f"Model path {str(path)!r} does not exist. Give a local Hugging Face "
@@ -47,7 +113,7 @@ def load_model(path: str | Path, task: str = "causal_lm", dtype: torch.dtype = t
             tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"Could not load a model from {str(path)!r}: {exc}") from exc
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def load_records(path: str | Path) -> list[dict]:

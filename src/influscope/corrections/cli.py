@@ -82,7 +82,7 @@ def cmd_dda(args) -> int:
     from influscope.storage import atomic_write_json
     from influscope.tasks import context_length, get_task
 
-    model, tokenizer = load_model(args.model, args.task)
+    model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     task = get_task(args.task)
     limit = context_length(model)
     train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
@@ -102,7 +102,7 @@ def cmd_dda(args) -> int:
     checkpoints = [other(p) for p in args.checkpoints]
     variants = args.variants or default_variants(base is not None, bool(checkpoints))
     config = CorrectionConfig(variants=tuple(variants), smoothing=args.smoothing)
-    modules = resolve_modules(args.modules)
+    modules = resolve_modules(args.modules, model)
     result = run_corrections(
         model,
         task,

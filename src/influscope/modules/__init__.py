@@ -2,15 +2,25 @@
 
 from influscope.modules.adapters import ADAPTERS, ModuleAdapter, register_adapter
 from influscope.modules.capture import Capture, LayerBatch
-from influscope.modules.selection import PRESETS, TrackedLayer, select_layers
+from influscope.modules.selection import (
+    PRESETS,
+    FrozenBaseWarning,
+    Preset,
+    TrackedLayer,
+    default_modules,
+    select_layers,
+)
 
 __all__ = [
     "ADAPTERS",
     "PRESETS",
     "Capture",
+    "FrozenBaseWarning",
     "LayerBatch",
     "ModuleAdapter",
+    "Preset",
     "TrackedLayer",
+    "default_modules",
     "register_adapter",
     "select_layers",
 ]

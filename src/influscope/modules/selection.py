@@ -8,11 +8,23 @@ Patterns are regular expressions searched in the module's qualified name
   (``intermediate.dense``, ``layer.N.output.dense``).
 * ``"all"``: every trackable linear layer except the output head (``lm_head``), whose weight
   is usually tied to the input embedding.
+* ``"lora"``: the LoRA adapter matrices of a PEFT model (``….lora_A.default``,
+  ``….lora_B.default``; Hu et al. 2022), i.e. the parameters a LoRA fine-tune trained. Each is
+  an ``nn.Linear`` (``A: in → r``, ``B: r → out``), so K-FAC/EK-FAC apply unchanged: the
+  Kronecker factors of ``A`` are ``E[x xᵀ]`` (``in × in``) and ``E[s_A s_Aᵀ]`` (``r × r``).
+* ``"trainable"``: like ``"all"``, restricted to modules whose weight has
+  ``requires_grad=True`` (partial fine-tunes, frozen encoders).
+
+When the selection contains the frozen ``base_layer`` of a LoRA-wrapped module, a
+:class:`FrozenBaseWarning` says so: influence through those weights is well defined (it asks
+"what if the base weights had been trained too") but is rarely what a LoRA user wants.
+:func:`default_modules` picks ``"lora"`` for models with adapters, ``"mlp"`` otherwise.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,16 +33,53 @@ from torch import nn
 from influscope.errors import ModuleMatchError
 from influscope.modules.adapters import ModuleAdapter, adapter_for
 
-PRESETS: dict[str, tuple[str, ...]] = {
-    "mlp": (
-        r"\.mlp\.",
-        r"\.feed_forward\.",
-        r"\.ffn\.",
-        r"\.intermediate\.dense$",
-        r"\.layer\.\d+\.output\.dense$",
+#: A PEFT LoRA adapter matrix: ``….lora_A.<adapter name>`` or ``….lora_B.<adapter name>``.
+LORA_PATTERN = r"\.lora_[AB]\.[^.]+$"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named module selection.
+
+    Attributes:
+        patterns: Regexes searched in qualified module names; a module matching any is kept.
+        trainable_only: Keep only modules whose weight has ``requires_grad=True``.
+    """
+
+    patterns: tuple[str, ...]
+    trainable_only: bool = False
+
+
+#: Registry of ``modules=`` presets (add entries to extend).
+PRESETS: dict[str, Preset] = {
+    "mlp": Preset(
+        (
+            r"\.mlp\.",
+            r"\.feed_forward\.",
+            r"\.ffn\.",
+            r"\.intermediate\.dense$",
+            r"\.layer\.\d+\.output\.dense$",
+        )
     ),
-    "all": (r"^(?!.*lm_head).*$",),
+    "all": Preset((r"^(?!.*lm_head).*$",)),
+    "lora": Preset((LORA_PATTERN,)),
+    "trainable": Preset((r"^(?!.*lm_head).*$",), trainable_only=True),
 }
+
+
+class FrozenBaseWarning(UserWarning):
+    """The tracked modules include frozen base weights of LoRA-wrapped layers."""
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` holds PEFT LoRA adapter matrices (``….lora_A.<name>``)."""
+    pattern = re.compile(LORA_PATTERN)
+    return any(pattern.search(name) for name, _ in model.named_modules())
+
+
+def default_modules(model: nn.Module) -> str:
+    """The preset to track when none is given: ``"lora"`` for a LoRA model, else ``"mlp"``."""
+    return "lora" if has_lora(model) else "mlp"
 
 
 @dataclass(frozen=True)
@@ -71,19 +120,23 @@ def select_layers(model: nn.Module, modules: str | Sequence[str] = "mlp") -> lis
 
     Args:
         model: Any ``torch.nn.Module`` (a Hugging Face model, typically).
-        modules: A preset name (``"mlp"``, ``"all"``), one regex, or a list of regexes / exact
-            module names.
+        modules: A preset name (``"mlp"``, ``"all"``, ``"lora"``, ``"trainable"``), one regex,
+            or a list of regexes / exact module names.
 
     Returns:
         The matching layers in module order.
 
     Raises:
         ModuleMatchError: If nothing matches; the message lists the trackable module names.
+
+    Warns:
+        FrozenBaseWarning: If a selected module is the frozen ``base_layer`` of a LoRA layer.
     """
     if isinstance(modules, str):
-        patterns = PRESETS.get(modules, (modules,))
+        preset = PRESETS.get(modules, Preset((modules,)))
     else:
-        patterns = tuple(modules)
+        preset = Preset(tuple(modules))
+    patterns = preset.patterns
     if not patterns:
         raise ModuleMatchError("Expected at least one module pattern, received an empty list.")
     compiled = []
@@ -101,13 +154,26 @@ def select_layers(model: nn.Module, modules: str | Sequence[str] = "mlp") -> lis
         TrackedLayer(name, mod, adapter)
         for name, mod, adapter in trackable
         if any(name == p or c.search(name) for p, c in zip(patterns, compiled))
+        and (not preset.trainable_only or mod.weight.requires_grad)
     ]
     if not chosen:
         names = [n for n, _, _ in trackable]
         shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
+        which = "trainable module (requires_grad=True)" if preset.trainable_only else "module"
         raise ModuleMatchError(
-            f"No trackable module matched {list(patterns)!r}. Trackable modules "
+            f"No trackable {which} matched {list(patterns)!r}. Trackable modules "
             f"({len(names)}): {shown or 'none (the model has no nn.Linear or Conv1D)'}. "
-            "Pass a preset ('mlp', 'all'), a regex, or exact names from this list."
+            f"Pass a preset ({', '.join(map(repr, PRESETS))}), a regex, or exact names from "
+            "this list."
+        )
+    frozen_base = [t.name for t in chosen if t.name.endswith(".base_layer")]
+    if frozen_base and has_lora(model):
+        warnings.warn(
+            f"{len(frozen_base)} tracked modules are frozen base layers of LoRA adapters "
+            f"(e.g. {frozen_base[0]!r}): their influence asks what training the base weights "
+            "would have done. To attribute through the adapter weights the fine-tune trained, "
+            "pass modules='lora'.",
+            FrozenBaseWarning,
+            stacklevel=2,
         )
     return chosen

@@ -1,7 +1,14 @@
 """Fingerprints that tie a stored stage to the model and data it was computed from.
 
-* model: SHA-256 over every parameter's name and shape, plus the bytes of the tracked layers'
-  weights (so a fine-tuned copy of the same architecture gets a different fingerprint);
+* model: SHA-256 over every parameter's name and shape, the bytes of the tracked layers'
+  weights (so a fine-tuned copy of the same architecture gets a different fingerprint), and
+  the bytes of an evenly strided sample of at most :data:`SAMPLE` elements of every other
+  parameter. The sample matters when the tracked weights are not the whole story: with
+  ``modules="lora"`` two adapters can be identical (LoRA's ``B`` starts at zero) on top of
+  different base models, and untracked weights shape every tracked layer's inputs and
+  output gradients. Training changes almost every element, so the sample catches it, at a
+  cost independent of the model's size; the bytes are read from the parameter's own device
+  and dtype, so the fingerprint is the same on CPU and GPU.
 * data: :meth:`EncodedDataset.fingerprint` (token ids, masks, global indices).
 """
 
@@ -16,17 +23,36 @@ from torch import nn
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.data import EncodedDataset
 
+#: Elements sampled from each untracked parameter.
+SAMPLE = 4096
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    """Raw bytes of a tensor (any device or dtype)."""
+    return t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
-    """A short hex digest of the architecture and the tracked weights."""
+    """A short hex digest of the architecture, the tracked weights and the other weights.
+
+    Tracked weights enter in full; every other parameter through :data:`SAMPLE` evenly
+    strided elements (see the module docstring).
+    """
     h = hashlib.sha256()
+    tracked: set[int] = set()
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     for layer in layers:
         h.update(layer.name.encode())
         for p in layer.module.parameters(recurse=False):
-            t = p.detach().to("cpu").contiguous()
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+            tracked.add(id(p))
+            h.update(_bytes(p))
+    for name, p in model.named_parameters():
+        if id(p) not in tracked:
+            flat = p.detach().reshape(-1)  # (numel,)
+            step = max(1, flat.numel() // SAMPLE)
+            h.update(name.encode())
+            h.update(_bytes(flat[::step][:SAMPLE]))
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,186 @@
+"""Influence through LoRA adapters: does it find the fine-tuning sequence that taught a fact?
+
+Set-up (LESS-style, Xia et al. 2024, but with ground truth): the demo model (a 2-layer GPT-2
+trained on Shakespeare plus 40 planted facts, see ``projection_agreement.py``) is fine-tuned
+with LoRA (Hu et al. 2022; rank 8 on every attention and MLP projection, base weights frozen)
+on a new corpus: ``--facts`` *new* planted facts (names the base model never saw), 3 wordings
+each, mixed with Shakespeare windows. Each fact's query is its taught wording up to the
+answer; a hit means the top-ranked fine-tuning sequence states that fact (chance: 3 of N).
+
+Compared, all on the same fine-tuned model and data:
+
+* ``ekfac / lora``: EK-FAC over the adapter matrices (``modules="lora"``), the default for a
+  LoRA model;
+* ``identity / lora``: the plain gradient dot product over the adapter weights (what LESS
+  ranks with, up to normalisation);
+* ``ekfac / base mlp``: EK-FAC over the frozen base MLP weights (``.mlp.*.base_layer``), i.e.
+  influence as if the base weights had been fine-tuned: the quantity the "mlp" preset gives a
+  LoRA model, which influscope warns about.
+
+Run: ``python benchmarks/lora.py --report docs/benchmarks.md`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from common import ROOT, load_average, write_section
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from influscope import FitConfig, Influence, ScoreConfig
+from influscope.curvature import IdentityOperator
+from influscope.demo.corpus import build_demo_corpus
+from influscope.demo.pipeline import direct_fact_queries, planted_top1
+from influscope.demo.train import DemoTrainConfig, evaluate_queries, train_demo_model, train_lm
+from influscope.modules import FrozenBaseWarning
+
+TARGETS = ["c_attn", "c_fc", "c_proj"]
+METHODS = ("ekfac / lora", "identity / lora", "ekfac / base mlp")
+
+
+def base_model(assets: str, out: Path):
+    """The demo model of ``projection_agreement.py`` (trained once, cached under ``out``)."""
+    saved = out / "model-seed0"
+    if not (saved / "config.json").is_file():
+        corpus = build_demo_corpus(assets, n_facts=40, n_shakespeare_chunks=300, seed=0)
+        train_demo_model(corpus, saved, DemoTrainConfig(seed=0))
+    model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(saved)
+
+
+def fine_tune(model, tokenizer, records, seed: int, args):
+    """LoRA fine-tune (rank ``args.rank``; only adapter weights train), facts repeated 4×."""
+    import peft
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        fan_in_fan_out=True,
+    )
+    lora = peft.get_peft_model(model, config)
+    subset = [i for i, r in enumerate(records) for _ in range(4 if r.get("fact_id") else 1)]
+    result = train_lm(
+        records,
+        tokenizer,
+        model.config,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=0.0,
+        batch_size=16,
+        seed=seed,
+        subset=subset,
+        init=lora,
+    )
+    return result.model.eval()
+
+
+def attribute(model, tokenizer, records, queries) -> dict[str, float]:
+    """Top-1 hit rate of each method on the fine-tuned model."""
+    out = {}
+    for method in METHODS:
+        curvature, where = method.split(" / ")
+        modules = "lora" if where == "lora" else [r"\.mlp\..*\.base_layer$"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FrozenBaseWarning)  # asked for on purpose
+            inf = Influence(model, "causal_lm", modules=modules, tokenizer=tokenizer, device="cpu")
+        train = inf.encode(records, truncate=True)
+        encoded = inf.encode(queries, truncate=True)
+        if curvature == "ekfac":
+            op = inf.fit(train, FitConfig(curvature="ekfac"))
+        else:
+            op = IdentityOperator({name: 0.0 for name in inf.layer_names})
+        scores = inf.score(encoded, train, op, ScoreConfig(query_rank=None))
+        hits = planted_top1(scores, train.records, queries)
+        out[method] = sum(hits) / len(hits)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--assets", default=".cache/assets")
+    p.add_argument("--out", default="runs/projection", help="Where the base model is cached.")
+    p.add_argument("--facts", type=int, default=20, help="New planted facts to fine-tune on.")
+    p.add_argument("--chunks", type=int, default=100, help="Shakespeare windows mixed in.")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--report", default=None, help="Markdown file to write the table into.")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    rows = []
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        model, tokenizer = base_model(args.assets, Path(args.out))
+        # New facts (seed ≠ 0: names the base model was not trained on) and Shakespeare windows.
+        corpus = build_demo_corpus(
+            args.assets, n_facts=args.facts, n_shakespeare_chunks=args.chunks, seed=100 + seed
+        )
+        records, queries = corpus.records, direct_fact_queries(corpus)
+        before = evaluate_queries(model, tokenizer, queries).summary()
+        tuned = fine_tune(model, tokenizer, records, seed, args)
+        after = evaluate_queries(tuned, tokenizer, queries).summary()
+        hits = attribute(tuned, tokenizer, records, queries)
+        n_lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+        row = {
+            "seed": seed,
+            "n_train": len(records),
+            "n_queries": len(queries),
+            "lora_parameters": n_lora,
+            "greedy_before": before["greedy_match_accuracy"],
+            "greedy_after": after["greedy_match_accuracy"],
+            "logprob_before": before["mean_logprob"],
+            "logprob_after": after["mean_logprob"],
+            **hits,
+            "seconds": time.perf_counter() - t0,
+        }
+        print(json.dumps(row))
+        rows.append(row)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    def spread(key):
+        return max(r[key] for r in rows) - min(r[key] for r in rows)
+
+    first = rows[0]
+    lines = [
+        "## Influence through LoRA adapters",
+        "",
+        f"`python benchmarks/lora.py --report docs/benchmarks.md` "
+        f"(seeds {' '.join(map(str, args.seeds))}; {load_average()} load average at the end).",
+        "",
+        f"The demo model (2-layer GPT-2, width 64) fine-tuned with LoRA (rank {args.rank}, "
+        f"{first['lora_parameters']:,} adapter weights on every attention and MLP projection, "
+        f"base frozen; {args.epochs} epochs, lr {args.lr:g}) on {args.facts} *new* planted "
+        f"facts × 3 wordings (each repeated 4× per epoch) plus {args.chunks} Shakespeare "
+        f"windows: {first['n_train']} fine-tuning sequences. Query: the fact's taught wording "
+        "up to the answer. Hit: the top-ranked fine-tuning sequence states that fact "
+        f"(chance {3 / first['n_train']:.3f}). The fine-tune learns the facts: mean "
+        f"log p(answer | prompt) {mean('logprob_before'):.1f} before, "
+        f"{mean('logprob_after'):.1f} after; greedy recall of the whole answer "
+        f"{mean('greedy_before'):.2f} before, {mean('greedy_after'):.2f} after.",
+        "",
+        "| attribution | top-1 hit rate (mean over seeds) | max − min over seeds |",
+        "|---|---|---|",
+        *[f"| {m} | {mean(m):.3f} | {spread(m):.3f} |" for m in METHODS],
+        "",
+        "`ekfac / base mlp` tracks the frozen base MLP weights (`.mlp.*.base_layer`): what the "
+        "`mlp` preset gives a LoRA model, and what influscope warns about (FrozenBaseWarning).",
+    ]
+    print("\n".join(lines))
+    if args.report:
+        write_section(ROOT / args.report, "lora", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
