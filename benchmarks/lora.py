@@ -29,9 +29,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import ROOT, load_average, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common import ROOT, load_average, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
 from influscope.demo.corpus import build_demo_corpus
