@@ -58,6 +58,7 @@ def test_presets_pick_the_adapters_and_warn_about_frozen_bases():
     assert all(n.endswith((".lora_A.default", ".lora_B.default")) for n in names)
     assert [t.name for t in select_layers(model, "trainable")] == names
     assert default_modules(model) == "lora" and default_modules(tiny_gpt2()) == "mlp"
+    assert Influence(model, CausalLMTask()).layer_names == names  # the facade's default
     with pytest.warns(FrozenBaseWarning, match="modules='lora'"):
         mlp = select_layers(model, "mlp")
     assert any(t.name.endswith(".base_layer") for t in mlp)

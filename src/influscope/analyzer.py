@@ -20,7 +20,7 @@ from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.shards import PartialSums, ShardedPasses
 from influscope.errors import DataError
 from influscope.modules.passes import layer_passes, rank_and_world
-from influscope.modules.selection import TrackedLayer, select_layers
+from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory, model_fingerprint
@@ -37,7 +37,9 @@ class Influence:
         model: A PyTorch / Hugging Face model.
         task: A :class:`~influscope.tasks.Task` or a name in :data:`influscope.TASKS`
             (``"causal_lm"``, ``"classification"``, ``"reward"``).
-        modules: Modules to track: a preset (``"mlp"``, ``"all"``), a regex, or a list.
+        modules: Modules to track: a preset (``"mlp"``, ``"all"``, ``"lora"``,
+            ``"trainable"``), a regex, or a list. ``None`` (default): ``"lora"`` for a PEFT
+            model with LoRA adapters, else ``"mlp"`` (:func:`~influscope.modules.default_modules`).
         run_dir: Where stages are stored (``None``: keep everything in memory).
         tokenizer: Used by :meth:`encode`.
         device: Where every stage runs; the model is moved there. Default: CUDA when
@@ -56,7 +58,7 @@ class Influence:
         self,
         model: nn.Module,
         task: str | Task = "causal_lm",
-        modules: str | Sequence[str] = "mlp",
+        modules: str | Sequence[str] | None = None,
         run_dir: str | Path | None = None,
         tokenizer=None,
         device: str | torch.device | None = None,
@@ -66,6 +68,8 @@ class Influence:
         self.model = model.to(self.device)
         self.offload = offload
         self.task = get_task(task)
+        if modules is None:
+            modules = default_modules(model)
         self.layers: list[TrackedLayer] = select_layers(model, modules)
         self.run = RunDirectory(run_dir) if run_dir is not None else None
         self.tokenizer = tokenizer

@@ -42,7 +42,7 @@ __all__ = [
     "BiasDetectionConfig",
     "BiasRanking",
     "PreferenceLikelihoodTask",
-    "default_modules",
+    "default_reward_modules",
     "rank_biased_pairs",
     "sum_queries",
 ]
@@ -141,7 +141,7 @@ def sum_queries(pq: PreconditionedQueries) -> PreconditionedQueries:
     return PreconditionedQueries(pq.layer_names, dense, {}, total)
 
 
-def default_modules(model: torch.nn.Module) -> str:
+def default_reward_modules(model: torch.nn.Module) -> str:
     """``"head"`` for a frozen-encoder reward model, else the ``"all"`` preset."""
     from influscope.applications.reward_encoder import FrozenEncoderReward
 
@@ -173,7 +173,7 @@ def rank_biased_pairs(
         validation: The targeted validation pairs: the behaviour the bias harms is
             ``chosen`` (see :func:`~influscope.applications.reward_data.select_targeted`).
         config: Curvature, measurement and baselines.
-        modules: Tracked modules (default :func:`default_modules`).
+        modules: Tracked modules (default :func:`default_reward_modules`).
         device: Where to run (default CUDA when available).
         run_dir: Optional run directory for the curvature factors.
 
@@ -193,7 +193,7 @@ def rank_biased_pairs(
         PreferenceLikelihoodTask(pad) if config.measurement == "log_likelihood" else RewardTask(pad)
     )
     inf = Influence(
-        model, task, modules or default_modules(model), run_dir, tokenizer, device=device
+        model, task, modules or default_reward_modules(model), run_dir, tokenizer, device=device
     )
     train_data = train if isinstance(train, EncodedDataset) else inf.encode(list(train))
     val_data = (
