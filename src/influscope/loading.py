@@ -3,10 +3,11 @@
 Models: a local Hugging Face directory, or a ``.gguf`` file (needs the ``gguf`` package;
 dequantised to float32 by transformers), optionally with a PEFT adapter (LoRA) applied on top
 (needs the ``peft`` package). A PEFT adapter directory (one with ``adapter_config.json``) may
-also be given as the model itself when the base model it names is a local path. Records: JSONL (one object per line with ``text``,
-or ``prompt`` + ``completion``), JSON (a list of such objects), plain text (one record per
-paragraph, paragraphs separated by blank lines), or a Hugging Face dataset saved with
-``save_to_disk`` (needs the ``datasets`` package).
+also be given as the model itself when the base model it names is a local path.
+
+Records: JSONL (one object per line with ``text``, or ``prompt`` + ``completion``), JSON (a
+list of such objects), plain text (one record per paragraph, paragraphs separated by blank
+lines), or a Hugging Face dataset saved with ``save_to_disk`` (needs the ``datasets`` package).
 """
 
 from __future__ import annotations
