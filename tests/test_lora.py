@@ -34,20 +34,40 @@ TEXTS = [
     "Now is the winter of our discontent.",
 ]
 TARGETS = ["c_attn", "c_fc", "c_proj"]
+LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lora(model, seed: int = 1, r: int = 4):
     """Wrap ``model`` with LoRA adapters whose ``A`` and ``B`` are both random (not ``B = 0``)."""
     torch.manual_seed(seed)
+    llama = "Llama" in type(model).__name__
     config = peft.LoraConfig(
         r=r,
         lora_alpha=2 * r,
         lora_dropout=0.0,
-        target_modules=TARGETS,
-        fan_in_fan_out=True,
+        target_modules=LLAMA_TARGETS if llama else TARGETS,
+        fan_in_fan_out=not llama,  # GPT-2's Conv1D stores its weight as (in, out)
         init_lora_weights=False,
     )
     return peft.get_peft_model(model, config).eval()
+
+
+def tiny_llama(seed: int = 0):
+    """A float64 two-layer Llama (nn.Linear projections, SwiGLU MLP) from a config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    cfg._attn_implementation = "eager"
+    return LlamaForCausalLM(cfg).double().eval()
 
 
 def test_presets_pick_the_adapters_and_warn_about_frozen_bases():
@@ -70,9 +90,10 @@ def test_presets_pick_the_adapters_and_warn_about_frozen_bases():
         select_layers(frozen, "trainable")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("objective", ["loss", "measurement"])
-def test_hooked_adapter_gradients_match_autograd(objective):
-    model = lora(tiny_gpt2())
+def test_hooked_adapter_gradients_match_autograd(objective, arch):
+    model = lora(tiny_gpt2() if arch == "gpt2" else tiny_llama())
     inf = Influence(model, CausalLMTask(), modules="lora")
     data = random_lm_data(5, prompt_len=2)
     ref = per_example_gradients(model, inf.task, inf.layers, data, objective)
