@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=100, help="Shakespeare windows mixed in.")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--report", default=None, help="Markdown file to write the table into.")
     args = p.parse_args()
