@@ -225,3 +225,19 @@ def test_adapter_errors_are_clear(adapter_dir, tmp_path, capsys):
     # the base model alone has no adapters to track
     assert main(["fit", *base, "--modules", "lora", *args]) == 2
     assert "No trackable module" in capsys.readouterr().err
+
+
+def test_gradient_index_over_adapters_is_exact_at_full_width(tmp_path):
+    """LESS-style retrieval: a projected index of adapter gradients, exact at full width."""
+    from influscope.index import IndexConfig, build_index, preconditioned_queries
+
+    model = lora(tiny_gpt2())
+    train, queries = random_lm_data(16, seed=1), random_lm_data(3, seed=2, prompt_len=3)
+    inf = Influence(model, CausalLMTask(), modules="lora", device="cpu")
+    op = inf.fit(train, FitConfig(curvature="ekfac", fisher="empirical", batch_size=4))
+    exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise
+    cfg = IndexConfig(k_in=64, k_out=64, fisher="empirical", dtype="float32", batch_size=4)
+    index = build_index(model, inf.task, inf.layers, train, tmp_path / "idx", cfg)
+    q = preconditioned_queries(model, inf.task, inf.layers, queries, index)
+    _, full = index.search(q, k=3, return_all=True)
+    torch.testing.assert_close(full.double(), exact, rtol=2e-3, atol=2e-3 * exact.abs().max())
