@@ -129,6 +129,27 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The benchmark's device: ``name``, else CUDA when available, else the CPU.
+
+    A bare ``"cuda"`` gets the current device's index: ``torch.cuda.set_device`` refuses a CUDA
+    device without one (``ValueError: Expected a torch.device with a specified index``).
+
+    Raises:
+        SystemExit: A CUDA device is asked for on a machine without CUDA.
+    """
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"gpu_check: --device {name} asks for CUDA, but torch {torch.__version__} sees no "
+                "CUDA device. Run on a CUDA machine, or pass --device cpu (with --quick)."
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def rate(amount: float, seconds: float | None) -> float | None:
     """``amount / seconds`` or ``None``."""
     return amount / seconds if seconds else None
@@ -807,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     overrides = {"n_train": args.n_train, "seq_len": args.seq_len, "n_queries": args.n_queries}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     stats_dtype = args.stats_dtype or ("float32" if device.type == "cuda" else "float64")
     model_dtype, amp = torch.bfloat16, "bfloat16"
     log(f"gpu_check: device {device}, {'quick' if args.quick else 'full'} sizes, out {out}")

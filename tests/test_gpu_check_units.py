@@ -1,0 +1,55 @@
+"""Units of ``benchmarks/gpu_check.py`` that only a CUDA machine would otherwise exercise.
+
+The prepared GPU script must work the first time it meets a GPU, so the parts that take
+CUDA-only code paths are checked here on the CPU: the device it picks (a bare ``"cuda"`` must
+get an index before ``torch.cuda.set_device``) and the watchdog around the CUDA test subprocess
+(a hung grandchild, e.g. an NCCL worker, must not stall the check).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.cuda._utils import _get_device_index
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize("name", [None, "cuda"])
+def test_default_cuda_device_gets_an_index(gpu_check, monkeypatch, name):
+    """``torch.cuda.set_device(torch.device("cuda"))`` raises ValueError; the script's device
+    must carry the current index (what ``set_device`` resolves it with is checked directly)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    device = gpu_check.resolve_device(name)
+    assert device == torch.device("cuda", 0)
+    assert _get_device_index(device) == 0  # the call inside torch.cuda.set_device
+    with pytest.raises(ValueError, match="specified index"):
+        _get_device_index(torch.device("cuda"))  # what the script passed before
+
+
+def test_explicit_devices_are_kept(gpu_check, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_check.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert gpu_check.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cuda_without_cuda_is_a_clear_error(gpu_check, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.resolve_device(None) == torch.device("cpu")
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        gpu_check.resolve_device("cuda")
