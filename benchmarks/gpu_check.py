@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,50 @@ def rate(amount: float, seconds: float | None) -> float | None:
 
 
 # --- (a) the CUDA test subset -----------------------------------------------------------------
+def stream_command(
+    cmd: list[str], timeout_s: float, env: dict[str, str] | None = None, prefix: str = "    | "
+) -> tuple[list[str], int | None, bool]:
+    """Run ``cmd`` in its own process group, echoing its output, for at most ``timeout_s``.
+
+    The whole group is killed at the deadline, and any of its processes left behind after the
+    command exits: a grandchild (pytest's spawned NCCL ranks) inherits the output pipe, so
+    killing only the child would leave the read blocked until a hung grandchild exits — the
+    check would stall instead of reporting a timeout.
+
+    Returns:
+        ``(output lines, return code (None when killed at the deadline), deadline reached)``.
+    """
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, killed as a whole
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # stream the output as progress
+            lines.append(line.rstrip())
+            print(f"{prefix}{line.rstrip()}", flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        returncode: int | None = proc.wait(timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        returncode, timed_out = None, True
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the deadline, or processes left behind
+    proc.wait()
+    reader.join(timeout=10)
+    return lines, returncode, timed_out
+
+
 def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``pytest -m cuda tests/test_cuda.py`` and summarise its JUnit report.
 
@@ -182,29 +227,16 @@ def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     log(f"(a) running: {' '.join(cmd[2:])}")
     env = {**os.environ, "INFLUSCOPE_PROGRESS": "0"}
     t0 = time.perf_counter()
-    lines: list[str] = []
     result: dict[str, Any] = {"command": " ".join(cmd[2:])}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    watchdog = threading.Timer(timeout_s, proc.kill)  # a silent hang cannot stall the check
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # stream the test output as progress
-            lines.append(line.rstrip())
-            print(f"    pytest | {line.rstrip()}", flush=True)
-        proc.wait()
-    finally:
-        watchdog.cancel()
-    if time.perf_counter() - t0 >= timeout_s:
+    lines, returncode, timed_out = stream_command(cmd, timeout_s, env, prefix="    pytest | ")
+    if timed_out:
         result.update(status="timeout", returncode=None)
         log(f"(a) cuda tests killed after {timeout_s:.0f} s")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["tail"] = lines[-15:]
     if "status" in result:
         return result
-    result["returncode"] = proc.returncode
+    result["returncode"] = returncode
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if junit.is_file():
         root = ET.parse(junit).getroot()
@@ -216,9 +248,9 @@ def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     result.update(
         passed=passed, failed=counts["failures"], errors=counts["errors"], skipped=counts["skipped"]
     )
-    if proc.returncode == 0 and passed > 0:
+    if returncode == 0 and passed > 0:
         result["status"] = "passed"
-    elif proc.returncode == 0 and counts["skipped"] == counts["tests"]:
+    elif returncode == 0 and counts["skipped"] == counts["tests"]:
         result["status"] = "skipped"
     elif counts["failures"] or counts["errors"]:
         result["status"] = "failed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,35 @@ def test_cuda_without_cuda_is_a_clear_error(gpu_check, monkeypatch):
     assert gpu_check.resolve_device(None) == torch.device("cpu")
     with pytest.raises(SystemExit, match="sees no CUDA device"):
         gpu_check.resolve_device("cuda")
+
+
+#: A child that starts a grandchild (inheriting the output pipe, like pytest's spawned NCCL
+#: ranks), then either hangs too or exits at once, leaving the grandchild behind.
+_FAMILY = (
+    "import subprocess, sys, time; "
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    "print('started', flush=True); "
+    "time.sleep({child_sleep})"
+)
+
+
+def test_watchdog_kills_a_hung_process_group(gpu_check):
+    """At the deadline the whole group goes: the read does not wait for the grandchild."""
+    t0 = time.perf_counter()
+    lines, returncode, timed_out = gpu_check.stream_command(
+        [sys.executable, "-c", _FAMILY.format(child_sleep=60)], timeout_s=3
+    )
+    assert time.perf_counter() - t0 < 20
+    assert timed_out and returncode is None
+    assert lines == ["started"]
+
+
+def test_processes_left_behind_do_not_block_the_read(gpu_check):
+    """The command exits (status 0) but leaves a grandchild holding the pipe: no stall."""
+    t0 = time.perf_counter()
+    lines, returncode, timed_out = gpu_check.stream_command(
+        [sys.executable, "-c", _FAMILY.format(child_sleep=0)], timeout_s=45
+    )
+    assert time.perf_counter() - t0 < 20
+    assert not timed_out and returncode == 0
+    assert lines == ["started"]
