@@ -49,6 +49,17 @@ def test_sequence_longer_than_context(tmp_path):
     assert ok.max_length() == 16
 
 
+def test_unusable_device_is_a_config_error(monkeypatch):
+    """A CUDA device on a machine without CUDA (simulated) or a misspelt device: ConfigError
+    naming the fix, not torch's AssertionError from deep inside ``model.to``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"sees no CUDA device.*device='cpu'"):
+        Influence(tiny_gpt2(), "causal_lm", device="cuda:0")
+    with pytest.raises(ConfigError, match="Unknown device 'gpu'"):
+        Influence(tiny_gpt2(), "causal_lm", device="gpu")
+    assert Influence(tiny_gpt2(), "causal_lm").device == torch.device("cpu")
+
+
 def test_no_matching_module_lists_names():
     with pytest.raises(ModuleMatchError, match=r"transformer\.h\.0\.mlp\.c_fc"):
         Influence(tiny_gpt2(), modules=["does_not_exist"])

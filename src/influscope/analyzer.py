@@ -18,7 +18,7 @@ from torch import nn
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.shards import PartialSums, ShardedPasses
-from influscope.errors import DataError
+from influscope.errors import ConfigError, DataError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
@@ -335,10 +335,27 @@ class Influence:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CUDA when available, else CPU."""
+    """``None`` → CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: An unknown device string, or a CUDA device on a machine without CUDA.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"Unknown device {device!r} ({exc}). Expected a torch device such as 'cpu', 'cuda' "
+            "or 'cuda:1', or None for CUDA when available."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Device {device!r} asks for CUDA, but torch {torch.__version__} sees no CUDA "
+            "device. Pass device='cpu' (CLI: --device cpu), or leave it unset to use CUDA only "
+            "when present."
+        )
+    return resolved
 
 
 def _amp(name: str | None) -> torch.dtype | None:
