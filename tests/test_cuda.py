@@ -158,6 +158,24 @@ def test_offload_keeps_factors_on_cpu_and_scores_equal(data):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
+def test_stored_stages_load_where_computed_ones_live(data, tmp_path):
+    """From a run directory: ``load_factors`` keeps ``offload=True`` factors in CPU memory (it
+    loaded them onto the model's device), and scores read back from the run directory are on
+    the device like freshly computed ones (they came back on the CPU)."""
+    train, queries = data
+    inf = Influence(
+        tiny_gpt2(dtype=torch.float64), "causal_lm", device="cuda", offload=True, run_dir=tmp_path
+    )
+    op = inf.fit(train, FIT)
+    loaded = inf.load_factors(train)
+    for factors in (op, loaded):
+        assert all(t.device.type == "cpu" for t in factors.tensors().values())
+    first = inf.score(queries, train, loaded, SCORE_FULL, name="scores")
+    again = inf.score(queries, train, loaded, SCORE_FULL, name="scores")  # read back
+    assert first.pairwise.device.type == "cuda" and again.pairwise.device.type == "cuda"
+    torch.testing.assert_close(again.pairwise, first.pairwise, rtol=0, atol=0)
+
+
 # --- distributed: 2 NCCL ranks, one GPU each ----------------------------------------------
 WORLD = 2
 

@@ -198,9 +198,11 @@ class Influence:
         config = FitConfig.from_dict(meta["config"])
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
-        device = next(self.model.parameters()).device
         tensors, meta = self.run.load(
-            "factors", name, {"model": self.fingerprint(), "data": train.fingerprint()}, device
+            "factors",
+            name,
+            {"model": self.fingerprint(), "data": train.fingerprint()},
+            self._factor_device,  # CPU memory with offload=True, like fit()
         )
         op_cls, _ = CURVATURES[meta["curvature"]]
         return op_cls.from_tensors(tensors, meta["damping"])
@@ -251,7 +253,8 @@ class Influence:
                 "damping": factors.damping,
             }
             if self.run.exists("scores", name) and not overwrite:
-                tensors, meta = self.run.load("scores", name, expected)
+                # on the device, like computed scores (they live where the model runs)
+                tensors, meta = self.run.load("scores", name, expected, self.device)
                 return Scores(
                     layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
                 )
