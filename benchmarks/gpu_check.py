@@ -11,7 +11,8 @@ b. builds a Llama-architecture model from a ``LlamaConfig`` with random weights 
    eigenvalue refit; tokens/s each), query preconditioning (rank-32 query gradients), pairwise
    scoring (pairs/s), and peak GPU memory per stage;
 c. with ``--kronfluence`` (when importable) measures the same with Kronfluence;
-d. writes ``gpu_check.json`` and ``gpu_check.md`` (a markdown table) into ``--out``.
+d. writes ``gpu_check.json`` and ``gpu_check.md`` (a markdown table) into ``--out`` — also when
+   a stage fails (its error and traceback are recorded; the exit status is then 1).
 
 It must finish in under 8 minutes on one H200. Before the runs it times the per-block costs
 that do not depend on the data size (float64 ``eigh`` of the factors, float32 SVD of the query
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -751,8 +753,11 @@ def markdown(report: dict[str, Any]) -> str:
         "| stage | library | seconds | throughput | peak GPU memory (GiB) |",
         "|---|---|---:|---:|---:|",
     ]
+    failures = []
     for lib in ("influscope", "kronfluence"):
         fig = report.get(lib) or {}
+        if "failed" in fig:
+            failures.append(f"{lib}: **failed** — {fig['failed']} (traceback in the JSON).")
         if "fit" not in fig:
             continue
         for stage, row in fig["fit"].get("stages", {}).items():
@@ -775,6 +780,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| pairwise scores | {lib} | {_fmt(sc['seconds'])} | "
             f"{_fmt(sc['pairs_per_s'], 1)} pairs/s | {_fmt(sc['peak_gib'], 2)} |"
         )
+    lines += ["", *failures] if failures else []
     lines.append("")
     plan = model["plan"]
     lines.append(
@@ -933,9 +939,18 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": sizes.batch_size,
     }
 
-    ours, ours_scores = bench_influscope(
-        model, blocks, train, queries, sizes, device, amp, stats_dtype
-    )
+    ours_scores: torch.Tensor | None
+    try:
+        ours, ours_scores = bench_influscope(
+            model, blocks, train, queries, sizes, device, amp, stats_dtype
+        )
+    except Exception as exc:  # keep going: the written report is what a GPU session brings back
+        log(f"(b) influscope failed: {type(exc).__name__}: {exc}")
+        ours = {
+            "failed": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc().splitlines()[-30:],
+        }
+        ours_scores = None
     free_memory(device)
     report["influscope"] = ours
 
@@ -947,7 +962,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"(c) Kronfluence skipped: {why}")
     else:
         left = args.budget_s - (time.perf_counter() - _START)
-        needed = 1.3 * (ours["fit"]["seconds"] + ours["score"]["seconds"])
+        needed = 1.3 * (
+            ours["fit"]["seconds"] + ours["score"]["seconds"]
+            if "fit" in ours
+            else plan["estimated_chosen_s"]
+        )
         if left < needed:
             why = f"{left:.0f} s left, Kronfluence estimated at {needed:.0f} s"
             report["kronfluence"] = {"skipped": why}
@@ -964,7 +983,11 @@ def main(argv: list[str] | None = None) -> int:
                     kron_scores = None
             free_memory(device)
             report["kronfluence"] = kron
-            if kron_scores is not None and kron_scores.shape == ours_scores.shape:
+            if (
+                kron_scores is not None
+                and ours_scores is not None
+                and kron_scores.shape == ours_scores.shape
+            ):
                 from influscope.evaluation.metrics import spearman
 
                 rho = [spearman(ours_scores[q], kron_scores[q]) for q in range(len(queries))]
@@ -977,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"(d) wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     print(markdown(report), flush=True)
     status = report["cuda_tests"].get("status")
-    return 1 if status in ("failed", "error", "timeout") else 0
+    return 1 if status in ("failed", "error", "timeout") or "failed" in ours else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ get an index before ``torch.cuda.set_device``) and the watchdog around the CUDA 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -86,3 +87,20 @@ def test_processes_left_behind_do_not_block_the_read(gpu_check):
     assert time.perf_counter() - t0 < 20
     assert not timed_out and returncode == 0
     assert lines == ["started"]
+
+
+def test_a_failing_stage_still_writes_the_report(gpu_check, monkeypatch, tmp_path):
+    """An exception in the influscope stage (say a CUDA OOM) is recorded in the JSON and the
+    markdown, and the exit status is 1; the run does not end without a report."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_check, "bench_influscope", fail)
+    out = tmp_path / "gpu_check"
+    argv = ["--quick", "--skip-tests", "--device", "cpu", "--out", str(out), "--n-train", "4"]
+    assert gpu_check.main(argv) == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["influscope"]["failed"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert any("in fail" in line for line in report["influscope"]["traceback"])
+    assert "influscope: **failed**" in (out / "gpu_check.md").read_text()
