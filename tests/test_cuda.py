@@ -243,6 +243,11 @@ def test_eigen_index_and_randomized_query_svd_on_cuda(data, tmp_path):
         q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index)
         got[device] = index.search(q, k=3, return_all=True)[1]
         if device == "cuda":
+            # queries and positions handed over on the GPU: the CPU-side index accepts them
+            on_gpu = index.search(q.to(device), k=3, return_all=True)[1]
+            torch.testing.assert_close(on_gpu, got[device], rtol=0, atol=0)
+            rows = index.rows(torch.tensor([0, 2], device=device))
+            torch.testing.assert_close(rows, index.rows([0, 2]), rtol=0, atol=0)
             fast = ScoreConfig(query_rank=2, query_svd="randomized", batch_size=4)
             pq = inf.precondition(queries, op, fast)
             assert all(t.device.type == "cuda" for t in _tensors_of(pq))

@@ -121,8 +121,8 @@ class GradientIndex:
         return np.load(shard_path(self.root, k), mmap_mode="r")
 
     def rows(self, positions: torch.Tensor | list[int]) -> torch.Tensor:
-        """Selected rows as float32 ``(len(positions), D)`` (reads only those rows)."""
-        pos = torch.as_tensor(positions, dtype=torch.long)
+        """Selected rows as float32 ``(len(positions), D)`` on the CPU (reads only those rows)."""
+        pos = torch.as_tensor(positions, dtype=torch.long).cpu()  # indexes numpy shards
         starts = torch.tensor([s for s, _ in self.meta["shards"]])
         which = torch.searchsorted(starts, pos, right=True) - 1
         out = torch.empty(len(pos), int(self.meta["dim"]))
@@ -150,9 +150,9 @@ class GradientIndex:
             return_all: Also return the full ``(Q, N)`` score matrix (small indexes, tests).
 
         Returns:
-            :class:`TopK` (and the full matrix when ``return_all``).
+            :class:`TopK` (and the full matrix when ``return_all``), on the CPU.
         """
-        q = queries.float()  # (Q, D)
+        q = queries.float().cpu()  # (Q, D); the rows are read on the CPU
         n_q = q.shape[0]
         allowed = None
         if candidates is not None:
