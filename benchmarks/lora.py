@@ -11,6 +11,8 @@ Compared, all on the same fine-tuned model and data:
 
 * ``ekfac / lora``: EK-FAC over the adapter matrices (``modules="lora"``), the default for a
   LoRA model;
+* ``datainf / lora``: DataInf's closed-form inverse (Kwon et al. 2024) over the adapter
+  matrices, built for exactly this setting;
 * ``identity / lora``: the plain gradient dot product over the adapter weights (what LESS
   ranks with, up to normalisation);
 * ``ekfac / base mlp``: EK-FAC over the frozen base MLP weights (``.mlp.*.base_layer``), i.e.
@@ -40,7 +42,7 @@ from influscope.demo.train import DemoTrainConfig, evaluate_queries, train_demo_
 from influscope.modules import FrozenBaseWarning
 
 TARGETS = ["c_attn", "c_fc", "c_proj"]
-METHODS = ("ekfac / lora", "identity / lora", "ekfac / base mlp")
+METHODS = ("ekfac / lora", "datainf / lora", "identity / lora", "ekfac / base mlp")
 
 
 def base_model(assets: str, out: Path):
@@ -93,8 +95,8 @@ def attribute(model, tokenizer, records, queries) -> dict[str, float]:
             inf = Influence(model, "causal_lm", modules=modules, tokenizer=tokenizer, device="cpu")
         train = inf.encode(records, truncate=True)
         encoded = inf.encode(queries, truncate=True)
-        if curvature == "ekfac":
-            op = inf.fit(train, FitConfig(curvature="ekfac"))
+        if curvature in ("ekfac", "datainf"):
+            op = inf.fit(train, FitConfig(curvature=curvature))
         else:
             op = IdentityOperator({name: 0.0 for name in inf.layer_names})
         scores = inf.score(encoded, train, op, ScoreConfig(query_rank=None))
@@ -175,7 +177,9 @@ def main() -> None:
         *[f"| {m} | {mean(m):.3f} | {spread(m):.3f} |" for m in METHODS],
         "",
         "`ekfac / base mlp` tracks the frozen base MLP weights (`.mlp.*.base_layer`): what the "
-        "`mlp` preset gives a LoRA model, and what influscope warns about (FrozenBaseWarning).",
+        "`mlp` preset gives a LoRA model, and what influscope warns about (FrozenBaseWarning). "
+        "`datainf / lora` is DataInf (Kwon et al. 2024): the inverse of each adapter's damped "
+        "curvature replaced by the average of per-example Sherman–Morrison inverses.",
     ]
     print("\n".join(lines))
     if args.report:

@@ -208,7 +208,14 @@ def cmd_fit(args) -> int:
     if args.dry_run:
         from influscope.resources import describe, estimate
 
-        console.print(describe(estimate(inf, train, batch_size=args.batch_size)))
+        estimates = estimate(
+            inf,
+            train,
+            batch_size=args.batch_size,
+            curvature=args.curvature,
+            max_examples=args.max_examples,
+        )
+        console.print(describe(estimates))
         return 0
     config = FitConfig(
         curvature=args.curvature,

@@ -39,7 +39,7 @@ __all__ = [
 #: Values of ``--task``: how a batch becomes a loss and a measurement.
 TASKS: tuple[str, ...] = ("causal_lm", "classification", "reward")
 #: Values of ``--curvature``, cheapest first.
-CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac", "datainf")
 #: Default of ``--modules``: the MLP preset.
 DEFAULT_MODULES: tuple[str, ...] = ("mlp",)
 

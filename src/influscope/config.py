@@ -55,7 +55,7 @@ class FitConfig(_Serializable):
 
     Attributes:
         curvature: Key in :data:`influscope.curvature.CURVATURES` (``identity``, ``diagonal``,
-            ``kfac``, ``ekfac``).
+            ``kfac``, ``ekfac``, ``datainf``).
         fisher: ``"true"`` samples labels from the model (seeded per example; the true Fisher
             equals the Gauss-Newton Hessian in expectation); ``"empirical"`` uses the data labels.
         damping: Absolute damping ``λ`` for every layer, or ``None`` for
@@ -76,6 +76,10 @@ class FitConfig(_Serializable):
             again (one forward + backward over the data instead of two; identical results).
             Shards beyond the budget are recomputed; ``0`` disables the cache. Not part of the
             stored fingerprint, since it does not change the factors.
+        datainf_memory_mb: Largest per-example gradient store (MiB) a ``datainf`` fit may
+            hold: it keeps ``n × Σ_ℓ out_ℓ·in_ℓ`` numbers (see
+            :mod:`influscope.curvature.datainf`) and refuses to start above this. Not part of
+            the stored fingerprint.
     """
 
     curvature: str = "ekfac"
@@ -89,11 +93,13 @@ class FitConfig(_Serializable):
     max_examples: int | None = None
     shard_size: int = 256
     cache_mb: float = 2048.0
+    datainf_memory_mb: float = 4096.0
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The settings that determine the factors (``to_dict`` without ``cache_mb``)."""
+        """The settings that determine the factors (``to_dict`` without the memory budgets)."""
         out = self.to_dict()
         out.pop("cache_mb")
+        out.pop("datainf_memory_mb")
         return out
 
     def __post_init__(self) -> None:
@@ -129,6 +135,18 @@ class FitConfig(_Serializable):
         )
         _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
         _check(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
+        _check(
+            self.curvature != "datainf"
+            or (self.damping > 0 if self.damping is not None else self.damping_factor > 0),
+            "curvature='datainf' divides by the damping λ (its inverse is a sum of "
+            "(1/λ)(I − g gᵀ/(λ + ‖g‖²)) terms), so λ must be > 0; received "
+            f"damping={self.damping}, damping_factor={self.damping_factor}. Leave damping=None "
+            "with damping_factor > 0 (default 0.1), or give an absolute damping > 0.",
+        )
+        _check(
+            self.datainf_memory_mb > 0,
+            f"datainf_memory_mb must be > 0, received {self.datainf_memory_mb}.",
+        )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
 * :func:`ekfac_eigenvalues` — EK-FAC's refitted eigenvalues from per-example gradients.
 * :func:`truncated_ekfac_influence` — EK-FAC influence restricted to chosen eigen-coordinates,
   with dense Kronecker eigenvectors (the reference of the ``eigen`` index selection).
+* :func:`datainf_inverse` — DataInf's explicit ``(P, P)`` inverse (Kwon et al. 2024, eq. 5).
 
 The flat parameter vector concatenates each layer's ``(out, in[+1])`` matrix in row-major
 order, layer after layer (the layout every other part of influscope uses).
@@ -177,6 +178,19 @@ def exact_influence(
 def ekfac_eigenvalues(grads: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
     """``mean_n (Q_S^⊤ g_n Q_A)^{⊙2}`` for per-example gradients ``(N, out, in)``."""
     return (q_s.t().double() @ grads.double() @ q_a.double()).square().mean(0)
+
+
+def datainf_inverse(grads: torch.Tensor, damping: float) -> torch.Tensor:
+    """DataInf's approximate ``(G + λI)^{-1}`` as an explicit ``(P, P)`` float64 matrix.
+
+    ``(1/n) Σ_i (g_i g_iᵀ + λI)^{-1}`` with each term inverted by a dense solve (not by the
+    Sherman–Morrison formula the operator uses), for per-example gradients ``(n, out, in)`` or
+    ``(n, P)``.
+    """
+    g = grads.double().reshape(grads.shape[0], -1)  # (n, P)
+    eye = torch.eye(g.shape[1], dtype=torch.float64)
+    terms = [torch.linalg.inv(torch.outer(gi, gi) + damping * eye) for gi in g]
+    return torch.stack(terms).mean(0)  # (P, P)
 
 
 def truncated_ekfac_influence(

@@ -10,6 +10,8 @@ floats unless stated):
 * covariance: ``8·Σ_ℓ (in_ℓ² + out_ℓ²)`` (float64 sums);
 * eigenvalues: ``8·Σ_ℓ in_ℓ out_ℓ`` sums + ``4·B·Σ_ℓ in_ℓ out_ℓ`` rotated gradients of a batch;
 * factors on disk: ``8·Σ_ℓ (in_ℓ² + out_ℓ² + in_ℓ out_ℓ)``;
+* ``curvature="datainf"`` instead keeps every per-example gradient, ``4·N·Σ_ℓ in_ℓ out_ℓ`` in
+  memory and on disk (``N`` capped by ``max_examples``), plus a batch of gradients;
 * scores: ``4·Q·Σ_ℓ in_ℓ out_ℓ`` query gradients + ``4·Q·N·L`` per-layer scores;
 * index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory;
   with ``init="eigen"`` also up to one full rotated gradient ``4·B·max_ℓ in_ℓ out_ℓ`` per batch
@@ -45,8 +47,11 @@ def estimate(
     batch_size: int = 8,
     n_queries: int = 0,
     index=None,
+    curvature: str = "ekfac",
+    max_examples: int | None = None,
 ) -> list[StageEstimate]:
-    """Estimates for fitting, scoring and (when ``index`` is an IndexConfig) indexing."""
+    """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
+    and (when ``index`` is an IndexConfig) indexing."""
     model = inf.model
     n_params = sum(p.numel() for p in model.parameters())
     cfg = getattr(model, "config", None)
@@ -60,17 +65,28 @@ def estimate(
     base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
     captured = 4 * bsz * t * sum(i + o for i, o in dims)
     grad = sum(i * o for i, o in dims)
-    out = [
-        StageEstimate(
-            "fit: covariance", base + captured + 8 * sum(i * i + o * o for i, o in dims), 0
-        ),
-        StageEstimate(
-            "fit: eigenvalues",
-            base + captured + 8 * sum(i * i + o * o for i, o in dims) + (8 + 4 * bsz) * grad,
-            8 * sum(i * i + o * o + i * o for i, o in dims),
-            "factors on disk",
-        ),
-    ]
+    n_fit = n if max_examples is None else min(n, max_examples)
+    if curvature == "datainf":
+        out = [
+            StageEstimate(
+                "fit: gradients",
+                base + captured + 4 * (n_fit + bsz) * grad,
+                4 * n_fit * grad,
+                f"{n_fit} gradients × {grad} params",
+            )
+        ]
+    else:
+        out = [
+            StageEstimate(
+                "fit: covariance", base + captured + 8 * sum(i * i + o * o for i, o in dims), 0
+            ),
+            StageEstimate(
+                "fit: eigenvalues",
+                base + captured + 8 * sum(i * i + o * o for i, o in dims) + (8 + 4 * bsz) * grad,
+                8 * sum(i * i + o * o + i * o for i, o in dims),
+                "factors on disk",
+            ),
+        ]
     if n_queries:
         out.append(
             StageEstimate(

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
         help="Keep only the validation pairs satisfying this rule (default: all of them).",
     )
     p.add_argument(
-        "--curvature", default="ekfac", help="ekfac (default), kfac, diagonal, identity."
+        "--curvature", default="ekfac", help="ekfac (default), kfac, diagonal, identity, datainf."
     )
     p.add_argument(
         "--measurement",

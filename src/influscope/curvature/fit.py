@@ -7,6 +7,8 @@
   (the per-sequence loss sums over tokens, so its curvature is about ``T̄ · A ⊗ S``).
 * ``ekfac``: the K-FAC eigenbases, then a second pass refitting
   ``Λ_ij = E_z[((Q_S^⊤ ∇_W L(z) Q_A)_ij)^2]`` on per-sequence gradients (George et al. 2018).
+* ``datainf``: one pass storing every per-sequence gradient (Kwon et al. 2024; see
+  :mod:`influscope.curvature.datainf`, which holds its fitter).
 
 Default damping per layer: ``damping_factor × mean(Λ_ℓ)`` (or ``mean(d_ℓ)``).
 """
@@ -19,6 +21,7 @@ import torch
 
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator, relative_damping
+from influscope.curvature.datainf import DataInfOperator, fit_datainf
 from influscope.curvature.diagonal import DiagonalOperator
 from influscope.curvature.eigen import EKFACOperator, KFACOperator
 from influscope.curvature.identity import IdentityOperator
@@ -90,4 +93,5 @@ CURVATURES: dict[str, tuple[type[CurvatureOperator], Fitter]] = {
     "diagonal": (DiagonalOperator, fit_diagonal),
     "kfac": (KFACOperator, fit_kfac),
     "ekfac": (EKFACOperator, fit_ekfac),
+    "datainf": (DataInfOperator, fit_datainf),
 }

@@ -1,6 +1,8 @@
 """Sharded, resumable statistics passes.
 
-A statistics pass (covariances, eigenvalue refit, diagonal) is a sum over training sequences.
+A statistics pass (covariances, eigenvalue refit, diagonal) is a sum over training sequences
+(:func:`reduce_shards`); DataInf's per-example gradients are rows, one per sequence
+(:func:`gather_shards`).
 :class:`ShardedPasses` splits the batches into fixed *shards* of consecutive batches; each shard's
 partial sums are computed by one rank (shard ``k`` on rank ``k mod world``) and, when a
 :class:`PartialSums` store is attached, written atomically to disk as soon as the shard is done.
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from influscope.errors import DataError
 from influscope.modules.capture import LayerBatch
 from influscope.modules.passes import all_reduce_, rank_and_world
 from influscope.storage.atomic import (
@@ -215,6 +218,56 @@ def reduce_shards(
                 if passes.store is not None:
                     passes.store.put(phase, k, part)
             _add(total, part)
+    for v in total.values():
+        all_reduce_(v)
+    return total
+
+
+def gather_shards(
+    passes: ShardedPasses | Callable[[str], Iterator[Batch]],
+    phase: str,
+    compute: Compute,
+    zeros: Callable[[int], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Per-example rows of every shard in example order, resumable and gathered over ranks.
+
+    The row-wise counterpart of :func:`reduce_shards`, for statistics that keep one row per
+    training example (DataInf's per-example gradients) instead of a sum. ``compute`` returns,
+    for the batches of one shard, tensors whose first dimension runs over the shard's examples
+    in order. Each rank writes the rows of its shards into zero tensors of ``n`` rows; every
+    row is non-zero on exactly one rank, so the all-reduce (a sum) gathers them exactly.
+
+    Args:
+        passes: Sharded passes, or a plain ``desc → iterator`` callable (one process's complete
+            pass, returned as ``compute`` gives it; no store, no all-reduce).
+        phase: Name of the statistics (``"gradients"``).
+        compute: The rows of one shard: ``{key: (m, ...)}``.
+        zeros: ``zeros(m)`` gives zero tensors of ``m`` rows with every key.
+
+    Returns:
+        ``{key: (n, ...)}`` over all shards and ranks.
+    """
+    if not isinstance(passes, ShardedPasses):
+        return compute(passes(phase))
+    total = zeros(passes.n_examples)
+    rank, world = rank_and_world()
+    shards = passes.shards()
+    for k, positions in enumerate(shards):
+        if k % world != rank:
+            continue
+        part = passes.store.get(phase, k) if passes.store is not None else None
+        if part is None:
+            part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
+            if passes.store is not None:
+                passes.store.put(phase, k, part)
+        start, stop = positions[0], positions[-1] + 1
+        for key, rows in part.items():
+            if rows.shape[0] != stop - start:
+                raise DataError(
+                    f"Shard {k} of {phase!r} has {rows.shape[0]} rows of {key!r}, expected "
+                    f"{stop - start}; delete the partial results under the run directory."
+                )
+            total[key][start:stop] = rows.to(total[key].device, total[key].dtype)
     for v in total.values():
         all_reduce_(v)
     return total
