@@ -151,6 +151,25 @@ def test_store_load_round_trip_and_stale_factors(setup, tmp_path):
         stored.fit(random_lm_data(7, seed=9), cfg, name="di")
 
 
+def test_a_fit_killed_before_saving_resumes_from_its_shards(setup, tmp_path, monkeypatch):
+    inf, train, _, op = setup
+    stored = Influence(inf.model, "causal_lm", modules="lora", run_dir=tmp_path, device="cpu")
+    cfg = FitConfig(curvature="datainf", batch_size=3, shard_size=3, seed=5)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stored.run, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        stored.fit(train, cfg, name="di")
+    monkeypatch.undo()
+    assert len(list((tmp_path / "factors" / ".di.partial" / "gradients").glob("*"))) == 3
+    resumed = stored.fit(train, cfg, name="di")
+    assert stored.last_fit_shards == {"loaded": 3, "computed": 0, "replayed": 0}
+    for name, g in op.grads.items():
+        torch.testing.assert_close(resumed.grads[name], g, rtol=1e-10, atol=1e-14)
+
+
 def test_memory_budget_and_damping_errors_are_clear(setup):
     inf, train, _, _ = setup
     with pytest.raises(ConfigError, match=r"7 examples × .* MiB.*modules='lora'.*max_examples"):

@@ -85,7 +85,7 @@ def test_stages_create_no_tensor_on_the_default_device(tmp_path, one_thread):
     inf = Influence(tiny_gpt2(n_embd=32), "causal_lm", modules="mlp", device="cpu")
     audit = FactoryAudit()
     with audit:
-        for curvature, amp in (("diagonal", None), ("ekfac", "bfloat16")):
+        for curvature, amp in (("datainf", None), ("diagonal", None), ("ekfac", "bfloat16")):
             op = inf.fit(train, FitConfig(curvature=curvature, batch_size=4, amp_dtype=amp))
             for score in (
                 ScoreConfig(query_rank=None, batch_size=4, per_layer=True, normalize="relatif"),
