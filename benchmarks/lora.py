@@ -20,12 +20,19 @@ Compared, all on the same fine-tuned model and data:
   LoRA model, which influscope warns about.
 
 Run: ``python benchmarks/lora.py --report docs/benchmarks.md`` (a few minutes on 2 cores).
+
+``--model smollm2``: the same question on a real pretrained LLM. SmolLM2-135M-Instruct (Llama
+architecture, from the GGUF asset) gets LoRA adapters on ``q_proj``, ``v_proj`` and
+``down_proj`` and is fine-tuned on fewer facts and windows (2 cores); ``ekfac / base mlp``
+then tracks the frozen ``down_proj`` base weights. ``python benchmarks/lora.py --model smollm2
+--facts 10 --chunks 30 --epochs 4 --lr 2e-3 --seeds 1 --report docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -41,12 +48,18 @@ from influscope.demo.pipeline import direct_fact_queries, planted_top1
 from influscope.demo.train import DemoTrainConfig, evaluate_queries, train_demo_model, train_lm
 from influscope.modules import FrozenBaseWarning
 
-TARGETS = ["c_attn", "c_fc", "c_proj"]
+TARGETS = {"demo": ["c_attn", "c_fc", "c_proj"], "smollm2": ["q_proj", "v_proj", "down_proj"]}
 METHODS = ("ekfac / lora", "datainf / lora", "identity / lora", "ekfac / base mlp")
 
 
-def base_model(assets: str, out: Path):
-    """The demo model of ``projection_agreement.py`` (trained once, cached under ``out``)."""
+def base_model(assets: str, out: Path, which: str = "demo"):
+    """The demo model of ``projection_agreement.py`` (trained once, cached under ``out``), or
+    SmolLM2-135M-Instruct."""
+    if which == "smollm2":
+        from influscope.assets import smollm2_gguf
+        from influscope.loading import load_model
+
+        return load_model(smollm2_gguf(assets))
     saved = out / "model-seed0"
     if not (saved / "config.json").is_file():
         corpus = build_demo_corpus(assets, n_facts=40, n_shakespeare_chunks=300, seed=0)
@@ -64,11 +77,13 @@ def fine_tune(model, tokenizer, records, seed: int, args):
         r=args.rank,
         lora_alpha=2 * args.rank,
         lora_dropout=0.0,
-        target_modules=TARGETS,
-        fan_in_fan_out=True,
+        target_modules=TARGETS[args.model],
+        fan_in_fan_out=args.model == "demo",  # GPT-2's Conv1D stores (in, out)
     )
     lora = peft.get_peft_model(model, config)
     subset = [i for i, r in enumerate(records) for _ in range(4 if r.get("fact_id") else 1)]
+    if args.model == "smollm2":
+        return _fine_tune_llm(lora, tokenizer, records, subset, seed, args)
     result = train_lm(
         records,
         tokenizer,
@@ -84,12 +99,42 @@ def fine_tune(model, tokenizer, records, seed: int, args):
     return result.model.eval()
 
 
-def attribute(model, tokenizer, records, queries) -> dict[str, float]:
-    """Top-1 hit rate of each method on the fine-tuned model."""
+def _fine_tune_llm(model, tokenizer, records, subset, seed: int, args, batch_size: int = 8):
+    """AdamW + warm-up/cosine on the mean summed-token loss of the task (any causal LM)."""
+    from influscope.optim import adamw_cosine
+    from influscope.tasks import CausalLMTask, context_length
+
+    task = CausalLMTask()
+    data = task.encode(records, tokenizer, context_length(model), True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = args.epochs * math.ceil(len(subset) / batch_size)
+    optimizer, scheduler = adamw_cosine(params, args.lr, 0.0, steps, max(1, steps // 20), 0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(args.epochs):
+        order = [subset[i] for i in torch.randperm(len(subset), generator=generator).tolist()]
+        total = 0.0
+        for first in range(0, len(order), batch_size):
+            batch = task.collate([data.examples[i] for i in order[first : first + batch_size]])
+            loss = task.training_loss(model, batch).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            total += float(loss) * len(batch["input_ids"])
+        print(f"epoch {epoch + 1}: mean loss {total / len(order):.3f}", flush=True)
+    return model.eval()
+
+
+def attribute(model, tokenizer, records, queries, base_rank: int | None) -> dict[str, float]:
+    """Top-1 hit rate of each method on the fine-tuned model (base-layer queries at
+    ``base_rank``; adapter queries at full rank)."""
     out = {}
     for method in METHODS:
         curvature, where = method.split(" / ")
         modules = "lora" if where == "lora" else [r"\.mlp\..*\.base_layer$"]
+        rank = None if where == "lora" else base_rank
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FrozenBaseWarning)  # asked for on purpose
             inf = Influence(model, "causal_lm", modules=modules, tokenizer=tokenizer, device="cpu")
@@ -99,7 +144,7 @@ def attribute(model, tokenizer, records, queries) -> dict[str, float]:
             op = inf.fit(train, FitConfig(curvature=curvature))
         else:
             op = IdentityOperator({name: 0.0 for name in inf.layer_names})
-        scores = inf.score(encoded, train, op, ScoreConfig(query_rank=None))
+        scores = inf.score(encoded, train, op, ScoreConfig(query_rank=rank))
         hits = planted_top1(scores, train.records, queries)
         out[method] = sum(hits) / len(hits)
     return out
@@ -107,6 +152,7 @@ def attribute(model, tokenizer, records, queries) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["demo", "smollm2"], default="demo")
     p.add_argument("--assets", default=".cache/assets")
     p.add_argument("--out", default="runs/projection", help="Where the base model is cached.")
     p.add_argument("--facts", type=int, default=20, help="New planted facts to fine-tune on.")
@@ -122,7 +168,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        model, tokenizer = base_model(args.assets, Path(args.out))
+        model, tokenizer = base_model(args.assets, Path(args.out), args.model)
         # New facts (seed ≠ 0: names the base model was not trained on) and Shakespeare windows.
         corpus = build_demo_corpus(
             args.assets, n_facts=args.facts, n_shakespeare_chunks=args.chunks, seed=100 + seed
@@ -131,7 +177,10 @@ def main() -> None:
         before = evaluate_queries(model, tokenizer, queries).summary()
         tuned = fine_tune(model, tokenizer, records, seed, args)
         after = evaluate_queries(tuned, tokenizer, queries).summary()
-        hits = attribute(tuned, tokenizer, records, queries)
+        # full-rank queries over SmolLM2's 1536 × 576 base layers would be large: rank 32 there
+        hits = attribute(
+            tuned, tokenizer, records, queries, 32 if args.model == "smollm2" else None
+        )
         n_lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
         row = {
             "seed": seed,
@@ -155,19 +204,34 @@ def main() -> None:
         return max(r[key] for r in rows) - min(r[key] for r in rows)
 
     first = rows[0]
+    if args.model == "demo":
+        what = (
+            "The demo model (2-layer GPT-2, width 64) fine-tuned with LoRA (rank "
+            f"{args.rank}, {first['lora_parameters']:,} adapter weights on every attention and "
+            "MLP projection"
+        )
+        command = "python benchmarks/lora.py --report docs/benchmarks.md"
+    else:
+        what = (
+            "SmolLM2-135M-Instruct (Llama, GGUF asset) fine-tuned with LoRA (rank "
+            f"{args.rank}, {first['lora_parameters']:,} adapter weights on q_proj, v_proj and "
+            "down_proj of all 30 blocks"
+        )
+        command = (
+            f"python benchmarks/lora.py --model smollm2 --facts {args.facts} --chunks "
+            f"{args.chunks} --epochs {args.epochs} --lr {args.lr:g} --report docs/benchmarks.md"
+        )
     lines = [
-        "## Influence through LoRA adapters",
+        "## Influence through LoRA adapters" + (" (SmolLM2-135M)" if args.model != "demo" else ""),
         "",
-        f"`python benchmarks/lora.py --report docs/benchmarks.md` "
-        f"(seeds {' '.join(map(str, args.seeds))}; {load_average()} load average at the end).",
+        f"`{command}` (seeds {' '.join(map(str, args.seeds))}; {load_average()} load average "
+        "at the end).",
         "",
-        f"The demo model (2-layer GPT-2, width 64) fine-tuned with LoRA (rank {args.rank}, "
-        f"{first['lora_parameters']:,} adapter weights on every attention and MLP projection, "
-        f"base frozen; {args.epochs} epochs, lr {args.lr:g}) on {args.facts} *new* planted "
-        f"facts × 3 wordings (each repeated 4× per epoch) plus {args.chunks} Shakespeare "
-        f"windows: {first['n_train']} fine-tuning sequences. Query: the fact's taught wording "
-        "up to the answer. Hit: the top-ranked fine-tuning sequence states that fact "
-        f"(chance {3 / first['n_train']:.3f}). The fine-tune learns the facts: mean "
+        f"{what}, base frozen; {args.epochs} epochs, lr {args.lr:g}) on {args.facts} *new* "
+        f"planted facts × 3 wordings (each repeated 4× per epoch) plus {args.chunks} "
+        f"Shakespeare windows: {first['n_train']} fine-tuning sequences. Query: the fact's "
+        "taught wording up to the answer. Hit: the top-ranked fine-tuning sequence states "
+        f"that fact (chance {3 / first['n_train']:.3f}). The fine-tune learns the facts: mean "
         f"log p(answer | prompt) {mean('logprob_before'):.1f} before, "
         f"{mean('logprob_after'):.1f} after; greedy recall of the whole answer "
         f"{mean('greedy_before'):.2f} before, {mean('greedy_after'):.2f} after.",
@@ -179,11 +243,15 @@ def main() -> None:
         "`ekfac / base mlp` tracks the frozen base MLP weights (`.mlp.*.base_layer`): what the "
         "`mlp` preset gives a LoRA model, and what influscope warns about (FrozenBaseWarning). "
         "`datainf / lora` is DataInf (Kwon et al. 2024): the inverse of each adapter's damped "
-        "curvature replaced by the average of per-example Sherman–Morrison inverses.",
+        "curvature replaced by the average of per-example Sherman–Morrison inverses."
+        + (
+            " Base-layer queries are rank 32 (full rank elsewhere)." if args.model != "demo" else ""
+        ),
     ]
     print("\n".join(lines))
     if args.report:
-        write_section(ROOT / args.report, "lora", "\n".join(lines))
+        key = "lora" if args.model == "demo" else f"lora_{args.model}"
+        write_section(ROOT / args.report, key, "\n".join(lines))
 
 
 if __name__ == "__main__":
