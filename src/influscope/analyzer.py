@@ -18,7 +18,7 @@ from torch import nn
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.shards import PartialSums, ShardedPasses
-from influscope.errors import ConfigError, DataError
+from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
@@ -246,13 +246,19 @@ class Influence:
                 "config": config.to_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
-                "queries": None
-                if isinstance(queries, PreconditionedQueries)
-                else queries.fingerprint(),
+                "queries": pq.source,  # fingerprint of the encoded queries
                 "curvature": factors.name,
                 "damping": factors.damping,
             }
             if self.run.exists("scores", name) and not overwrite:
+                if pq.source is None:
+                    raise StaleArtifactError(
+                        f"A scores stage {name!r} exists in {self.run.root}, but these "
+                        "preconditioned queries carry no fingerprint (source=None), so it "
+                        "cannot be checked against them. Expected queries from "
+                        "Influence.precondition / encode; pass overwrite=True to recompute "
+                        "the stage, or choose another name."
+                    )
                 # on the device, like computed scores (they live where the model runs)
                 tensors, meta = self.run.load("scores", name, expected, self.device)
                 return Scores(

@@ -1,0 +1,55 @@
+"""Regressions found by walking through the CLI as a new user (tiny saved model, no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+from influscope.cli import main
+
+# The `workdir` fixture (conftest.py) builds its model and data from these.
+TEXTS = [
+    "The capital of Velmora is Tarsk.",
+    "Zorin Quell was born in Ostrava.",
+    "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+
+
+def _args(workdir, run: str = "run") -> list[str]:
+    return [
+        "--model",
+        str(workdir / "model"),
+        "--train",
+        str(workdir / "train.jsonl"),
+        "--run",
+        str(workdir / run),
+    ]
+
+
+def _write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_score_refuses_stored_scores_of_other_queries(workdir, capsys):
+    """`score` used to hand back the stored scores of *another* query file (the CLI passes
+    preconditioned queries, whose fingerprint was not recorded): the new query was dropped."""
+    args = _args(workdir)
+    assert main(["fit", *args]) == 0
+    assert main(["score", *args, "--queries", str(workdir / "queries.jsonl")]) == 0
+    two = _write_jsonl(
+        workdir / "two.jsonl",
+        [
+            {"prompt": "The capital of Velmora is", "completion": " Tarsk."},
+            {"prompt": "Zorin Quell was born in", "completion": " Ostrava."},
+        ],
+    )
+    capsys.readouterr()
+    assert main(["score", *args, "--queries", two]) == 2
+    err = capsys.readouterr().err
+    assert "different queries" in err and "--overwrite" in err
+    assert main(["score", *args, "--queries", two, "--overwrite"]) == 0
+    assert len(json.loads((workdir / "run" / "scores.json").read_text())["queries"]) == 2
+    # The same queries again reuse the stored stage.
+    assert main(["score", *args, "--queries", two]) == 0
