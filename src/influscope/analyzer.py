@@ -194,16 +194,19 @@ class Influence:
             )
         from influscope.config import FitConfig
 
-        meta = self.run.check("factors", name, {"layers": self.layer_names})
+        # Loading never refits, so the fix is to fit again (``overwrite`` here would not help).
+        fix = (
+            f"Fit the factors for this model, data and modules first: `influscope fit ... "
+            f"--name {name} --overwrite` (Influence.fit(..., overwrite=True)), or fit them "
+            "under another name and pass it (CLI: --factors NAME)."
+        )
+        meta = self.run.check("factors", name, {"layers": self.layer_names}, fix)
         config = FitConfig.from_dict(meta["config"])
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
-        tensors, meta = self.run.load(
-            "factors",
-            name,
-            {"model": self.fingerprint(), "data": train.fingerprint()},
-            self._factor_device,  # CPU memory with offload=True, like fit()
-        )
+        expected = {"model": self.fingerprint(), "data": train.fingerprint()}
+        # CPU memory with offload=True, like fit()
+        tensors, meta = self.run.load("factors", name, expected, self._factor_device, fix)
         op_cls, _ = CURVATURES[meta["curvature"]]
         return op_cls.from_tensors(tensors, meta["damping"])
 
