@@ -53,3 +53,31 @@ def test_score_refuses_stored_scores_of_other_queries(workdir, capsys):
     assert len(json.loads((workdir / "run" / "scores.json").read_text())["queries"]) == 2
     # The same queries again reuse the stored stage.
     assert main(["score", *args, "--queries", two]) == 0
+
+
+def test_score_with_other_training_data_says_to_refit(workdir, capsys):
+    """Stale factors under `score`: the hint used to be `--overwrite`, which `score` cannot act
+    on (it never refits); it now says to fit again."""
+    args = _args(workdir, "run_refit")
+    assert main(["fit", *args]) == 0
+    other = _write_jsonl(workdir / "other.jsonl", [{"text": t} for t in TEXTS[:3]])
+    capsys.readouterr()
+    argv = ["score", *args, "--queries", str(workdir / "queries.jsonl")]
+    argv[argv.index("--train") + 1] = other
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "different data than now" in err and "influscope fit" in err
+    assert main([*argv, "--overwrite"]) == 2  # still refused: score does not refit
+
+
+def test_top_k_and_max_examples(workdir, capsys):
+    args = _args(workdir, "run_topk")
+    assert main(["fit", *args, "--max-examples", "2"]) == 0
+    assert "on 2 sequences" in capsys.readouterr().err  # said 5 (all records) before
+    try:
+        main(["score", *args, "--queries", str(workdir / "queries.jsonl"), "--top-k", "-1"])
+    except SystemExit as exc:  # argparse: usage + message, status 2 (was a torch traceback)
+        assert exc.code == 2
+    else:
+        raise AssertionError("--top-k -1 was accepted")
+    assert "expected an integer ≥ 0, received '-1'" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from influscope.cli_options import (
     add_curvature_option,
     add_model_argument,
     add_model_options,
+    non_negative_int,
     resolve_modules,
 )
 from influscope.errors import InfluscopeError
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
     )
     add_batch_size_option(score)
-    score.add_argument("--top-k", type=int, default=5, help="Proponents/opponents to report.")
+    score.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
+    )
     score.add_argument(
         "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
     )
@@ -143,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Model directory for per-token colouring (default: RUN/model if present; "
         "'none' to skip).",
     )
-    report.add_argument("--top-k", type=int, default=5, help="Proponents/opponents per query.")
+    report.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Proponents/opponents per query."
+    )
     report.add_argument(
         "--bootstrap",
         type=int,
@@ -227,8 +232,9 @@ def cmd_fit(args) -> int:
         max_examples=args.max_examples,
     )
     op = inf.fit(train, config, name=args.name, overwrite=args.overwrite)
+    n_fit = min(len(train), config.max_examples or len(train))
     console.print(
-        f"[green]fitted[/green] {config.curvature} on {len(train)} sequences, "
+        f"[green]fitted[/green] {config.curvature} on {n_fit} sequences, "
         f"{len(inf.layers)} layers → {inf.run.stage_dir('factors', args.name)}"
     )
     for layer, damping in op.damping.items():

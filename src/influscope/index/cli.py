@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from influscope.cli_options import non_negative_int
 from influscope.projection.projector import INITS
 
 console = Console(stderr=True)
@@ -70,7 +71,9 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     common(query)
     query.add_argument("--queries", required=True, help="Query records (.jsonl).")
     query.add_argument("--index", default="index", help="Name of the index.")
-    query.add_argument("--top-k", type=int, default=10, help="Training sequences per query.")
+    query.add_argument(
+        "--top-k", type=non_negative_int, default=10, help="Training sequences per query."
+    )
     query.add_argument(
         "--bm25", type=int, default=0, help="Keep the BM25 top K candidates first (0: off)."
     )
