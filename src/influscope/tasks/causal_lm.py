@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, sample_categorical
-from influscope.tasks.data import EncodedDataset
+from influscope.tasks.base import Task, check_logits, sample_categorical
+from influscope.tasks.data import EncodedDataset, record_list, text_field
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -58,6 +58,7 @@ class CausalLMTask(Task):
             DataError: Empty input, a record with neither form, a completion with no tokens,
                 or a sequence longer than ``max_length`` (unless ``truncate``).
         """
+        records = record_list(records)
         if not records:
             raise DataError("Expected at least one record, received an empty list.")
         bos = getattr(tokenizer, "bos_token_id", None) if self.add_bos else None
@@ -65,8 +66,8 @@ class CausalLMTask(Task):
         for i, rec in enumerate(records):
             prefix = [bos] if bos is not None else []
             if "prompt" in rec and "completion" in rec:
-                prompt = prefix + _ids(tokenizer, rec["prompt"])
-                completion = _ids(tokenizer, rec["completion"])
+                prompt = prefix + _ids(tokenizer, text_field(rec, i, "prompt"))
+                completion = _ids(tokenizer, text_field(rec, i, "completion"))
                 if not completion:
                     raise DataError(
                         f"Record {i} has a completion with no tokens ({rec['completion']!r}). "
@@ -76,7 +77,7 @@ class CausalLMTask(Task):
                 ids = prompt + completion
                 labels = [-100] * len(prompt) + completion
             elif "text" in rec:
-                ids = prefix + _ids(tokenizer, rec["text"])
+                ids = prefix + _ids(tokenizer, text_field(rec, i, "text"))
                 labels = list(ids)
             else:
                 raise DataError(
@@ -108,7 +109,10 @@ class CausalLMTask(Task):
     # --- objective ----------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-token logits ``(B, T, V)``."""
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        check_logits(self.name, logits, (*ids.shape, None), "(batch, tokens, vocab)")
+        return logits
 
     def loss_from_outputs(
         self,
