@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from influscope import ConfigError, Scores
+from conftest import random_lm_data, tiny_gpt2, tiny_reward_model
+from influscope import (
+    ConfigError,
+    DataError,
+    EncodedDataset,
+    Influence,
+    Scores,
+)
 
 
 def test_scores_top_validates_query_and_k():
@@ -18,3 +25,79 @@ def test_scores_top_validates_query_and_k():
         scores.top(0, k=-1)
     with pytest.raises(ConfigError, match=r"0 ≤ query < 1; received 3.*1 queries"):
         scores.top(3)
+
+
+class CharTokenizer:
+    """Minimal tokenizer: one id per character (no downloads)."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        if not isinstance(text, str):
+            raise ValueError("text input must be of type `str`")  # what HF tokenizers say
+        return {"input_ids": [2 + (ord(c) % 30) for c in text]}
+
+
+TRAIN = [{"text": "the capital of velmora is tarsk"}, {"text": "to be or not to be"}]
+QUERY = [{"prompt": "the capital of velmora is", "completion": " tarsk"}]
+
+
+def _inf(**kw) -> Influence:
+    return Influence(tiny_gpt2(), "causal_lm", tokenizer=CharTokenizer(), **kw)
+
+
+def test_records_of_the_wrong_shape_say_what_to_pass():
+    inf = _inf()
+    with pytest.raises(DataError, match=r"Record 0 is a str.*\[\{'text': s\} for s in texts\]"):
+        inf.encode(["hello world"])  # listed its characters as "keys" before
+    with pytest.raises(DataError, match=r"received a single dict. Wrap it in a list"):
+        inf.encode({"text": "hello"})  # a TypeError before
+    with pytest.raises(DataError, match="received a string"):
+        inf.encode("hello")
+    with pytest.raises(DataError, match=r"Record 1 field 'text' must be a string, received int"):
+        inf.encode([{"text": "ok"}, {"text": 5}])  # the tokenizer's ValueError before
+    with pytest.raises(DataError, match="field 'completion' must be a string, received NoneType"):
+        inf.encode([{"prompt": "a", "completion": None}])
+    # Any iterable of dicts works (a Hugging Face `datasets.Dataset` yields dicts).
+    assert len(inf.encode(iter(TRAIN))) == 2
+    with pytest.raises(DataError, match=r"tokenizer=.*AutoTokenizer"):
+        Influence(tiny_gpt2()).encode(TRAIN)
+
+
+def test_methods_accept_records_and_check_their_arguments():
+    inf = _inf()
+    factors = inf.fit(TRAIN)  # records are encoded on the way (an AttributeError before)
+    scores = inf.score(QUERY, TRAIN, factors)
+    encoded = inf.score(inf.encode(QUERY), inf.encode(TRAIN), factors)
+    assert torch.equal(scores.pairwise, encoded.pairwise)
+    assert [t.shape[-1] for t in inf.token_scores(QUERY, TRAIN, factors)] == [32, 19]
+    with pytest.raises(ConfigError, match=r"config must be a FitConfig.*received str 'ekfac'"):
+        inf.fit(TRAIN, "ekfac")
+    with pytest.raises(ConfigError, match="config must be a ScoreConfig"):
+        inf.score(QUERY, TRAIN, factors, {"query_rank": 8})
+    with pytest.raises(ConfigError, match=r"factors must be the curvature operator.*NoneType"):
+        inf.score(QUERY, TRAIN, None)
+    wider = Influence(inf.model, tokenizer=CharTokenizer(), modules="all")
+    with pytest.raises(ConfigError, match=r"also tracks \['transformer\.h\.0\.attn\.c_attn'"):
+        wider.score(QUERY, TRAIN, factors)  # a KeyError deep in the operator before
+    with pytest.raises(DataError, match="no run directory: create it with run_dir"):
+        inf.load_factors(TRAIN)
+
+
+def test_a_task_that_does_not_fit_the_model_is_named():
+    """Wrong task for the model: a shape error inside cross_entropy before."""
+    with pytest.raises(ConfigError, match=r"expects model logits of shape \(batch, classes\)"):
+        Influence(tiny_gpt2(), "classification").fit(
+            EncodedDataset(
+                [
+                    {
+                        "input_ids": torch.tensor([3, 4]),
+                        "attention_mask": torch.ones(2, dtype=torch.long),
+                        "labels": torch.tensor(0),
+                    }
+                ]
+            )
+        )
+    clf = tiny_reward_model()  # a sequence classifier with one label
+    with pytest.raises(ConfigError, match=r"task='classification' or 'reward'"):
+        Influence(clf, "causal_lm").fit(random_lm_data(2))
