@@ -101,3 +101,19 @@ def test_a_task_that_does_not_fit_the_model_is_named():
     clf = tiny_reward_model()  # a sequence classifier with one label
     with pytest.raises(ConfigError, match=r"task='classification' or 'reward'"):
         Influence(clf, "causal_lm").fit(random_lm_data(2))
+
+
+def test_report_tokens_keep_non_ascii_characters():
+    """Byte-level BPE splits 'é', '日' and emoji over several tokens; decoding each token alone
+    put U+FFFD replacement characters into the report instead of the text."""
+    from influscope.demo.train import train_tokenizer
+    from influscope.report.build import decode_tokens
+
+    tok = train_tokenizer(["the capital of velmora is tarsk"] * 4, vocab_size=300)
+    text = "Café — 日本語 🎭 <b>&</b>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # multi-byte characters do span several tokens
+    pieces = decode_tokens(tok, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
