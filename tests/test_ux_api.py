@@ -117,3 +117,17 @@ def test_report_tokens_keep_non_ascii_characters():
     assert len(pieces) == len(ids)
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_truncate_keeps_the_completion_of_a_long_prompt():
+    """--truncate cut prompt+completion at the right, so a long prompt lost its completion
+    and the record was refused ('no token to predict')."""
+    inf = Influence(tiny_gpt2(n_positions=16), tokenizer=CharTokenizer())
+    tok = CharTokenizer()
+    (ex,) = inf.encode([{"prompt": "abcdefghij" * 4, "completion": "xyz"}], truncate=True).examples
+    ids, labels = ex["input_ids"].tolist(), ex["labels"].tolist()
+    expected = [1, *tok("abcdefghij" * 4)["input_ids"][-12:], *tok("xyz")["input_ids"]]
+    assert ids == expected  # BOS, the prompt's last 12 tokens, the whole completion
+    assert labels == [-100] * 13 + tok("xyz")["input_ids"]
+    (text,) = inf.encode([{"text": "abcdefghij" * 4}], truncate=True).examples
+    assert text["input_ids"].tolist() == [1, *tok("abcdefghij" * 4)["input_ids"][:15]]

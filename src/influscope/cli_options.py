@@ -55,7 +55,10 @@ MODULES_HELP = (
     "(default: 'lora' for a model with LoRA adapters, else 'mlp')."
 )
 CURVATURE_HELP = "Curvature approximation (default: ekfac)."
-TRUNCATE_HELP = "Cut sequences longer than the model's context instead of failing."
+TRUNCATE_HELP = (
+    "Cut sequences longer than the model's context instead of failing (texts lose their end, "
+    "prompts their start: completions are kept)."
+)
 DEVICE_HELP = "torch device (default: cuda if available)."
 BATCH_SIZE_HELP = "Sequences per pass."
 

@@ -54,6 +54,10 @@ class CausalLMTask(Task):
     ) -> EncodedDataset:
         """Tokenize ``{"text"}`` or ``{"prompt", "completion"}`` records.
 
+        With ``truncate``, an over-long ``text`` loses its end; a prompt/completion record
+        loses the start of its prompt (after the BOS token), so that the completion — what
+        the measurement scores — is kept.
+
         Raises:
             DataError: Empty input, a record with neither form, a completion with no tokens,
                 or a sequence longer than ``max_length`` (unless ``truncate``).
@@ -91,6 +95,12 @@ class CausalLMTask(Task):
                         f"{max_length}. Shorten or split it, or pass truncate=True "
                         "(CLI: --truncate)."
                     )
+                if "prompt" in rec and "completion" in rec:
+                    # Keep the completion (what is measured): drop the prompt's first tokens
+                    # after the BOS prefix; cut the completion only if it alone is too long.
+                    drop = min(len(ids) - max_length, len(prompt) - len(prefix))
+                    keep = list(range(len(prefix))) + list(range(len(prefix) + drop, len(ids)))
+                    ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
                 ids, labels = ids[:max_length], labels[:max_length]
             if sum(lab != -100 for lab in labels[1:]) == 0:
                 raise DataError(
