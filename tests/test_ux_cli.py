@@ -81,3 +81,30 @@ def test_top_k_and_max_examples(workdir, capsys):
     else:
         raise AssertionError("--top-k -1 was accepted")
     assert "expected an integer ≥ 0, received '-1'" in capsys.readouterr().err
+
+
+def test_unsupported_files_and_fields_are_refused_clearly(workdir, capsys):
+    args = _args(workdir, "run_files")
+    csv = workdir / "train.csv"
+    csv.write_text("text\nThe capital of Velmora is Tarsk.\n")
+    argv = [*args]
+    argv[argv.index("--train") + 1] = str(csv)
+    assert main(["fit", *argv]) == 2  # was read as one plain-text record "text\nThe ..."
+    err = " ".join(capsys.readouterr().err.split())
+    assert ".csv is not a supported format" in err and "orient='records', lines=True" in err
+    argv[argv.index("--train") + 1] = _write_jsonl(workdir / "num.jsonl", [{"text": 5}])
+    assert main(["fit", *argv]) == 2  # was the tokenizer's ValueError traceback
+    assert "field 'text' must be a string, received int" in capsys.readouterr().err
+    assert not (workdir / "run_files").exists()
+
+
+def test_ctrl_c_says_how_to_resume(workdir, capsys, monkeypatch):
+    import influscope.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_fit", interrupted)
+    assert main(["fit", *_args(workdir, "run_int")]) == 130  # was a KeyboardInterrupt traceback
+    err = " ".join(capsys.readouterr().err.split())
+    assert "interrupted." in err and "rerun the same command to resume" in err
