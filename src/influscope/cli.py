@@ -237,6 +237,12 @@ def cmd_fit(args) -> int:
         f"[green]fitted[/green] {config.curvature} on {n_fit} sequences, "
         f"{len(inf.layers)} layers → {inf.run.stage_dir('factors', args.name)}"
     )
+    shards = inf.last_fit_shards
+    if shards["loaded"]:
+        console.print(
+            f"  resumed: {shards['loaded']} shard pass(es) read back from the interrupted run, "
+            f"{shards['computed']} computed now"
+        )
     for layer, damping in op.damping.items():
         console.print(f"  {layer}: damping {damping:.3g}")
     return 0
@@ -352,6 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InfluscopeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command in ("fit", "index"):  # both keep finished shards (docs/scale.md)
+            hint = (
+                f" Finished shards are kept under {args.run}; rerun the same command to "
+                "resume (with other data, model or options they are discarded)."
+            )
+        console.print(f"[yellow]interrupted.[/yellow]{hint}")
+        return 130
 
 
 if __name__ == "__main__":
