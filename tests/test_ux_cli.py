@@ -108,3 +108,18 @@ def test_ctrl_c_says_how_to_resume(workdir, capsys, monkeypatch):
     assert main(["fit", *_args(workdir, "run_int")]) == 130  # was a KeyboardInterrupt traceback
     err = " ".join(capsys.readouterr().err.split())
     assert "interrupted." in err and "rerun the same command to resume" in err
+
+
+def test_bias_curvature_is_checked_by_the_parser(capsys):
+    """`bias --curvature` was free text (a typo failed later, inside the config)."""
+    from influscope.cli import build_parser
+
+    try:
+        build_parser().parse_args(
+            ["bias", "--model", "m", "--train", "t", "--validation", "v", "--curvature", "kfc"]
+        )
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--curvature kfc was accepted")
+    assert "invalid choice: 'kfc'" in capsys.readouterr().err

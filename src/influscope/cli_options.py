@@ -60,7 +60,7 @@ TRUNCATE_HELP = (
     "prompts their start: completions are kept)."
 )
 DEVICE_HELP = "torch device (default: cuda if available)."
-BATCH_SIZE_HELP = "Sequences per pass."
+BATCH_SIZE_HELP = "Sequences per forward/backward pass (default: 8)."
 
 
 def non_negative_int(text: str) -> int:
