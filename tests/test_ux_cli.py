@@ -123,3 +123,11 @@ def test_bias_curvature_is_checked_by_the_parser(capsys):
     else:
         raise AssertionError("--curvature kfc was accepted")
     assert "invalid choice: 'kfc'" in capsys.readouterr().err
+
+
+def test_query_text_has_no_double_space():
+    """`query` printed 'The capital of Vedunund is  Vudrak.' (completion's own space + one)."""
+    from influscope.index.cli import _text
+
+    assert _text({"prompt": "Velmora is", "completion": " Tarsk."}) == "Velmora is Tarsk."
+    assert _text({"prompt": "Velmora is", "completion": "Tarsk."}) == "Velmora is Tarsk."

@@ -89,9 +89,12 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
 
 
 def _text(record: dict) -> str:
+    """A record's text; prompt and completion joined by one space unless one already has it."""
     if "text" in record:
         return str(record["text"])
-    return f"{record.get('prompt', '')} {record.get('completion', '')}".strip()
+    prompt, completion = str(record.get("prompt", "")), str(record.get("completion", ""))
+    gap = "" if prompt[-1:].isspace() or completion[:1].isspace() else " "
+    return f"{prompt}{gap}{completion}".strip()
 
 
 def cmd_index(args) -> int:
