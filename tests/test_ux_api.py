@@ -147,3 +147,16 @@ def test_retrieve_refuses_an_index_of_other_training_data(tmp_path):
     assert len(retrieve(inf, queries, train, index=index, top_k=2).indices[0]) == 2
     with pytest.raises(StaleArtifactError, match=r"built from other training data \(6 seq"):
         retrieve(inf, queries, train.subset([0, 1, 2]), index=index, top_k=2)
+
+
+def test_records_files_may_start_with_a_byte_order_mark(tmp_path):
+    """Files saved by Windows tools start with a UTF-8 BOM; json refused the first line."""
+    from influscope.loading import load_records
+
+    for name, body in [
+        ("a.jsonl", '{"text": "first"}\n{"text": "second"}\n'),
+        ("a.json", '[{"text": "first"}, {"text": "second"}]'),
+        ("a.txt", "first\n\nsecond\n"),
+    ]:
+        (tmp_path / name).write_text("\ufeff" + body, encoding="utf-8")
+        assert load_records(tmp_path / name) == [{"text": "first"}, {"text": "second"}]

@@ -151,7 +151,7 @@ def load_records(path: str | Path) -> list[dict]:
         records = [dict(r) for r in datasets.load_from_disk(str(path))]
     elif path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -159,7 +159,7 @@ def load_records(path: str | Path) -> list[dict]:
                     raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}).") from None
     elif path.suffix.lower() == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON ({exc.msg}).") from None
         if not isinstance(records, list):
@@ -167,7 +167,7 @@ def load_records(path: str | Path) -> list[dict]:
                 f"{path} must hold a JSON list of objects, found {type(records).__name__}."
             )
     else:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         records = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     if not records:
         raise DataError(f"{path} holds no records (expected at least one).")
