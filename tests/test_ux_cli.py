@@ -131,3 +131,12 @@ def test_query_text_has_no_double_space():
 
     assert _text({"prompt": "Velmora is", "completion": " Tarsk."}) == "Velmora is Tarsk."
     assert _text({"prompt": "Velmora is", "completion": "Tarsk."}) == "Velmora is Tarsk."
+
+
+def test_relatif_scores_are_labelled(workdir, capsys):
+    """With --relatif the printed scores are normalised; the overview did not say so."""
+    args = _args(workdir, "run_relatif")
+    assert main(["fit", *args]) == 0
+    capsys.readouterr()
+    assert main(["score", *args, "--queries", str(workdir / "queries.jsonl"), "--relatif"]) == 0
+    assert "RelatIF: score / sqrt(self-influence)" in capsys.readouterr().out

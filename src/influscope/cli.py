@@ -299,6 +299,7 @@ def cmd_score(args) -> int:
             "queries": str(len(queries)),
             "tracked layers": str(len(inf.layers)),
             "query rank": str(config.query_rank or "full"),
+            "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",
         },
         top_k=args.top_k,
     )
