@@ -8,7 +8,7 @@ together, fingerprints inputs and stores results under a run directory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,13 +18,14 @@ from torch import nn
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.shards import PartialSums, ShardedPasses
-from influscope.errors import ConfigError, DataError
+from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory, model_fingerprint
 from influscope.tasks import EncodedDataset, Task, context_length, get_task
+from influscope.tasks.data import record_list
 
 if TYPE_CHECKING:
     from influscope.index import GradientIndex, IndexConfig, TopK
@@ -86,18 +87,55 @@ class Influence:
         return [layer.name for layer in self.layers]
 
     # --- data ---------------------------------------------------------------------------
-    def encode(self, records: list[dict], truncate: bool = False) -> EncodedDataset:
-        """Encode records with the task and the tokenizer, checking the model's context."""
+    def encode(self, records: Iterable[dict], truncate: bool = False) -> EncodedDataset:
+        """Encode records with the task and the tokenizer, checking the model's context.
+
+        Args:
+            records: A list (or any iterable, e.g. a Hugging Face ``datasets.Dataset``) of
+                dicts: ``{"text"}`` or ``{"prompt", "completion"}`` for causal LMs.
+            truncate: Cut sequences longer than the model's context instead of failing.
+        """
         if self.tokenizer is None:
-            raise DataError("encode() needs a tokenizer: pass tokenizer= to Influence(...).")
+            raise DataError(
+                "encode() needs a tokenizer, but this Influence has none: pass tokenizer= to "
+                "Influence(...) (e.g. AutoTokenizer.from_pretrained(model_dir))."
+            )
+        records = record_list(records)
         return self.task.encode(records, self.tokenizer, context_length(self.model), truncate)
 
-    def _check(self, data: EncodedDataset) -> None:
+    def _check(self, data, what: str = "data") -> EncodedDataset:
+        """``data`` as an :class:`EncodedDataset` that fits the model's context.
+
+        Records (a list of dicts, a Hugging Face dataset) are encoded with :meth:`encode`.
+        """
+        if isinstance(data, PreconditionedQueries):
+            raise DataError(
+                f"{what} must be an EncodedDataset or a list of records; received preconditioned "
+                "queries, which only the `queries` argument of score / token_scores accepts."
+            )
+        if not isinstance(data, EncodedDataset):
+            data = self.encode(data)
         limit = context_length(self.model)
         if limit is not None and data.max_length() > limit:
             raise DataError(
                 f"A sequence has {data.max_length()} tokens, longer than the model's context of "
                 f"{limit}. Shorten or split it, or encode with truncate=True."
+            )
+        return data
+
+    def _check_factors(self, factors) -> None:
+        """Raise unless ``factors`` is a curvature operator covering every tracked layer."""
+        if not isinstance(factors, CurvatureOperator):
+            raise ConfigError(
+                "factors must be the curvature operator returned by Influence.fit or "
+                f"Influence.load_factors; received {type(factors).__name__}."
+            )
+        missing = [n for n in self.layer_names if n not in factors.layer_names]
+        if missing:
+            raise ConfigError(
+                f"These factors were fitted on layers {factors.layer_names}, but this Influence "
+                f"also tracks {missing}. Fit the factors with the same modules= as the "
+                "Influence that uses them (or create it with the modules they were fitted on)."
             )
 
     def fingerprint(self) -> str:
@@ -117,8 +155,8 @@ class Influence:
         A stored stage with the same name is reused when model, data and config match, and
         refused with :class:`~influscope.errors.StaleArtifactError` when they do not.
         """
-        config = config or FitConfig()
-        self._check(train)
+        config = _config(config, FitConfig)
+        train = self._check(train, "train")
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
         # Fingerprints (a hash of every tracked weight) only matter when stages are stored.
@@ -187,34 +225,48 @@ class Influence:
             StaleArtifactError: If the stage was fitted on another model or data set.
             DataError: If there is no run directory or no such stage.
         """
-        if self.run is None or not self.run.exists("factors", name):
+        train = self._check(train, "train")
+        if self.run is None:
             raise DataError(
-                f"No factors named {name!r} under {self.run.root if self.run else None}. Run "
+                "load_factors reads a stored stage, but this Influence has no run directory: "
+                "create it with run_dir=... (the directory given to fit), or use the operator "
+                "that Influence.fit returned."
+            )
+        if not self.run.exists("factors", name):
+            raise DataError(
+                f"No factors named {name!r} under {self.run.root}. Run "
                 "`influscope fit` (or Influence.fit) first."
             )
         from influscope.config import FitConfig
 
-        meta = self.run.check("factors", name, {"layers": self.layer_names})
+        # Loading never refits, so the fix is to fit again (``overwrite`` here would not help).
+        fix = (
+            f"Fit the factors for this model, data and modules first: `influscope fit ... "
+            f"--name {name} --overwrite` (Influence.fit(..., overwrite=True)), or fit them "
+            "under another name and pass it (CLI: --factors NAME)."
+        )
+        meta = self.run.check("factors", name, {"layers": self.layer_names}, fix)
         config = FitConfig.from_dict(meta["config"])
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
-        tensors, meta = self.run.load(
-            "factors",
-            name,
-            {"model": self.fingerprint(), "data": train.fingerprint()},
-            self._factor_device,  # CPU memory with offload=True, like fit()
-        )
+        expected = {"model": self.fingerprint(), "data": train.fingerprint()}
+        # CPU memory with offload=True, like fit()
+        tensors, meta = self.run.load("factors", name, expected, self._factor_device, fix)
         op_cls, _ = CURVATURES[meta["curvature"]]
         return op_cls.from_tensors(tensors, meta["damping"])
 
     # --- scores -------------------------------------------------------------------------
     def precondition(
-        self, queries: EncodedDataset, factors: CurvatureOperator, config: ScoreConfig | None = None
+        self,
+        queries: EncodedDataset | Sequence[dict],
+        factors: CurvatureOperator,
+        config: ScoreConfig | None = None,
     ) -> PreconditionedQueries:
         """Preconditioned (optionally low-rank) query gradients."""
-        self._check(queries)
+        queries = self._check(queries, "queries")
+        self._check_factors(factors)
         return precondition_queries(
-            self.model, self.task, self.layers, factors, queries, config or ScoreConfig()
+            self.model, self.task, self.layers, factors, queries, _config(config, ScoreConfig)
         )
 
     def score(
@@ -233,8 +285,9 @@ class Influence:
             :class:`~influscope.scoring.pairwise.Scores` with ``pairwise`` of shape ``(Q, N)``;
             positive = up-weighting the training sequence increases the query's measurement.
         """
-        config = config or ScoreConfig()
-        self._check(train)
+        config = _config(config, ScoreConfig)
+        train = self._check(train, "train")
+        self._check_factors(factors)
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
@@ -246,13 +299,19 @@ class Influence:
                 "config": config.to_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
-                "queries": None
-                if isinstance(queries, PreconditionedQueries)
-                else queries.fingerprint(),
+                "queries": pq.source,  # fingerprint of the encoded queries
                 "curvature": factors.name,
                 "damping": factors.damping,
             }
             if self.run.exists("scores", name) and not overwrite:
+                if pq.source is None:
+                    raise StaleArtifactError(
+                        f"A scores stage {name!r} exists in {self.run.root}, but these "
+                        "preconditioned queries carry no fingerprint (source=None), so it "
+                        "cannot be checked against them. Expected queries from "
+                        "Influence.precondition / encode; pass overwrite=True to recompute "
+                        "the stage, or choose another name."
+                    )
                 # on the device, like computed scores (they live where the model runs)
                 tensors, meta = self.run.load("scores", name, expected, self.device)
                 return Scores(
@@ -275,7 +334,8 @@ class Influence:
         self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8
     ) -> torch.Tensor:
         """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for each training sequence: ``(N,)``."""
-        self._check(train)
+        train = self._check(train, "train")
+        self._check_factors(factors)
         return self_influence_pass(self.model, self.task, self.layers, factors, train, batch_size)
 
     def token_scores(
@@ -286,7 +346,8 @@ class Influence:
         config: ScoreConfig | None = None,
     ) -> list[torch.Tensor]:
         """Per-token influence: one ``(Q, T_m)`` tensor per training sequence (sums to its score)."""
-        config = config or ScoreConfig()
+        config = _config(config, ScoreConfig)
+        train = self._check(train, "train")
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
@@ -314,7 +375,7 @@ class Influence:
         """
         from influscope.index import build_index
 
-        self._check(train)
+        train = self._check(train, "train")
         if root is None and self.run is None:
             raise DataError(
                 "build_index needs a place for its shards: pass root=... or create the "
@@ -331,7 +392,7 @@ class Influence:
         """Top-``k`` training sequences of each query from a built index (a :class:`TopK`)."""
         from influscope.index import query_index
 
-        self._check(queries)
+        queries = self._check(queries, "queries")
         return query_index(
             self.model, self.task, self.layers, queries, index, k=k, batch_size=batch_size
         )
@@ -359,6 +420,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             "when present."
         )
     return resolved
+
+
+def _config(config, cls: type):
+    """``config`` (or ``cls()`` when ``None``), refusing anything that is not a ``cls``."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise ConfigError(
+            f"config must be a {cls.__name__} (e.g. {cls.__name__}() with keyword fields); "
+            f"received {type(config).__name__} {config!r}."
+        )
+    return config
 
 
 def _amp(name: str | None) -> torch.dtype | None:

@@ -23,6 +23,7 @@ from influscope.cli_options import (
     add_curvature_option,
     add_model_argument,
     add_model_options,
+    non_negative_int,
     resolve_modules,
 )
 from influscope.errors import InfluscopeError
@@ -58,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="Fit curvature factors on the training data.")
+    fit = sub.add_parser(
+        "fit",
+        help="Fit curvature factors on the training data.",
+        description="Fit curvature factors (EK-FAC by default) on the training data and store "
+        "them under RUN/factors/NAME; a killed fit resumes when rerun.",
+    )
     _common(fit)
     fit.add_argument("--name", default="factors", help="Name of the factors stage.")
     add_curvature_option(fit)
@@ -86,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-examples", type=int, default=None, help="Fit on the first N training records only."
     )
 
-    score = sub.add_parser("score", help="Score training sequences against queries.")
+    score = sub.add_parser(
+        "score",
+        help="Score training sequences against queries.",
+        description="Influence of every training sequence on every query (positive = "
+        "up-weighting it raises log p(completion | prompt)), with the fitted factors; writes "
+        "RUN/scores/NAME, RUN/NAME.json (top-k) and an HTML report.",
+    )
     _common(score)
     score.add_argument(
         "--queries",
@@ -109,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
     )
     add_batch_size_option(score)
-    score.add_argument("--top-k", type=int, default=5, help="Proponents/opponents to report.")
+    score.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
+    )
     score.add_argument(
         "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
     )
@@ -117,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", default=None, help="Write an HTML report here (default: RUN/<name>.html)."
     )
 
-    demo = sub.add_parser("demo", help="End-to-end attribution on the embedded default.")
+    demo = sub.add_parser(
+        "demo",
+        help="Train a tiny GPT-2 on Shakespeare + planted facts, attribute them end to end.",
+        description="Train a tiny GPT-2 on public-domain Shakespeare mixed with planted facts, "
+        "fit EK-FAC and attribute the facts: OUT/report.html and OUT/summary.json.",
+    )
     demo.add_argument(
         "--assets", default=".cache/assets", help="Asset cache (filled by `make assets`)."
     )
@@ -143,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Model directory for per-token colouring (default: RUN/model if present; "
         "'none' to skip).",
     )
-    report.add_argument("--top-k", type=int, default=5, help="Proponents/opponents per query.")
+    report.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Proponents/opponents per query."
+    )
     report.add_argument(
         "--bootstrap",
         type=int,
@@ -227,10 +248,17 @@ def cmd_fit(args) -> int:
         max_examples=args.max_examples,
     )
     op = inf.fit(train, config, name=args.name, overwrite=args.overwrite)
+    n_fit = min(len(train), config.max_examples or len(train))
     console.print(
-        f"[green]fitted[/green] {config.curvature} on {len(train)} sequences, "
+        f"[green]fitted[/green] {config.curvature} on {n_fit} sequences, "
         f"{len(inf.layers)} layers → {inf.run.stage_dir('factors', args.name)}"
     )
+    shards = inf.last_fit_shards
+    if shards["loaded"]:
+        console.print(
+            f"  resumed: {shards['loaded']} shard pass(es) read back from the interrupted run, "
+            f"{shards['computed']} computed now"
+        )
     for layer, damping in op.damping.items():
         console.print(f"  {layer}: damping {damping:.3g}")
     return 0
@@ -271,6 +299,7 @@ def cmd_score(args) -> int:
             "queries": str(len(queries)),
             "tracked layers": str(len(inf.layers)),
             "query rank": str(config.query_rank or "full"),
+            "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",
         },
         top_k=args.top_k,
     )
@@ -346,6 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InfluscopeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command in ("fit", "index"):  # both keep finished shards (docs/scale.md)
+            hint = (
+                f" Finished shards are kept under {args.run}; rerun the same command to "
+                "resume (with other data, model or options they are discarded)."
+            )
+        console.print(f"[yellow]interrupted.[/yellow]{hint}")
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ __all__ = [
     "add_modules_option",
     "add_task_option",
     "add_truncate_option",
+    "non_negative_int",
     "resolve_modules",
 ]
 
@@ -54,9 +55,28 @@ MODULES_HELP = (
     "(default: 'lora' for a model with LoRA adapters, else 'mlp')."
 )
 CURVATURE_HELP = "Curvature approximation (default: ekfac)."
-TRUNCATE_HELP = "Cut sequences longer than the model's context instead of failing."
+TRUNCATE_HELP = (
+    "Cut sequences longer than the model's context instead of failing (texts lose their end, "
+    "prompts their start: completions are kept)."
+)
 DEVICE_HELP = "torch device (default: cuda if available)."
-BATCH_SIZE_HELP = "Sequences per pass."
+BATCH_SIZE_HELP = "Sequences per forward/backward pass (default: 8)."
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type of counts such as ``--top-k``: an integer ≥ 0.
+
+    Raises:
+        argparse.ArgumentTypeError: For anything else (argparse prints it with the usage and
+            exits with status 2).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, received {text!r}")
+    return value
 
 
 def add_model_argument(

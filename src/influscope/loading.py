@@ -6,8 +6,9 @@ dequantised to float32 by transformers), optionally with a PEFT adapter (LoRA) a
 also be given as the model itself when the base model it names is a local path.
 
 Records: JSONL (one object per line with ``text``, or ``prompt`` + ``completion``), JSON (a
-list of such objects), plain text (one record per paragraph, paragraphs separated by blank
-lines), or a Hugging Face dataset saved with ``save_to_disk`` (needs the ``datasets`` package).
+list of such objects), plain text (``.txt``, ``.text``, ``.md``: one record per paragraph,
+paragraphs separated by blank lines), or a Hugging Face dataset saved with ``save_to_disk``
+(needs the ``datasets`` package). Any other file suffix is refused rather than read as text.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from influscope.errors import DataError
 
 ADAPTER_CONFIG = "adapter_config.json"
+#: Suffixes read as plain text, one record per paragraph.
+TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".text", ".md")
 
 
 def load_model(
@@ -125,7 +128,18 @@ def load_records(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"Data path {str(path)!r} does not exist.")
+        raise DataError(
+            f"Data path {str(path)!r} does not exist (working directory: {Path.cwd()}). Give a "
+            ".jsonl/.json/.txt file or a saved Hugging Face dataset directory."
+        )
+    if path.is_file() and path.suffix.lower() not in (".jsonl", ".json", *TEXT_SUFFIXES):
+        raise DataError(
+            f"Cannot read {str(path)!r}: {path.suffix or 'a name without a suffix'} is not a "
+            "supported format. Expected .jsonl (one JSON object per line with 'text', or "
+            "'prompt' + 'completion'), .json (a list of such objects), .txt/.md (one record "
+            "per paragraph) or a directory written by datasets' save_to_disk. Convert it, "
+            "e.g. pandas: df.to_json('data.jsonl', orient='records', lines=True)."
+        )
     if path.is_dir():
         try:
             import datasets
@@ -135,17 +149,17 @@ def load_records(path: str | Path) -> list[dict]:
                 "dataset needs `pip install datasets`."
             ) from None
         records = [dict(r) for r in datasets.load_from_disk(str(path))]
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}).") from None
-    elif path.suffix == ".json":
+    elif path.suffix.lower() == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON ({exc.msg}).") from None
         if not isinstance(records, list):
@@ -153,7 +167,7 @@ def load_records(path: str | Path) -> list[dict]:
                 f"{path} must hold a JSON list of objects, found {type(records).__name__}."
             )
     else:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         records = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     if not records:
         raise DataError(f"{path} holds no records (expected at least one).")

@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "curate",
         help="Rank training data by total influence on a benchmark; list the harmful k %%.",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
     )
     add_model_argument(p, positional=True)
     p.add_argument("--train", required=True, help="Training records (.jsonl/.json/.txt/HF dir).")

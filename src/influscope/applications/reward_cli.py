@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from influscope.cli_options import add_device_option, add_modules_option, resolve_modules
+from influscope.cli_options import (
+    add_curvature_option,
+    add_device_option,
+    add_modules_option,
+    resolve_modules,
+)
 from influscope.errors import DataError
 
 __all__ = ["COMMANDS", "add_parser", "cmd_bias"]
@@ -30,9 +35,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bias",
         help="Rank reward-model training pairs by influence on a targeted validation set.",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    p.add_argument("--model", required=True, help="Reward model directory (see above).")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Reward model directory: a Hugging Face sequence classifier with one label, or "
+        "one written by FrozenEncoderReward.save.",
+    )
     p.add_argument("--train", required=True, help="Training pairs: prompt, chosen, rejected.")
     p.add_argument("--validation", required=True, help="Targeted validation pairs.")
     p.add_argument(
@@ -41,9 +51,7 @@ def add_parser(sub) -> None:
         choices=["shorter"],
         help="Keep only the validation pairs satisfying this rule (default: all of them).",
     )
-    p.add_argument(
-        "--curvature", default="ekfac", help="ekfac (default), kfac, diagonal, identity, datainf."
-    )
+    add_curvature_option(p, help="Curvature of the targeted influence (default: ekfac).")
     p.add_argument(
         "--measurement",
         default="log_likelihood",

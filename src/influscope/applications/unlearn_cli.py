@@ -38,7 +38,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "unlearn",
         help="Remove training sequences with one Newton step; save the edited HF model.",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
     )
     add_model_argument(p, positional=True)
     p.add_argument(

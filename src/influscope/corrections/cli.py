@@ -19,7 +19,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli_options import add_batch_size_option, add_curvature_option, resolve_modules
+from influscope.cli_options import (
+    add_batch_size_option,
+    add_curvature_option,
+    non_negative_int,
+    resolve_modules,
+)
 
 console = Console(stderr=True)
 
@@ -57,7 +62,9 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     add_curvature_option(p, help="Curvature fitted at every model (default: ekfac).")
     p.add_argument("--rank", type=int, default=32, help="Query rank (0 = full).")
     add_batch_size_option(p)
-    p.add_argument("--top-k", type=int, default=5, help="Training sequences listed per query.")
+    p.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Training sequences listed per query."
+    )
     p.add_argument("--name", default="dda", help="Output name under the run directory.")
 
 

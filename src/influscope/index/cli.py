@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from influscope.cli_options import non_negative_int
 from influscope.projection.projector import INITS
 
 console = Console(stderr=True)
@@ -70,7 +71,9 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     common(query)
     query.add_argument("--queries", required=True, help="Query records (.jsonl).")
     query.add_argument("--index", default="index", help="Name of the index.")
-    query.add_argument("--top-k", type=int, default=10, help="Training sequences per query.")
+    query.add_argument(
+        "--top-k", type=non_negative_int, default=10, help="Training sequences per query."
+    )
     query.add_argument(
         "--bm25", type=int, default=0, help="Keep the BM25 top K candidates first (0: off)."
     )
@@ -86,9 +89,12 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
 
 
 def _text(record: dict) -> str:
+    """A record's text; prompt and completion joined by one space unless one already has it."""
     if "text" in record:
         return str(record["text"])
-    return f"{record.get('prompt', '')} {record.get('completion', '')}".strip()
+    prompt, completion = str(record.get("prompt", "")), str(record.get("completion", ""))
+    gap = "" if prompt[-1:].isspace() or completion[:1].isspace() else " "
+    return f"{prompt}{gap}{completion}".strip()
 
 
 def cmd_index(args) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from influscope.config import ScoreConfig
 from influscope.curvature.base import CurvatureOperator
-from influscope.errors import ConfigError
+from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.build import preconditioned_queries
 from influscope.index.store import GradientIndex
 from influscope.tasks.data import EncodedDataset
@@ -78,6 +78,14 @@ def retrieve(
         raise ConfigError("BM25 needs train_texts (one per training sequence).")
     if not (use_bm25 or index is not None or factors is not None):
         raise ConfigError("Enable at least one stage: BM25 texts, an index, or factors.")
+    if index is not None and index.meta.get("data") != train.fingerprint():
+        # Index rows are positions in the data it was built from: other data misnames them.
+        raise StaleArtifactError(
+            f"The index in {index.root} was built from other training data ({index.n_rows} "
+            f"sequences, fingerprint {index.meta.get('data')!r}) than the {len(train)} given "
+            f"now (fingerprint {train.fingerprint()!r}). Pass the training records it was "
+            "built from (CLI: --train), or rebuild it with `influscope index --overwrite`."
+        )
     n_q = len(queries)
     ranked: list[list[int]] | None = None
     scores: list[list[float]] = [[] for _ in range(n_q)]

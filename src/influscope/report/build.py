@@ -20,10 +20,26 @@ from influscope.tasks import EncodedDataset
 
 
 def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
-    """One string per token id (what the token contributes to the decoded text)."""
+    """One string per token id: what the token adds to the decoded text.
+
+    Byte-level BPE splits a multi-byte character (accented letters, CJK, emoji) over several
+    tokens, and decoding such a token alone gives U+FFFD replacement characters. A token that
+    ends inside a character therefore gets ``""`` and the token that completes the character
+    carries it, so that the strings concatenate to the decoded sequence.
+    """
     if tokenizer is None:
         return [f"[{int(i)}]" for i in ids]
-    return [tokenizer.decode([int(i)]) for i in ids]
+    ids = [int(i) for i in ids]
+    out: list[str] = []
+    start = 0  # first token whose text has not been emitted yet
+    for i in range(len(ids)):
+        piece = tokenizer.decode(ids[start : i + 1])
+        if piece.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 4:
+            out.append("")  # inside a UTF-8 character (at most 4 bytes): wait for the rest
+            continue
+        out.append(piece)
+        start = i + 1
+    return out
 
 
 def _record_text(record: dict) -> tuple[str, str]:

@@ -309,7 +309,8 @@ def _legend() -> str:
         f"{swatches}</span> show each token's share of the sequence's influence. The intensity "
         "is scaled by the largest |token score| <i>within that sequence</i>: compare colours "
         "inside a sequence, and use the numbers to compare sequences. Hover a token to see its "
-        "value. Newlines are shown as ↵, tabs as ⇥, empty tokens as ∅.</p>"
+        "value. Newlines are shown as ↵, tabs as ⇥, empty tokens as ∅ (also a token holding "
+        "the first bytes of a character that the next token completes).</p>"
         "</section>"
     )
 

@@ -16,6 +16,7 @@ Decompositions (both sum exactly to the total):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
+from influscope.errors import ConfigError
 from influscope.modules.capture import LayerBatch
 from influscope.modules.passes import all_reduce_, layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer
@@ -76,10 +78,27 @@ class Scores:
     def top(self, query: int, k: int = 10, opponents: bool = False) -> list[tuple[int, float]]:
         """The ``k`` most positive (or most negative) training sequences for a query.
 
+        Args:
+            query: Position of the query (``0 ≤ query < Q``).
+            k: How many to return (at most ``N``; ``k ≥ 0``).
+            opponents: Return the most negative instead.
+
         Returns:
             ``[(position in the scored training set, score), ...]`` best first.
+
+        Raises:
+            ConfigError: If ``query`` is out of range or ``k`` is negative.
         """
-        row = self.pairwise[query]
+        n_q = self.pairwise.shape[0]
+        if _as_int(query) is None or not -n_q <= _as_int(query) < n_q:
+            raise ConfigError(
+                f"query must be the position of a scored query, 0 ≤ query < {n_q}; received "
+                f"{query!r}. These scores hold {n_q} queries (rows of `pairwise`)."
+            )
+        if _as_int(k) is None or _as_int(k) < 0:
+            raise ConfigError(f"k must be an integer ≥ 0, received {k!r}.")
+        row = self.pairwise[_as_int(query)]
+        k = _as_int(k)
         _, idx = torch.topk(-row if opponents else row, min(k, row.numel()))
         return [(int(i), float(row[i])) for i in idx]
 
@@ -90,6 +109,14 @@ class Scores:
             if value is not None:
                 out[key] = value.contiguous()
         return out
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int when it is integer-like (int, NumPy / 0-d torch integer), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _like(pq: PreconditionedQueries) -> dict:

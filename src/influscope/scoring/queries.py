@@ -12,6 +12,7 @@ default ``"auto"``); K-FAC/EK-FAC take it in their eigenbasis
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +37,16 @@ class PreconditionedQueries:
         dense: ``{layer: (Q, out, in)}`` for layers kept (or reconstructed) dense.
         factors: ``{layer: (U (Q, r, out), V (Q, r, in))}`` for low-rank layers.
         measurements: ``(Q,)`` the measurement ``f`` of each query at θ.
+        source: Fingerprint of the encoded queries these gradients came from
+            (:meth:`EncodedDataset.fingerprint`), so that a stored scores stage can be checked
+            against them; ``None`` when unknown (built by hand).
     """
 
     layer_names: list[str]
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     measurements: torch.Tensor | None = None
+    source: str | None = None
 
     @property
     def n_queries(self) -> int:
@@ -64,7 +69,13 @@ class PreconditionedQueries:
             {k: v[queries] for k, v in self.dense.items()},
             {k: (u[queries], v[queries]) for k, (u, v) in self.factors.items()},
             None if self.measurements is None else self.measurements[queries],
+            None if self.source is None else _digest(f"{self.source}{list(queries)}"),
         )
+
+
+def _digest(text: str) -> str:
+    """A 16-hex-digit SHA-256 of ``text`` (the length of :meth:`EncodedDataset.fingerprint`)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def precondition_queries(
@@ -106,6 +117,7 @@ def precondition_queries(
         {k: torch.cat(v) for k, v in dense.items()},
         {k: (torch.cat(us[k]), torch.cat(vs[k])) for k in us},
         torch.cat(values),
+        queries.fingerprint(),
     )
     # Reconstruct low-rank layers densely when it fits: the dense contraction is cheaper per
     # training token than the factored one (out·in vs Q·r·(out+in)), and scores are identical.

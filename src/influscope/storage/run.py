@@ -47,8 +47,17 @@ class RunDirectory:
         d = self.stage_dir(kind, name)
         return (d / META).is_file() and (d / TENSORS).is_file()
 
-    def check(self, kind: str, name: str, expected: dict[str, Any]) -> dict[str, Any]:
+    def check(
+        self, kind: str, name: str, expected: dict[str, Any], fix: str | None = None
+    ) -> dict[str, Any]:
         """Load ``meta.json`` and compare the keys of ``expected``.
+
+        Args:
+            kind: Stage kind (``"factors"``, ``"scores"``).
+            name: Stage name.
+            expected: Values the stored metadata must hold.
+            fix: How to resolve a mismatch, for the message (default: recompute with
+                ``overwrite=True`` or choose another name).
 
         Raises:
             StaleArtifactError: If any expected key differs; the message names each one.
@@ -60,11 +69,13 @@ class RunDirectory:
             if meta.get(key) != value
         ]
         if diffs:
+            fix = fix or (
+                "Pass overwrite=True (CLI: --overwrite) to recompute it, or choose another name."
+            )
             raise StaleArtifactError(
-                f"The stored {kind} stage {name!r} in {self.root} was computed with a different "
-                f"{', '.join(d.split(':')[0] for d in diffs)} ({'; '.join(diffs)}). Refusing to "
-                "reuse it. Pass overwrite=True (CLI: --overwrite) to recompute it, or choose "
-                "another name."
+                f"The stored {kind} stage {name!r} in {self.root} was computed with different "
+                f"{', '.join(d.split(':')[0] for d in diffs)} than now ({'; '.join(diffs)}). "
+                f"Refusing to reuse it. {fix}"
             )
         return meta
 
@@ -74,9 +85,10 @@ class RunDirectory:
         name: str,
         expected: dict[str, Any],
         device: str | torch.device = "cpu",
+        fix: str | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and metadata of a stage, after :meth:`check`."""
-        meta = self.check(kind, name, expected)
+        """Tensors and metadata of a stage, after :meth:`check` (``fix``: see there)."""
+        meta = self.check(kind, name, expected, fix)
         return read_tensors(self.stage_dir(kind, name) / TENSORS, device), meta
 
     def save(

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from influscope.errors import ConfigError
 from influscope.tasks.data import EncodedDataset, pad_stack
 
 
@@ -105,3 +106,32 @@ def sample_bernoulli(p: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         [torch.rand((), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     ).to(p.device)
     return u < p.detach().float()
+
+
+def check_logits(task: str, logits: torch.Tensor, expected: tuple, shape_text: str) -> None:
+    """Raise a :class:`ConfigError` when the model's logits do not fit the task.
+
+    A wrong ``task`` for the model (a sequence classifier analysed as a causal LM, or the
+    reverse) otherwise surfaces as a shape error deep inside a loss function.
+
+    Args:
+        task: The task's name, for the message.
+        logits: The model's ``.logits``.
+        expected: Expected shape; ``None`` entries match any size.
+        shape_text: The expected shape in words, e.g. ``"(batch, tokens, vocab)"``.
+    """
+    shape = tuple(logits.shape)
+    if len(shape) == len(expected) and all(e is None or e == n for e, n in zip(expected, shape)):
+        return
+    hint = {
+        "causal_lm": "a sequence classifier or reward model needs task='classification' or "
+        "'reward' (CLI: --task)",
+        "classification": "a causal LM (AutoModelForCausalLM) needs task='causal_lm'",
+        "reward": "a reward model has one output per sequence (num_labels=1); a causal LM "
+        "needs task='causal_lm'",
+    }.get(task, "check that the task matches the model")
+    want = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+    raise ConfigError(
+        f"Task {task!r} expects model logits of shape {shape_text} = {want}, received "
+        f"{shape}. The task does not fit this model: {hint}."
+    )

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, sample_categorical
-from influscope.tasks.data import EncodedDataset
+from influscope.tasks.base import Task, check_logits, sample_categorical
+from influscope.tasks.data import EncodedDataset, record_list, text_field
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -54,10 +54,15 @@ class CausalLMTask(Task):
     ) -> EncodedDataset:
         """Tokenize ``{"text"}`` or ``{"prompt", "completion"}`` records.
 
+        With ``truncate``, an over-long ``text`` loses its end; a prompt/completion record
+        loses the start of its prompt (after the BOS token), so that the completion — what
+        the measurement scores — is kept.
+
         Raises:
             DataError: Empty input, a record with neither form, a completion with no tokens,
                 or a sequence longer than ``max_length`` (unless ``truncate``).
         """
+        records = record_list(records)
         if not records:
             raise DataError("Expected at least one record, received an empty list.")
         bos = getattr(tokenizer, "bos_token_id", None) if self.add_bos else None
@@ -65,8 +70,8 @@ class CausalLMTask(Task):
         for i, rec in enumerate(records):
             prefix = [bos] if bos is not None else []
             if "prompt" in rec and "completion" in rec:
-                prompt = prefix + _ids(tokenizer, rec["prompt"])
-                completion = _ids(tokenizer, rec["completion"])
+                prompt = prefix + _ids(tokenizer, text_field(rec, i, "prompt"))
+                completion = _ids(tokenizer, text_field(rec, i, "completion"))
                 if not completion:
                     raise DataError(
                         f"Record {i} has a completion with no tokens ({rec['completion']!r}). "
@@ -76,7 +81,7 @@ class CausalLMTask(Task):
                 ids = prompt + completion
                 labels = [-100] * len(prompt) + completion
             elif "text" in rec:
-                ids = prefix + _ids(tokenizer, rec["text"])
+                ids = prefix + _ids(tokenizer, text_field(rec, i, "text"))
                 labels = list(ids)
             else:
                 raise DataError(
@@ -90,6 +95,12 @@ class CausalLMTask(Task):
                         f"{max_length}. Shorten or split it, or pass truncate=True "
                         "(CLI: --truncate)."
                     )
+                if "prompt" in rec and "completion" in rec:
+                    # Keep the completion (what is measured): drop the prompt's first tokens
+                    # after the BOS prefix; cut the completion only if it alone is too long.
+                    drop = min(len(ids) - max_length, len(prompt) - len(prefix))
+                    keep = list(range(len(prefix))) + list(range(len(prefix) + drop, len(ids)))
+                    ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
                 ids, labels = ids[:max_length], labels[:max_length]
             if sum(lab != -100 for lab in labels[1:]) == 0:
                 raise DataError(
@@ -108,7 +119,10 @@ class CausalLMTask(Task):
     # --- objective ----------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-token logits ``(B, T, V)``."""
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        check_logits(self.name, logits, (*ids.shape, None), "(batch, tokens, vocab)")
+        return logits
 
     def loss_from_outputs(
         self,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, sample_categorical
-from influscope.tasks.data import EncodedDataset
+from influscope.tasks.base import Task, check_logits, sample_categorical
+from influscope.tasks.data import EncodedDataset, record_list, text_field
 
 
 class ClassificationTask(Task):
@@ -24,13 +24,14 @@ class ClassificationTask(Task):
         self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
     ) -> EncodedDataset:
         """Tokenize ``{"text", "label"}`` records (with the tokenizer's special tokens)."""
+        records = record_list(records)
         if not records:
             raise DataError("Expected at least one record, received an empty list.")
         examples = []
         for i, rec in enumerate(records):
             if "text" not in rec or "label" not in rec:
                 raise DataError(f"Record {i} has keys {sorted(rec)}; expected 'text' and 'label'.")
-            ids = list(tokenizer(rec["text"])["input_ids"])
+            ids = list(tokenizer(text_field(rec, i, "text"))["input_ids"])
             if max_length is not None and len(ids) > max_length:
                 if not truncate:
                     raise DataError(
@@ -49,7 +50,10 @@ class ClassificationTask(Task):
 
     def outputs(self, model: nn.Module, batch) -> torch.Tensor:
         """Class logits ``(B, C)``."""
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        check_logits(self.name, logits, (ids.shape[0], None), "(batch, classes)")
+        return logits
 
     def loss_from_outputs(self, outputs, batch, sample_seeds=None) -> torch.Tensor:
         targets = batch["labels"].to(outputs.device)

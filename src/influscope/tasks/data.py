@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +74,50 @@ class EncodedDataset:
                 h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def record_list(records) -> list[dict]:
+    """``records`` as a list of dicts, or a :class:`DataError` saying what to pass instead.
+
+    Accepts a list or tuple of mappings, or any iterable of them (a Hugging Face
+    ``datasets.Dataset`` yields one dict per row).
+    """
+    if isinstance(records, (str, bytes, Mapping)):
+        one = "a string" if isinstance(records, (str, bytes)) else "a single dict"
+        raise DataError(
+            f"Expected a list of records (dicts such as {{'text': ...}} or {{'prompt': ..., "
+            f"'completion': ...}}), received {one}. Wrap it in a list: [record]."
+        )
+    try:
+        records = list(records)
+    except TypeError:
+        raise DataError(
+            "Expected a list of records (dicts such as {'text': ...}), received "
+            f"{type(records).__name__}, which is not iterable."
+        ) from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            hint = (
+                " For plain strings pass [{'text': s} for s in texts]."
+                if isinstance(rec, str)
+                else ""
+            )
+            raise DataError(
+                f"Record {i} is a {type(rec).__name__}, expected a dict such as {{'text': ...}} "
+                f"or {{'prompt': ..., 'completion': ...}}.{hint}"
+            )
+    return [dict(rec) for rec in records]
+
+
+def text_field(record: Mapping, i: int, key: str) -> str:
+    """``record[key]`` checked to be a string (what a tokenizer accepts)."""
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f"Record {i} field {key!r} must be a string, received {type(value).__name__} "
+            f"{value!r:.60}. Convert it to text (or drop the record) before encoding."
+        )
+    return value
 
 
 def pad_stack(tensors: Sequence[torch.Tensor], value: int | float, length: int | None = None):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, sample_bernoulli
-from influscope.tasks.data import EncodedDataset, pad_stack
+from influscope.tasks.base import Task, check_logits, sample_bernoulli
+from influscope.tasks.data import EncodedDataset, pad_stack, record_list, text_field
 
 
 class RewardTask(Task):
@@ -34,6 +34,7 @@ class RewardTask(Task):
     def encode(
         self, records: list[dict], tokenizer, max_length: int | None = None, truncate: bool = False
     ) -> EncodedDataset:
+        records = record_list(records)
         if not records:
             raise DataError("Expected at least one record, received an empty list.")
         examples = []
@@ -45,7 +46,8 @@ class RewardTask(Task):
                 )
             ex = {}
             for side in ("chosen", "rejected"):
-                ids = list(tokenizer(rec.get("prompt", "") + rec[side])["input_ids"])
+                prompt = text_field(rec, i, "prompt") if "prompt" in rec else ""
+                ids = list(tokenizer(prompt + text_field(rec, i, side))["input_ids"])
                 if max_length is not None and len(ids) > max_length:
                     if not truncate:
                         raise DataError(
@@ -66,7 +68,9 @@ class RewardTask(Task):
 
     def outputs(self, model: nn.Module, batch) -> torch.Tensor:
         """Reward margins ``r_c - r_r``, shape ``(B,)``."""
-        r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids = batch["input_ids"]  # (2B, T)
+        r = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        check_logits(self.name, r, (ids.shape[0], None), "(2 × batch, 1)")
         r = r[:, 0].float()  # (2B,)
         b = r.shape[0] // 2
         return r[:b] - r[b:]
