@@ -25,7 +25,7 @@ Run: ``python benchmarks/lora.py --report docs/benchmarks.md`` (a few minutes on
 architecture, from the GGUF asset) gets LoRA adapters on ``q_proj``, ``v_proj`` and
 ``down_proj`` and is fine-tuned on fewer facts and windows (2 cores); ``ekfac / base mlp``
 then tracks the frozen ``down_proj`` base weights. ``python benchmarks/lora.py --model smollm2
---facts 10 --chunks 30 --epochs 4 --lr 2e-3 --seeds 1 --report docs/benchmarks.md``.
+--facts 10 --chunks 30 --epochs 5 --lr 5e-3 --seeds 1 --report docs/benchmarks.md``.
 """
 
 from __future__ import annotations

@@ -207,16 +207,7 @@ def reduce_shards(
     if not isinstance(passes, ShardedPasses):
         _add(total, compute(passes(phase)))
     else:
-        rank, world = rank_and_world()
-        shards = passes.shards()
-        for k, positions in enumerate(shards):
-            if k % world != rank:
-                continue
-            part = passes.store.get(phase, k) if passes.store is not None else None
-            if part is None:
-                part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
-                if passes.store is not None:
-                    passes.store.put(phase, k, part)
+        for _, _, part in _own_shards(passes, phase, compute):
             _add(total, part)
     for v in total.values():
         all_reduce_(v)
@@ -250,16 +241,7 @@ def gather_shards(
     if not isinstance(passes, ShardedPasses):
         return compute(passes(phase))
     total = zeros(passes.n_examples)
-    rank, world = rank_and_world()
-    shards = passes.shards()
-    for k, positions in enumerate(shards):
-        if k % world != rank:
-            continue
-        part = passes.store.get(phase, k) if passes.store is not None else None
-        if part is None:
-            part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
-            if passes.store is not None:
-                passes.store.put(phase, k, part)
+    for k, positions, part in _own_shards(passes, phase, compute):
         start, stop = positions[0], positions[-1] + 1
         for key, rows in part.items():
             if rows.shape[0] != stop - start:
@@ -271,6 +253,24 @@ def gather_shards(
     for v in total.values():
         all_reduce_(v)
     return total
+
+
+def _own_shards(
+    passes: ShardedPasses, phase: str, compute: Compute
+) -> Iterator[tuple[int, list[int], dict[str, torch.Tensor]]]:
+    """``(k, positions, statistics)`` of every shard this rank owns (``k mod world = rank``):
+    read back from the store when a previous run saved it, else computed and saved."""
+    rank, world = rank_and_world()
+    shards = passes.shards()
+    for k, positions in enumerate(shards):
+        if k % world != rank:
+            continue
+        part = passes.store.get(phase, k) if passes.store is not None else None
+        if part is None:
+            part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
+            if passes.store is not None:
+                passes.store.put(phase, k, part)
+        yield k, positions, part
 
 
 def batch_bytes(batch: Batch) -> int:
