@@ -122,7 +122,7 @@ def _fine_tune_llm(model, tokenizer, records, subset, seed: int, args, batch_siz
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(batch["input_ids"])
+            total += float(loss.detach()) * len(batch["input_ids"])
         print(f"epoch {epoch + 1}: mean loss {total / len(order):.3f}", flush=True)
     return model.eval()
 
