@@ -17,7 +17,11 @@ Compared, all on the same fine-tuned model and data:
   ranks with, up to normalisation);
 * ``ekfac / base mlp``: EK-FAC over the frozen base MLP weights (``.mlp.*.base_layer``), i.e.
   influence as if the base weights had been fine-tuned: the quantity the "mlp" preset gives a
-  LoRA model, which influscope warns about.
+  LoRA model, which influscope warns about;
+
+each plain and RelatIF-normalised (Barshan et al. 2020: divided by ``sqrt`` of the training
+sequence's self-influence), which discounts training sequences whose gradients are large
+everywhere (long, high-loss windows) against memorised ones whose gradients are small.
 
 Run: ``python benchmarks/lora.py --report docs/benchmarks.md`` (a few minutes on 2 cores).
 
@@ -50,6 +54,8 @@ from influscope.modules import FrozenBaseWarning
 
 TARGETS = {"demo": ["c_attn", "c_fc", "c_proj"], "smollm2": ["q_proj", "v_proj", "down_proj"]}
 METHODS = ("ekfac / lora", "datainf / lora", "identity / lora", "ekfac / base mlp")
+#: Each method plain and RelatIF-normalised (÷ sqrt of the training sequence's self-influence).
+NAMES = [name for m in METHODS for name in (m, m + ", RelatIF")]
 
 
 def base_model(assets: str, out: Path, which: str = "demo"):
@@ -144,9 +150,10 @@ def attribute(model, tokenizer, records, queries, base_rank: int | None) -> dict
             op = inf.fit(train, FitConfig(curvature=curvature))
         else:
             op = IdentityOperator({name: 0.0 for name in inf.layer_names})
-        scores = inf.score(encoded, train, op, ScoreConfig(query_rank=rank))
-        hits = planted_top1(scores, train.records, queries)
-        out[method] = sum(hits) / len(hits)
+        for normalize, name in ((None, method), ("relatif", method + ", RelatIF")):
+            config = ScoreConfig(query_rank=rank, normalize=normalize)
+            hits = planted_top1(inf.score(encoded, train, op, config), train.records, queries)
+            out[name] = sum(hits) / len(hits)
     return out
 
 
@@ -238,12 +245,14 @@ def main() -> None:
         "",
         "| attribution | top-1 hit rate (mean over seeds) | max − min over seeds |",
         "|---|---|---|",
-        *[f"| {m} | {mean(m):.3f} | {spread(m):.3f} |" for m in METHODS],
+        *[f"| {m} | {mean(m):.3f} | {spread(m):.3f} |" for m in NAMES],
         "",
         "`ekfac / base mlp` tracks the frozen base MLP weights (`.mlp.*.base_layer`): what the "
         "`mlp` preset gives a LoRA model, and what influscope warns about (FrozenBaseWarning). "
         "`datainf / lora` is DataInf (Kwon et al. 2024): the inverse of each adapter's damped "
-        "curvature replaced by the average of per-example Sherman–Morrison inverses."
+        "curvature replaced by the average of per-example Sherman–Morrison inverses. "
+        "`, RelatIF`: the same scores divided by the square root of each training sequence's "
+        "self-influence (Barshan et al. 2020; with `identity`, a gradient cosine)."
         + (
             " Base-layer queries are rank 32 (full rank elsewhere)." if args.model != "demo" else ""
         ),
