@@ -17,7 +17,8 @@ Patterns are regular expressions searched in the module's qualified name
 
 When the selection contains the frozen ``base_layer`` of a LoRA-wrapped module, a
 :class:`FrozenBaseWarning` says so: influence through those weights is well defined (it asks
-"what if the base weights had been trained too") but is rarely what a LoRA user wants.
+"what if the base weights had been trained too"), but it is not the question the fine-tune
+poses. (It can still rank the fine-tuning data well: docs/lora.md has the measurements.)
 :func:`default_modules` picks ``"lora"`` for models with adapters, ``"mlp"`` otherwise.
 """
 
@@ -171,8 +172,9 @@ def select_layers(model: nn.Module, modules: str | Sequence[str] = "mlp") -> lis
         warnings.warn(
             f"{len(frozen_base)} tracked modules are frozen base layers of LoRA adapters "
             f"(e.g. {frozen_base[0]!r}): their influence asks what training the base weights "
-            "would have done. To attribute through the adapter weights the fine-tune trained, "
-            "pass modules='lora'.",
+            "would have done, not what the adapter training did. To attribute through the "
+            "adapter weights the fine-tune trained, pass modules='lora'; docs/lora.md compares "
+            "the two on measured fine-tunes.",
             FrozenBaseWarning,
             stacklevel=2,
         )
