@@ -9,6 +9,7 @@ the test compares it with a single-process run (float64, so tolerances are tight
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,25 @@ def _run(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _late(model_device):
+    """``model_device`` that makes this rank arrive late at the index's curvature step."""
+
+    def late(model):
+        time.sleep(1.0)
+        return model_device(model)
+
+    return late
+
+
 def _worker(rank: int, tmp: str) -> None:
     os.environ["INFLUSCOPE_PROGRESS"] = "0"
+    if rank == 1:
+        # Rank 0 writes the eigen index's curvature without a collective step; a rank that
+        # arrived after the write once skipped a barrier and read the index before rank 0's
+        # shards existed ("incomplete: shards [0, 2, 4] are missing"). Make it arrive late.
+        import influscope.index.build as build
+
+        build.model_device = _late(build.model_device)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD
     )

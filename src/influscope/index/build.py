@@ -167,7 +167,13 @@ def build_index(
 def _projected_curvature(model, task, layers, train, root, config, projector, expected):
     path = root / "curvature.safetensors"
     _, fitter = CURVATURES[config.curvature]
-    if path.is_file():
+    stored = path.is_file()
+    # Every rank looks before any rank can write: rank 0 writes the eigen operator without a
+    # collective step, so a rank arriving later would otherwise see the file, skip the barrier
+    # below, and pair its next barrier with this one (then read the index before rank 0's
+    # shards exist).
+    barrier()
+    if stored:
         return load_curvature(root)
     if isinstance(projector, EigenSelection):  # diagonal on the kept eigen-coordinates
         if rank_and_world()[0] == 0:
