@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: the figure is identical on every machine; "
+        help="torch CPU threads (default 1: the figure is identical across machines with the "
+        "same package versions; "
         "0: torch default, faster on many cores but not reproducible across them).",
     )
 
