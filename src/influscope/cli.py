@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="Output directory.")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the corpus and training.")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the figure is identical across machines with the "
+        "same package versions; "
+        "0: torch default, faster on many cores but not reproducible across them).",
+    )
 
     report = sub.add_parser(
         "report",
@@ -327,7 +335,7 @@ def cmd_score(args) -> int:
 def cmd_demo(args) -> int:
     from influscope.demo.pipeline import run_demo
 
-    run_demo(assets=args.assets, out=args.out, seed=args.seed)
+    run_demo(assets=args.assets, out=args.out, seed=args.seed, threads=args.threads or None)
     return 0
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig
 from influscope.demo.corpus import build_demo_corpus, free_text_queries
-from influscope.demo.train import DemoTrainConfig, train_demo_model
+from influscope.demo.train import DemoTrainConfig, fixed_threads, train_demo_model
 from influscope.evaluation.metrics import spearman
 from influscope.report import write_report
 from influscope.report.build import build_report
@@ -74,8 +74,20 @@ def run_demo(
     n_chunks: int = 300,
     train_settings: DemoTrainConfig | None = None,
     console: Console | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
-    """Run the demo end to end and return the summary written to ``OUT/summary.json``."""
+    """Run the demo end to end and return the summary written to ``OUT/summary.json``.
+
+    ``threads`` fixes torch's CPU thread count for the whole run (restored afterwards): the
+    trained weights, and with them ``planted_fact_top1``, depend on how reductions are split over
+    threads, which by default follows the machine's core count (docs/design.md, "Reproducible
+    demo"). ``None`` keeps torch's setting (faster on many cores, not reproducible across them).
+    """
+    with fixed_threads(threads):
+        return _run_demo(assets, out, seed, n_facts, n_chunks, train_settings, console, threads)
+
+
+def _run_demo(assets, out, seed, n_facts, n_chunks, train_settings, console, threads):
     console = console or Console()
     out = Path(out)
     t0 = time.perf_counter()
@@ -86,7 +98,7 @@ def run_demo(
         f"({n_facts} planted facts), {len(corpus.queries)} planted-fact queries"
     )
     model, tokenizer, training = train_demo_model(
-        corpus, out / "model", train_settings or DemoTrainConfig(seed=seed)
+        corpus, out / "model", train_settings or DemoTrainConfig(seed=seed, threads=threads)
     )
     t_train = time.perf_counter() - t0
     console.print(
@@ -136,6 +148,7 @@ def run_demo(
         "n_parameters": training["n_parameters"],
         "tracked_layers": inf.layer_names,
         "curvature": "ekfac",
+        "torch_threads": torch.get_num_threads(),
         "damping": factors.damping,
         "rank32_vs_full_spearman_mean": sum(rank_agreement) / len(rank_agreement),
         "rank32_vs_full_spearman_min": min(rank_agreement),

@@ -29,7 +29,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "QueryEval",
     "TrainResult",
     "evaluate_queries",
+    "fixed_threads",
     "make_gpt2_config",
     "train_demo_model",
     "train_lm",
@@ -57,6 +59,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
+
+
+@contextmanager
+def fixed_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(n)`` and restore the previous count after.
+
+    CPU kernels split their reductions (matmul, sums) over the intra-op threads, so the float
+    rounding — and, over hundreds of AdamW steps, the trained weights — depend on the thread
+    count, which by default is the number of cores of the machine. A fixed count makes a run
+    reproducible across machines; ``None`` leaves torch's setting alone.
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train_tokenizer(
@@ -403,6 +425,11 @@ class DemoTrainConfig:
             the objective weight them ``fact_repeats`` times (the records themselves stay unique).
         seed: Seed of the initialisation and the batch order.
         time_budget_s: Optional wall-clock limit of training.
+        threads: torch CPU threads while training (:func:`fixed_threads`). The trained weights
+            depend on the thread count (reductions are split over threads), so the default 1
+            makes the model identical on every machine with the same package versions; ``None``
+            uses torch's default (all cores: faster on a big machine, not reproducible across
+            machines).
     """
 
     vocab_size: int = 4096
@@ -417,6 +444,7 @@ class DemoTrainConfig:
     fact_repeats: int = 4
     seed: int = 0
     time_budget_s: float | None = None
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -446,6 +474,13 @@ def train_demo_model(
         history and :meth:`QueryEval.summary` of the corpus queries.
     """
     settings = settings or DemoTrainConfig()
+    with fixed_threads(settings.threads):
+        return _train_demo_model(corpus, out_dir, settings)
+
+
+def _train_demo_model(
+    corpus: Any, out_dir: str | os.PathLike[str] | None, settings: DemoTrainConfig
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
     tokenizer = train_tokenizer(corpus.texts, settings.vocab_size)
@@ -513,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-chunks", type=int, default=300)
     parser.add_argument("--langs", nargs="+", default=["en"])
     parser.add_argument("--query-styles", nargs="+", default=["context"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads while training (0: torch default)"
+    )
     defaults = DemoTrainConfig()
     names = (
         "epochs",
@@ -532,8 +569,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     corpus = build_demo_corpus(
         args.assets,
         args.n_facts,
@@ -551,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         n_layer=args.n_layer,
         n_embd=args.n_embd,
+        threads=args.threads or None,
     )
     _, _, report = train_demo_model(corpus, args.out, settings)
     print(json.dumps({k: v for k, v in report.items() if k != "epoch_losses"}, indent=1))
