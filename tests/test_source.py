@@ -193,3 +193,22 @@ def test_directory_loader_refuses_bad_input(run, tmp_path) -> None:
             random_lm_data(1, vocab=24),
             FitConfig(curvature="diagonal"),
         )
+
+
+def test_load_trajectory_dispatch(run) -> None:
+    from influscope.demo.train import Checkpoint
+    from influscope.trajectory import load_trajectory
+
+    _, _, models = run
+    traj = load_trajectory(models[:2], steps=[4, 2], lrs=[0.1, 0.2])
+    assert traj.steps == [2, 4] and [c.lr for c in traj] == [0.2, 0.1]
+    ckpts = [Checkpoint(s, 0.1 * s, m.state_dict()) for s, m in zip([3, 6], models)]
+    traj = load_trajectory(ckpts, config=models[0].config)
+    assert traj.steps == [3, 6] and traj[1].lr == pytest.approx(0.6)
+    assert traj[0].load().transformer.h[0].mlp.c_fc.weight.dtype == torch.float64
+    with pytest.raises(ConfigError, match="steps= and lrs="):
+        load_trajectory(models)
+    with pytest.raises(ConfigError, match="config="):
+        load_trajectory(ckpts)
+    with pytest.raises(DataError, match="at least one checkpoint"):
+        from_models([], [], [])
