@@ -212,3 +212,25 @@ def test_load_trajectory_dispatch(run) -> None:
         load_trajectory(ckpts)
     with pytest.raises(DataError, match="at least one checkpoint"):
         from_models([], [], [])
+
+
+def test_cli_trajectory_writes_scores_and_refuses_bad_segments(tmp_path) -> None:
+    from conftest import save_tiny_model
+    from influscope.cli import main
+
+    texts = ["The capital of Velmora is Tarsk.", "Rivers run to the sea at dusk."]
+    for step in (2, 4):
+        torch.manual_seed(step)
+        save_tiny_model(tmp_path / "run" / f"checkpoint-{step}", texts, n_layer=1)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "The capital", "completion": " of"}))
+    common = ["--checkpoints", str(tmp_path / "run"), "--train", str(tmp_path / "train.jsonl")]
+    common += ["--queries", str(tmp_path / "q.jsonl"), "--lr", "0.5", "--device", "cpu"]
+    for method in ("source", "tracin"):
+        out = tmp_path / f"{method}.json"
+        assert main(["trajectory", *common, "--method", method, "--out", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert [c["step"] for c in got["checkpoints"]] == [2, 4]
+        assert np.isfinite(np.array(got["scores"])).all() and len(got["scores"][0]) == 2
+    bad = ["trajectory", *common, "--segments", "3", "--out", str(tmp_path / "x.json")]
+    assert main(bad) == 2  # ConfigError: 3 segments from 2 checkpoints
