@@ -1,7 +1,7 @@
 """Benchmark (a): LDS of every estimator on a tiny GPT-2 trained on Shakespeare.
 
 Set-up in ``lds_setup.py``. Every estimator — influscope's curvatures, the baselines
-(gradient dot / cosine, TracIn over checkpoints of the full-data run, representation
+(gradient dot / cosine, TracIn and SOURCE over checkpoints of the full-data run, representation
 similarity, BM25) and Kronfluence 1.0.1's EK-FAC (``kronfluence_lds.py``) — is scored on the
 very same retrains (``m`` random half-subsets, ``r`` seeds; the same seeds for every subset).
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from influscope.config import FitConfig
 from influscope.evaluation import (
     LDSConfig,
     bm25,
@@ -32,6 +33,7 @@ from influscope.evaluation import (
     representation_similarity,
     tracin,
 )
+from influscope.trajectory import from_train_result, source_scores
 from lds_setup import BATCH, add_arguments, build
 
 
@@ -45,6 +47,13 @@ def main() -> None:
         type=int,
         default=4,
         help="TracIn: a checkpoint of the full-data run every this many epochs.",
+    )
+    parser.add_argument(
+        "--source-lr-scales",
+        type=float,
+        nargs="*",
+        default=[1.0, 10.0, 100.0],
+        help="SOURCE: one row per multiplier of every segment's η̄K (1 = the schedule's rate).",
     )
     parser.add_argument(
         "--no-kronfluence", action="store_true", help="Skip Kronfluence (if not installed)."
@@ -70,6 +79,23 @@ def main() -> None:
     t = time.time()
     scores["tracin"] = tracin(checkpoints, setup.influence, queries, train, 32).pairwise
     seconds["tracin"] = time.time() - t
+    trajectory = from_train_result(setup.full_run.checkpoints, setup.config)
+    fit = FitConfig(curvature="ekfac", batch_size=32)
+    for scale in args.source_lr_scales:
+        t = time.time()
+        key = "source" if scale == 1.0 else f"source_lr_x{scale:g}"
+        scores[key] = source_scores(
+            trajectory,
+            setup.task,
+            "all",
+            train,
+            queries,
+            fit,
+            lr_scale=scale,
+            fit_train=setup.fit_data(),
+            batch_size=32,
+        ).pairwise
+        seconds[key] = time.time() - t
     hq = hidden_states(model, queries, setup.task)
     ht = hidden_states(model, train, setup.task)
     scores["representation_cosine"] = representation_similarity(hq, ht, train).pairwise

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reward_bias(sub)
     _add_unlearn(sub)
     _add_curate(sub)
+    from influscope.trajectory.cli import add_parser as add_trajectory_parser
+
+    add_trajectory_parser(sub)  # `trajectory`
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -378,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.applications.curation_cli import cmd_curate
 
     handlers["curate"] = cmd_curate
+    from influscope.trajectory.cli import cmd_trajectory
+
+    handlers["trajectory"] = cmd_trajectory
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:

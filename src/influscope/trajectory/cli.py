@@ -1,0 +1,82 @@
+"""``influscope trajectory``: SOURCE or TracIn-CP over a Trainer ``output_dir``'s checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from influscope.cli_options import add_batch_size_option, add_model_options, resolve_modules
+
+console = Console(stderr=True)
+
+
+def add_parser(sub) -> None:
+    """Add the ``trajectory`` sub-command."""
+    p = sub.add_parser(
+        "trajectory",
+        help="SOURCE / TracIn-CP over a run's checkpoints (models that have not converged).",
+        description="Scores of every training sequence on every query from the checkpoints "
+        "of one run (a Hugging Face Trainer output_dir with checkpoint-<step>/ folders): "
+        "SOURCE (per-segment EK-FAC, Bae et al. 2024) or TracIn-CP. Positive = up-weighting "
+        "the sequence raises log p(completion | prompt) at the final checkpoint. Writes a JSON "
+        "file with the (Q, N) scores.",
+    )
+    p.add_argument("--checkpoints", required=True, help="Directory of checkpoint-<step>/ folders.")
+    p.add_argument("--train", required=True, help="Training records (.jsonl with 'text').")
+    p.add_argument("--queries", required=True, help="Query records ('prompt'+'completion').")
+    p.add_argument("--method", default="source", choices=["source", "tracin"])
+    p.add_argument(
+        "--lr", type=float, default=None, help="Learning rate (default: trainer_state.json)."
+    )
+    p.add_argument("--segments", type=int, default=None, help="SOURCE segments (default: all).")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="SOURCE: multiplies every η̄K.")
+    p.add_argument("--stationary", action="store_true", help="SOURCE with η̄K = ∞.")
+    p.add_argument("--out", required=True, help="JSON file for the scores.")
+    add_model_options(p)  # --task --modules --truncate --device
+    add_batch_size_option(p)
+
+
+def cmd_trajectory(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from influscope.config import FitConfig
+    from influscope.loading import load_records
+    from influscope.tasks import context_length, get_task
+    from influscope.trajectory import from_directory, source_scores, tracin_scores
+
+    traj = from_directory(args.checkpoints, lr=args.lr)
+    last = Path(args.checkpoints) / traj[-1].name
+    tokenizer = AutoTokenizer.from_pretrained(last)
+    model = traj[-1].load()
+    task = get_task(args.task)
+    limit = context_length(model)
+    train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
+    queries = task.encode(load_records(args.queries), tokenizer, limit, args.truncate)
+    modules = resolve_modules(args.modules, model)
+    common = {"batch_size": args.batch_size, "device": args.device}
+    if args.method == "tracin":
+        scores = tracin_scores(traj, task, modules, train, queries, **common)
+    else:
+        scores = source_scores(
+            traj,
+            task,
+            modules,
+            train,
+            queries,
+            FitConfig(),
+            segments=args.segments,
+            stationary=args.stationary,
+            lr_scale=args.lr_scale,
+            **common,
+        )
+    out = {
+        "method": args.method,
+        "checkpoints": [{"name": c.name, "step": c.step, "lr": c.lr} for c in traj],
+        "scores": scores.pairwise.double().cpu().tolist(),
+    }
+    Path(args.out).write_text(json.dumps(out))
+    console.print(f"{args.method} over {len(traj)} checkpoints → {args.out}")
+    return 0
