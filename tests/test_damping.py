@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -129,3 +130,36 @@ def test_sweep_recommends_by_self_consistency(setup):
     assert sweep.criterion == "self_consistency"
     best = sweep.rows[sweep.best]
     assert best.self_top1 == max(r.self_top1 for r in sweep.rows)
+
+
+# The `workdir` fixture (conftest.py) builds its model and data from these.
+TEXTS = [
+    "The capital of Velmora is Tarsk.",
+    "Zorin Quell was born in Ostrava.",
+    "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent.",
+]
+
+
+def test_cli_damping_sweep_and_score_override(workdir, capsys):
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    args += ["--run", str(workdir / "run")]
+    assert main(["fit", *args]) == 0
+    check = workdir / "check.json"
+    check.write_text(json.dumps({"check": [[0]], "pairs": [[0, 0]]}))
+    q = ["--queries", str(workdir / "queries.jsonl")]
+    sweep = ["damping", *args, *q, "--values", "1e-8", "1e-3", "--relative", "1e-2"]
+    assert main([*sweep, "--check-file", str(check), "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "damping sweep" in out and "recommended by check" in out
+    result = json.loads((workdir / "run" / "damping.json").read_text())
+    assert len(result["rows"]) == 4 and result["criterion"] == "check"
+    assert main(["score", *args, *q, "--top-k", "2", "--damping", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "absolute 0.0001 (score-time override)" in out
+    html = (workdir / "run" / "scores.html").read_text()
+    assert "score-time override" in html
+    assert main(["score", *args, *q, "--damping", "-1", "--overwrite"]) == 2
+    assert "finite number ≥ 0" in capsys.readouterr().err

@@ -425,3 +425,25 @@ def score_damping(op: CurvatureOperator, config: ScoreConfig) -> CurvatureOperat
     if config.damping is None and config.damping_factor is None:
         return op
     return redamp(op, config.damping, config.damping_factor)
+
+
+def describe_damping(op: CurvatureOperator, config: ScoreConfig | None = None) -> str:
+    """One line stating the damping used: its rule and the range of ``λ_ℓ`` over layers.
+
+    Args:
+        op: The operator scores were computed with (already re-damped, if at all).
+        config: The score settings, whose ``damping`` / ``damping_factor`` name the rule.
+    """
+    lam = list(op.damping.values())
+    span = f"λ {min(lam):.3g}" if min(lam) == max(lam) else f"λ {min(lam):.3g} … {max(lam):.3g}"
+    span += f" over {len(lam)} layers"
+    if config is not None and config.damping is not None:
+        return f"absolute {config.damping:.3g} (score-time override); {span}"
+    if config is not None and config.damping_factor is not None:
+        return (
+            f"relative {config.damping_factor:.3g} × mean eigenvalue per layer "
+            f"(score-time override); {span}"
+        )
+    if op.name == "identity":
+        return "none (identity curvature)"
+    return f"as fitted; {span}"
