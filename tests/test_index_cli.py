@@ -36,6 +36,11 @@ def test_index_then_query_with_bm25_and_rescoring(workdir, capsys):
     assert out["stage"] == "ekfac" and out["candidates"] == {"bm25": 3, "index": 100, "ekfac": 2}
     top = out["queries"][0]["top"]
     assert len(top) == 2 and top[0]["text"] == TEXTS[0] and top[0]["score"] > top[1]["score"]
+    # score-time damping re-damps the factors used to rescore
+    rescore = ["query", *args, *queries, "--bm25", "3", "--top-k", "2", "--rescore"]
+    assert main([*rescore, "--damping", "1e-6"]) == 0
+    redamped = json.loads((workdir / "run" / "index-query.json").read_text())["queries"][0]
+    assert redamped["top"][0]["score"] != top[0]["score"]
 
 
 def test_fit_dry_run_prints_estimates(workdir, capsys):

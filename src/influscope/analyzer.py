@@ -21,6 +21,7 @@ from influscope.curvature.shards import PartialSums, ShardedPasses
 from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
+from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory, model_fingerprint
@@ -265,8 +266,9 @@ class Influence:
         """Preconditioned (optionally low-rank) query gradients."""
         queries = self._check(queries, "queries")
         self._check_factors(factors)
+        config = _config(config, ScoreConfig)
         return precondition_queries(
-            self.model, self.task, self.layers, factors, queries, _config(config, ScoreConfig)
+            self.model, self.task, self.layers, score_damping(factors, config), queries, config
         )
 
     def score(
@@ -288,6 +290,9 @@ class Influence:
         config = _config(config, ScoreConfig)
         train = self._check(train, "train")
         self._check_factors(factors)
+        # score-time damping override (ScoreConfig.damping / damping_factor); preconditioned
+        # queries passed in keep the damping they were built with
+        factors = score_damping(factors, config)
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
@@ -329,6 +334,42 @@ class Influence:
                 {**expected, "layers": scores.layer_names, "train_indices": scores.train_indices},
             )
         return scores
+
+    def damping_sweep(
+        self,
+        queries: EncodedDataset | Sequence[dict],
+        train: EncodedDataset,
+        factors: CurvatureOperator,
+        values: Sequence[float] | None = None,
+        relative: Sequence[float] | None = None,
+        config: ScoreConfig | None = None,
+        k: int = 10,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        check: Sequence[Sequence[int]] | None = None,
+        lds: tuple | None = None,
+    ) -> DampingSweep:
+        """Score at many dampings from one fit, one pass over ``train``.
+
+        See :func:`influscope.scoring.damping.damping_sweep` for the arguments and criteria.
+        """
+        queries = self._check(queries, "queries")
+        train = self._check(train, "train")
+        self._check_factors(factors)
+        return damping_sweep(
+            self.model,
+            self.task,
+            self.layers,
+            factors,
+            queries,
+            train,
+            values,
+            relative,
+            _config(config, ScoreConfig),
+            k,
+            pairs,
+            check,
+            lds,
+        )
 
     def self_influence(
         self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8

@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
     )
     score.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="Score-time absolute damping for every layer (re-damps the fitted factors).",
+    )
+    score.add_argument(
+        "--damping-factor",
+        type=float,
+        default=None,
+        help="Score-time damping = factor × mean eigenvalue per layer (re-damps the factors).",
+    )
+    score.add_argument(
         "--report", default=None, help="Write an HTML report here (default: RUN/<name>.html)."
     )
 
@@ -187,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     from influscope.corrections.cli import add_parser as add_dda_parser
 
     add_dda_parser(sub, _common)  # `dda`
+    from influscope.damping_cli import add_parser as add_damping_parser
+
+    add_damping_parser(sub, _common)  # `damping`
     _add_reward_bias(sub)
     _add_unlearn(sub)
     _add_curate(sub)
@@ -281,6 +296,7 @@ def cmd_score(args) -> int:
     from influscope.report import write_report
     from influscope.report.build import build_report
     from influscope.report.terminal import print_summary
+    from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
     inf, train = _load(args)
@@ -292,7 +308,10 @@ def cmd_score(args) -> int:
         batch_size=args.batch_size,
         per_layer=True,
         normalize="relatif" if args.relatif else None,
+        damping=args.damping,
+        damping_factor=args.damping_factor,
     )
+    op = score_damping(op, config)  # the report's self-influence uses the same λ
     pq = inf.precondition(queries, op, config)
     scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
     report = build_report(
@@ -310,6 +329,7 @@ def cmd_score(args) -> int:
             "queries": str(len(queries)),
             "tracked layers": str(len(inf.layers)),
             "query rank": str(config.query_rank or "full"),
+            "damping": describe_damping(op, config),
             "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",
         },
         top_k=args.top_k,
@@ -372,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.corrections.cli import COMMANDS as DDA_COMMANDS
 
     handlers |= DDA_COMMANDS
+    from influscope.damping_cli import COMMANDS as DAMPING_COMMANDS
+
+    handlers |= DAMPING_COMMANDS
     from influscope.applications.reward_cli import COMMANDS as BIAS_COMMANDS
 
     handlers |= BIAS_COMMANDS

@@ -7,6 +7,7 @@ refused (see :mod:`influscope.storage`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,10 @@ class ScoreConfig(_Serializable):
         normalize: ``None``, or ``"relatif"`` to divide by ``sqrt(self-influence)`` of each
             training example.
         amp_dtype: Autocast dtype for forward/backward passes, or ``None``.
+        damping: Score-time absolute damping ``λ`` for every layer, re-damping the loaded
+            factors (:func:`influscope.scoring.damping.redamp`); ``None`` keeps the fit's.
+        damping_factor: Score-time relative damping ``λ_ℓ = factor × mean eigenvalue of G_ℓ``;
+            ``None`` keeps the fit's. At most one of the two.
     """
 
     query_rank: int | None = 32
@@ -174,8 +179,22 @@ class ScoreConfig(_Serializable):
     per_layer: bool = False
     normalize: str | None = None
     amp_dtype: str | None = None
+    damping: float | None = None
+    damping_factor: float | None = None
 
     def __post_init__(self) -> None:
+        for key in ("damping", "damping_factor"):
+            v = getattr(self, key)
+            _check(
+                v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0),
+                f"{key} must be None or a finite number ≥ 0, received {v!r} (λ is added to the "
+                "curvature's eigenvalues).",
+            )
+        _check(
+            self.damping is None or self.damping_factor is None,
+            "Give at most one of damping (absolute λ) and damping_factor (factor × mean "
+            f"eigenvalue); received damping={self.damping}, damping_factor={self.damping_factor}.",
+        )
         _check(
             self.query_rank is None or self.query_rank >= 1,
             f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.",

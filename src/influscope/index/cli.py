@@ -84,6 +84,18 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
         "--rescore", action="store_true", help="Re-score the index's candidates with EK-FAC."
     )
     query.add_argument("--factors", default="factors", help="Factors stage for --rescore.")
+    query.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="Score-time absolute damping for --rescore (re-damps the fitted factors).",
+    )
+    query.add_argument(
+        "--damping-factor",
+        type=float,
+        default=None,
+        help="Score-time damping for --rescore = factor × mean eigenvalue per layer.",
+    )
     query.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
     query.add_argument("--out", default=None, help="JSON output (default: RUN/<index>-query.json).")
 
@@ -142,6 +154,12 @@ def cmd_query(args) -> int:
     queries = inf.encode(records, truncate=args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)
     factors = inf.load_factors(train, args.factors) if args.rescore else None
+    if factors is not None:
+        from influscope.config import ScoreConfig
+        from influscope.scoring.damping import score_damping
+
+        override = ScoreConfig(damping=args.damping, damping_factor=args.damping_factor)
+        factors = score_damping(factors, override)
     use_bm25 = args.bm25 > 0
     result = retrieve(
         inf,
