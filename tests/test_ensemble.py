@@ -12,6 +12,14 @@ from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 
+# The `workdir` fixture (conftest.py) builds the CLI test's model and data from these.
+TEXTS = [
+    "The capital of Velmora is Tarsk.",
+    "Zorin Quell was born in Ostrava.",
+    "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent.",
+]
+
 
 def _scores(pairwise: torch.Tensor, indices=None) -> Scores:
     n = pairwise.shape[1]
@@ -123,3 +131,69 @@ def test_score_ensemble_bad_seeds() -> None:
         inf.score_ensemble(train, train, FIT, SCORE, seeds=(1, 1))
     with pytest.raises(ConfigError, match="fisher='true'"):
         inf.score_ensemble(train, train, FitConfig(fisher="empirical"), SCORE, seeds=(0, 1))
+
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _report(with_ensemble: bool):
+    from influscope.report import QueryView, ReportView, SequenceView
+
+    extra = {"sem": 0.0123, "stable": 3, "n_members": 4} if with_ensemble else {}
+    pro = SequenceView(index=7, score=1.5, tokens=["a", EVIL], token_scores=[1.0, 0.5], **extra)
+    opp = SequenceView(index=2, score=-0.5, tokens=["b"], token_scores=[-0.5])
+    query = QueryView(
+        name="q <1>",
+        prompt=EVIL,
+        completion=" x",
+        proponents=[pro],
+        opponents=[opp],
+        layer_scores={},
+        notes={},
+    )
+    return ReportView(title="ens <t>", overview={"ensemble": "4 seeds <&>"}, queries=[query])
+
+
+def test_html_report_shows_error_bars_and_escapes() -> None:
+    from influscope.report import render_html
+
+    page = render_html(_report(True))
+    assert "± s.e." in page and "stable in x/M" in page
+    assert "± 0.0123" in page and "3/4" in page
+    assert EVIL not in page and "&lt;script&gt;alert(1)" in page
+    assert "4 seeds &lt;&amp;&gt;" in page
+    assert "<link" not in page and 'src="http' not in page
+    plain = render_html(_report(False))
+    assert "± s.e." not in plain and "stable in x/M" not in plain
+
+
+def test_terminal_summary_shows_mean_sem_and_stability() -> None:
+    from rich.console import Console
+
+    from influscope.report.terminal import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(_report(True), console)
+    out = console.export_text()
+    assert "mean ± s.e." in out and "± 0.012" in out and "3/4" in out
+
+
+def test_cli_score_ensemble(workdir, capsys) -> None:
+    import json
+
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    args += ["--run", str(workdir / "run")]
+    assert main(["fit", *args, "--batch-size", "2"]) == 0
+    q = ["--queries", str(workdir / "queries.jsonl"), "--top-k", "2"]
+    assert main(["score", *args, *q, "--ensemble", "2", "--name", "ens"]) == 0
+    assert (workdir / "run" / "ensemble" / "ens" / "meta.json").is_file()
+    assert (workdir / "run" / "factors" / "factors-seed1").is_dir()
+    html = (workdir / "run" / "ens.html").read_text()
+    assert "± s.e." in html and "/2</td>" in html
+    top = json.loads((workdir / "run" / "ens.json").read_text())
+    assert "sem" in top["queries"][0]["proponents"][0]
+    assert "stable" in capsys.readouterr().out
+    assert main(["score", *args, *q, "--seeds", "3", "--name", "one"]) == 2
+    assert "at least 2 members" in capsys.readouterr().err
