@@ -52,6 +52,7 @@ from influscope.storage import atomic_write_json, read_json
 CURVATURES = {"ekfac": "EK-FAC", "kfac": "K-FAC", "diagonal": "diagonal", "identity": "identity"}
 ORDER = [
     ("ekfac", "influscope EK-FAC self-influence"),
+    ("ekfac_ensemble", "influscope EK-FAC self-influence, mean over label-sampling seeds"),
     ("kronfluence", "Kronfluence 1.0.1 EK-FAC self-influence"),
     ("kfac", "influscope K-FAC self-influence"),
     ("diagonal", "influscope diagonal self-influence"),
@@ -171,6 +172,25 @@ def run_seed(seed: int, args, test, states_train, clean: list[int], mdir) -> dic
             pairwise = inf.score(test, train, op, config).pairwise  # (Q, N)
             scores["heldout"] = -pairwise.double().sum(0)
             seconds["heldout"] = time.time() - t0
+    if args.ensemble_seeds:
+        # Mean self-influence over true-Fisher label-sampling seeds (an EnsembleScores of
+        # (1, N) members); seed 0 is the plain EK-FAC ranking above.
+        from influscope.scoring.ensemble import EnsembleScores
+        from influscope.scoring.pairwise import Scores
+
+        t0 = time.time()
+        members = []
+        for s in args.ensemble_seeds:
+            fit = FitConfig(curvature="ekfac", batch_size=args.batch_size, seed=s)
+            si = inf.self_influence(train, inf.fit(train, fit), batch_size=args.batch_size)
+            members.append(Scores(si[None], [], list(range(len(train)))))  # (1, N)
+        ens = EnsembleScores.from_members(members)
+        scores["ekfac_ensemble"] = ens.mean[0]
+        result["ensemble_median_sem_over_abs_mean"] = float(
+            (ens.sem[0] / ens.mean[0].abs()).median()
+        )
+        seconds["ekfac_ensemble"] = time.time() - t0
+        print(f"  ekfac ensemble {args.ensemble_seeds}: {seconds['ekfac_ensemble']:.0f} s")
     if args.kronfluence:
         t0 = time.time()
         scores["kronfluence"] = kronfluence_self_influence(model, train, modules, args.batch_size)
@@ -232,6 +252,14 @@ def main() -> None:
         dest="heldout",
         action="store_false",
         help="skip the ranking by influence on the clean held-out sentences",
+    )
+    parser.add_argument(
+        "--ensemble-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also rank by the EK-FAC self-influence averaged over these true-Fisher "
+        "label-sampling seeds (an ensemble; e.g. 0 1 2 3)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--assets", type=Path, default=None, help="asset cache directory")

@@ -21,6 +21,7 @@ from influscope.errors import (
     StaleArtifactError,
 )
 from influscope.modules import select_layers
+from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 from influscope.tasks import (
     TASKS,
@@ -40,6 +41,7 @@ __all__ = [
     "CurvatureOperator",
     "DataError",
     "EncodedDataset",
+    "EnsembleScores",
     "FitConfig",
     "Influence",
     "InfluscopeError",

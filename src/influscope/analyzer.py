@@ -8,6 +8,7 @@ together, fingerprints inputs and stores results under a run directory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
+from influscope.scoring.ensemble import MORE_MEMBERS, EnsembleScores
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory, model_fingerprint
@@ -370,6 +372,76 @@ class Influence:
             check,
             lds,
         )
+
+    def score_ensemble(
+        self,
+        queries: EncodedDataset,
+        train: EncodedDataset,
+        fit_config: FitConfig | None = None,
+        score_config: ScoreConfig | None = None,
+        seeds: Sequence[int] = (0, 1, 2, 3),
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> EnsembleScores:
+        """Scores with error bars: one member per true-Fisher label-sampling seed.
+
+        For each seed ``s`` the curvature is fitted with ``FitConfig(seed=s)`` (stored as
+        ``factors-seed{s}`` under a run directory, so it resumes / is reused) and the queries
+        are scored; the members give mean, standard error and top-``k`` rank stability
+        (:class:`~influscope.scoring.ensemble.EnsembleScores`). With a run directory and a
+        ``name`` the ensemble is stored as an ``ensemble`` stage, reused when model, data,
+        queries, configs and seeds match and refused
+        (:class:`~influscope.errors.StaleArtifactError`) when they do not.
+
+        Raises:
+            ConfigError: Fewer than 2 seeds, duplicate seeds, or an empirical Fisher (whose
+                labels are not sampled, so seeds would give identical members).
+        """
+        fit_config = _config(fit_config, FitConfig)
+        score_config = _config(score_config, ScoreConfig)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) < 2:
+            raise ConfigError(
+                f"An ensemble needs at least 2 members to give error bars; received seeds "
+                f"{seeds}. {MORE_MEMBERS}"
+            )
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(
+                f"Ensemble seeds must be distinct (a repeated seed repeats a member and "
+                f"understates the spread); received {seeds}. Use e.g. seeds=(0, 1, 2, 3)."
+            )
+        if fit_config.fisher != "true":
+            raise ConfigError(
+                "An ensemble over label-sampling seeds needs fisher='true' (the empirical "
+                f"Fisher samples no labels, so every seed gives the same member); received "
+                f"fisher={fit_config.fisher!r}. Use FitConfig(fisher='true')."
+            )
+        queries = self._check(queries, "queries")
+        train = self._check(train, "train")
+        expected = None
+        if self.run is not None and name is not None:
+            expected = {
+                "fit_config": {**fit_config.fingerprint_dict(), "seed": None},
+                "config": score_config.to_dict(),
+                "seeds": seeds,
+                "model": self.fingerprint(),
+                "data": train.fingerprint(),
+                "queries": queries.fingerprint(),
+                "layers": self.layer_names,
+            }
+            if self.run.exists("ensemble", name) and not overwrite:
+                tensors, meta = self.run.load("ensemble", name, expected, self.device)
+                return EnsembleScores.from_stored(tensors, meta)
+        members = []
+        for s in seeds:
+            factors = self.fit(
+                train, dataclasses.replace(fit_config, seed=s), name=f"factors-seed{s}"
+            )
+            members.append(self.score(queries, train, factors, score_config))
+        ens = EnsembleScores.from_members(members, labels=[f"seed {s}" for s in seeds])
+        if expected is not None and rank_and_world()[0] == 0:
+            self.run.save("ensemble", name, ens.tensors(), {**expected, **ens.meta()})
+        return ens
 
     def self_influence(
         self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8

@@ -142,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--report", default=None, help="Write an HTML report here (default: RUN/<name>.html)."
     )
+    members = score.add_mutually_exclusive_group()
+    members.add_argument(
+        "--ensemble",
+        type=non_negative_int,
+        default=None,
+        metavar="M",
+        help="Ensemble over M true-Fisher label-sampling seeds (0..M-1; M ≥ 2): factors are "
+        "fitted per seed (RUN/factors/factors-seedS, same settings as --factors) and the report "
+        "shows mean ± s.e. and top-k rank stability.",
+    )
+    members.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Like --ensemble, with these label-sampling seeds.",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -312,8 +329,33 @@ def cmd_score(args) -> int:
         damping_factor=args.damping_factor,
     )
     op = score_damping(op, config)  # the report's self-influence uses the same λ
-    pq = inf.precondition(queries, op, config)
-    scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
+    ensemble = None
+    seeds = list(range(args.ensemble)) if args.ensemble is not None else args.seeds
+    if seeds is not None:
+        from influscope.config import FitConfig
+        from influscope.scoring.pairwise import Scores
+
+        fit_config = FitConfig.from_dict(inf.run.check("factors", args.factors, {})["config"])
+        ensemble = inf.score_ensemble(
+            queries,
+            train,
+            fit_config,
+            config,
+            seeds=seeds,
+            name=args.name,
+            overwrite=args.overwrite,
+        )
+        # Token colours and layer terms come from the first seed's factors.
+        op = score_damping(inf.load_factors(train, f"factors-seed{seeds[0]}"), config)
+        pq = inf.precondition(queries, op, config)
+        scores = Scores(
+            pairwise=ensemble.mean,
+            layer_names=inf.layer_names,
+            train_indices=ensemble.train_indices,
+        )
+    else:
+        pq = inf.precondition(queries, op, config)
+        scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
     report = build_report(
         inf,
         queries,
@@ -331,8 +373,18 @@ def cmd_score(args) -> int:
             "query rank": str(config.query_rank or "full"),
             "damping": describe_damping(op, config),
             "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",
+            **(
+                {
+                    "ensemble": f"{ensemble.n_members} label-sampling seeds {seeds}: mean ± s.e.; "
+                    f"token colours from seed {seeds[0]}",
+                    f"mean top-{args.top_k} stability": f"{float(ensemble.stability(args.top_k).mean()):.3f}",
+                }
+                if ensemble is not None
+                else {}
+            ),
         },
         top_k=args.top_k,
+        ensemble=ensemble,
     )
     html_path = Path(args.report or Path(args.run) / f"{args.name}.html")
     write_report(report, html_path)
@@ -343,8 +395,8 @@ def cmd_score(args) -> int:
                 {
                     "prompt": q.prompt,
                     "completion": q.completion,
-                    "proponents": [{"index": s.index, "score": s.score} for s in q.proponents],
-                    "opponents": [{"index": s.index, "score": s.score} for s in q.opponents],
+                    "proponents": [_top_json(s) for s in q.proponents],
+                    "opponents": [_top_json(s) for s in q.opponents],
                 }
                 for q in report.queries
             ]
@@ -353,6 +405,16 @@ def cmd_score(args) -> int:
     print_summary(report, Console())
     console.print(f"report → {html_path}")
     return 0
+
+
+def _top_json(seq) -> dict:
+    """A shown sequence for RUN/NAME.json (with ``sem`` / ``stable`` from an ensemble)."""
+    out = {"index": seq.index, "score": seq.score}
+    if seq.sem is not None:
+        out["sem"] = seq.sem
+    if seq.stable is not None:
+        out["stable"] = f"{seq.stable}/{seq.n_members}"
+    return out
 
 
 def cmd_demo(args) -> int:

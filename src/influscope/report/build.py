@@ -8,12 +8,14 @@ position (see :mod:`influscope.scoring.pairwise`); the terms of a sequence sum t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from influscope.analyzer import Influence
 from influscope.curvature import CurvatureOperator
 from influscope.report.views import QueryView, ReportView, Section, SequenceView
+from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks import EncodedDataset
@@ -61,8 +63,13 @@ def build_report(
     top_k: int = 5,
     notes: Sequence[dict[str, str]] | None = None,
     sections: Sequence[Section] = (),
+    ensemble: EnsembleScores | None = None,
 ) -> ReportView:
     """Assemble a :class:`ReportView` for every query.
+
+    With ``ensemble`` (whose ``mean`` should be ``scores.pairwise``), every shown sequence
+    also carries its standard error and, for proponents, in how many members' own top
+    ``top_k`` it appears.
 
     Token scores are computed only for the sequences shown (each query's top ``top_k``
     proponents and opponents), in one extra pass over those sequences.
@@ -95,13 +102,26 @@ def build_report(
             idx = torch.tensor([i for i, _ in tops[q]])
             per = scores.per_layer[q, idx].sum(0)  # (L,)
             layer_scores = {n: float(v) for n, v in zip(scores.layer_names, per)}
+        proponents = [view(q, i, s) for i, s in tops[q]]
+        opponents = [view(q, i, s) for i, s in bottoms[q]]
+        if ensemble is not None:
+            in_top = ensemble.in_member_top(top_k)[:, q].sum(0)  # (N,) members keeping it
+            m = ensemble.n_members
+            proponents = [
+                replace(seq, sem=float(ensemble.sem[q, i]), stable=int(in_top[i]), n_members=m)
+                for (i, _), seq in zip(tops[q], proponents)
+            ]
+            opponents = [
+                replace(seq, sem=float(ensemble.sem[q, i]), n_members=m)
+                for (i, _), seq in zip(bottoms[q], opponents)
+            ]
         views.append(
             QueryView(
                 name=f"query {q}",
                 prompt=prompt,
                 completion=completion,
-                proponents=[view(q, i, s) for i, s in tops[q]],
-                opponents=[view(q, i, s) for i, s in bottoms[q]],
+                proponents=proponents,
+                opponents=opponents,
                 layer_scores=layer_scores,
                 notes=dict(notes[q]) if notes else {},
             )

@@ -339,22 +339,36 @@ def _query_index(report: ReportView) -> str:
     )
 
 
+def _ensemble_cells(seq: SequenceView) -> str:
+    """``± s.e.`` and ``stable in x/M`` cells of an ensemble's sequence row."""
+    sem = "–" if seq.sem is None else f"± {seq.sem:.3g}"
+    stable = "–" if seq.stable is None or seq.n_members is None else f"{seq.stable}/{seq.n_members}"
+    return (
+        f'<td class="num ens-sem">{escape_text(sem)}</td>'
+        f'<td class="num ens-stable">{escape_text(stable)}</td>'
+    )
+
+
 def _sequence_table(seqs: Sequence[SequenceView], kind: str) -> str:
     if not seqs:
         return f'<p class="empty-list">No {kind}.</p>'
     rows = []
+    ens = any(seq.sem is not None for seq in seqs)
     for rank, seq in enumerate(seqs, 1):
         meta = _chips(seq.meta) or '<span class="muted">–</span>'
         rows.append(
             f'<tr><td class="num">{rank}</td><td class="num">{seq.index}</td>'
             f'<td class="num {_sign_class(seq.score)}">{escape_text(format_score(seq.score))}</td>'
-            f'<td><div class="chips">{meta}</div></td>'
+            + (_ensemble_cells(seq) if ens else "")
+            + f'<td><div class="chips">{meta}</div></td>'
             f'<td class="tokcell">{_peak_tokens(seq)}{html_tokens(seq.tokens, seq.token_scores)}'
             "</td></tr>"
         )
     return (
         '<div class="scroll"><table class="seqs"><thead><tr><th class="num">rank</th>'
-        '<th class="num">train idx</th><th class="num">influence</th><th>metadata</th>'
+        '<th class="num">train idx</th><th class="num">influence</th>'
+        + ('<th class="num">± s.e.</th><th class="num">stable in x/M</th>' if ens else "")
+        + "<th>metadata</th>"
         "<th>tokens (colour = per-token influence)</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )

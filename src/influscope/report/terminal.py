@@ -25,16 +25,29 @@ def print_summary(report: ReportView, console: Console | None = None, per_query:
     table.add_column("query", overflow="fold", max_width=40)
     table.add_column("rank", justify="right")
     table.add_column("train #", justify="right")
-    table.add_column("influence", justify="right")
+    ens = any(seq.sem is not None for q in report.queries for seq in q.proponents)
+    table.add_column("influence (mean ± s.e.)" if ens else "influence", justify="right")
+    if ens:
+        table.add_column("stable", justify="right")
     table.add_column("training sequence", overflow="fold")
     for q in report.queries:
         label = f"{escape(q.prompt)}[bold]{escape(q.completion)}[/bold]"
         for r, seq in enumerate(q.proponents[:per_query]):
+            score = f"{seq.score:+.3g}"
+            extra = []
+            if ens:
+                score += "" if seq.sem is None else f" ± {seq.sem:.2g}"
+                extra = [
+                    "–"
+                    if seq.stable is None or seq.n_members is None
+                    else f"{seq.stable}/{seq.n_members}"
+                ]
             table.add_row(
                 label if r == 0 else "",
                 str(r + 1),
                 str(seq.index),
-                f"{seq.score:+.3g}",
+                score,
+                *extra,
                 escape(_snippet(seq.tokens)),
             )
         table.add_section()

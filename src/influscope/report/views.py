@@ -32,6 +32,11 @@ class SequenceView:
             May be empty when per-token influence was not computed; the tokens are then shown
             uncoloured.
         meta: Free-form string metadata, e.g. ``{"source": "hamlet", "fact_id": "3"}``.
+        sem: Standard error of ``score`` over ensemble members (``score`` is then their mean),
+            or ``None`` without an ensemble.
+        stable: In how many of the ``n_members`` members' own top-k the sequence appears, or
+            ``None``.
+        n_members: Ensemble size ``M``, or ``None``.
 
     Raises:
         DataError: If ``token_scores`` is neither empty nor as long as ``tokens``.
@@ -42,6 +47,9 @@ class SequenceView:
     tokens: list[str]
     token_scores: list[float]
     meta: dict[str, str] = field(default_factory=dict)
+    sem: float | None = None
+    stable: int | None = None
+    n_members: int | None = None
 
     def __post_init__(self) -> None:
         if self.token_scores and len(self.token_scores) != len(self.tokens):
