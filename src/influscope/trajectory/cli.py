@@ -27,7 +27,12 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoints", required=True, help="Directory of checkpoint-<step>/ folders.")
     p.add_argument("--train", required=True, help="Training records (.jsonl with 'text').")
     p.add_argument("--queries", required=True, help="Query records ('prompt'+'completion').")
-    p.add_argument("--method", default="source", choices=["source", "tracin"])
+    p.add_argument(
+        "--method",
+        default="source",
+        choices=["source", "tracin"],
+        help="source: SOURCE over per-segment EK-FAC (default); tracin: TracIn-CP over the checkpoints.",
+    )
     p.add_argument(
         "--lr", type=float, default=None, help="Learning rate (default: trainer_state.json)."
     )
