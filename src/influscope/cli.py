@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_batch_size_option(score)
     score.add_argument(
+        "--refine",
+        type=non_negative_int,
+        default=0,
+        help="Refine EK-FAC towards the joint Gauss-Newton system with N iterations (0 = off).",
+    )
+    score.add_argument("--refine-method", default="cg", choices=["cg", "neumann"])
+    score.add_argument(
+        "--refine-tol", type=float, default=0.0, help="Relative residual to stop at."
+    )
+    score.add_argument(
+        "--refine-examples", type=int, default=None, help="Random training subset per iteration."
+    )
+    score.add_argument(
         "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
     )
     score.add_argument(
@@ -281,8 +294,15 @@ def cmd_score(args) -> int:
         batch_size=args.batch_size,
         per_layer=True,
         normalize="relatif" if args.relatif else None,
+        refine_steps=args.refine,
+        refine=args.refine_method,
+        refine_tol=args.refine_tol,
+        refine_examples=args.refine_examples,
     )
-    pq = inf.precondition(queries, op, config)
+    pq = inf.precondition(queries, op, config, train)
+    if pq.refine_residuals is not None:
+        final = ", ".join(f"{float(r):.3g}" for r in pq.refine_residuals[:, -1])
+        print(f"refinement ({config.refine}): final relative residual per query: {final}")
     scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
     report = build_report(
         inf,
