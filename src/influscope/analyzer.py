@@ -264,13 +264,30 @@ class Influence:
         queries: EncodedDataset | Sequence[dict],
         factors: CurvatureOperator,
         config: ScoreConfig | None = None,
+        train: EncodedDataset | None = None,
     ) -> PreconditionedQueries:
-        """Preconditioned (optionally low-rank) query gradients."""
+        """Preconditioned (optionally low-rank) query gradients.
+
+        ``train`` is needed only for ``config.refine_steps > 0`` (the Gauss-Newton products of
+        the refinement run over it).
+        """
         queries = self._check(queries, "queries")
+        if factors is None:
+            raise ConfigError(
+                "precondition needs fitted factors (Influence.fit or load_factors); refinement "
+                "uses them as its preconditioner."
+            )
         self._check_factors(factors)
         config = _config(config, ScoreConfig)
+        train = None if train is None else self._check(train, "train")
         return precondition_queries(
-            self.model, self.task, self.layers, score_damping(factors, config), queries, config
+            self.model,
+            self.task,
+            self.layers,
+            score_damping(factors, config),
+            queries,
+            config,
+            train=train,
         )
 
     def score(
@@ -298,7 +315,7 @@ class Influence:
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
-            else self.precondition(queries, factors, config)
+            else self.precondition(queries, factors, config, train)
         )
         expected = None
         if self.run is not None and name is not None:
@@ -464,7 +481,7 @@ class Influence:
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
-            else self.precondition(queries, factors, config)
+            else self.precondition(queries, factors, config, train)
         )
         return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
 

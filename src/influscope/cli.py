@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_batch_size_option(score)
     score.add_argument(
+        "--refine",
+        type=non_negative_int,
+        default=0,
+        help="Refine EK-FAC towards the joint Gauss-Newton system with N iterations (0 = off).",
+    )
+    score.add_argument("--refine-method", default="cg", choices=["cg", "neumann"])
+    score.add_argument(
+        "--refine-tol", type=float, default=0.0, help="Relative residual to stop at."
+    )
+    score.add_argument(
+        "--refine-examples", type=int, default=None, help="Random training subset per iteration."
+    )
+    score.add_argument(
         "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
     )
     score.add_argument(
@@ -327,6 +340,10 @@ def cmd_score(args) -> int:
         normalize="relatif" if args.relatif else None,
         damping=args.damping,
         damping_factor=args.damping_factor,
+        refine_steps=args.refine,
+        refine=args.refine_method,
+        refine_tol=args.refine_tol,
+        refine_examples=args.refine_examples,
     )
     op = score_damping(op, config)  # the report's self-influence uses the same λ
     ensemble = None
@@ -347,15 +364,18 @@ def cmd_score(args) -> int:
         )
         # Token colours and layer terms come from the first seed's factors.
         op = score_damping(inf.load_factors(train, f"factors-seed{seeds[0]}"), config)
-        pq = inf.precondition(queries, op, config)
+        pq = inf.precondition(queries, op, config, train)
         scores = Scores(
             pairwise=ensemble.mean,
             layer_names=inf.layer_names,
             train_indices=ensemble.train_indices,
         )
     else:
-        pq = inf.precondition(queries, op, config)
+        pq = inf.precondition(queries, op, config, train)
         scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
+    if pq.refine_residuals is not None:
+        final = ", ".join(f"{float(r):.3g}" for r in pq.refine_residuals[:, -1])
+        print(f"refinement ({config.refine}): final relative residual per query: {final}")
     report = build_report(
         inf,
         queries,

@@ -171,6 +171,15 @@ class ScoreConfig(_Serializable):
             factors (:func:`influscope.scoring.damping.redamp`); ``None`` keeps the fit's.
         damping_factor: Score-time relative damping ``λ_ℓ = factor × mean eigenvalue of G_ℓ``;
             ``None`` keeps the fit's. At most one of the two.
+        refine_steps: Iterations refining EK-FAC's block-diagonal ``P^{-1}∇f`` towards the
+            full ``(G + Λ)^{-1}∇f`` over all tracked layers jointly (:mod:`influscope.solvers`);
+            ``0`` (default) keeps plain preconditioning. Needs the training data.
+        refine: ``"cg"`` (preconditioned conjugate gradient, default) or ``"neumann"``
+            (preconditioned Richardson iteration, step 1).
+        refine_tol: Stop a query once its relative residual is ≤ this (``0``: run all steps).
+        refine_examples: Gauss-Newton products over a seeded random subset of this many
+            training examples per iteration (stochastic), or ``None`` for all of them.
+        refine_seed: Seed of those subsets.
     """
 
     query_rank: int | None = 32
@@ -181,6 +190,11 @@ class ScoreConfig(_Serializable):
     amp_dtype: str | None = None
     damping: float | None = None
     damping_factor: float | None = None
+    refine_steps: int = 0
+    refine: str = "cg"
+    refine_tol: float = 0.0
+    refine_examples: int | None = None
+    refine_seed: int = 0
 
     def __post_init__(self) -> None:
         for key in ("damping", "damping_factor"):
@@ -194,6 +208,19 @@ class ScoreConfig(_Serializable):
             self.damping is None or self.damping_factor is None,
             "Give at most one of damping (absolute λ) and damping_factor (factor × mean "
             f"eigenvalue); received damping={self.damping}, damping_factor={self.damping_factor}.",
+        )
+        _check(
+            self.refine_steps >= 0,
+            f"refine_steps must be ≥ 0 (0 = no refinement), received {self.refine_steps}.",
+        )
+        _check(
+            self.refine in ("cg", "neumann"),
+            f"refine must be 'cg' or 'neumann', received {self.refine!r}.",
+        )
+        _check(self.refine_tol >= 0, f"refine_tol must be ≥ 0, received {self.refine_tol}.")
+        _check(
+            self.refine_examples is None or self.refine_examples >= 1,
+            f"refine_examples must be None (all) or ≥ 1, received {self.refine_examples}.",
         )
         _check(
             self.query_rank is None or self.query_rank >= 1,

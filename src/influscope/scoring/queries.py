@@ -20,6 +20,7 @@ from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
+from influscope.errors import ConfigError
 from influscope.modules.passes import layer_passes
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
@@ -37,6 +38,8 @@ class PreconditionedQueries:
         dense: ``{layer: (Q, out, in)}`` for layers kept (or reconstructed) dense.
         factors: ``{layer: (U (Q, r, out), V (Q, r, in))}`` for low-rank layers.
         measurements: ``(Q,)`` the measurement ``f`` of each query at θ.
+        refine_residuals: ``(Q, k+1)`` relative residuals ``‖∇f − (G+Λ)v‖/‖∇f‖`` of the
+            refinement iterations (``ScoreConfig.refine_steps``), or ``None`` without one.
         source: Fingerprint of the encoded queries these gradients came from
             (:meth:`EncodedDataset.fingerprint`), so that a stored scores stage can be checked
             against them; ``None`` when unknown (built by hand).
@@ -47,6 +50,7 @@ class PreconditionedQueries:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     measurements: torch.Tensor | None = None
     source: str | None = None
+    refine_residuals: torch.Tensor | None = None
 
     @property
     def n_queries(self) -> int:
@@ -70,6 +74,7 @@ class PreconditionedQueries:
             {k: (u[queries], v[queries]) for k, (u, v) in self.factors.items()},
             None if self.measurements is None else self.measurements[queries],
             None if self.source is None else _digest(f"{self.source}{list(queries)}"),
+            None if self.refine_residuals is None else self.refine_residuals[queries],
         )
 
 
@@ -86,8 +91,18 @@ def precondition_queries(
     queries: EncodedDataset,
     config: ScoreConfig,
     dense_budget: int = DENSE_BUDGET,
+    train: EncodedDataset | None = None,
 ) -> PreconditionedQueries:
-    """Compute ``(G + λI)^{-1} ∇f`` for every query and layer (one pass over the queries)."""
+    """Compute ``(G + λI)^{-1} ∇f`` for every query and layer (one pass over the queries).
+
+    With ``config.refine_steps > 0`` the dense block-diagonal result is refined towards the
+    joint ``(G + Λ)^{-1} ∇f`` over ``train`` (:func:`influscope.solvers.refine_queries`) and
+    only then truncated to rank ``r``: refining the factors instead would need the SVD to
+    commute with the solve, which it does not (the refined vector's top singular directions
+    differ from those of ``P^{-1}∇f``).
+    """
+    if config.refine_steps > 0:
+        return _refined(model, task, layers, operator, queries, config, dense_budget, train)
     dense: dict[str, list[torch.Tensor]] = {}
     us: dict[str, list[torch.Tensor]] = {}
     vs: dict[str, list[torch.Tensor]] = {}
@@ -126,4 +141,62 @@ def precondition_queries(
         for name in list(pq.factors):
             pq.dense[name] = pq.matrix(name)
             del pq.factors[name]
+    return pq
+
+
+def _refined(model, task, layers, operator, queries, config, dense_budget, train):
+    from influscope.linalg import low_rank
+    from influscope.solvers import GaussNewtonProduct, refine_queries
+
+    if train is None:
+        raise ConfigError(
+            f"refine_steps={config.refine_steps} needs the training data (the Gauss-Newton "
+            "products run over it): pass train= to Influence.precondition, or refine_steps=0."
+        )
+    grads: dict[str, list[torch.Tensor]] = {}
+    start: dict[str, list[torch.Tensor]] = {}
+    values = []
+    for _, lbs, f in layer_passes(
+        model,
+        task,
+        layers,
+        queries,
+        batch_size=config.batch_size,
+        objective="measurement",
+        amp_dtype=resolve_dtype(config.amp_dtype),
+        desc="query gradients",
+    ):
+        values.append(f)
+        for name, lb in lbs.items():
+            g = lb.gradient()  # (B, out, in)
+            grads.setdefault(name, []).append(g)
+            start.setdefault(name, []).append(operator.precondition(name, g))
+    product = GaussNewtonProduct(model, task, layers, operator.damping, config.batch_size)
+    refined, residuals = refine_queries(
+        product,
+        operator,
+        {k: torch.cat(v) for k, v in grads.items()},
+        {k: torch.cat(v) for k, v in start.items()},
+        train,
+        steps=config.refine_steps,
+        method=config.refine,
+        tol=config.refine_tol,
+        examples=config.refine_examples,
+        seed=config.refine_seed,
+    )
+    names = [layer.name for layer in layers]
+    pq = PreconditionedQueries(
+        names, refined, {}, torch.cat(values), queries.fingerprint(), residuals
+    )
+    rank = config.query_rank
+    total = sum(pq.n_queries * layer.numel for layer in layers)
+    if rank is not None and total > dense_budget:
+        for layer in layers:
+            if rank < min(layer.out_dim, layer.in_dim):
+                pq.factors[layer.name] = low_rank(pq.dense.pop(layer.name), rank, config.query_svd)
+    elif rank is not None:
+        for layer in layers:
+            if rank < min(layer.out_dim, layer.in_dim):
+                u, v = low_rank(pq.dense[layer.name], rank, config.query_svd)
+                pq.dense[layer.name] = torch.einsum("qro,qri->qoi", u, v)
     return pq
