@@ -127,12 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="Refine EK-FAC towards the joint Gauss-Newton system with N iterations (0 = off).",
     )
-    score.add_argument("--refine-method", default="cg", choices=["cg", "neumann"])
     score.add_argument(
-        "--refine-tol", type=float, default=0.0, help="Relative residual to stop at."
+        "--refine-method",
+        default="cg",
+        choices=["cg", "neumann"],
+        help="cg: preconditioned conjugate gradient (default); neumann: preconditioned "
+        "Richardson iteration with step 1.",
     )
     score.add_argument(
-        "--refine-examples", type=int, default=None, help="Random training subset per iteration."
+        "--refine-tol",
+        type=float,
+        default=0.0,
+        help="Stop a query once its relative residual is at most this (default 0: run all steps).",
+    )
+    score.add_argument(
+        "--refine-examples",
+        type=int,
+        default=None,
+        help="Gauss-Newton products over a seeded random subset of this many training sequences per iteration (default: all).",
     )
     score.add_argument(
         "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
