@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
@@ -56,6 +57,18 @@ def main() -> None:
     parser.add_argument("--pbrf-points", type=int, default=24)
     parser.add_argument("--lds-subsets", type=int, default=50)
     parser.add_argument("--fisher-samples", type=int, default=8)
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        nargs="*",
+        default=[1, 2, 5, 10, 20, 50],
+        help="EK-FAC + CG refinement rows: one per number of CG steps (0 rows: pass nothing).",
+    )
+    parser.add_argument(
+        "--damping-sweep",
+        action="store_true",
+        help="Also score EK-FAC at the default damping grid (one pass) and report LDS per λ.",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy/exact"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,15 +82,36 @@ def main() -> None:
     reps = args.fisher_samples
     repeated = EncodedDataset(train.examples * reps, indices=list(range(reps * len(train))))
     cfg = ScoreConfig(query_rank=None, batch_size=1024)
-    scores, ops = {}, {}
+    scores, ops, seconds = {}, {}, {}
     for c in ("identity", "diagonal", "kfac", "ekfac"):
         ops[c] = inf.fit(repeated, FitConfig(curvature=c, batch_size=1024))
+        t0 = time.perf_counter()
         scores[c] = inf.score(queries, train, ops[c], cfg).pairwise
+        seconds[c] = time.perf_counter() - t0
+    residuals = {}
+    for n in args.refine_steps:
+        # CG on the joint damped Gauss-Newton system over all 256 training points, EK-FAC as
+        # the preconditioner; same per-layer damping Λ as the exact oracle below
+        t0 = time.perf_counter()
+        pq = inf.precondition(queries, ops["ekfac"], replace(cfg, refine_steps=n), train)
+        scores[f"ekfac_cg{n}"] = inf.score(pq, train, ops["ekfac"], cfg).pairwise
+        seconds[f"ekfac_cg{n}"] = time.perf_counter() - t0
+        residuals[f"ekfac_cg{n}"] = pq.refine_residuals[:, -1].tolist()
     scores["gradient_cosine"] = gradient_cosine(inf, queries, train, 1024).pairwise
     damping = ops["ekfac"].damping
 
     g = exact_gauss_newton(model, task, inf.layers, train, chunk=256)
     exact = exact_influence(model, task, inf.layers, train, queries, damping, g)
+    sweep_exact = {}
+    if args.damping_sweep:
+        sweep = inf.damping_sweep(queries, train, ops["ekfac"], config=cfg)
+        for row in sweep.rows:
+            name = f"ekfac_{row.setting.label}"
+            scores[name] = sweep.scores[row.setting.label]
+            # EK-FAC vs the exact damped GNH influence at the same λ
+            sweep_exact[name] = exact_influence(
+                model, task, inf.layers, train, queries, row.setting.per_layer, g
+            )
     scores["exact_gnh"] = exact
     points = list(range(args.pbrf_points))
     t0 = time.time()
@@ -111,13 +145,17 @@ def main() -> None:
 
     table = {}
     for name, s in scores.items():
+        truth = sweep_exact.get(name, exact)
         table[name] = {
-            "exact_pearson": per_query(pearson, s, exact),
-            "exact_spearman": per_query(spearman, s, exact),
+            "exact_pearson": per_query(pearson, s, truth),
+            "exact_spearman": per_query(spearman, s, truth),
             "pbrf_pearson": per_query(pearson, s[:, points], pbrf.influence),
             "pbrf_spearman": per_query(spearman, s[:, points], pbrf.influence),
             "lds": result.mean(name),
-            "scale_vs_exact": float((s * exact).sum() / exact.square().sum()),
+            "scale_vs_exact": float((s * truth).sum() / truth.square().sum()),
+            "score_seconds": seconds.get(name),
+            "cost_vs_ekfac": seconds[name] / seconds["ekfac"] if name in seconds else None,
+            "final_residual_max": max(residuals[name]) if name in residuals else None,
         }
     table["shuffled_ekfac"] = {"lds": result.mean("shuffled_ekfac")}
     report = {
@@ -141,7 +179,12 @@ def main() -> None:
             row.get(k, float("nan"))
             for k in ("exact_pearson", "exact_spearman", "pbrf_pearson", "pbrf_spearman", "lds")
         ]
-        print(f"{name:18s} " + " ".join(f"{v:8.3f}" for v in vals))
+        extra = ""
+        if row.get("cost_vs_ekfac") is not None:
+            extra = f"  cost {row['cost_vs_ekfac']:.1f}× EK-FAC"
+        if row.get("final_residual_max") is not None:
+            extra += f"  max rel. residual {row['final_residual_max']:.1e}"
+        print(f"{name:18s} " + " ".join(f"{v:8.3f}" for v in vals) + extra)
     print(f"total {report['seconds']:.0f}s (PBRF {pbrf_s:.0f}s)")
 
 

@@ -164,6 +164,20 @@ def run_seed(seed: int, args, test, states_train, clean: list[int], mdir) -> dic
         scores[curvature] = inf.self_influence(train, op, batch_size=args.batch_size)
         seconds[curvature] = time.time() - t0
         print(f"  {curvature}: {seconds[curvature]:.0f} s", flush=True)
+        if curvature == "ekfac" and args.damping_sweep:
+            # the same fitted factors re-damped (no refit): λ = v, or λ_ℓ = v · mean(Λ_ℓ)
+            from influscope.scoring.damping import DEFAULT_ABSOLUTE, DEFAULT_RELATIVE, redamp
+
+            t0 = time.time()
+            for v in DEFAULT_ABSOLUTE:
+                scores[f"ekfac_absolute {v:g}"] = inf.self_influence(
+                    train, redamp(op, damping=v), batch_size=args.batch_size
+                )
+            for v in DEFAULT_RELATIVE:
+                scores[f"ekfac_relative {v:g}"] = inf.self_influence(
+                    train, redamp(op, damping_factor=v), batch_size=args.batch_size
+                )
+            seconds["damping_sweep"] = time.time() - t0
         if curvature == "ekfac" and args.heldout:
             # A wrong label pulls the model away from clean data: its influence on the summed
             # margin of the clean held-out sentences is negative, so rank by minus that sum.
@@ -219,7 +233,12 @@ def table(results: list[dict]) -> list[str]:
         f"| ranking | ROC-AUC | found@10 % | found@20 % |  (mean ± std over {len(results)} seeds)",
         "|---|---|---|---|",
     ]
-    for key, label in ORDER:
+    sweep = [
+        (k, f"influscope EK-FAC self-influence, damping {k.removeprefix('ekfac_')}")
+        for k in results[0]["reports"]
+        if k.startswith(("ekfac_absolute", "ekfac_relative"))
+    ]
+    for key, label in ORDER + sweep:
         rows = [r["reports"][key] for r in results if key in r["reports"]]
         if not rows:
             continue
@@ -260,6 +279,11 @@ def main() -> None:
         default=None,
         help="also rank by the EK-FAC self-influence averaged over these true-Fisher "
         "label-sampling seeds (an ensemble; e.g. 0 1 2 3)",
+    )
+    parser.add_argument(
+        "--damping-sweep",
+        action="store_true",
+        help="EK-FAC self-influence also at the default damping grid (same factors, re-damped)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--assets", type=Path, default=None, help="asset cache directory")

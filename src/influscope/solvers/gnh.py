@@ -11,6 +11,12 @@ and ``Λ`` the per-layer damping ``λ_ℓ``. ``J v`` is a ``torch.func.jvp`` of 
 ``H (J v)`` a ``jvp`` of the gradient of the loss w.r.t. the outputs, and ``J^⊤ u`` a ``vjp``
 (its forward pass is shared by all ``Q`` query vectors of a mini-batch). Cross-layer blocks
 of ``G`` are included, unlike in block-diagonal EK-FAC.
+
+Forward-mode AD is not implemented for the fused scaled-dot-product-attention kernels (flash /
+memory-efficient, on CPU and CUDA), which Hugging Face models use by default
+(``attn_implementation="sdpa"``); the products therefore run under
+``sdpa_kernel(SDPBackend.MATH)``, the composite kernel built from differentiable operations
+(same values, more memory for long sequences).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influscope.modules.passes import all_reduce_, eval_mode, rank_and_world
 from influscope.modules.selection import TrackedLayer
@@ -105,7 +112,7 @@ class GaussNewtonProduct:
         rank, world = rank_and_world()
         total = torch.zeros_like(flat)
         mine = list(range(rank, len(data), world))
-        with eval_mode(self.model):
+        with eval_mode(self.model), sdpa_kernel([SDPBackend.MATH]):
             for start in range(0, len(mine), self.batch_size):
                 examples = [data.examples[i] for i in mine[start : start + self.batch_size]]
                 batch = {k: v.to(self.device) for k, v in self.task.collate(examples).items()}
