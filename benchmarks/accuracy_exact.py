@@ -143,6 +143,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result.add("shuffled_ekfac", scores["ekfac"][:, rng.permutation(len(train))])
 
+    lds_table = result.table()
     table = {}
     for name, s in scores.items():
         truth = sweep_exact.get(name, exact)
@@ -152,6 +153,7 @@ def main() -> None:
             "pbrf_pearson": per_query(pearson, s[:, points], pbrf.influence),
             "pbrf_spearman": per_query(spearman, s[:, points], pbrf.influence),
             "lds": result.mean(name),
+            "lds_sem": lds_table[name]["sem"],
             "scale_vs_exact": float((s * truth).sum() / truth.square().sum()),
             "score_seconds": seconds.get(name),
             "cost_vs_ekfac": seconds[name] / seconds["ekfac"] if name in seconds else None,

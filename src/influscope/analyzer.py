@@ -18,9 +18,10 @@ from torch import nn
 
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
-from influscope.curvature.shards import PartialSums, ShardedPasses
+from influscope.curvature.run import fit_curvature
+from influscope.curvature.shards import PartialSums
 from influscope.errors import ConfigError, DataError, StaleArtifactError
-from influscope.modules.passes import layer_passes, rank_and_world
+from influscope.modules.passes import rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
 from influscope.scoring.ensemble import MORE_MEMBERS, EnsembleScores
@@ -173,43 +174,26 @@ class Influence:
             if self.run is not None
             else {}
         )
-        op_cls, fitter = CURVATURES[config.curvature]
+        op_cls, _ = CURVATURES[config.curvature]
         if self.run is not None and self.run.exists("factors", name) and not overwrite:
             tensors, meta = self.run.load("factors", name, expected, self._factor_device)
             return op_cls.from_tensors(tensors, meta["damping"])
-
-        def make(desc: str, positions):
-            return layer_passes(
-                self.model,
-                self.task,
-                self.layers,
-                train.subset(positions),
-                batch_size=config.batch_size,
-                objective="loss",
-                sample_seed=config.seed if config.fisher == "true" else None,
-                amp_dtype=_amp(config.amp_dtype),
-                desc=desc,
-            )
 
         store = None
         if self.run is not None:  # per-shard partial sums: a killed fit resumes
             partial = self.run.stage_dir("factors", name).with_name(f".{name}.partial")
             store = PartialSums(partial, expected)
-        # Only EK-FAC makes a second pass over the same objective: replay it from memory.
-        cache = int(config.cache_mb * 2**20) if config.curvature == "ekfac" else 0
-        passes = ShardedPasses(
-            make, len(train), config.batch_size, config.shard_size, store, cache_bytes=cache
+        operator, self.last_fit_shards = fit_curvature(
+            self.model,
+            self.task,
+            self.layers,
+            train,
+            config,
+            store=store,
+            amp_dtype=_amp(config.amp_dtype),
         )
-        operator = fitter(passes, self.layers, config)
-        self.last_fit_shards["replayed"] = passes.counts.get("replayed", 0)
-        passes.clear_cache()
         if self.offload:
             operator = operator.to("cpu")
-        self.last_fit_shards = {
-            "loaded": store.loaded if store else 0,
-            "computed": store.computed if store else 0,
-            "replayed": self.last_fit_shards["replayed"],
-        }
         if self.run is not None and rank_and_world()[0] == 0:
             self.run.save(
                 "factors",

@@ -27,7 +27,8 @@ from torch import nn
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.fit import CURVATURES
-from influscope.curvature.shards import PartialSums, ShardedPasses, barrier
+from influscope.curvature.run import fit_curvature
+from influscope.curvature.shards import PartialSums, barrier
 from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
@@ -166,7 +167,6 @@ def build_index(
 
 def _projected_curvature(model, task, layers, train, root, config, projector, expected):
     path = root / "curvature.safetensors"
-    _, fitter = CURVATURES[config.curvature]
     stored = path.is_file()
     # Every rank looks before any rank can write: rank 0 writes the eigen operator without a
     # collective step, so a rank arriving later would otherwise see the file, skip the barrier
@@ -187,27 +187,20 @@ def _projected_curvature(model, task, layers, train, root, config, projector, ex
         batch_size=config.batch_size,
         shard_size=config.shard_size,
         cache_mb=config.cache_mb,
+        seed=config.seed,
     )
-
-    def make(desc: str, positions):
-        return layer_passes(
-            model,
-            task,
-            layers,
-            train.subset(positions),
-            batch_size=config.batch_size,
-            objective="loss",
-            sample_seed=config.seed if config.fisher == "true" else None,
-            desc=f"projected {desc}",
-        )
-
     store = PartialSums(root / ".partial", expected)
-    cache = int(fit.cache_mb * 2**20) if fit.curvature == "ekfac" else 0
-    passes = ShardedPasses(
-        projector.wrap(make), len(train), fit.batch_size, fit.shard_size, store, cache_bytes=cache
+    op, _ = fit_curvature(
+        model,
+        task,
+        layers,
+        train,
+        fit,
+        store=store,
+        wrap=projector.wrap,
+        fit_layers=projector.layers(layers),
+        desc_prefix="projected ",
     )
-    op = fitter(passes, projector.layers(layers), fit)
-    passes.clear_cache()
     if rank_and_world()[0] == 0:
         _save_curvature(root, op)
     store.clear()
