@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--svg", default="docs/damping_demo.svg", help="plot written with --write-docs")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     corpus = build_demo_corpus(args.assets, n_facts=40, n_shakespeare_chunks=300, seed=args.seed)
@@ -101,7 +102,10 @@ def main() -> None:
     section = markdown(sweep, seconds)
     print(section)
     if args.write_docs:
+        from influscope.report.damping import damping_svg
+
         write_docs(section)
+        Path(args.svg).write_text(damping_svg(sweep, standalone=True))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,23 @@ def test_sweep_recommends_by_self_consistency(setup):
     assert best.self_top1 == max(r.self_top1 for r in sweep.rows)
 
 
+def test_damping_report_plots_every_rule_and_escapes(setup):
+    from influscope.report.damping import damping_report, damping_svg
+    from influscope.report.html import render_html
+
+    inf, train, _, op = setup
+    queries = train.subset([0, 1])
+    sweep = inf.damping_sweep(
+        queries, train, op, [1e-8, 1e-4], [1e-2, 1.0], config=FULL, k=2, pairs=[(0, 0), (1, 1)]
+    )
+    svg = damping_svg(sweep)
+    # ρ, overlap and self-consistency for each of the two rules
+    assert svg.count("<polyline") == 6 and "self-consistency top-1 (relative)" in svg
+    page = render_html(damping_report(sweep, title="<sweep>"))
+    assert "&lt;sweep&gt;" in page and "<sweep>" not in page
+    assert "Recommended by self_consistency" in page
+
+
 # The `workdir` fixture (conftest.py) builds its model and data from these.
 TEXTS = [
     "The capital of Velmora is Tarsk.",
@@ -156,6 +173,8 @@ def test_cli_damping_sweep_and_score_override(workdir, capsys):
     assert "damping sweep" in out and "recommended by check" in out
     result = json.loads((workdir / "run" / "damping.json").read_text())
     assert len(result["rows"]) == 4 and result["criterion"] == "check"
+    page = (workdir / "run" / "damping.html").read_text()
+    assert page.count("<polyline") >= 2 and "Recommended by check" in page
     assert main(["score", *args, *q, "--top-k", "2", "--damping", "1e-4"]) == 0
     out = capsys.readouterr().out
     assert "absolute 0.0001 (score-time override)" in out

@@ -43,6 +43,11 @@ def add_parser(sub, common) -> None:
     p.add_argument("--rank", type=int, default=32, help="Query rank (0 = full).")
     p.add_argument("--top-k", type=int, default=10, help="k of top-k overlap and recall.")
     p.add_argument("--out", default=None, help="JSON result (default: RUN/damping.json).")
+    p.add_argument(
+        "--html",
+        default=None,
+        help="HTML page with the plot and table (default: beside the JSON, damping.html).",
+    )
     add_batch_size_option(p)
 
 
@@ -108,7 +113,10 @@ def cmd_damping(args) -> int:
         out.print("no criterion given (--check-file): compare against the reference only")
     path = Path(args.out or Path(args.run) / "damping.json")
     atomic_write_json(path, sweep.to_dict())
-    Console(stderr=True).print(f"sweep → {path}")
+    from influscope.report.damping import write_damping_report
+
+    page = write_damping_report(sweep, args.html or path.with_suffix(".html"))
+    Console(stderr=True).print(f"sweep → {path}, plot and table → {page}")
     return 0
 
 
