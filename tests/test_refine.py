@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -196,3 +197,64 @@ def test_loss_precision_keeps_float64_and_float32_bit_identical():
         logits[:, :-1].reshape(-1, 7).float(), batch["labels"][:, 1:].reshape(-1), reduction="none"
     )
     assert torch.equal(TASK.loss_from_outputs(logits, batch), old.view(2, 4).sum(1))
+
+
+# --- bad input (issue 13): a specific error with the fix, and nothing half-written ---------
+
+
+def test_nan_or_growing_residual_names_query_step_and_layer(setup):
+    model, train, queries, inf, factors, _ = setup
+    product = GaussNewtonProduct(model, TASK, inf.layers, factors.damping, batch_size=4)
+    q = per_example_gradients(model, TASK, inf.layers, queries, "measurement")
+    start = {n: factors.precondition(n, g) for n, g in q.items()}
+    with pytest.raises(
+        NumericalError, match=r"query \d at step \d+: .*grew to .*Increase the damping"
+    ):
+        refine_queries(product, factors, q, start, train, steps=20, method="neumann", alpha=50.0)
+    # a NaN in one layer's block of the product (e.g. an overflowing forward) is caught at
+    # once and that layer is named
+    poisoned = inf.layers[2].name
+    exact_product = product.gauss_newton
+
+    def nan_product(flat, data):
+        out = exact_product(flat, data)
+        return product.flatten(
+            {
+                **product.unflatten(out),
+                poisoned: torch.full_like(product.unflatten(out)[poisoned], float("nan")),
+            }
+        )
+
+    product.gauss_newton = nan_product
+    with pytest.raises(NumericalError, match=rf"query 0 at step 0: .*NaN/Inf.*{poisoned!r}"):
+        refine_queries(product, factors, q, start, train, steps=5, method="cg")
+
+
+def test_diverging_refinement_stores_no_scores_stage(setup, tmp_path):
+    model, train, queries, _, _, _ = setup
+    inf = Influence(model, TASK, modules="all", run_dir=tmp_path / "run")
+    factors = inf.fit(train, FitConfig(curvature="ekfac", batch_size=4, damping_factor=0.1))
+    cfg = ScoreConfig(query_rank=None, refine="neumann", refine_steps=30)  # α = 1 diverges here
+    with pytest.raises(NumericalError, match=r"Refinement diverged .*Nothing was stored"):
+        inf.score(queries, train, factors, cfg, name="refined")
+    assert not inf.run.exists("scores", "refined")
+    assert not any((tmp_path / "run").glob("**/*refined*"))
+    # CG, one of the message's fixes, succeeds and stores the stage
+    ok = dataclasses.replace(cfg, refine="cg", refine_steps=3)
+    assert inf.score(queries, train, factors, ok, name="refined").pairwise.isfinite().all()
+    assert inf.run.exists("scores", "refined")
+
+
+TEXTS = ["The capital of Velmora is Tarsk.", "Zorin Quell was born in Ostrava."]
+
+
+def test_cli_refine_without_fitted_factors(workdir, capsys):
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    args += ["--run", str(workdir / "run"), "--queries", str(workdir / "queries.jsonl")]
+    assert main(["score", *args, "--refine", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "No factors named 'factors'" in err and "influscope fit" in err
+    assert not (workdir / "run" / "scores").exists()
+    assert not list((workdir / "run").glob("*.html"))

@@ -234,3 +234,20 @@ def test_cli_trajectory_writes_scores_and_refuses_bad_segments(tmp_path) -> None
         assert np.isfinite(np.array(got["scores"])).all() and len(got["scores"][0]) == 2
     bad = ["trajectory", *common, "--segments", "3", "--out", str(tmp_path / "x.json")]
     assert main(bad) == 2  # ConfigError: 3 segments from 2 checkpoints
+
+
+def test_batch_size_invariance(run) -> None:
+    # Fit and score batch sizes only regroup sums: SOURCE (two finite segments) and TracIn-CP
+    # agree to float64 rounding for batches of 1, 3 and all 10 sequences.
+    data, queries, models = run
+    traj = from_models(models[1:], [15, 45], [0.4, 0.1])
+    task = CausalLMTask()
+    source, tracin = [], []
+    for b in (1, 3, 10):
+        fit = FitConfig(curvature="ekfac", fisher="empirical", damping_factor=0.1, batch_size=b)
+        source.append(source_scores(traj, task, MODULES, data, queries, fit, batch_size=b))
+        tracin.append(tracin_scores(traj, task, MODULES, data, queries, batch_size=b))
+    for s, t in zip(source[1:], tracin[1:]):
+        torch.testing.assert_close(s.pairwise, source[0].pairwise, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(t.pairwise, tracin[0].pairwise, rtol=1e-10, atol=1e-12)
+    assert source[0].pairwise.abs().max() > 0 and tracin[0].pairwise.abs().max() > 0
