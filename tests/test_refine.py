@@ -58,8 +58,9 @@ def test_zero_steps_equal_plain_ekfac(setup):
 def test_cg_moves_towards_exact(setup):
     # On this untrained model EK-FAC is a poor preconditioner: cond(P⁻¹(G+Λ)) ≈ 2e4 (its
     # generalised eigenvalues span 1.5e-3 … 28), so CG starts at a relative residual ~10 and
-    # needs ~450 steps (P = 840) for 1e-13; 30 steps give ~0.07. Full convergence is tested
-    # on a smaller system below (test_cg_converges_to_exact_damped_gnh_solve).
+    # needs 443 steps (P = 840) for a residual of 1e-10 (benchmarks/refine_convergence.py);
+    # 30 steps give ~0.07. Full convergence is tested on a smaller system below
+    # (test_cg_converges_to_exact_damped_gnh_solve).
     model, train, queries, inf, factors, gnh = setup
     exact = exact_influence(model, TASK, inf.layers, train, queries, factors.damping, gnh)
     plain = inf.score(queries, train, factors, ScoreConfig(query_rank=None)).pairwise
