@@ -10,7 +10,10 @@ A task has two required methods:
   (for causal LMs ``log p(completion | prompt)``).
 
 Optional: :meth:`Task.collate`, :meth:`Task.token_mask`, :meth:`Task.encode`, and the split
-:meth:`Task.outputs` / :meth:`Task.loss_from_outputs` used by the exact Gauss-Newton oracle.
+:meth:`Task.outputs` / :meth:`Task.loss_from_outputs` used by the exact Gauss-Newton oracle
+and the refinement's Gauss-Newton products. A loss should be computed in
+:func:`loss_precision` of the outputs (float32 for half-precision logits, the outputs' own
+dtype otherwise), so that a float64 model keeps float64 through the loss Hessian.
 """
 
 from __future__ import annotations
