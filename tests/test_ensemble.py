@@ -71,6 +71,8 @@ def test_bad_members_are_refused() -> None:
         EnsembleScores.from_members([_scores(p), _scores(torch.zeros(2, 4))])
     with pytest.raises(DataError, match="train_indices"):
         EnsembleScores.from_members([_scores(p), _scores(p.clone(), [0, 1, 5])])
+    with pytest.raises(ConfigError, match=r"at least 2 members to give error bars; received 1"):
+        EnsembleScores.from_tensor(p[None], [0, 1, 2])
     ens = EnsembleScores.from_members([_scores(p), _scores(p)], keep=False)
     with pytest.raises(ConfigError, match="keep=False"):
         ens.stability(2)
@@ -125,7 +127,7 @@ def test_score_ensemble_over_seeds_matches_separate_runs(tmp_path) -> None:
 def test_score_ensemble_bad_seeds() -> None:
     train = random_lm_data(4, seed=1)
     inf = _inf()
-    with pytest.raises(ConfigError, match="at least 2 members"):
+    with pytest.raises(ConfigError, match=r"at least 2 members.*seeds=\(0, 1, 2, 3\)"):
         inf.score_ensemble(train, train, FIT, SCORE, seeds=(0,))
     with pytest.raises(ConfigError, match="distinct"):
         inf.score_ensemble(train, train, FIT, SCORE, seeds=(1, 1))
@@ -197,3 +199,7 @@ def test_cli_score_ensemble(workdir, capsys) -> None:
     assert "stable" in capsys.readouterr().out
     assert main(["score", *args, *q, "--seeds", "3", "--name", "one"]) == 2
     assert "at least 2 members" in capsys.readouterr().err
+    # refused before any member is fitted or scored: no half-written stage or report
+    assert not (workdir / "run" / "ensemble" / "one").exists()
+    assert not (workdir / "run" / "factors" / "factors-seed3").exists()
+    assert not (workdir / "run" / "one.html").exists()

@@ -195,6 +195,21 @@ def test_directory_loader_refuses_bad_input(run, tmp_path) -> None:
         )
 
 
+def test_final_model_of_another_architecture_is_refused(run) -> None:
+    data, queries, models = run
+    foreign = tiny_gpt2(n_embd=16, vocab=24)
+    with pytest.raises(ConfigError, match=r"different architectures: the final model.*remove"):
+        source_scores(
+            from_models(models[:1], [5], 1.0),
+            CausalLMTask(),
+            MODULES,
+            data,
+            queries,
+            FIT,
+            final_model=foreign,
+        )
+
+
 def test_load_trajectory_dispatch(run) -> None:
     from influscope.demo.train import Checkpoint
     from influscope.trajectory import load_trajectory
@@ -234,3 +249,28 @@ def test_cli_trajectory_writes_scores_and_refuses_bad_segments(tmp_path) -> None
         assert np.isfinite(np.array(got["scores"])).all() and len(got["scores"][0]) == 2
     bad = ["trajectory", *common, "--segments", "3", "--out", str(tmp_path / "x.json")]
     assert main(bad) == 2  # ConfigError: 3 segments from 2 checkpoints
+    assert not (tmp_path / "x.json").exists()
+    # a foreign checkpoint (another architecture) is refused before anything is written
+    torch.manual_seed(0)
+    save_tiny_model(tmp_path / "run" / "checkpoint-6", texts, n_layer=2)
+    for method in ("source", "tracin"):
+        out = tmp_path / f"mixed-{method}.json"
+        assert main(["trajectory", *common, "--method", method, "--out", str(out)]) == 2
+        assert not out.exists()
+
+
+def test_batch_size_invariance(run) -> None:
+    # Fit and score batch sizes only regroup sums: SOURCE (two finite segments) and TracIn-CP
+    # agree to float64 rounding for batches of 1, 3 and all 10 sequences.
+    data, queries, models = run
+    traj = from_models(models[1:], [15, 45], [0.4, 0.1])
+    task = CausalLMTask()
+    source, tracin = [], []
+    for b in (1, 3, 10):
+        fit = FitConfig(curvature="ekfac", fisher="empirical", damping_factor=0.1, batch_size=b)
+        source.append(source_scores(traj, task, MODULES, data, queries, fit, batch_size=b))
+        tracin.append(tracin_scores(traj, task, MODULES, data, queries, batch_size=b))
+    for s, t in zip(source[1:], tracin[1:]):
+        torch.testing.assert_close(s.pairwise, source[0].pairwise, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(t.pairwise, tracin[0].pairwise, rtol=1e-10, atol=1e-12)
+    assert source[0].pairwise.abs().max() > 0 and tracin[0].pairwise.abs().max() > 0

@@ -17,8 +17,6 @@ query stops once its relative residual ``‖b − (G+Λ)v‖/‖b‖`` reaches `
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from influscope.errors import ConfigError, NumericalError
@@ -67,7 +65,8 @@ def refine_queries(
         (``k ≤ steps`` iterations run; converged queries repeat their last value).
 
     Raises:
-        NumericalError: A residual became NaN/Inf or grew over 10× its start.
+        NumericalError: A residual became NaN/Inf or grew over 10× its start (the message
+            names the query, the step and the layer, and suggests more damping).
     """
     if method not in METHODS:
         raise ConfigError(f"refine must be one of {METHODS}, received {method!r}.")
@@ -82,6 +81,7 @@ def refine_queries(
 
     r = b - product.damped(x, _subset(train, examples, seed, 0))
     history = [r.norm(dim=1) / bnorm]
+    _check(history[0], history[0], r, product, 0)  # a NaN/Inf start (preconditioner, data)
     active = history[0] > tol
     z = apply_p(r)
     p = z.clone()
@@ -109,22 +109,40 @@ def refine_queries(
             z = apply_p(r)
         res = r.norm(dim=1) / bnorm
         history.append(res)
-        _check(res, history[0], r, product)
+        _check(res, history[0], r, product, k + 1)
         active = active & (res > tol)
     return product.unflatten(x), torch.stack(history, 1)
 
 
-def _check(res: torch.Tensor, first: torch.Tensor, r: torch.Tensor, product) -> None:
-    bad = ~torch.isfinite(res) | (res > 10 * first)
+def _check(res: torch.Tensor, first: torch.Tensor, r: torch.Tensor, product, step: int) -> None:
+    """Stop on a residual that is NaN/Inf or over 10× its start, naming the query and layer.
+
+    The layer named is the one holding a non-finite residual entry, else the largest share
+    ``‖r_ℓ‖²`` of the residual. Nothing has been stored at this point (the preconditioned
+    queries are returned, and a scores stage saved, only after the refinement finishes).
+    """
+    finite = torch.isfinite(res)
+    bad = ~finite | (res > 10 * first)
     if not bool(bad.any()):
         return
     q = int(bad.nonzero()[0, 0])
     parts = product.unflatten(r[q : q + 1])
-    shares = {n: float(v.square().sum()) for n, v in parts.items()}
-    worst = max(shares, key=lambda n: shares[n] if math.isfinite(shares[n]) else math.inf)
+    broken = [n for n, v in parts.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        worst, where = broken[0], "the first layer with NaN/Inf residual entries"
+    else:
+        shares = {n: float(v.square().sum()) for n, v in parts.items()}
+        worst, where = max(shares, key=shares.__getitem__), "the largest residual share"
+    what = (
+        "became NaN/Inf"
+        if not bool(finite[q])
+        else f"grew to {float(res[q]):.3g}, over 10× its start"
+    )
     raise NumericalError(
-        f"Refinement diverged for query {q}: relative residual {float(res[q]):.3g} (started at "
-        f"{float(first[q]):.3g}); the largest residual share is in layer {worst!r}. Increase the "
-        "damping of the factors (FitConfig.damping / damping_factor), use refine='cg', or a "
-        "smaller Neumann step."
+        f"Refinement diverged for query {q} at step {step}: its relative residual ‖∇f − "
+        f"(G+Λ)v‖/‖∇f‖ {what} (started at {float(first[q]):.3g}; expected it to shrink); "
+        f"{where} is in layer {worst!r}. Nothing was stored. Increase the damping (score "
+        "time: ScoreConfig(damping_factor=...), CLI --damping-factor; or refit with "
+        "FitConfig.damping / damping_factor), use refine='cg' (CLI --refine-method cg), or, "
+        "for Neumann, a smaller step alpha."
     )

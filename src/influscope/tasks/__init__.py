@@ -1,7 +1,7 @@
 """Tasks: how a batch becomes a training loss and a measurement (one task per file)."""
 
 from influscope.errors import lookup
-from influscope.tasks.base import Task, sample_bernoulli, sample_categorical
+from influscope.tasks.base import Task, loss_precision, sample_bernoulli, sample_categorical
 from influscope.tasks.causal_lm import CausalLMTask, context_length
 from influscope.tasks.classification import ClassificationTask
 from influscope.tasks.data import EncodedDataset, example_seeds, pad_stack
@@ -32,6 +32,7 @@ __all__ = [
     "context_length",
     "example_seeds",
     "get_task",
+    "loss_precision",
     "pad_stack",
     "sample_bernoulli",
     "sample_categorical",

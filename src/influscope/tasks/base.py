@@ -10,7 +10,10 @@ A task has two required methods:
   (for causal LMs ``log p(completion | prompt)``).
 
 Optional: :meth:`Task.collate`, :meth:`Task.token_mask`, :meth:`Task.encode`, and the split
-:meth:`Task.outputs` / :meth:`Task.loss_from_outputs` used by the exact Gauss-Newton oracle.
+:meth:`Task.outputs` / :meth:`Task.loss_from_outputs` used by the exact Gauss-Newton oracle
+and the refinement's Gauss-Newton products. A loss should be computed in
+:func:`loss_precision` of the outputs (float32 for half-precision logits, the outputs' own
+dtype otherwise), so that a float64 model keeps float64 through the loss Hessian.
 """
 
 from __future__ import annotations
@@ -75,11 +78,31 @@ class Task(ABC):
         raise NotImplementedError(f"Task {self.name!r} does not implement loss_from_outputs().")
 
 
+def loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision its loss is computed in: half types go up to float32.
+
+    float32 and float64 tensors are returned untouched (the same tensor object), so a float32
+    model computes exactly what ``x.float()`` gave, and a float64 model keeps float64 through
+    the loss — the loss Hessian and with it the Gauss-Newton products of
+    :mod:`influscope.solvers` are then float64-accurate. float16 / bfloat16 logits are upcast
+    to float32 (a softmax over a large vocabulary in half precision loses most digits).
+
+    Args:
+        x: Model outputs (logits, rewards), any shape.
+
+    Returns:
+        ``x`` (float32 / float64) or ``x.float()`` (any other dtype).
+    """
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def sample_categorical(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """Sample one class per position from ``softmax(logits)``, seeded per example.
 
     Each example ``b`` draws its uniforms from its own generator seeded with ``seeds[b]``, so
-    the samples do not depend on batch composition, batch size or rank.
+    the samples do not depend on batch composition, batch size or rank. The draw uses float32
+    probabilities whatever the logits' dtype: it is not differentiated, and a float32 and a
+    float64 copy of one model then sample the same labels.
 
     Args:
         logits: ``(B, ..., V)``.

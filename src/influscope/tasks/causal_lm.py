@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, check_logits, sample_categorical
+from influscope.tasks.base import Task, check_logits, loss_precision, sample_categorical
 from influscope.tasks.data import EncodedDataset, record_list, text_field
 
 
@@ -130,7 +130,11 @@ class CausalLMTask(Task):
         batch: dict[str, torch.Tensor],
         sample_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Summed token cross-entropy per example, ``(B,)``."""
+        """Summed token cross-entropy per example, ``(B,)``.
+
+        Computed in float32 for half-precision logits and in the logits' own dtype otherwise
+        (:func:`~influscope.tasks.base.loss_precision`): float64 stays float64.
+        """
         logits = outputs[:, :-1]  # (B, T-1, V) predicts positions 1..T-1
         targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
         mask = targets != -100
@@ -138,7 +142,7 @@ class CausalLMTask(Task):
             sampled = sample_categorical(logits, sample_seeds)  # (B, T-1)
             targets = torch.where(mask, sampled, targets)
         ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
+            loss_precision(logits.reshape(-1, logits.shape[-1])),
             targets.clamp_min(0).reshape(-1),
             reduction="none",
         ).view_as(targets)  # (B, T-1)

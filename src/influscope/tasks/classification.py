@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, check_logits, sample_categorical
+from influscope.tasks.base import Task, check_logits, loss_precision, sample_categorical
 from influscope.tasks.data import EncodedDataset, record_list, text_field
 
 
@@ -56,16 +56,17 @@ class ClassificationTask(Task):
         return logits
 
     def loss_from_outputs(self, outputs, batch, sample_seeds=None) -> torch.Tensor:
+        """``-log p(y | x)`` per example, ``(B,)`` (float32 for half logits, else their dtype)."""
         targets = batch["labels"].to(outputs.device)
         if sample_seeds is not None:
             targets = sample_categorical(outputs, sample_seeds)
-        return F.cross_entropy(outputs.float(), targets, reduction="none")
+        return F.cross_entropy(loss_precision(outputs), targets, reduction="none")
 
     def training_loss(self, model, batch, sample_seeds=None) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(model, batch), batch, sample_seeds)
 
     def measurement(self, model, batch) -> torch.Tensor:
-        logits = self.outputs(model, batch).float()  # (B, C)
+        logits = loss_precision(self.outputs(model, batch))  # (B, C)
         y = batch["labels"].to(logits.device)
         correct = logits.gather(1, y[:, None]).squeeze(1)
         others = logits.scatter(1, y[:, None], float("-inf"))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influscope.errors import DataError
-from influscope.tasks.base import Task, check_logits, sample_bernoulli
+from influscope.tasks.base import Task, check_logits, loss_precision, sample_bernoulli
 from influscope.tasks.data import EncodedDataset, pad_stack, record_list, text_field
 
 
@@ -71,7 +71,7 @@ class RewardTask(Task):
         ids = batch["input_ids"]  # (2B, T)
         r = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
         check_logits(self.name, r, (ids.shape[0], None), "(2 × batch, 1)")
-        r = r[:, 0].float()  # (2B,)
+        r = loss_precision(r[:, 0])  # (2B,) float32 for half heads, else their dtype
         b = r.shape[0] // 2
         return r[:b] - r[b:]
 

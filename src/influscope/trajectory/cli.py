@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from influscope.cli_options import add_batch_size_option, add_model_options, resolve_modules
+from influscope.storage.atomic import atomic_write_text
 
 console = Console(stderr=True)
 
@@ -82,6 +83,6 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
         "checkpoints": [{"name": c.name, "step": c.step, "lr": c.lr} for c in traj],
         "scores": scores.pairwise.double().cpu().tolist(),
     }
-    Path(args.out).write_text(json.dumps(out))
+    atomic_write_text(args.out, json.dumps(out))  # a killed run leaves no partial file
     console.print(f"{args.method} over {len(traj)} checkpoints → {args.out}")
     return 0
