@@ -34,7 +34,7 @@ from torch import nn
 from influscope.config import _check, _Serializable
 from influscope.errors import DataError
 from influscope.storage import atomic_write_tensors, read_tensors
-from influscope.tasks import EncodedDataset, Task, sample_categorical
+from influscope.tasks import EncodedDataset, Task, loss_precision, sample_categorical
 from influscope.tasks.data import pad_stack
 
 #: Width of all-MiniLM-L6-v2's hidden states.
@@ -291,13 +291,13 @@ class HiddenStateTask(Task):
         y = batch["labels"].to(outputs.device)
         if sample_seeds is not None:
             y = sample_categorical(outputs, sample_seeds)
-        return F.cross_entropy(outputs.float(), y, reduction="none")
+        return F.cross_entropy(loss_precision(outputs), y, reduction="none")
 
     def training_loss(self, model, batch, sample_seeds=None) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(model, batch), batch, sample_seeds)
 
     def measurement(self, model, batch) -> torch.Tensor:
-        logits = self.outputs(model, batch).float()  # (B, C)
+        logits = loss_precision(self.outputs(model, batch))  # (B, C)
         y = batch["labels"].to(logits.device)
         others = logits.scatter(1, y[:, None], float("-inf"))
         return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(others, dim=1)
