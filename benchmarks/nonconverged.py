@@ -135,14 +135,26 @@ def main() -> None:
     )
     result = lds(harness, scores, LDSConfig(n_subsets=args.subsets))
     table = result.table()
+    ref = result.per_query["ekfac (final model)"]
     rows = []
     for name, s in scores.items():
         hits = [
             records[int(s[q].argmax())].get("fact_id") == query["fact_id"]
             for q, query in enumerate(query_rec)
         ]
+        diff = result.per_query[name] - ref  # paired over queries
+        ok = ~np.isnan(diff)
+        d_sem = float(np.std(diff[ok], ddof=1) / np.sqrt(ok.sum())) if ok.sum() > 1 else 0.0
         rows.append(
-            (name, table[name]["mean"], table[name]["sem"], float(np.mean(hits)), seconds[name])
+            (
+                name,
+                table[name]["mean"],
+                table[name]["sem"],
+                float(np.nanmean(diff)),
+                d_sem,
+                float(np.mean(hits)),
+                seconds[name],
+            )
         )
     lines = [
         "## Non-converged fine-tune: SOURCE vs single-checkpoint EK-FAC",
@@ -159,16 +171,25 @@ def main() -> None:
         f"MLP layers tracked; LDS over {args.subsets} fine-tunes of random half-subsets "
         f"(same base, seed 0), mean ± s.e.m. over the {len(query_rec)} fact queries.",
         "",
-        "| estimator | LDS | planted top-1 | seconds |",
-        "|---|---|---|---|",
+        "| estimator | LDS | LDS − EK-FAC (paired) | planted top-1 | seconds |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {m:.3f} ± {e:.3f} | {h:.3f} | {s:.0f} |" for n, m, e, h, s in rows]
+    lines += [
+        f"| {n} | {m:.3f} ± {e:.3f} | {d:+.3f} ± {de:.3f} | {h:.3f} | {s:.0f} |"
+        for n, m, e, d, de, h, s in rows
+    ]
     lines += ["", f"- wall clock {time.time() - start:.0f} s (shared 2-core machine)"]
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps(
-            {"rows": rows, "before": before.tolist(), "after": after.tolist(), "lines": lines},
+            {
+                "rows": rows,
+                "per_query": {k: [float(x) for x in v] for k, v in result.per_query.items()},
+                "before": before.tolist(),
+                "after": after.tolist(),
+                "lines": lines,
+            },
             indent=1,
         )
     )
