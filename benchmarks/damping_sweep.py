@@ -99,6 +99,9 @@ def main() -> None:
     )
     seconds = time.perf_counter() - t0
     Console().print(sweep_table(sweep))
+    from influscope.storage import atomic_write_json
+
+    atomic_write_json(Path(args.out) / "sweep.json", sweep.to_dict())
     section = markdown(sweep, seconds)
     print(section)
     if args.write_docs:

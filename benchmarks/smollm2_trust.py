@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--refine-examples", type=int, default=16, help="windows per GN product")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", default=None, help="Markdown file whose section is replaced")
+    p.add_argument("--out", type=Path, default=Path("runs/smollm2_trust"), help="JSON results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.assets:
@@ -171,6 +172,22 @@ def main() -> None:
         f"wall clock {time.time() - start:.0f} s in all)",
     ]
     print("\n".join(lines))
+    from influscope.storage import atomic_write_json
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        args.out / "results.json",
+        {
+            "sweep": sweep.to_dict(),
+            "refine": [
+                dict(
+                    zip(("name", "self_top1", "mean_rank", "seconds", "cost", "residual", "rho"), r)
+                )
+                for r in refine_rows
+            ],
+            "lines": lines,
+        },
+    )
     if args.report:
         write_section(ROOT / args.report, "smollm2_trust", "\n".join(lines))
 
