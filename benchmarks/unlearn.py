@@ -31,7 +31,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -78,12 +80,52 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
+@dataclass
+class Setup:
+    """Everything the rows share: models, data, metrics, the fitted curvature."""
+
+    args: argparse.Namespace
+    out: Path
+    model: Any
+    tokenizer: Any
+    corpus: Any
+    settings: DemoTrainConfig
+    records: list
+    all_visits: list[int]
+    forget_ids: list[str]
+    forget_idx: list[int]
+    task: CausalLMTask
+    inf: Influence
+    train: Any
+    train_visits: Any
+    forget_sets: dict
+    retain_set: Any
+    factors: Any = None
+    t_train: float = 0.0
+    t_fit: float = 0.0
+    forget_q: list = field(default_factory=list)
+    retain_q: list = field(default_factory=list)
+    heldout: list = field(default_factory=list)
+
+    def evaluate(self, m) -> dict[str, float]:
+        f = query_metrics(m, self.tokenizer, self.forget_q)
+        r = query_metrics(m, self.tokenizer, self.retain_q)
+        return {
+            "forget_logprob": f["logprob"],
+            "forget_top1": f["top1"],
+            "retain_logprob": r["logprob"],
+            "retain_top1": r["top1"],
+            "heldout_ppl": float(
+                torch.exp(torch.tensor(token_nll(m, self.tokenizer, self.heldout)))
+            ),
+        }
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Corpus, tokenizer, the trained (cached) model, forget / retain sets, EK-FAC at θ_0."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     corpus = build_demo_corpus(args.assets, args.n_facts, args.n_chunks, seed=args.seed)
     settings = DemoTrainConfig(epochs=args.epochs, seed=args.seed)
     tok_dir = out / "tokenizer"
@@ -105,19 +147,54 @@ def main(argv=None) -> int:
     ranked += [q["fact_id"] for q, ok in zip(corpus.queries, learned) if not ok]
     forget_ids = ranked[: args.forget_facts]
     forget_idx = sorted(i for f in forget_ids for i in corpus.fact_indices(f))
-    forget_q = [q for q in corpus.queries if q["fact_id"] in forget_ids]
-    retain_q = [q for q in corpus.queries if q["fact_id"] not in forget_ids]
-    heldout = heldout_texts(args.assets, corpus.texts, args.heldout, args.seed)
+    task = CausalLMTask(add_bos=False)  # the demo model is trained without a BOS token
+    inf = Influence(model, task, modules=args.modules, tokenizer=tokenizer, device="cpu")
+    train = inf.encode(records, truncate=True)
+    facts = {f.fact_id: f for f in corpus.facts}
+    forget_sets = {
+        "whole sequences": train.subset(forget_idx),
+        # The same sequences as prompt + completion: their loss covers the answer tokens only.
+        "answer tokens": inf.encode([answer_split(records[i], facts) for i in forget_idx]),
+    }
+    drop = set(forget_idx)
+    setup = Setup(
+        args=args,
+        out=out,
+        model=model,
+        tokenizer=tokenizer,
+        corpus=corpus,
+        settings=settings,
+        records=records,
+        all_visits=all_visits,
+        forget_ids=forget_ids,
+        forget_idx=forget_idx,
+        task=task,
+        inf=inf,
+        train=train,
+        train_visits=train.subset(all_visits),
+        forget_sets=forget_sets,
+        # Retain set of the iterative method: every other training record (whole sequences).
+        retain_set=train.subset([i for i in range(len(records)) if i not in drop]),
+        t_train=t_train,
+        forget_q=[q for q in corpus.queries if q["fact_id"] in forget_ids],
+        retain_q=[q for q in corpus.queries if q["fact_id"] not in forget_ids],
+        heldout=heldout_texts(args.assets, corpus.texts, args.heldout, args.seed),
+    )
+    t1 = time.perf_counter()
+    setup.factors = inf.fit(setup.train_visits, FitConfig(curvature="ekfac"))
+    setup.t_fit = time.perf_counter() - t1
+    return setup
 
-    def evaluate(m) -> dict[str, float]:
-        f, r = query_metrics(m, tokenizer, forget_q), query_metrics(m, tokenizer, retain_q)
-        return {
-            "forget_logprob": f["logprob"],
-            "forget_top1": f["top1"],
-            "retain_logprob": r["logprob"],
-            "retain_top1": r["top1"],
-            "heldout_ppl": float(torch.exp(torch.tensor(token_nll(m, tokenizer, heldout)))),
-        }
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    su = prepare(args)
+    model, tokenizer, records, settings = su.model, su.tokenizer, su.records, su.settings
+    task, inf, train, train_visits, factors = su.task, su.inf, su.train, su.train_visits, su.factors
+    forget_sets, forget_idx, all_visits, out = su.forget_sets, su.forget_idx, su.all_visits, su.out
+    evaluate, t_train, t_fit = su.evaluate, su.t_train, su.t_fit
+    forget_ids = su.forget_ids
 
     base = evaluate(model)
     rows: list[dict] = []
@@ -137,19 +214,6 @@ def main(argv=None) -> int:
     add("no-op", model, 0.0)
 
     # --- Newton step (EK-FAC, fitted once on the training objective's visits) --------------
-    task = CausalLMTask(add_bos=False)  # the demo model is trained without a BOS token
-    inf = Influence(model, task, modules=args.modules, tokenizer=tokenizer, device="cpu")
-    train = inf.encode(records, truncate=True)
-    train_visits = train.subset(all_visits)
-    t1 = time.perf_counter()
-    factors = inf.fit(train_visits, FitConfig(curvature="ekfac"))
-    t_fit = time.perf_counter() - t1
-    facts = {f.fact_id: f for f in corpus.facts}
-    forget_sets = {
-        "whole sequences": train.subset(forget_idx),
-        # The same sequences as prompt + completion: their loss covers the answer tokens only.
-        "answer tokens": inf.encode([answer_split(records[i], facts) for i in forget_idx]),
-    }
     newton_norm: dict[tuple, float] = {}
     shares: dict[str, dict] = {}
     plan = [("whole sequences", None, s) for s in args.seq_scales]
