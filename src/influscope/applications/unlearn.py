@@ -433,9 +433,8 @@ def unlearn(
     need_retain = config.method == "iterative" or retain is not None
     retain_set = _retain_data(train, forget, retain) if need_retain else None
     fit_data = fit_data if fit_data is not None else train
-    if fit_config is None:
-        fit_config = FitConfig(curvature=factors.name) if factors is not None else FitConfig()
     if factors is None:
+        fit_config = fit_config or FitConfig()
         factors = inf.fit(fit_data, fit_config)
     grads = forget_gradients(inf.model, inf.task, inf.layers, forget_set, config.batch_size)
     shares = layer_shares(factors, grads)
@@ -466,6 +465,7 @@ def unlearn(
                 "(indices into train or an encoded dataset) or set retain_weight=0 and "
                 "max_retain_increase=None."
             )
+        fit_config = fit_config or _refit_config(factors, config)
         outcome = iterate(
             edited,
             inf.task,
@@ -506,6 +506,19 @@ def unlearn(
         retain_loss_after=retain_after,
     )
     return UnlearnResult(edited, step, report)
+
+
+def _refit_config(factors: CurvatureOperator, config: UnlearnConfig) -> FitConfig:
+    """Default refit settings: the given factors' curvature with default options."""
+    from influscope.curvature import CURVATURES
+
+    if factors.name in CURVATURES or config.refit_every == 0:
+        return FitConfig(curvature=factors.name if factors.name in CURVATURES else "ekfac")
+    raise ConfigError(
+        f"Iterative unlearning refits the curvature every {config.refit_every} rounds, but the "
+        f"given factors ({factors.name!r}) are not a fittable curvature "
+        f"({sorted(CURVATURES)}). Pass fit_config=FitConfig(curvature=...) or refit_every=0."
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
