@@ -1,4 +1,4 @@
-"""Influence-based unlearning: remove training sequences with one Newton step.
+"""Influence-based unlearning: remove training sequences with one or iterated Newton steps.
 
 The trained parameters minimise ``J(θ) = (1/N) Σ_i w_i L(z_i, θ)``. Removing a set ``D_f`` (each
 sequence with weight ``w``, usually 1) moves the minimiser, to first order (Koh & Liang 2017;
@@ -21,7 +21,12 @@ tracked layers are edited; untracked parameters (embeddings, LayerNorm, layers o
 ``∇L_fᵀ Δθ = s (w/N) Σ_ℓ g_ℓᵀ (G_ℓ + λ_ℓ I)^{-1} g_ℓ``; layer ℓ's term divided by the total is its
 *share* of the forget set's influence (the self-influence of ``D_f`` as one sequence, per layer).
 ``top_layers = k`` keeps the ``k`` layers with the largest shares (the "most salient layers" of the
-design notes); ``layers`` names them explicitly.
+design notes); ``top_layers = "auto"`` keeps the fewest layers whose shares add up to
+``coverage`` (:func:`auto_layer_count`); ``layers`` names them explicitly.
+
+**Iterative.** ``method="iterative"`` repeats damped Newton steps from where the last one ended,
+with the curvature refitted at the current parameters, an optional retain term and a line search
+(:mod:`influscope.applications.unlearn_iterative`).
 
 Example:
     >>> result = unlearn(model, "causal_lm", train, forget=[3, 17], fit_config=FitConfig())  # doctest: +SKIP
