@@ -79,6 +79,16 @@ ITERATIVE_PLAN: list[tuple[str, dict]] = [
         "β=4, s=1, refit every round, bound 3, target +15 nats",
         dict(scale=1.0, retain_weight=4.0, max_retain_increase=3.0, forget_target=15.0),
     ),
+    (
+        "β=4, s=1, refit every round, bound 3, target +15 nats with retain ≤ +1",
+        dict(
+            scale=1.0,
+            retain_weight=4.0,
+            max_retain_increase=3.0,
+            forget_target=15.0,
+            stop_retain_increase=1.0,
+        ),
+    ),
     ("β=4, s=2, refit every round", dict(scale=2.0, retain_weight=4.0)),
     (
         "β=4, s=2, refit every round, target +15 nats",

@@ -93,6 +93,28 @@ def test_stops_at_the_forget_target(lm):
     )
 
 
+def test_forget_target_waits_for_the_retain_repair(lm):
+    """With stop_retain_increase the run stops at the first round that meets *both* rules."""
+    model, data, task, factors = lm
+    base = dict(method="iterative", rounds=8, scale=1.0, retain_weight=1.0, forget_target=0.5)
+    plain = unlearn(model, task, data, FORGET, factors=factors, config=UnlearnConfig(**base))
+    r0 = plain.report.retain_loss_before
+    first = plain.report.rounds[-1]
+    bound = 0.9 * (first["retain_loss"] - r0)  # the plain stop's retain change fails this bound
+    assert bound > 0
+    config = UnlearnConfig(**base, stop_retain_increase=bound)
+    both = unlearn(model, task, data, FORGET, factors=factors, config=config)
+    rounds = both.report.rounds
+    assert len(rounds) > len(plain.report.rounds)
+    f0 = both.report.forget_loss_before / len(FORGET)
+    assert both.report.stop_reason == "forget target"
+    assert rounds[-1]["forget_loss"] - f0 >= 0.5 and rounds[-1]["retain_loss"] - r0 <= bound
+    for r in rounds[:-1]:
+        assert r["forget_loss"] - f0 < 0.5 or r["retain_loss"] - r0 > bound
+    with pytest.raises(ConfigError, match="forget_target is None"):
+        UnlearnConfig(method="iterative", stop_retain_increase=1.0)
+
+
 def test_auto_layer_count_rule():
     shares = {"a": 0.1, "b": 0.5, "c": 0.3, "d": 0.1}
     assert auto_layer_count(shares, 0.8) == 2  # b + c

@@ -98,6 +98,9 @@ class UnlearnConfig:
             ``mean_f L − β mean_r L`` (``0``: forget term only).
         forget_target: Iterative only: stop once the forget set's mean loss per sequence rose
             by this many nats (``None``: run all rounds).
+        stop_retain_increase: Iterative only: with ``forget_target``, stop only once the
+            retain set's mean loss is also within this many nats of the original (the retain
+            term gets the rounds to repair it); ``None``: the forget target alone.
         max_retain_increase: Iterative only: a step is accepted only if the retain set's mean
             loss per sequence stays within this many nats of the original (``None``: no bound).
         max_halvings: Iterative only: how many times the line search halves a rejected step
@@ -116,6 +119,7 @@ class UnlearnConfig:
     refit_every: int = 1
     retain_weight: float = 0.0
     forget_target: float | None = None
+    stop_retain_increase: float | None = None
     max_retain_increase: float | None = None
     max_halvings: int = 4
 
@@ -168,10 +172,16 @@ class UnlearnConfig:
             )
         if not (math.isfinite(self.retain_weight) and self.retain_weight >= 0):
             raise ConfigError(f"retain_weight must be ≥ 0, received {self.retain_weight}.")
-        for key in ("forget_target", "max_retain_increase"):
+        for key in ("forget_target", "stop_retain_increase", "max_retain_increase"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be None or a number > 0 (nats), received {value}.")
+        if self.stop_retain_increase is not None and self.forget_target is None:
+            raise ConfigError(
+                "stop_retain_increase refines the forget_target stopping rule, but "
+                "forget_target is None. Set forget_target (nats) as well, or drop "
+                "stop_retain_increase."
+            )
         if self.max_halvings < 0:
             raise ConfigError(f"max_halvings must be ≥ 0, received {self.max_halvings}.")
 
@@ -463,12 +473,17 @@ def unlearn(
     else:
         from influscope.applications.unlearn_iterative import iterate
 
-        if retain_set is None and (config.retain_weight > 0 or config.max_retain_increase):
+        needs_retain = (
+            config.retain_weight > 0
+            or config.max_retain_increase is not None
+            or config.stop_retain_increase is not None
+        )
+        if retain_set is None and needs_retain:
             raise DataError(
-                "Iterative unlearning with retain_weight > 0 or max_retain_increase needs a "
-                "retain set, but forget was given as a dataset and retain=None. Pass retain= "
-                "(indices into train or an encoded dataset) or set retain_weight=0 and "
-                "max_retain_increase=None."
+                "Iterative unlearning with retain_weight > 0, max_retain_increase or "
+                "stop_retain_increase needs a retain set, but forget was given as a dataset and "
+                "retain=None. Pass retain= (indices into train or an encoded dataset) or drop "
+                "those options."
             )
         fit_config = fit_config or _refit_config(factors, config)
         outcome = iterate(

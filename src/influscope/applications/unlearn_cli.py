@@ -110,6 +110,13 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         help="Iterative: stop once the forget set's mean loss rose by this many nats.",
     )
     p.add_argument(
+        "--stop-retain-increase",
+        type=float,
+        default=None,
+        help="Iterative, with --forget-target: stop only once the retain set's mean loss is "
+        "also within this many nats of the original model's.",
+    )
+    p.add_argument(
         "--max-retain-increase",
         type=float,
         default=None,
@@ -221,6 +228,7 @@ def cmd_unlearn(args) -> int:
         refit_every=args.refit_every,
         retain_weight=args.retain_weight,
         forget_target=args.forget_target,
+        stop_retain_increase=args.stop_retain_increase,
         max_retain_increase=args.max_retain_increase,
     )
     model, tokenizer = load_model(args.model, args.task)

@@ -18,7 +18,9 @@ the curvature as it goes) repeats the Newton step from where the last one ended.
 4. backtracking line search: accept ``θ_t + η d`` if ``Φ`` rose and the retain set's mean loss
    is within ``max_retain_increase`` nats of its value at ``θ_0``; otherwise halve ``η`` (at most
    ``max_halvings`` times) and, if no size is accepted, stop;
-5. stop when the forget set's mean loss rose by ``forget_target`` nats, or after ``rounds``.
+5. stop when the forget set's mean loss rose by ``forget_target`` nats (and, with
+   ``stop_retain_increase``, the retain set's mean loss is within that many nats of its value
+   at ``θ_0``), or after ``rounds``.
 
 With ``rounds = 1``, ``β = 0`` and no bound, the result is the one-step Newton edit (tested);
 ``rounds = 0`` changes nothing.
@@ -134,7 +136,11 @@ def iterate(
     device = next(model.parameters()).device
     inf = Influence(model, task, modules=modules, device=device)
     layers, bs, beta = inf.layers, config.batch_size, config.retain_weight
-    use_retain = retain is not None and (beta > 0 or config.max_retain_increase is not None)
+    use_retain = retain is not None and (
+        beta > 0
+        or config.max_retain_increase is not None
+        or config.stop_retain_increase is not None
+    )
 
     def losses() -> tuple[float, float]:
         f = float(sequence_losses(model, task, forget, bs).mean())
@@ -189,7 +195,8 @@ def iterate(
                 "retain_loss": r if use_retain else None,
             }
         )
-        if config.forget_target is not None and f - f0 >= config.forget_target:
+        repaired = config.stop_retain_increase is None or r - r0 <= config.stop_retain_increase
+        if config.forget_target is not None and f - f0 >= config.forget_target and repaired:
             stop_reason = "forget target"
             break
     now = _weights(named, names)
