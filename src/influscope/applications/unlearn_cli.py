@@ -1,10 +1,12 @@
-"""``influscope unlearn``: remove training sequences with one EK-FAC Newton step, save the model.
+"""``influscope unlearn``: remove training sequences with EK-FAC Newton steps, save the model.
 
 ::
 
     influscope unlearn MODEL_DIR --train train.jsonl --forget 3,17,40-45 --out edited/
     influscope unlearn MODEL_DIR --train train.jsonl --forget forget.jsonl --out edited/ \\
         --scale 2 --top-layers 2 --run runs/x
+    influscope unlearn MODEL_DIR --train train.jsonl --forget forget.jsonl --out edited/ \\
+        --method iterative --rounds 8 --retain retain.jsonl --retain-weight 4 --top-layers auto
 
 ``--forget`` is either a records file (the sequences to remove) or training indices
 (``3,17,40-45``). The edited model is written with ``save_pretrained`` (plus the tokenizer) so that
@@ -37,7 +39,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
     """Register the ``unlearn`` sub-command on ``sub`` (an argparse sub-parsers object)."""
     p = sub.add_parser(
         "unlearn",
-        help="Remove training sequences with one Newton step; save the edited HF model.",
+        help="Remove training sequences with one or iterated Newton steps; save the edited model.",
         description=__doc__.split("\n")[0].replace("``", ""),
     )
     add_model_argument(p, positional=True)
@@ -58,9 +60,68 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
     group.add_argument("--layers", nargs="+", default=None, help="Edit only these tracked layers.")
     group.add_argument(
         "--top-layers",
-        type=int,
+        type=top_layers_arg,
         default=None,
-        help="Edit only the k layers with the largest share of the forget set's influence.",
+        help="Edit only the k layers with the largest share of the forget set's influence; "
+        "'auto': the fewest layers whose shares add up to --coverage.",
+    )
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=0.8,
+        help="Share of the forget set's influence --top-layers auto must cover (default 0.8).",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHOD_CHOICES,
+        default="newton",
+        help="newton: one Newton step; iterative: repeated damped Newton steps with the "
+        "curvature refitted at the current parameters and a line search (default newton).",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="Iterative: the largest number of Newton steps (0 = no change; default 5).",
+    )
+    p.add_argument(
+        "--refit-every",
+        type=int,
+        default=1,
+        help="Iterative: refit the curvature every k rounds (0 = keep the first fit; default 1).",
+    )
+    p.add_argument(
+        "--retain",
+        default=None,
+        help="Iterative: sequences to keep (records file or training indices); default: the "
+        "training records not in --forget when --forget gives indices.",
+    )
+    p.add_argument(
+        "--retain-weight",
+        type=float,
+        default=0.0,
+        help="Iterative: weight β of the retain term, each round ascends mean forget loss − β "
+        "mean retain loss (default 0).",
+    )
+    p.add_argument(
+        "--forget-target",
+        type=float,
+        default=None,
+        help="Iterative: stop once the forget set's mean loss rose by this many nats.",
+    )
+    p.add_argument(
+        "--stop-retain-increase",
+        type=float,
+        default=None,
+        help="Iterative, with --forget-target: stop only once the retain set's mean loss is "
+        "also within this many nats of the original model's.",
+    )
+    p.add_argument(
+        "--max-retain-increase",
+        type=float,
+        default=None,
+        help="Iterative: reject steps that raise the retain set's mean loss by more than this "
+        "many nats over the original model (default: no bound).",
     )
     add_modules_option(p)
     add_task_option(p, help="How a batch becomes a loss (default: causal_lm).")
@@ -89,6 +150,24 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         help="Replace an existing --out directory and refit stored factors.",
     )
     return p
+
+
+METHOD_CHOICES = ("newton", "iterative")
+
+
+def top_layers_arg(value: str) -> int | str:
+    """``--top-layers``: a positive integer or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'auto', received {value!r}"
+        ) from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {k}")
+    return k
 
 
 def parse_forget(spec: str, n_train: int) -> list[int] | None:
@@ -143,6 +222,14 @@ def cmd_unlearn(args) -> int:
         forget_weight=args.forget_weight,
         n_train=args.n_train,
         batch_size=args.batch_size,
+        method=args.method,
+        coverage=args.coverage,
+        rounds=args.rounds,
+        refit_every=args.refit_every,
+        retain_weight=args.retain_weight,
+        forget_target=args.forget_target,
+        stop_retain_increase=args.stop_retain_increase,
+        max_retain_increase=args.max_retain_increase,
     )
     model, tokenizer = load_model(args.model, args.task)
     modules = resolve_modules(args.modules)
@@ -156,6 +243,14 @@ def cmd_unlearn(args) -> int:
         if indices is not None
         else inf.encode(load_records(args.forget), truncate=args.truncate)
     )
+    retain = None
+    if args.retain is not None:
+        retain_idx = parse_forget(args.retain, len(train))
+        retain = (
+            retain_idx
+            if retain_idx is not None
+            else inf.encode(load_records(args.retain), truncate=args.truncate)
+        )
     fit_config = FitConfig(curvature=args.curvature, batch_size=args.batch_size)
     factors = inf.fit(train, fit_config, name=args.factors, overwrite=args.overwrite)
     result = unlearn(
@@ -167,6 +262,8 @@ def cmd_unlearn(args) -> int:
         modules=modules,
         config=config,
         inplace=True,
+        retain=retain,
+        fit_config=fit_config,
     )
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
@@ -187,6 +284,11 @@ def cmd_unlearn(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     r = result.report
+    if r.method == "iterative":
+        console.print(
+            f"{len(r.rounds)} Newton rounds (stopped: {r.stop_reason}); retain-set mean loss "
+            f"{r.retain_loss_before} → {r.retain_loss_after}"
+        )
     console.print(
         f"[green]unlearned[/green] {r.n_forget} sequences (N = {r.n_train}, scale {r.scale:g}) "
         f"via {len(r.edited_layers)} layers; forget-set loss {r.forget_loss_before:.3f} → "
