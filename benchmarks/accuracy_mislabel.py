@@ -201,7 +201,9 @@ def run_seed(seed: int, args, test, states_train, clean: list[int], mdir) -> dic
                 )
                 print(f"  cg0 vs self-influence: {result['cg0_vs_self_influence_max_rel']:.2e}")
             seconds[f"ekfac_cg{n}"] = time.time() - t0
-            result[f"ekfac_cg{n}_median_residual"] = float(pq.refine_residuals[:, -1].median())
+            if pq.refine_residuals is not None:  # None for 0 steps
+                res = pq.refine_residuals[:, -1]
+                result[f"ekfac_cg{n}_median_residual"] = float(res.median())
             print(f"  ekfac + {n} CG steps: {seconds[f'ekfac_cg{n}']:.0f} s", flush=True)
         if curvature == "ekfac" and args.heldout:
             # A wrong label pulls the model away from clean data: its influence on the summed
