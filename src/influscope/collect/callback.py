@@ -14,12 +14,12 @@ Usage (causal LM, default Trainer loss)::
 
 The collator moves each example's ``example_index`` into the batch as ``influscope_index``; a
 forward pre-hook on the model takes it out again before ``model(**batch)`` sees it, together
-with the labels. The Trainer's causal-LM loss is ``ℓ = Σ_t CE_t / N`` with ``N`` a token count
-(which count depends on the transformers version and the model's ``loss_type``: 4.5x counts
-``labels != -100`` unshifted for a model without ``loss_type``). Rather than assume ``N``, a
-forward hook measures the factor ``w = ℓ / Σ_b L(z_b)`` from the model's own ``loss`` and
-``logits`` (the summed token cross-entropy of the batch); :class:`GradientCollector` divides it
-out and checks the rows against the gradient the optimizer received.
+with the labels. The Trainer's causal-LM loss is ``ℓ = w Σ_b L(z_b)`` with ``w = 1/N`` and ``N`` a
+token count (which count depends on the transformers version and the model's ``loss_type``:
+5.x counts ``labels != -100`` unshifted for a model without ``loss_type``). Rather than assume
+``N``, a hook on the logits reads ``w`` off the gradient the backward sends there (see
+``_logit_probe``); :class:`GradientCollector` divides it out and checks the rows against the
+gradient the optimizer received.
 
 Callback events used (transformers' ``Trainer`` loop, one optimizer step): ``on_step_begin``
 (the step's learning rate, arm the hooks) → forward/backward → ``on_pre_optimizer_step``
@@ -157,43 +157,45 @@ class InfluenceCallback(TrainerCallback):
             return
         if not self.collector.collecting or self._labels is None:
             return
-        loss = getattr(output, "loss", None)
         logits = getattr(output, "logits", None)
-        if loss is None or logits is None:
+        if logits is None or not logits.requires_grad:
             return
         with torch.no_grad():
-            # w = ℓ / Σ_b L(z_b): the factor the trained loss puts on every summed sequence loss
-            lg = logits[:, :-1]  # (B, T-1, V)
-            lg = lg if lg.dtype == torch.float64 else lg.float()
-            summed = torch.nn.functional.cross_entropy(
-                lg.reshape(-1, lg.shape[-1]),
-                self._labels[:, 1:].reshape(-1).to(lg.device),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            self._scale = (loss.detach().double() / summed.double()).reshape(1).cpu()
-        if self.config.verify and logits.requires_grad:
-            logits.register_hook(self._logit_check(logits.detach(), self._labels, self._scale))
+            target = self._labels[:, 1:].to(logits.device)  # (B, T-1): token t+1 predicted at t
+            keep = target.ne(-100)
+            pos = torch.arange(target.shape[1], device=target.device).expand_as(target)
+            first = torch.where(keep, pos, target.shape[1]).min(1).values  # (B,)
+            last = torch.where(keep, pos, -1).max(1).values  # (B,)
+            rows = torch.arange(len(target), device=target.device)
+            ok = last >= 0  # rows with at least one predicted token
+            b_idx = torch.cat([rows[ok], rows[ok]])  # (K,) probe positions: first and last
+            t_idx = torch.cat([first[ok], last[ok]])
+            probe = logits.detach()[b_idx, t_idx].double()  # (K, V)
+            onehot = torch.zeros_like(probe)
+            onehot[torch.arange(len(b_idx)), target[b_idx, t_idx]] = 1.0
+            d = torch.softmax(probe, dim=-1) - onehot  # (K, V): ∂L/∂logits at the probes
+        logits.register_hook(self._logit_probe(b_idx, t_idx, d, rows[ok]))
 
-    def _logit_check(self, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
-        """Hook checking ``∂ℓ/∂logits = w (softmax − onehot)`` on every predicted token.
+    def _logit_probe(self, b_idx, t_idx, d, rows):
+        """Hook reading ``w`` from ``∂ℓ/∂logits = w (softmax − onehot)`` at probe tokens.
 
-        That is what ``ℓ = w Σ_b L(z_b)`` implies; a loss that weights examples or tokens
-        unequally, smooths labels or is rescaled (fp16) breaks it.
+        ``ℓ = w Σ_b L(z_b)`` makes the gradient at every predicted token ``w`` times
+        ``∂L/∂logits``. Each row's first and last predicted tokens are probed: the fit gives
+        ``w`` (so no assumption about the Trainer's token count is needed), and its residual
+        and its spread over rows show a loss that is not of that form — per-example weights,
+        label smoothing, fp16 loss scaling or another custom loss. Per-token weights inside a
+        sequence that leave both probes alone go unnoticed.
         """
 
         def hook(g: torch.Tensor) -> None:
             with torch.no_grad():
-                lg = logits[:, :-1]  # (B, T-1, V)
-                target = labels[:, 1:].to(lg.device)  # (B, T-1)
-                keep = target.ne(-100)
-                want = torch.softmax(lg.double(), dim=-1)  # (B, T-1, V)
-                want[keep, target[keep]] -= 1.0
-                want[~keep] = 0.0
-                want *= float(scale)
-                got = g.double()
-                diff = (got[:, :-1] - want).square().sum() + got[:, -1].square().sum()
-                self._logit_err = float(diff.sqrt() / got.norm().clamp_min(1e-300))
+                got = g[b_idx, t_idx].double()  # (K, V)
+                w = (got * d).sum(1) / d.square().sum(1).clamp_min(1e-300)  # (K,)
+                resid = (got - w[:, None] * d).norm() / got.norm().clamp_min(1e-300)
+                mean = w.mean()
+                spread = (w - mean).abs().max() / mean.abs().clamp_min(1e-300)
+                self._scale = mean.reshape(1).cpu()
+                self._logit_err = float(torch.maximum(resid, spread))
 
         return hook
 
@@ -240,10 +242,15 @@ class InfluenceCallback(TrainerCallback):
             )
         if self._scale is None:
             raise DataError(
-                "The model returned no loss in the training forward: InfluenceCallback needs "
-                "the loss the model computes from labels (outputs.loss, default compute_loss)."
+                "No gradient reached the model's logits in the training backward: "
+                "InfluenceCallback needs a causal LM whose output has .logits and a loss "
+                "computed from them and the batch's labels."
             )
-        if self._logit_err is not None and not self._logit_err <= self.config.verify_tol:
+        if (
+            self.config.verify
+            and self._logit_err is not None
+            and not self._logit_err <= self.config.verify_tol
+        ):
             raise CollectionError(
                 f"Step {state.global_step + 1}: the gradient of the trained loss at the logits "
                 f"is not w·(softmax − one-hot) on every predicted token (relative error "
