@@ -21,7 +21,7 @@ from influscope.collect import (
     unsupported_settings,
 )
 from influscope.demo.train import sequence_losses
-from influscope.errors import CollectionError, ConfigError, DataError
+from influscope.errors import CollectionError, ConfigError, DataError, StaleArtifactError
 from influscope.index import IndexConfig, build_index
 from influscope.modules.selection import select_layers
 from influscope.tasks import CausalLMTask
@@ -179,6 +179,36 @@ def test_plain_loop_rows_equal_recomputed(tmp_path) -> None:
         torch.testing.assert_close(again, rows, rtol=1e-10, atol=1e-13)
 
 
+def test_collection_leaves_training_unchanged(tmp_path) -> None:
+    plain = _plain_loop(tmp_path / "a", CollectConfig(checkpoint_every=2, **CFG))
+    model = _model().train()  # the same loop with no collector: same init, batches, optimizer
+    data, steps, batch = _records(), 4, 4
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / steps)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1)).tolist()
+    for k in range(steps):
+        b = _collate([data[order[(k * batch + j) % N]] for j in range(batch)])
+        opt.zero_grad(set_to_none=True)
+        sequence_losses(model, b["input_ids"], b["labels"]).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    for p, q in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_trainer_float32_default_loss_agrees_to_float32_rounding(tmp_path) -> None:
+    model = GPT2LMHeadModel(_config())  # float32, transformers' own loss
+    _train(tmp_path, CollectConfig(checkpoint_every=2, gradient_every=2, k_in=8, k_out=8), model)
+    col, data = CollectedGradients(tmp_path), _encoded()
+    idx, rows, _ = col.load(2)
+    again = recompute_rows(
+        load_checkpoint(tmp_path, 2, torch.float32), CausalLMTask(), data.subset(idx.tolist()), col
+    )
+    assert rows.dtype == torch.float32
+    assert float((again - rows).norm() / rows.norm()) < 1e-5
+
+
 def test_collected_index_equals_the_index_built_at_the_checkpoint(trained, tmp_path) -> None:
     out, _ = trained
     col = CollectedGradients(out)
@@ -304,3 +334,24 @@ def test_checkpoints_need_save_pretrained(tmp_path) -> None:
     plain = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="save_pretrained"):
         GradientCollector(plain, tmp_path, CollectConfig(checkpoint_every=1, modules="all"))
+
+
+def test_index_rows_are_each_examples_latest_collected_gradient(trained, tmp_path) -> None:
+    out, _ = trained
+    col = CollectedGradients(out)
+    index = collected_index(col, tmp_path / "latest")  # model: the newest step's checkpoint
+    seen = {s: set(col.load(s)[0].tolist()) for s in col.steps}
+    for row, (i, s) in enumerate(zip(index.meta["row_indices"], index.meta["row_steps"])):
+        assert s == max(t for t in col.steps if i in seen[t])
+        idx, rows, _ = col.load(s)
+        want = rows[idx.tolist().index(i)].float()
+        torch.testing.assert_close(index.rows([row])[0], want)
+    with pytest.raises(StaleArtifactError, match="already exists"):
+        collected_index(col, tmp_path / "latest")
+
+
+def test_reading_an_empty_directory_says_how_to_collect(tmp_path) -> None:
+    with pytest.raises(DataError, match="gradients=True"):
+        CollectedGradients(tmp_path)
+    with pytest.raises(DataError, match="No checkpoint of parameter step 3"):
+        load_checkpoint(tmp_path, 3)
