@@ -38,9 +38,11 @@ class CollectConfig:
             the same ``seed`` projects identically).
         seed: Seed of the projections.
         dtype: Storage dtype of the collected rows (``"float64"`` for exactness tests).
-        verify: In every collected step, check that the per-example gradients add up to the
-            gradient the optimizer received (projected; up to gradient clipping's positive
-            factor) and raise :class:`~influscope.errors.CollectionError` if not.
+        verify: In every collected step, check that the per-example rows add up to the
+            gradient accumulated into the tracked parameters (projected, before clipping) and,
+            under the Trainer, that the loss is a uniform multiple of the summed token
+            cross-entropy (from the logits' gradient); raise
+            :class:`~influscope.errors.CollectionError` if not.
         verify_tol: Relative tolerance of that check.
     """
 

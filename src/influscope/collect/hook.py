@@ -15,11 +15,15 @@ the same quantity a gradient index stores (:mod:`influscope.index.store`). Nothi
 differentiated twice. The parameters are ``θ_s`` (``s`` optimizer steps taken), so the rows
 are stored under parameter step ``s`` (see :class:`~influscope.collect.CollectConfig`).
 
-**Verification.** A hook on each tracked weight's gradient accumulation (before clipping)
-projects the gradient the optimizer will use, ``P_out ∇_W ℓ P_inᵀ``, and compares it with
-``Σ_b w_b g̃_b``. A mismatch — another loss than assumed, gradients accumulated over several
-backward passes, a layer run twice — raises :class:`~influscope.errors.CollectionError`
-instead of storing wrong rows.
+**Verification.** A hook on each tracked parameter's gradient accumulation (during the
+backward, before any clipping) projects the gradient the optimizer will use,
+``P_out ∇_W ℓ P_inᵀ``, and compares it with ``Σ_b w_b g̃_b``. A mismatch — hooks that missed
+part of the backward, a module whose output gradient is not the whole story — raises
+:class:`~influscope.errors.CollectionError` instead of storing wrong rows. Gradients already
+held before the backward (accumulation) and layers run more than once per step are refused
+separately. The weights ``w_b`` themselves cannot be read off this sum (they cancel): the plain
+loop knows them because :meth:`GradientCollector.backward` forms the loss, and the Trainer
+callback measures them at the logits (:mod:`influscope.collect.callback`).
 
 Plain PyTorch loop::
 
