@@ -180,22 +180,22 @@ class InfluenceCallback(TrainerCallback):
         """Hook reading ``w`` from ``∂ℓ/∂logits = w (softmax − onehot)`` at probe tokens.
 
         ``ℓ = w Σ_b L(z_b)`` makes the gradient at every predicted token ``w`` times
-        ``∂L/∂logits``. Each row's first and last predicted tokens are probed: the fit gives
-        ``w`` (so no assumption about the Trainer's token count is needed), and its residual
-        and its spread over rows show a loss that is not of that form — per-example weights,
-        label smoothing, fp16 loss scaling or another custom loss. Per-token weights inside a
-        sequence that leave both probes alone go unnoticed.
+        ``∂L/∂logits``. Each row's first and last predicted tokens are probed; one ``w`` is
+        fitted to all probes (so no assumption about the Trainer's token count is needed), and
+        the fit's relative residual shows a loss that is not of that form — per-example
+        weights, label smoothing, fp16 loss scaling or another custom loss. Per-token weights
+        inside a sequence that leave both probes alone go unnoticed.
         """
 
         def hook(g: torch.Tensor) -> None:
             with torch.no_grad():
                 got = g[b_idx, t_idx].double()  # (K, V)
-                w = (got * d).sum(1) / d.square().sum(1).clamp_min(1e-300)  # (K,)
-                resid = (got - w[:, None] * d).norm() / got.norm().clamp_min(1e-300)
-                mean = w.mean()
-                spread = (w - mean).abs().max() / mean.abs().clamp_min(1e-300)
-                self._scale = mean.reshape(1).cpu()
-                self._logit_err = float(torch.maximum(resid, spread))
+                # one w for all probes (least squares); per-row fits would be dominated by
+                # float32 rounding on confidently predicted tokens, where softmax − onehot ≈ 0
+                w = (got * d).sum() / d.square().sum().clamp_min(1e-300)
+                resid = (got - w * d).norm() / got.norm().clamp_min(1e-300)
+                self._scale = w.reshape(1).cpu()
+                self._logit_err = float(resid)
 
         return hook
 
