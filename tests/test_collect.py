@@ -355,3 +355,14 @@ def test_reading_an_empty_directory_says_how_to_collect(tmp_path) -> None:
         CollectedGradients(tmp_path)
     with pytest.raises(DataError, match="No checkpoint of parameter step 3"):
         load_checkpoint(tmp_path, 3)
+
+
+def test_checkpoints_only_needs_no_indices(tmp_path) -> None:
+    callback = InfluenceCallback(tmp_path, CollectConfig(gradients=False, checkpoint_every=2))
+    trainer = Trainer(
+        model=_model(), args=_args(tmp_path), train_dataset=_records(),
+        data_collator=_collate, callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    assert not (tmp_path / "gradients").exists() and not (tmp_path / "initial").exists()
+    assert from_directory(tmp_path / "checkpoints").steps == [2, 4]
