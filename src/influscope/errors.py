@@ -32,6 +32,10 @@ class StaleArtifactError(InfluscopeError, RuntimeError):
     """A stored stage was produced by a different model, data set or configuration."""
 
 
+class CollectionError(InfluscopeError, RuntimeError):
+    """Gradients captured during training do not match the gradient the training step took."""
+
+
 class RegistryError(InfluscopeError, KeyError):
     """An unknown key was looked up in one of influscope's registries."""
 
