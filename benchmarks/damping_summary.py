@@ -66,6 +66,17 @@ def collect(root: Path) -> dict[str, dict[str, tuple[float, float]]]:
             else:  # accuracy_exact: {lds, lds_sem, ...}
                 rows[label] = (row["lds"], row.get("lds_sem", float("nan")))
         out[key] = rows
+        per_query = res.get("per_query", {})
+        if "ekfac_relative 0.1" in per_query:  # paired over queries: much less noisy
+            ref = np.array(per_query["ekfac_relative 0.1"], dtype=float)
+            paired = {}
+            for name, v in per_query.items():
+                if name.startswith(("ekfac_absolute", "ekfac_relative")):
+                    d = np.array(v, dtype=float) - ref
+                    d = d[~np.isnan(d)]
+                    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+                    paired[name.removeprefix("ekfac_")] = (float(d.mean()), se)
+            out[f"{key} Δ vs default (paired)"] = paired
     mis = _load(root / "accuracy" / "mislabel_damp" / "summary.json")
     if mis:
         rows = {}
