@@ -182,3 +182,38 @@ def test_cli_damping_sweep_and_score_override(workdir, capsys):
     assert "score-time override" in html
     assert main(["score", *args, *q, "--damping", "-1", "--overwrite"]) == 2
     assert "finite number ≥ 0" in capsys.readouterr().err
+
+
+def test_every_scoring_command_takes_damping_options():
+    # issue 16: --damping / --damping-factor on every command that scores
+    import argparse
+
+    from influscope.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    relative_only = {"bias"}  # its config is relative-only: --damping-factor
+    for name in ("fit", "score", "damping", "dda", "trajectory", "unlearn", "curate", "bias"):
+        options = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        assert "--damping-factor" in options or name == "damping", name
+        if name not in relative_only and name != "damping":
+            assert "--damping" in options, name
+    query = sub.choices["query"]
+    assert {"--damping", "--damping-factor"} <= {
+        o for a in query._actions for o in a.option_strings
+    }
+
+
+def test_damping_kwargs_refuses_both_and_bad_values():
+    import argparse
+
+    from influscope.cli_options import damping_kwargs
+
+    assert damping_kwargs(argparse.Namespace(damping=None, damping_factor=None)) == {}
+    assert damping_kwargs(argparse.Namespace(damping=1e-3, damping_factor=None)) == {
+        "damping": 1e-3
+    }
+    with pytest.raises(ConfigError, match="not both"):
+        damping_kwargs(argparse.Namespace(damping=1e-3, damping_factor=0.1))
+    with pytest.raises(ConfigError, match="finite and ≥ 0"):
+        damping_kwargs(argparse.Namespace(damping=None, damping_factor=float("nan")))

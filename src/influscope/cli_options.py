@@ -21,18 +21,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from influscope.errors import ConfigError
+
 __all__ = [
     "CURVATURES",
     "DEFAULT_MODULES",
     "TASKS",
     "add_batch_size_option",
     "add_curvature_option",
+    "add_damping_options",
     "add_device_option",
     "add_model_argument",
     "add_model_options",
     "add_modules_option",
     "add_task_option",
     "add_truncate_option",
+    "damping_kwargs",
     "non_negative_int",
     "resolve_modules",
 ]
@@ -206,3 +210,42 @@ def resolve_modules(values: Sequence[str] | str | None, model=None) -> list[str]
     if isinstance(values, str):
         return values
     return values[0] if len(values) == 1 else list(values)
+
+
+def add_damping_options(parser: argparse.ArgumentParser, what: str = "the curvature") -> None:
+    """``--damping`` (absolute λ) and ``--damping-factor`` (λ_ℓ = factor × mean eigenvalue)."""
+    parser.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help=f"Absolute damping λ for every layer of {what} (default: relative, see "
+        "--damping-factor).",
+    )
+    parser.add_argument(
+        "--damping-factor",
+        type=float,
+        default=None,
+        help=f"Damping of {what} = factor × mean eigenvalue per layer (default 0.1).",
+    )
+
+
+def damping_kwargs(args: argparse.Namespace) -> dict:
+    """The FitConfig keyword arguments for the damping options that were given.
+
+    Raises:
+        ConfigError: Both options given, or a negative / non-finite value.
+    """
+    from influscope.scoring.damping import check_damping
+
+    damping = getattr(args, "damping", None)
+    factor = getattr(args, "damping_factor", None)
+    if damping is not None and factor is not None:
+        raise ConfigError(
+            f"Give --damping (absolute λ) or --damping-factor (relative), not both; received "
+            f"--damping {damping} and --damping-factor {factor}."
+        )
+    if damping is not None:
+        return {"damping": check_damping(damping, "--damping")}
+    if factor is not None:
+        return {"damping_factor": check_damping(factor, "--damping-factor")}
+    return {}

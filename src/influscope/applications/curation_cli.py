@@ -21,10 +21,12 @@ from pathlib import Path
 from influscope.cli_options import (
     add_batch_size_option,
     add_curvature_option,
+    add_damping_options,
     add_device_option,
     add_model_argument,
     add_modules_option,
     add_truncate_option,
+    damping_kwargs,
 )
 from influscope.errors import DataError
 
@@ -59,6 +61,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_curvature_option(p, help="Curvature of the influence scores (default: ekfac).")
     p.add_argument("--run", default=None, help="Run directory to store / reuse fitted factors.")
     add_batch_size_option(p)
+    add_damping_options(p)
     add_truncate_option(p)
     add_device_option(p)
     return p
@@ -88,7 +91,8 @@ def cmd_curate(args) -> int:
     records = load_records(args.train)
     train = inf.encode(records, truncate=args.truncate)
     bench = inf.encode(load_records(args.benchmark), truncate=args.truncate)
-    factors = inf.fit(train, FitConfig(curvature=args.curvature, batch_size=args.batch_size))
+    fit = FitConfig(curvature=args.curvature, batch_size=args.batch_size, **damping_kwargs(args))
+    factors = inf.fit(train, fit)
     score = ScoreConfig(
         query_rank=None,
         batch_size=args.batch_size,

@@ -66,6 +66,12 @@ def add_parser(sub) -> None:
         help=f"Also compute these rankings (default: {' '.join(BASELINES)}; none: no value).",
     )
     p.add_argument("--batch-size", type=int, default=64, help="Pairs per pass (default 64).")
+    p.add_argument(
+        "--damping-factor",
+        type=float,
+        default=0.1,
+        help="Damping = factor × mean eigenvalue per layer (default 0.1; see `influscope damping`).",
+    )
     p.add_argument("--top-k", type=int, default=10, help="Suspects printed and saved in full.")
     p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
     p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
@@ -88,6 +94,7 @@ def cmd_bias(args) -> int:
         measurement=args.measurement,
         batch_size=args.batch_size,
         baselines=tuple(args.baselines),
+        damping_factor=args.damping_factor,
     )
     model, tokenizer = load_reward_model(args.model)
     train = load_records(args.train)

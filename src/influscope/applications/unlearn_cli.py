@@ -25,11 +25,13 @@ from pathlib import Path
 from influscope.cli_options import (
     add_batch_size_option,
     add_curvature_option,
+    add_damping_options,
     add_device_option,
     add_model_argument,
     add_modules_option,
     add_task_option,
     add_truncate_option,
+    damping_kwargs,
     resolve_modules,
 )
 from influscope.errors import DataError
@@ -142,6 +144,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         "--n-train", type=int, default=None, help="N of the objective (default: #train)."
     )
     add_batch_size_option(p)
+    add_damping_options(p)
     add_truncate_option(p)
     add_device_option(p)
     p.add_argument(
@@ -251,7 +254,9 @@ def cmd_unlearn(args) -> int:
             if retain_idx is not None
             else inf.encode(load_records(args.retain), truncate=args.truncate)
         )
-    fit_config = FitConfig(curvature=args.curvature, batch_size=args.batch_size)
+    fit_config = FitConfig(
+        curvature=args.curvature, batch_size=args.batch_size, **damping_kwargs(args)
+    )
     factors = inf.fit(train, fit_config, name=args.factors, overwrite=args.overwrite)
     result = unlearn(
         inf.model,

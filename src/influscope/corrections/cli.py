@@ -22,6 +22,8 @@ from rich.console import Console
 from influscope.cli_options import (
     add_batch_size_option,
     add_curvature_option,
+    add_damping_options,
+    damping_kwargs,
     non_negative_int,
     resolve_modules,
 )
@@ -66,6 +68,7 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
         "--top-k", type=non_negative_int, default=5, help="Training sequences listed per query."
     )
     p.add_argument("--name", default="dda", help="Output name under the run directory.")
+    add_damping_options(p)
 
 
 def default_variants(has_base: bool, has_checkpoints: bool) -> tuple[str, ...]:
@@ -118,7 +121,9 @@ def cmd_dda(args) -> int:
         base=base,
         checkpoints=checkpoints,
         config=config,
-        fit_config=FitConfig(curvature=args.curvature, batch_size=args.batch_size),
+        fit_config=FitConfig(
+            curvature=args.curvature, batch_size=args.batch_size, **damping_kwargs(args)
+        ),
         score_config=ScoreConfig(query_rank=args.rank or None, batch_size=args.batch_size),
         modules=modules,
         run_dir=Path(args.run) / "models",

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli_options import add_batch_size_option, add_model_options, resolve_modules
+from influscope.cli_options import (
+    add_batch_size_option,
+    add_damping_options,
+    add_model_options,
+    damping_kwargs,
+    resolve_modules,
+)
 from influscope.storage.atomic import atomic_write_text
 
 console = Console(stderr=True)
@@ -41,6 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-scale", type=float, default=1.0, help="SOURCE: multiplies every η̄K.")
     p.add_argument("--stationary", action="store_true", help="SOURCE with η̄K = ∞.")
     p.add_argument("--out", required=True, help="JSON file for the scores.")
+    add_damping_options(p, "each segment's EK-FAC (SOURCE)")
     add_model_options(p)  # --task --modules --truncate --device
     add_batch_size_option(p)
 
@@ -72,7 +79,7 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
             modules,
             train,
             queries,
-            FitConfig(),
+            FitConfig(**damping_kwargs(args)),
             segments=args.segments,
             stationary=args.stationary,
             lr_scale=args.lr_scale,
