@@ -254,3 +254,32 @@ def test_probe_cli_explains_every_option():
             if action.dest != "help":
                 assert action.help, f"probe {name} --{action.dest} has no help"
         assert p.format_help()
+
+
+def test_probe_cli_runs_length_and_representation(copy_model, tmp_path, capsys):
+    import json
+
+    from influscope.cli import main
+
+    model, tok, _, config = copy_model
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "lengths.jsonl"
+    records = copy_records([2, 12], 4, config.n_symbols, seed=5)
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    out, svg = tmp_path / "length.json", tmp_path / "length.svg"
+    argv = ["probe", "length", "--model", str(tmp_path / "model"), "--data", str(data)]
+    assert main([*argv, "--train-length", "4", "--out", str(out), "--svg", str(svg)]) == 0
+    result = json.loads(out.read_text())
+    assert result["lengths"] == [2, 12] and result["accuracy"][0] > result["accuracy"][1]
+    assert svg.read_text().startswith("<svg")
+    assert "| 12 | 3 | 4 |" in capsys.readouterr().out
+    rep = tmp_path / "rep.jsonl"
+    rows = [{"text": r["text"], "long": r["length"] > 4} for r in records]
+    rep.write_text("\n".join(json.dumps(r) for r in rows))
+    argv = ["probe", "representation", "--model", str(tmp_path / "model"), "--data", str(rep)]
+    assert main([*argv, "--properties", "long", "--folds", "2", "--out", str(out)]) == 0
+    assert max(json.loads(out.read_text())["accuracy"]["long"]) > 0.9
+    # --influence without --train is refused with the fix.
+    assert main([*argv, "--properties", "long", "--influence"]) == 2
+    assert "--influence needs the training records" in capsys.readouterr().err

@@ -168,7 +168,8 @@ def cmd_probe(args) -> int:
         prompting_probe,
         representation_probe,
     )
-    from influscope.storage import atomic_write_json, atomic_write_text
+    from influscope.storage import atomic_write_json
+    from influscope.storage.atomic import atomic_write_text
 
     model, tok = _load(args)
     side = _influence(args, model, tok)

@@ -8,7 +8,8 @@ Given training records labelled with a *domain* (e.g. ``"shakespeare"`` and
   accuracy (every token the greedy prediction);
 - **distribution shift**, two ways, on the mean-pooled last hidden state ``h(x)``:
   the cross-validated ROC AUC of a logistic-regression *domain classifier* that tells the set's
-  examples from training examples (0.5: indistinguishable, 1: fully separable), and the
+  examples from the training examples of its nearest domain (0.5: indistinguishable, 1: fully
+  separable), and the
   distance of the set's examples to the nearest training-domain centroid ``μ_d`` (standardised
   features), relative to the training examples' own distance to their domain's centroid;
 - **where influence comes from**: each example's *nearest training domain* is
@@ -114,7 +115,8 @@ class IdOodResult:
         accuracy: Per set, accuracy (next-token for text, exact match for completions).
         metric: Per set, which accuracy (``"next-token"`` or ``"exact match"``).
         n: Per set, examples.
-        domain_auc: Per set, cross-validated AUC of the domain classifier.
+        domain_auc: Per set, cross-validated AUC of the domain classifier (the set against the
+            training examples of its nearest domain).
         relative_distance: Per set, mean distance to the nearest training centroid divided by
             the training examples' mean distance to their own centroid.
         nearest_domain: Per set, the training domain most of its examples are nearest to.
@@ -277,7 +279,7 @@ def id_ood_probe(
         result.accuracy.append(float(acc))
         result.metric.append(metric)
         result.n.append(len(recs))
-        result.domain_auc.append(_auc(tz, ez, config.folds, config.seed))
+        result.domain_auc.append(_auc(tz[labels == domains[major]], ez, config.folds, config.seed))
         result.relative_distance.append(float(dist.min(1).mean() / own))
         result.nearest_domain.append(domains[major])
         result.nearest_share.append(float((nearest == major).mean()))

@@ -190,8 +190,8 @@ def distractor_records(
     For each target length ``n`` and query, the prompt is the last words of a distractor text
     that make the whole record about ``n`` tokens long (a word boundary, so the count can fall
     short by a token or two; ``length`` records the target ``n``, ``n_tokens`` the actual
-    count), then a space and the query's prompt. A target shorter than the bare query gives
-    the bare query.
+    count), then a space and the query's prompt. A target shorter than the bare query (e.g. 0)
+    gives the bare query.
 
     Raises:
         DataError: No distractor text is long enough for the longest target.
