@@ -130,7 +130,10 @@ def demo_probes(args, out: Path) -> dict[str, Any]:
         "shakespeare, held-out chunks": [
             {"text": t} for t in held_out_chunks(args.assets, corpus, n, 48, seed=101)
         ],
-        "facts, taught wording (seen)": taught[:n],
+        # With the final period, exactly the training sentences (the shift measures' zero).
+        "facts, taught wording (seen)": [dict(q, completion=q["completion"] + ".") for q in taught][
+            :n
+        ],
         "facts, held-out lead-in": context[:n],
         "facts, paraphrased (OOD)": paraphrase[:n],
         "facts, in French (OOD)": french[:n],
@@ -289,7 +292,7 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "smollm2_copy_length.svg", lres.svg("SmolLM2-135M: 1-shot copy"))
 
     _log("SmolLM2 representation")
-    reviews = movie_reviews(args.assets, args.n_sentiment, 11)
+    reviews = movie_reviews(args.assets, args.n_smol_sentiment, 11)
     random_labels = [dict(r, coin=random.Random(i).random() < 0.5) for i, r in enumerate(reviews)]
     rres = representation_probe(
         model, tok, random_labels, ["sentiment", "coin"], RepresentationConfig(folds=5)
@@ -327,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=40, help="Examples per ID/OOD set.")
     p.add_argument("--n-per-length", type=int, default=20, help="Copy examples per length.")
     p.add_argument("--n-sentiment", type=int, default=200, help="Movie reviews probed.")
-    p.add_argument("--n-smol", type=int, default=20, help="SmolLM2 queries per task.")
+    p.add_argument("--n-smol", type=int, default=8, help="SmolLM2 queries per task.")
+    p.add_argument("--n-smol-sentiment", type=int, default=100, help="Reviews probed in SmolLM2.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the generated data.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1).")
     p.add_argument("--smollm2", action="store_true", help="Also probe SmolLM2-135M.")
     p.add_argument("--skip-demo", action="store_true", help="Only SmolLM2 (with --smollm2).")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)  # trained copy model and scores identical across machines
     args.figures.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     previous = {}
