@@ -109,6 +109,9 @@ def test_model_trained_to_length_l_degrades_past_it(copy_model):
     within = np.mean(result.loss[: config.train_max_length])
     assert min(result.loss[2 * config.train_max_length :]) > 3 * within
     assert "<polyline" in result.svg() and "| 16 | 4 |" in result.markdown()
+    section = result.to_section()  # a section of the studies report
+    assert section.title == "Length generalisation"
+    assert "<th>accuracy</th>" in section.html and "<td>16</td>" in section.html
 
 
 def test_length_beyond_context_is_a_clear_error(copy_model):

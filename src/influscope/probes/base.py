@@ -40,6 +40,7 @@ __all__ = [
     "completion_scores",
     "encode_completion",
     "hidden_features",
+    "probe_section",
     "text_scores",
 ]
 
@@ -393,3 +394,23 @@ class InfluenceSide:
         """Training positions of each query's top-``k`` proponents, ``(Q, k)``."""
         pairwise = self.scores(queries).pairwise.detach().cpu().numpy()  # (Q, N)
         return np.argsort(-pairwise, axis=1, kind="stable")[:, :k]
+
+
+def probe_section(title: str, markdown: str, svg: str, caption: str = ""):
+    """A studies-report :class:`~influscope.report.views.Section` from a probe's table and plot.
+
+    Args:
+        title: Section title.
+        markdown: The result's :meth:`markdown` table (``| a | b |`` rows, second row a rule).
+        svg: The result's plot.
+        caption: Caption of the plot.
+    """
+    from influscope.report.html import html_figure, html_table
+    from influscope.report.views import Section
+
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
+    return Section(title, html_table(rows[0], rows[1:]) + html_figure(svg, caption))

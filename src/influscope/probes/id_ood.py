@@ -32,7 +32,13 @@ import numpy as np
 from torch import nn
 
 from influscope.errors import ConfigError, DataError
-from influscope.probes.base import InfluenceSide, completion_scores, hidden_features, text_scores
+from influscope.probes.base import (
+    InfluenceSide,
+    completion_scores,
+    hidden_features,
+    probe_section,
+    text_scores,
+)
 
 __all__ = ["IdOodConfig", "IdOodResult", "check_format", "id_ood_probe"]
 
@@ -171,6 +177,10 @@ class IdOodResult:
                 ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def to_section(self):
+        """This result as a section of the studies report (table and plot)."""
+        return probe_section("In- vs out-of-distribution", self.markdown(), self.svg())
 
     def svg(self, title: str = "") -> str:
         from influscope.report.svg import svg_bar_chart

@@ -28,7 +28,12 @@ import numpy as np
 from torch import nn
 
 from influscope.errors import ConfigError, DataError
-from influscope.probes.base import InfluenceSide, completion_scores, encode_completion
+from influscope.probes.base import (
+    InfluenceSide,
+    completion_scores,
+    encode_completion,
+    probe_section,
+)
 from influscope.report.svg import svg_line_plot
 from influscope.tasks import context_length
 
@@ -178,6 +183,10 @@ class PromptingResult:
                 cells.append(f"{self.influence_top1_match[i]:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def to_section(self):
+        """This result as a section of the studies report (table and plot)."""
+        return probe_section("Prompting: accuracy against k", self.markdown(), self.svg())
 
     def svg(self, title: str = "") -> str:
         xs, ys, labels = [], [], []

@@ -39,7 +39,7 @@ import numpy as np
 from torch import nn
 
 from influscope.errors import ConfigError, DataError
-from influscope.probes.base import hidden_features
+from influscope.probes.base import hidden_features, probe_section
 from influscope.report.svg import svg_line_plot
 
 __all__ = [
@@ -229,6 +229,12 @@ class RepresentationResult:
             + (" | |" if self.influence_share else " |")
         )  # fmt: skip
         return "\n".join(lines)
+
+    def to_section(self):
+        """This result as a section of the studies report (table and plot)."""
+        return probe_section(
+            "Representation probes: accuracy per layer", self.markdown(), self.svg()
+        )
 
     def svg(self, title: str = "") -> str:
         """Accuracy per layer (and the block's influence share) as a standalone SVG."""
