@@ -286,3 +286,35 @@ def test_probe_cli_runs_length_and_representation(copy_model, tmp_path, capsys):
     # --influence without --train is refused with the fix.
     assert main([*argv, "--properties", "long", "--influence"]) == 2
     assert "--influence needs the training records" in capsys.readouterr().err
+
+
+def test_probe_cli_runs_prompting_and_id_ood(copy_model, tmp_path, capsys):
+    import json
+
+    from influscope.cli import main
+
+    model, tok, train, config = copy_model
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+
+    def dump(name, rows):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
+        return str(tmp_path / name)
+
+    queries = copy_records([3], 6, config.n_symbols, seed=8)
+    demos = copy_records([2], 6, config.n_symbols, seed=9)
+    base = ["probe", "prompting", "--model", str(tmp_path / "model")]
+    out = tmp_path / "p.json"
+    argv = [*base, "--queries", dump("q.jsonl", queries), "--demos", dump("d.jsonl", demos)]
+    assert main([*argv, "--ks", "0", "1", "--separator", " | ", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ks"] == [0, 1]
+    assert main([*argv, "--ks", "0", "7"]) == 2  # only 6 demonstrations
+    assert "k=7 needs 7 demonstrations" in capsys.readouterr().err
+    rows = [{"text": r["text"], "domain": "short" if r["length"] < 3 else "long"} for r in train]
+    argv = ["probe", "id-ood", "--model", str(tmp_path / "model"), "--train",
+            dump("t.jsonl", rows[:120]), "--eval", f"long={dump('e.jsonl', queries)}"]  # fmt: skip
+    assert main([*argv, "--influence", "--top-k", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sets"] == ["long"] and len(result["top1_from_nearest"]) == 1
+    assert main([*argv[:-1], "long"]) == 2
+    assert "--eval expects NAME=FILE" in capsys.readouterr().err
