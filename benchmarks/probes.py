@@ -249,6 +249,33 @@ def smollm2_tasks(seed: int) -> dict[str, list[dict[str, Any]]]:
     return {"one-digit addition": add, "next letter": nxt, "capital cities": caps}
 
 
+def smollm2_candidates(args) -> tuple[list[dict], dict[str, list[dict]]]:
+    """A labelled candidate set (SmolLM2's own training data is not available) and eval sets.
+
+    Domains: one-digit sums, capital-city sentences, Shakespeare chunks. Evaluation: new sums
+    (in distribution), capitals asked as questions (new wording), movie reviews (OOD).
+    """
+    rng = random.Random(args.seed + 1)
+    caps = _capitals()
+    cand = []
+    for _ in range(24):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        cand.append({"text": f"{a} + {b} = {a + b}", "domain": "arithmetic"})
+    cand += [{"text": f"The capital of {c} is {a}.", "domain": "capitals"} for c, a in caps]
+    chunks = shakespeare_chunks(shakespeare_texts(args.assets), 24, 24, seed=args.seed + 3)
+    cand += [{"text": c["text"], "domain": "shakespeare"} for c in chunks]
+    sums = []
+    for _ in range(args.n_smol):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        sums.append({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
+    questions = [{"prompt": f"Q: What is the capital of {c}? A:", "completion": f" {a}"}
+                 for c, a in caps[: args.n_smol]]  # fmt: skip
+    reviews = [{"text": r["text"]} for r in movie_reviews(args.assets, args.n_smol, 17)]
+    evals = {"arithmetic, new sums": sums, "capitals, question form": questions,
+             "movie reviews (OOD)": reviews}  # fmt: skip
+    return cand, evals
+
+
 def smollm2_probes(args, out: Path) -> dict[str, Any]:
     from influscope.assets import smollm2_gguf
     from influscope.loading import load_model
@@ -280,23 +307,37 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
     rng = random.Random(args.seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
     recs = []
-    for n in (2, 4, 8, 16, 32, 64):
-        for _ in range(args.n_smol // 2):
+    for n in (2, 4, 8, 16, 32, 64):  # after one demonstration of length L = 4
+        for _ in range(args.n_smol):
             s = " ".join(rng.choice(letters) for _ in range(n))
-            demo = " ".join(rng.choice(letters) for _ in range(n))
+            demo = " ".join(rng.choice(letters) for _ in range(4))
             recs.append({"prompt": f"Copy: {demo}\nResult: {demo}\nCopy: {s}\nResult:",
                          "completion": f" {s}", "length": n})  # fmt: skip
-    lres = length_probe(model, tok, recs, train_max_length=2, batch_size=4)
+    lres = length_probe(model, tok, recs, train_max_length=4, batch_size=4)
     results["length_copy"] = lres.to_dict()
     tables["smollm2-length"] = lres.markdown()
     atomic_write_text(out / "smollm2_copy_length.svg", lres.svg("SmolLM2-135M: 1-shot copy"))
+
+    _log("SmolLM2 ID vs OOD over a candidate set (EK-FAC on the 30 MLP down-projections)")
+    candidates, evals = smollm2_candidates(args)
+    t0 = time.perf_counter()
+    side = InfluenceSide(model, tok, candidates, modules=r"mlp\.down_proj$")
+    _log(f"SmolLM2 EK-FAC fit on {len(candidates)} candidates: {time.perf_counter() - t0:.0f} s")
+    ores = id_ood_probe(model, tok, candidates, evals, IdOodConfig(top_k=5, folds=3),
+                        influence=side, batch_size=4)  # fmt: skip
+    results["id_ood"] = ores.to_dict()
+    tables["smollm2-id-ood"] = ores.markdown()
+    scores = side.scores(evals["capitals, question form"], per_layer=True)
+    study = layer_study(scores)
+    share = block_influence_share(study.layer_names, study.abs_share)
 
     _log("SmolLM2 representation")
     reviews = movie_reviews(args.assets, args.n_smol_sentiment, 11)
     random_labels = [dict(r, coin=random.Random(i).random() < 0.5) for i, r in enumerate(reviews)]
     rres = representation_probe(
-        model, tok, random_labels, ["sentiment", "coin"], RepresentationConfig(folds=5)
-    )
+        model, tok, random_labels, ["sentiment", "coin"], RepresentationConfig(folds=5),
+        influence_share=share,
+    )  # fmt: skip
     results["representation"] = rres.to_dict()
     tables["smollm2-representation"] = rres.markdown()
     atomic_write_text(
