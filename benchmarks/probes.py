@@ -188,8 +188,9 @@ def demo_probes(args, out: Path) -> dict[str, Any]:
     demos = [dict(q, prompt=q["prompt"].split(". ", 1)[-1]) for q in taught]
     config = PromptingConfig(ks=(0, 1, 2, 4, 8), separator=" ", cot_prefix=COT)
     pres = prompting_probe(model, tok, context, demos, config, influence=side)
-    para = prompting_probe(model, tok, with_relation(corpus, paraphrase), demos, config,
-                           influence=side)  # fmt: skip
+    para = prompting_probe(
+        model, tok, with_relation(corpus, paraphrase), demos, config, influence=side
+    )
     results["prompting_context"] = pres.to_dict()
     results["prompting_paraphrase"] = para.to_dict()
     atomic_write_text(out / "demo_prompting.svg", pres.svg("Demo: held-out lead-in queries"))
@@ -211,9 +212,13 @@ def demo_probes(args, out: Path) -> dict[str, Any]:
         + reviews
     )
     rres = representation_probe(
-        model, tok, records, ["relation", "domain", "sentiment"], RepresentationConfig(folds=5),
+        model,
+        tok,
+        records,
+        ["relation", "domain", "sentiment"],
+        RepresentationConfig(folds=5),
         influence_share=share,
-    )  # fmt: skip
+    )
     results["representation"] = rres.to_dict()
     atomic_write_text(out / "demo_representation.svg", rres.svg("Demo: probe accuracy per layer"))
     tables["demo-representation"] = rres.markdown()
@@ -225,12 +230,27 @@ def demo_probes(args, out: Path) -> dict[str, Any]:
 # --- SmolLM2 --------------------------------------------------------------------------------
 def _capitals() -> list[tuple[str, str]]:
     return [
-        ("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-        ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Russia", "Moscow"), ("Greece", "Athens"),
-        ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Norway", "Oslo"),
-        ("Sweden", "Stockholm"), ("Ireland", "Dublin"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
-        ("Cuba", "Havana"), ("Chile", "Santiago"), ("Finland", "Helsinki"), ("Hungary", "Budapest"),
-    ]  # fmt: skip
+        ("France", "Paris"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Germany", "Berlin"),
+        ("Japan", "Tokyo"),
+        ("Egypt", "Cairo"),
+        ("Russia", "Moscow"),
+        ("Greece", "Athens"),
+        ("Portugal", "Lisbon"),
+        ("Austria", "Vienna"),
+        ("Poland", "Warsaw"),
+        ("Norway", "Oslo"),
+        ("Sweden", "Stockholm"),
+        ("Ireland", "Dublin"),
+        ("Kenya", "Nairobi"),
+        ("Peru", "Lima"),
+        ("Cuba", "Havana"),
+        ("Chile", "Santiago"),
+        ("Finland", "Helsinki"),
+        ("Hungary", "Budapest"),
+    ]
 
 
 def smollm2_tasks(seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -239,13 +259,33 @@ def smollm2_tasks(seed: int) -> dict[str, list[dict[str, Any]]]:
     add = []
     for i in range(40):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        add.append({"prompt": f"{a} + {b} =", "completion": f" {a + b}", "fact_id": f"add{i}",
-                    "relation": "add"})  # fmt: skip
+        add.append(
+            {
+                "prompt": f"{a} + {b} =",
+                "completion": f" {a + b}",
+                "fact_id": f"add{i}",
+                "relation": "add",
+            }
+        )
     letters = "abcdefghijklmnopqrstuvwxy"
-    nxt = [{"prompt": f"The letter after {c} is", "completion": f" {chr(ord(c) + 1)}",
-            "fact_id": f"next{c}", "relation": "next"} for c in letters]  # fmt: skip
-    caps = [{"prompt": f"The capital of {c} is", "completion": f" {a}", "fact_id": c,
-             "relation": "capital"} for c, a in _capitals()]  # fmt: skip
+    nxt = [
+        {
+            "prompt": f"The letter after {c} is",
+            "completion": f" {chr(ord(c) + 1)}",
+            "fact_id": f"next{c}",
+            "relation": "next",
+        }
+        for c in letters
+    ]
+    caps = [
+        {
+            "prompt": f"The capital of {c} is",
+            "completion": f" {a}",
+            "fact_id": c,
+            "relation": "capital",
+        }
+        for c, a in _capitals()
+    ]
     return {"one-digit addition": add, "next letter": nxt, "capital cities": caps}
 
 
@@ -268,11 +308,16 @@ def smollm2_candidates(args) -> tuple[list[dict], dict[str, list[dict]]]:
     for _ in range(args.n_smol):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         sums.append({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
-    questions = [{"prompt": f"Q: What is the capital of {c}? A:", "completion": f" {a}"}
-                 for c, a in caps[: args.n_smol]]  # fmt: skip
+    questions = [
+        {"prompt": f"Q: What is the capital of {c}? A:", "completion": f" {a}"}
+        for c, a in caps[: args.n_smol]
+    ]
     reviews = [{"text": r["text"]} for r in movie_reviews(args.assets, args.n_smol, 17)]
-    evals = {"arithmetic, new sums": sums, "capitals, question form": questions,
-             "movie reviews (OOD)": reviews}  # fmt: skip
+    evals = {
+        "arithmetic, new sums": sums,
+        "capitals, question form": questions,
+        "movie reviews (OOD)": reviews,
+    }
     return cand, evals
 
 
@@ -311,8 +356,13 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
         for _ in range(args.n_smol):
             s = " ".join(rng.choice(letters) for _ in range(n))
             demo = " ".join(rng.choice(letters) for _ in range(4))
-            recs.append({"prompt": f"Copy: {demo}\nResult: {demo}\nCopy: {s}\nResult:",
-                         "completion": f" {s}", "length": n})  # fmt: skip
+            recs.append(
+                {
+                    "prompt": f"Copy: {demo}\nResult: {demo}\nCopy: {s}\nResult:",
+                    "completion": f" {s}",
+                    "length": n,
+                }
+            )
     lres = length_probe(model, tok, recs, train_max_length=4, batch_size=4)
     results["length_copy"] = lres.to_dict()
     tables["smollm2-length"] = lres.markdown()
@@ -323,8 +373,9 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     side = InfluenceSide(model, tok, candidates, modules=r"mlp\.down_proj$")
     _log(f"SmolLM2 EK-FAC fit on {len(candidates)} candidates: {time.perf_counter() - t0:.0f} s")
-    ores = id_ood_probe(model, tok, candidates, evals, IdOodConfig(top_k=5, folds=3),
-                        influence=side, batch_size=4)  # fmt: skip
+    ores = id_ood_probe(
+        model, tok, candidates, evals, IdOodConfig(top_k=5, folds=3), influence=side, batch_size=4
+    )
     results["id_ood"] = ores.to_dict()
     tables["smollm2-id-ood"] = ores.markdown()
     scores = side.scores(evals["capitals, question form"], per_layer=True)
@@ -335,9 +386,13 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
     reviews = movie_reviews(args.assets, args.n_smol_sentiment, 11)
     random_labels = [dict(r, coin=random.Random(i).random() < 0.5) for i, r in enumerate(reviews)]
     rres = representation_probe(
-        model, tok, random_labels, ["sentiment", "coin"], RepresentationConfig(folds=5),
+        model,
+        tok,
+        random_labels,
+        ["sentiment", "coin"],
+        RepresentationConfig(folds=5),
         influence_share=share,
-    )  # fmt: skip
+    )
     results["representation"] = rres.to_dict()
     tables["smollm2-representation"] = rres.markdown()
     atomic_write_text(

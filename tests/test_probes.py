@@ -146,10 +146,13 @@ class _StubLM(nn.Module):
 def _yes_no():
     tok = copy_tokenizer(10)
     ids = {s: tok.convert_tokens_to_ids(s) for s in ("a", "b", "|")}
-    queries = [{"prompt": f"{c} c", "completion": f" {a}", "fact_id": i}
-               for i, (c, a) in enumerate([("d", "a"), ("e", "a"), ("f", "a"), ("g", "b")])]  # fmt: skip
-    demos = [{"prompt": f"{c} c", "completion": " a", "fact_id": 10 + i}
-             for i, c in enumerate("hijhij")]  # fmt: skip
+    queries = [
+        {"prompt": f"{c} c", "completion": f" {a}", "fact_id": i}
+        for i, (c, a) in enumerate([("d", "a"), ("e", "a"), ("f", "a"), ("g", "b")])
+    ]
+    demos = [
+        {"prompt": f"{c} c", "completion": " a", "fact_id": 10 + i} for i, c in enumerate("hijhij")
+    ]
     return tok, ids, queries, demos
 
 
@@ -187,8 +190,9 @@ def test_k_larger_than_the_demonstrations_is_a_clear_error():
     stub = _StubLM(len(tok), ids["a"], ids["b"], ids["|"])
     with pytest.raises(ConfigError, match=r"k=8 needs 8 demonstrations, but query 0 has only 6"):
         prompting_probe(stub, tok, queries, demos, PromptingConfig(ks=(0, 8)))
-    long_demos = [{"prompt": " ".join("c" * 30), "completion": " a", "fact_id": 99 + i}
-                  for i in range(3)]  # fmt: skip
+    long_demos = [
+        {"prompt": " ".join("c" * 30), "completion": " a", "fact_id": 99 + i} for i in range(3)
+    ]
     with pytest.raises(DataError, match=r"The 2-shot prompts .* beyond the model's context of 64"):
         prompting_probe(stub, tok, queries, long_demos, PromptingConfig(ks=(0, 1, 2)))
     with pytest.raises(ConfigError, match="strictly increasing"):
@@ -225,8 +229,9 @@ def test_ood_examples_draw_influence_from_their_nearest_domain():
 
     train = strings("abcde", 90, "low") + strings("fghij", 30, "high")
     config = make_gpt2_config(tok, n_layer=2, n_embd=32, n_head=2, n_positions=16)
-    model = train_lm(train, tok, config, epochs=4, lr=3e-3, weight_decay=0.0, batch_size=16,
-                     seed=0).model  # fmt: skip
+    model = train_lm(
+        train, tok, config, epochs=4, lr=3e-3, weight_decay=0.0, batch_size=16, seed=0
+    ).model
     side = InfluenceSide(model, tok, train, query_rank=None)
     evals = {
         "held-out low": strings("abcde", 12, "low"),
@@ -311,8 +316,16 @@ def test_probe_cli_runs_prompting_and_id_ood(copy_model, tmp_path, capsys):
     assert main([*argv, "--ks", "0", "7"]) == 2  # only 6 demonstrations
     assert "k=7 needs 7 demonstrations" in capsys.readouterr().err
     rows = [{"text": r["text"], "domain": "short" if r["length"] < 3 else "long"} for r in train]
-    argv = ["probe", "id-ood", "--model", str(tmp_path / "model"), "--train",
-            dump("t.jsonl", rows[:120]), "--eval", f"long={dump('e.jsonl', queries)}"]  # fmt: skip
+    argv = [
+        "probe",
+        "id-ood",
+        "--model",
+        str(tmp_path / "model"),
+        "--train",
+        dump("t.jsonl", rows[:120]),
+        "--eval",
+        f"long={dump('e.jsonl', queries)}",
+    ]
     assert main([*argv, "--influence", "--top-k", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["sets"] == ["long"] and len(result["top1_from_nearest"]) == 1

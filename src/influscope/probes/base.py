@@ -371,8 +371,9 @@ class InfluenceSide:
         from influscope.analyzer import Influence
         from influscope.config import FitConfig
 
-        self.inf = Influence(model, "causal_lm", modules=modules, run_dir=run_dir,
-                             tokenizer=tokenizer, device=device)  # fmt: skip
+        self.inf = Influence(
+            model, "causal_lm", modules=modules, run_dir=run_dir, tokenizer=tokenizer, device=device
+        )
         self.train_records = list(train_records)
         self.train = self.inf.encode(self.train_records, truncate=True)
         self.factors = self.inf.fit(self.train, FitConfig(curvature="ekfac"), overwrite=True)

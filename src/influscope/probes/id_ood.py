@@ -154,8 +154,15 @@ class IdOodResult:
         return {"probe": "id_ood", **{k: v for k, v in self.__dict__.items()}}
 
     def markdown(self) -> str:
-        head = ["set", "n", "loss / token", "accuracy", "domain AUC", "rel. distance",
-                "nearest domain (share)"]  # fmt: skip
+        head = [
+            "set",
+            "n",
+            "loss / token",
+            "accuracy",
+            "domain AUC",
+            "rel. distance",
+            "nearest domain (share)",
+        ]
         if self.top1_from_nearest:
             head += ["top-1 from nearest", f"top-{self.top_k} from nearest", "random ranking"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -143,9 +143,13 @@ def copy_records(
             body = " ".join(rng.choice(symbols) for _ in range(n))
             prompt, completion = f"{body} {SEPARATOR}", f" {body}"
             out.append(
-                {"prompt": prompt, "completion": completion, "text": prompt + completion,
-                 "length": n}
-            )  # fmt: skip
+                {
+                    "prompt": prompt,
+                    "completion": completion,
+                    "text": prompt + completion,
+                    "length": n,
+                }
+            )
     return out
 
 

@@ -199,9 +199,14 @@ class PromptingResult:
             ys.append(self.influence_top1_match)
             labels.append("top-1 influence states the fact")
         return svg_line_plot(
-            xs, ys, labels, title=title, x_label="k (demonstrations)", y_label="accuracy",
+            xs,
+            ys,
+            labels,
+            title=title,
+            x_label="k (demonstrations)",
+            y_label="accuracy",
             standalone=True,
-        )  # fmt: skip
+        )
 
 
 def prompting_probe(
@@ -243,8 +248,9 @@ def prompting_probe(
     limit = context_length(model)
     if limit is not None:
         for (arm, k), recs in sorted(prompts.items(), key=lambda kv: kv[0][1]):
-            longest = max(sum(map(len, encode_completion(tokenizer, r, i)))
-                          for i, r in enumerate(recs))  # fmt: skip
+            longest = max(
+                sum(map(len, encode_completion(tokenizer, r, i))) for i, r in enumerate(recs)
+            )
             if longest > limit:
                 fits = [kk for kk in config.ks if kk < k]
                 raise DataError(

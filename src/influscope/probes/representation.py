@@ -225,9 +225,10 @@ class RepresentationResult:
                 cells.append("—" if share is None else f"{share:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append(
-            "| chance | " + " | ".join(f"{self.chance[p]:.3f}" for p in self.properties)
+            "| chance | "
+            + " | ".join(f"{self.chance[p]:.3f}" for p in self.properties)
             + (" | |" if self.influence_share else " |")
-        )  # fmt: skip
+        )
         return "\n".join(lines)
 
     def to_section(self):
