@@ -377,7 +377,14 @@ def smollm2_probes(args, out: Path) -> dict[str, Any]:
         model, tok, candidates, evals, IdOodConfig(top_k=5, folds=3), influence=side, batch_size=4
     )
     results["id_ood"] = ores.to_dict()
+    side.normalize = "relatif"
+    rel = id_ood_probe(
+        model, tok, candidates, evals, IdOodConfig(top_k=5, folds=3), influence=side, batch_size=4
+    )
+    side.normalize = None
+    results["id_ood_relatif"] = rel.to_dict()
     tables["smollm2-id-ood"] = ores.markdown()
+    tables["smollm2-id-ood-relatif"] = rel.markdown()
     scores = side.scores(evals["capitals, question form"], per_layer=True)
     study = layer_study(scores)
     share = block_influence_share(study.layer_names, study.abs_share)

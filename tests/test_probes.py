@@ -246,6 +246,10 @@ def test_ood_examples_draw_influence_from_their_nearest_domain():
     assert min(res.top1_from_nearest) > 0.6
     assert all(0 <= a <= 1 for a in res.domain_auc)
     assert "| held-out high |" in res.markdown()
+    assert res.top1_domains[high]["high"] == pytest.approx(res.top1_from_nearest[high])
+    side.normalize = "relatif"  # RelatIF ranking: still from the nearest domain
+    rel = id_ood_probe(model, tok, train, evals, IdOodConfig(top_k=5, folds=3), influence=side)
+    assert min(rel.top1_from_nearest) > 0.6
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -355,6 +355,8 @@ class InfluenceSide:
         run_dir: Where the factors are stored (``None``: in memory).
         device: Device of the influence computation.
         query_rank: Low-rank query approximation (``None`` = full rank).
+        normalize: ``None``, or ``"relatif"`` to rank by ``I_q(z) / sqrt(self-influence(z))``
+            (suppresses sequences with large gradients); may be changed between calls.
     """
 
     def __init__(
@@ -367,6 +369,7 @@ class InfluenceSide:
         run_dir: str | None = None,
         device: str | None = "cpu",
         query_rank: int | None = 32,
+        normalize: str | None = None,
     ) -> None:
         from influscope.analyzer import Influence
         from influscope.config import FitConfig
@@ -378,6 +381,7 @@ class InfluenceSide:
         self.train = self.inf.encode(self.train_records, truncate=True)
         self.factors = self.inf.fit(self.train, FitConfig(curvature="ekfac"), overwrite=True)
         self.query_rank = query_rank
+        self.normalize = normalize
 
     @property
     def layer_names(self) -> list[str]:
@@ -388,7 +392,9 @@ class InfluenceSide:
         from influscope.config import ScoreConfig
 
         encoded = self.inf.encode(list(queries), truncate=True)
-        config = ScoreConfig(query_rank=self.query_rank, per_layer=per_layer)
+        config = ScoreConfig(
+            query_rank=self.query_rank, per_layer=per_layer, normalize=self.normalize
+        )
         return self.inf.score(encoded, self.train, self.factors, config)
 
     def top(self, queries: Sequence[dict[str, Any]], k: int = 10) -> np.ndarray:

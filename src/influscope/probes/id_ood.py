@@ -131,6 +131,8 @@ class IdOodResult:
             nearest domain (empty if influence was not computed).
         topk_from_nearest: Per set, mean share of the top-``k`` in the nearest domain.
         base_rate: Per set, mean training share of the examples' nearest domains.
+        top1_domains: Per set, ``{domain: fraction of its examples whose top-1 proponent is
+            in that domain}``.
         domains: ``{domain: training records}``.
         top_k: ``k``.
     """
@@ -148,6 +150,7 @@ class IdOodResult:
     top1_from_nearest: list[float] = field(default_factory=list)
     topk_from_nearest: list[float] = field(default_factory=list)
     base_rate: list[float] = field(default_factory=list)
+    top1_domains: list[dict[str, float]] = field(default_factory=list)
     top_k: int = 10
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +168,7 @@ class IdOodResult:
         ]
         if self.top1_from_nearest:
             head += ["top-1 from nearest", f"top-{self.top_k} from nearest", "random ranking"]
+            head.append("domains of the top-1")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i, name in enumerate(self.sets):
             cells = [
@@ -181,6 +185,7 @@ class IdOodResult:
                     f"{self.top1_from_nearest[i]:.3f}",
                     f"{self.topk_from_nearest[i]:.3f}",
                     f"{self.base_rate[i]:.3f}",
+                    ", ".join(f"{d} {v:.2f}" for d, v in self.top1_domains[i].items() if v),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -308,4 +313,5 @@ def id_ood_probe(
             result.topk_from_nearest.append(float((dom == near[:, None]).mean()))
             total = len(train_records)
             result.base_rate.append(float(np.mean([counts[d] / total for d in near])))
+            result.top1_domains.append({d: float((dom[:, 0] == d).mean()) for d in domains})
     return result
