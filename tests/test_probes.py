@@ -330,7 +330,7 @@ def test_probe_cli_runs_prompting_and_id_ood(copy_model, tmp_path, capsys):
         "--eval",
         f"long={dump('e.jsonl', queries)}",
     ]
-    assert main([*argv, "--influence", "--top-k", "3", "--out", str(out)]) == 0
+    assert main([*argv, "--influence", "--relatif", "--top-k", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["sets"] == ["long"] and len(result["top1_from_nearest"]) == 1
     assert main([*argv[:-1], "long"]) == 2

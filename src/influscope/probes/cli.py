@@ -1,4 +1,4 @@
-"""``influscope probe KIND``: generalisation probes beside influence (:mod:`influscope.probes`).
+"""``influscope probe KIND``: generalisation probes beside influence (see docs/probes.md).
 
 ::
 
@@ -46,6 +46,11 @@ def _common(p: argparse.ArgumentParser, *, train_required: bool = False) -> None
         "--influence",
         action="store_true",
         help="Fit EK-FAC on --train and show what influence says about the same examples.",
+    )
+    p.add_argument(
+        "--relatif",
+        action="store_true",
+        help="With --influence: rank proponents by I / sqrt(self-influence) (RelatIF).",
     )
 
 
@@ -131,12 +136,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _load(args):
+    from influscope.analyzer import resolve_device
     from influscope.loading import load_model
 
     model, tok = load_model(args.model)
-    if args.device:
-        model = model.to(args.device)
-    return model, tok
+    args.device = str(resolve_device(args.device))
+    return model.to(args.device), tok
 
 
 def _influence(args, model, tok):
@@ -150,7 +155,10 @@ def _influence(args, model, tok):
     from influscope.loading import load_records
     from influscope.probes.base import InfluenceSide
 
-    return InfluenceSide(model, tok, load_records(args.train), device=args.device or "cpu")
+    normalize = "relatif" if args.relatif else None
+    return InfluenceSide(
+        model, tok, load_records(args.train), device=args.device, normalize=normalize
+    )
 
 
 def cmd_probe(args) -> int:
