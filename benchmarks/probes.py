@@ -5,7 +5,8 @@ Writes the tables between the ``<!-- BEGIN name -->`` / ``<!-- END name -->`` ma
 ``runs/probes/results.json``. The demo model is the one ``make demo`` trains (``runs/demo``);
 it is trained here with the same pipeline when missing.
 
-Run (after ``make assets``; about 5 minutes on 2 CPU cores, SmolLM2 adds a few more)::
+Run (after ``make assets``; the demo part took 7 minutes on 2 CPU cores shared with other
+jobs, ``--smollm2`` adds about 10)::
 
     .venv/bin/python benchmarks/probes.py --assets .cache/assets [--smollm2]
 
