@@ -335,3 +335,13 @@ def test_probe_cli_runs_prompting_and_id_ood(copy_model, tmp_path, capsys):
     assert result["sets"] == ["long"] and len(result["top1_from_nearest"]) == 1
     assert main([*argv[:-1], "long"]) == 2
     assert "--eval expects NAME=FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["length", "representation"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"influscope.probes.{name}")
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

@@ -129,7 +129,7 @@ def copy_records(
 
     Example:
         >>> copy_records([2], 1, 3, seed=1)[0]["text"]
-        'a a | a a'
+        'a c | a c'
     """
     if n_per_length < 1 or any(n < 1 for n in lengths):
         raise ConfigError(
