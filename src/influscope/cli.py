@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     from influscope.trajectory.cli import add_parser as add_trajectory_parser
 
     add_trajectory_parser(sub)  # `trajectory`
+    from influscope.probes.cli import add_parser as add_probe_parser
+
+    add_probe_parser(sub)  # `probe`
     fit.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
@@ -501,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from influscope.trajectory.cli import cmd_trajectory
 
     handlers["trajectory"] = cmd_trajectory
+    from influscope.probes.cli import COMMANDS as PROBE_COMMANDS
+
+    handlers |= PROBE_COMMANDS
     try:
         return handlers[args.command](args)
     except InfluscopeError as exc:
