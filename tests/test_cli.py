@@ -72,10 +72,17 @@ def test_cli_errors_are_clear_and_exit_2(workdir, capsys):
 def test_help_explains_every_option():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name, p in sub.choices.items():
+
+    def walk(prefix, p):  # nested sub-commands too (e.g. `probe length`)
         for action in p._actions:
-            if action.dest != "help":
-                assert action.help, f"{name} --{action.dest} has no help"
+            if action.__class__.__name__ == "_SubParsersAction":
+                for child, q in action.choices.items():
+                    walk(f"{prefix} {child}", q)
+            elif action.dest != "help":
+                assert action.help, f"{prefix} --{action.dest} has no help"
+
+    for name, p in sub.choices.items():
+        walk(name, p)
     out = subprocess.run(
         [sys.executable, "-m", "influscope.cli", "score", "--help"],
         capture_output=True,
