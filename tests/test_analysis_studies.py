@@ -237,3 +237,14 @@ def test_demo_runs_find_their_records_in_the_saved_corpus(tmp_path):
     view, studies = report_run(tmp_path, config=StudyConfig(sparsity=SparsityConfig(n_bootstrap=0)))
     assert view.queries[0].name == "f0" and view.queries[-1].completion.strip()
     assert "layers" not in studies and "sparsity" in studies
+
+
+def test_report_run_appends_stored_probe_sections(stored_run):
+    # `influscope probe KIND --run RUN` stores RUN/probes/KIND.json; the studies report shows it
+    atomic_write_json(
+        stored_run / "probes" / "length.json",
+        {"report_section": {"title": "Length", "markdown": "| L | acc |\n|---|---|\n| 4 | 0.9 |"}},
+    )
+    config = StudyConfig(sparsity=SparsityConfig(n_bootstrap=0))
+    view, _ = report_run(stored_run, model="none", config=config)
+    assert view.sections[-1].title == "Probe: Length" and "0.9" in view.sections[-1].html

@@ -281,8 +281,21 @@ def test_probe_cli_runs_length_and_representation(copy_model, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in records))
     out, svg = tmp_path / "length.json", tmp_path / "length.svg"
     argv = ["probe", "length", "--model", str(tmp_path / "model"), "--data", str(data)]
-    assert main([*argv, "--train-length", "4", "--out", str(out), "--svg", str(svg)]) == 0
+    run = tmp_path / "run"
+    extra = ["--out", str(out), "--svg", str(svg), "--run", str(run)]
+    assert main([*argv, "--train-length", "4", *extra]) == 0
     result = json.loads(out.read_text())
+    # stored for the studies report: text only, rendered escaped
+    from influscope.probes.base import stored_sections
+    from influscope.storage import atomic_write_json
+
+    (section,) = stored_sections(run)
+    assert section.title.startswith("Probe: ") and "<td" in section.html
+    stored = json.loads((run / "probes" / "length.json").read_text())
+    stored["report_section"]["markdown"] = "| <b>x</b> |\n|---|\n| <script>y</script> |"
+    atomic_write_json(run / "probes" / "length.json", stored)
+    (section,) = stored_sections(run)
+    assert "&lt;script&gt;" in section.html and "<script>" not in section.html
     assert result["lengths"] == [2, 12] and result["accuracy"][0] > result["accuracy"][1]
     assert svg.read_text().startswith("<svg")
     assert "| 12 | 3 | 4 |" in capsys.readouterr().out

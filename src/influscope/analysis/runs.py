@@ -43,6 +43,7 @@ from influscope.analysis.sparsity import SparsityConfig, sparsity_study
 from influscope.analysis.tokens import token_study
 from influscope.analysis.word_order import word_order_study
 from influscope.errors import ConfigError, DataError, InfluscopeError
+from influscope.probes.base import stored_sections
 from influscope.report.views import QueryView, ReportView, SequenceView
 from influscope.scoring.pairwise import Scores
 from influscope.storage import atomic_write_json, read_json, read_tensors
@@ -345,7 +346,7 @@ def report_run(
         title=title or f"influscope — {run.name}",
         overview=overview,
         queries=views,
-        sections=[s.to_section() for s in studies.values()],
+        sections=[s.to_section() for s in studies.values()] + stored_sections(run),
         layer_heatmap=heatmap,
     )
     payload = {name: result.to_dict() for name, result in studies.items()}

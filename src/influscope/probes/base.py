@@ -403,6 +403,15 @@ class InfluenceSide:
         return np.argsort(-pairwise, axis=1, kind="stable")[:, :k]
 
 
+def markdown_rows(markdown: str) -> list[list[str]]:
+    """The cells of a ``| a | b |`` Markdown table (header first, the rule row dropped)."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
+
+
 def probe_section(title: str, markdown: str, svg: str, caption: str = ""):
     """A studies-report :class:`~influscope.report.views.Section` from a probe's table and plot.
 
@@ -415,9 +424,41 @@ def probe_section(title: str, markdown: str, svg: str, caption: str = ""):
     from influscope.report.html import html_figure, html_table
     from influscope.report.views import Section
 
-    rows = [
-        [cell.strip() for cell in line.strip().strip("|").split("|")]
-        for line in markdown.splitlines()
-        if line.startswith("|") and not line.startswith("|---")
-    ]
+    rows = markdown_rows(markdown)
     return Section(title, html_table(rows[0], rows[1:]) + html_figure(svg, caption))
+
+
+def report_section(result) -> dict[str, str]:
+    """``{"title", "markdown"}`` of a probe result, stored beside it for the studies report.
+
+    Only text is stored (no HTML or SVG), so a stored file cannot inject markup into a report:
+    :func:`stored_sections` escapes every cell when it renders the table.
+    """
+    return {"title": result.to_section().title, "markdown": result.markdown()}
+
+
+def stored_sections(run) -> list:
+    """Sections of the studies report for every probe stored under ``RUN/probes/*.json``.
+
+    Files without a ``report_section`` (or unreadable ones) are skipped with a warning.
+    """
+    import logging
+    from pathlib import Path
+
+    from influscope.report.html import html_paragraph, html_table
+    from influscope.report.views import Section
+    from influscope.storage.atomic import read_json
+
+    out = []
+    for path in sorted((Path(run) / "probes").glob("*.json")):
+        try:
+            sec = read_json(path)["report_section"]
+            rows = markdown_rows(str(sec["markdown"]))
+            html = html_table(rows[0], rows[1:]) + html_paragraph(
+                f"From {path.name} (influscope probe); the plot is in the probe's --svg file.",
+                muted=True,
+            )
+            out.append(Section(f"Probe: {sec['title']}", html))
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
+            logging.getLogger(__name__).warning("probe section %s skipped: %s", path, exc)
+    return out

@@ -28,6 +28,12 @@ def _common(p: argparse.ArgumentParser, *, train_required: bool = False) -> None
     p.add_argument("--out", default=None, help="Write the result as JSON to this file.")
     p.add_argument("--svg", default=None, help="Write the probe's plot to this SVG file.")
     p.add_argument(
+        "--run",
+        default=None,
+        help="Also store the result as RUN/probes/KIND.json; `influscope report RUN` then "
+        "shows it as a section of the studies report.",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=16, help="Records per forward pass (default 16)."
     )
     if train_required:
@@ -176,6 +182,7 @@ def cmd_probe(args) -> int:
         prompting_probe,
         representation_probe,
     )
+    from influscope.probes.base import report_section
     from influscope.storage import atomic_write_json
     from influscope.storage.atomic import atomic_write_text
 
@@ -244,8 +251,11 @@ def cmd_probe(args) -> int:
             batch_size=args.batch_size,
         )
     Console().print(result.markdown(), markup=False, highlight=False)
+    payload = {**result.to_dict(), "report_section": report_section(result)}
     if args.out:
-        atomic_write_json(Path(args.out), result.to_dict())
+        atomic_write_json(Path(args.out), payload)
+    if args.run:
+        atomic_write_json(Path(args.run) / "probes" / f"{args.kind}.json", payload)
     if args.svg:
         atomic_write_text(Path(args.svg), result.svg(title=f"influscope probe {args.kind}"))
     return 0
