@@ -249,11 +249,13 @@ class Influence:
         factors: CurvatureOperator,
         config: ScoreConfig | None = None,
         train: EncodedDataset | None = None,
+        refine_store: PartialSums | None = None,
     ) -> PreconditionedQueries:
         """Preconditioned (optionally low-rank) query gradients.
 
         ``train`` is needed only for ``config.refine_steps > 0`` (the Gauss-Newton products of
-        the refinement run over it).
+        the refinement run over it). ``refine_store`` keeps refined query blocks on disk so an
+        interrupted refinement resumes (:meth:`score` passes one when it stores its stage).
         """
         queries = self._check(queries, "queries")
         if factors is None:
@@ -272,6 +274,7 @@ class Influence:
             queries,
             config,
             train=train,
+            refine_store=refine_store,
         )
 
     def score(
@@ -296,10 +299,29 @@ class Influence:
         # score-time damping override (ScoreConfig.damping / damping_factor); preconditioned
         # queries passed in keep the damping they were built with
         factors = score_damping(factors, config)
+        refine_store = None
+        if (
+            self.run is not None
+            and name is not None
+            and config.refine_steps > 0
+            and not isinstance(queries, PreconditionedQueries)
+        ):  # refined query blocks are kept until the stage is saved: a killed run resumes
+            queries = self._check(queries, "queries")
+            partial = self.run.stage_dir("scores", name).with_name(f".{name}.refine-partial")
+            refine_store = PartialSums(
+                partial,
+                {
+                    "config": config.to_dict(),
+                    "model": self.fingerprint(),
+                    "data": train.fingerprint(),
+                    "queries": queries.fingerprint(),
+                    "damping": factors.damping,
+                },
+            )
         pq = (
             queries
             if isinstance(queries, PreconditionedQueries)
-            else self.precondition(queries, factors, config, train)
+            else self.precondition(queries, factors, config, train, refine_store=refine_store)
         )
         expected = None
         if self.run is not None and name is not None:
@@ -336,6 +358,8 @@ class Influence:
                 scores.tensors(),
                 {**expected, "layers": scores.layer_names, "train_indices": scores.train_indices},
             )
+        if refine_store is not None:
+            refine_store.clear()
         return scores
 
     def damping_sweep(

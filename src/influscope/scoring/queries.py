@@ -21,7 +21,7 @@ from torch import nn
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
 from influscope.errors import ConfigError
-from influscope.modules.passes import layer_passes
+from influscope.modules.passes import layer_passes, rank_and_world
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
@@ -92,6 +92,7 @@ def precondition_queries(
     config: ScoreConfig,
     dense_budget: int = DENSE_BUDGET,
     train: EncodedDataset | None = None,
+    refine_store=None,
 ) -> PreconditionedQueries:
     """Compute ``(G + λI)^{-1} ∇f`` for every query and layer (one pass over the queries).
 
@@ -100,9 +101,17 @@ def precondition_queries(
     only then truncated to rank ``r``: refining the factors instead would need the SVD to
     commute with the solve, which it does not (the refined vector's top singular directions
     differ from those of ``P^{-1}∇f``).
+
+    With a ``refine_store`` (a :class:`~influscope.curvature.shards.PartialSums`, which
+    :meth:`influscope.Influence.score` passes when it stores its stage) the queries are refined
+    in blocks of ``config.batch_size``, each block saved when done, so a killed refinement
+    resumes at the first unfinished block. CG and Neumann keep per-query step sizes, so blocks
+    give the same result as one solve over every query.
     """
     if config.refine_steps > 0:
-        return _refined(model, task, layers, operator, queries, config, dense_budget, train)
+        return _refined(
+            model, task, layers, operator, queries, config, dense_budget, train, refine_store
+        )
     dense: dict[str, list[torch.Tensor]] = {}
     us: dict[str, list[torch.Tensor]] = {}
     vs: dict[str, list[torch.Tensor]] = {}
@@ -144,7 +153,7 @@ def precondition_queries(
     return pq
 
 
-def _refined(model, task, layers, operator, queries, config, dense_budget, train):
+def _refined(model, task, layers, operator, queries, config, dense_budget, train, store=None):
     from influscope.linalg import low_rank
     from influscope.solvers import GaussNewtonProduct, refine_queries
 
@@ -172,17 +181,44 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
             grads.setdefault(name, []).append(g)
             start.setdefault(name, []).append(operator.precondition(name, g))
     product = GaussNewtonProduct(model, task, layers, operator.damping, config.batch_size)
-    refined, residuals = refine_queries(
-        product,
-        operator,
-        {k: torch.cat(v) for k, v in grads.items()},
-        {k: torch.cat(v) for k, v in start.items()},
-        train,
-        steps=config.refine_steps,
-        method=config.refine,
-        tol=config.refine_tol,
-        examples=config.refine_examples,
-        seed=config.refine_seed,
+    grads = {k: torch.cat(v) for k, v in grads.items()}  # {layer: (Q, out, in)}
+    start = {k: torch.cat(v) for k, v in start.items()}
+    n_q = next(iter(grads.values())).shape[0]
+    block = config.batch_size if store is not None else n_q
+    parts, histories = [], []
+    for i, lo in enumerate(range(0, n_q, block)):
+        rows = slice(lo, min(lo + block, n_q))
+        done = store.get("refine", i) if store is not None else None
+        if done is not None:  # refined before an interruption
+            ref = next(iter(start.values()))
+            hist = done.pop("__residuals__").to(ref.device)
+            part = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in done.items()}
+        else:
+            part, hist = refine_queries(
+                product,
+                operator,
+                {k: v[rows] for k, v in grads.items()},
+                {k: v[rows] for k, v in start.items()},
+                train,
+                steps=config.refine_steps,
+                method=config.refine,
+                tol=config.refine_tol,
+                examples=config.refine_examples,
+                seed=config.refine_seed,
+            )
+            if store is not None and rank_and_world()[0] == 0:
+                store.put(
+                    "refine",
+                    i,
+                    {**{k: v.cpu() for k, v in part.items()}, "__residuals__": hist.cpu()},
+                )
+        parts.append(part)
+        histories.append(hist)
+    refined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    # blocks may stop at different steps: converged queries repeat their last residual
+    width = max(h.shape[1] for h in histories)
+    residuals = torch.cat(
+        [torch.cat([h, h[:, -1:].expand(-1, width - h.shape[1])], 1) for h in histories]
     )
     names = [layer.name for layer in layers]
     pq = PreconditionedQueries(
