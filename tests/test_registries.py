@@ -30,3 +30,15 @@ def test_python_dash_m_influscope_runs_the_cli() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "score" in out.stdout and "fit" in out.stdout
+
+
+def test_a_curvature_registered_at_runtime_is_offered_by_the_cli(monkeypatch) -> None:
+    # one file + one registry line: the CLI's choices come from the live registry
+    from influscope.cli import build_parser
+    from influscope.curvature import fit
+
+    monkeypatch.setitem(fit.CURVATURES, "toy", fit.CURVATURES["identity"])
+    parser = build_parser()
+    argv = ["fit", "--model", "m", "--train", "t.jsonl", "--run", "r", "--curvature", "toy"]
+    args = parser.parse_args(argv)
+    assert args.curvature == "toy"

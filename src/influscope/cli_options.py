@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from influscope.curvature import CURVATURES as _CURVATURE_REGISTRY
 from influscope.errors import ConfigError
+from influscope.tasks import TASKS as _TASK_REGISTRY
 
 __all__ = [
     "CURVATURES",
@@ -41,10 +43,10 @@ __all__ = [
     "resolve_modules",
 ]
 
-#: Values of ``--task``: how a batch becomes a loss and a measurement.
-TASKS: tuple[str, ...] = ("causal_lm", "classification", "reward")
-#: Values of ``--curvature``, cheapest first.
-CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac", "datainf")
+#: Values of ``--task``: how a batch becomes a loss and a measurement (the task registry).
+TASKS: tuple[str, ...] = tuple(_TASK_REGISTRY)
+#: Values of ``--curvature`` (the curvature registry, in its order: cheapest first).
+CURVATURES: tuple[str, ...] = tuple(_CURVATURE_REGISTRY)
 #: Default of ``--modules``: the MLP preset.
 DEFAULT_MODULES: tuple[str, ...] = ("mlp",)
 
@@ -109,7 +111,7 @@ def add_task_option(parser: argparse.ArgumentParser, *, help: str = TASK_HELP) -
         parser: The sub-command's parser.
         help: Help text, when the command uses only part of the task (e.g. only its loss).
     """
-    parser.add_argument("--task", default="causal_lm", choices=list(TASKS), help=help)
+    parser.add_argument("--task", default="causal_lm", choices=list(_TASK_REGISTRY), help=help)
 
 
 def add_modules_option(
@@ -140,7 +142,9 @@ def add_curvature_option(parser: argparse.ArgumentParser, *, help: str = CURVATU
         parser: The sub-command's parser.
         help: Help text saying what the curvature is used for in this command.
     """
-    parser.add_argument("--curvature", default="ekfac", choices=list(CURVATURES), help=help)
+    parser.add_argument(
+        "--curvature", default="ekfac", choices=list(_CURVATURE_REGISTRY), help=help
+    )
 
 
 def add_truncate_option(parser: argparse.ArgumentParser) -> None:
