@@ -7,8 +7,6 @@ Sign convention: a positive score means up-weighting the training sequence *incr
 query's measurement (for causal LMs, ``log p(completion | prompt)``).
 """
 
-__version__ = "0.1.0"
-
 from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
@@ -31,6 +29,7 @@ from influscope.tasks import (
     RewardTask,
     Task,
 )
+from influscope.version import __version__
 
 __all__ = [
     "CURVATURES",

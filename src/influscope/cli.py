@@ -23,8 +23,8 @@ from influscope.cli_options import (
     add_curvature_option,
     add_model_argument,
     add_model_options,
+    load_influence,
     non_negative_int,
-    resolve_modules,
 )
 from influscope.errors import InfluscopeError
 
@@ -280,23 +280,10 @@ def _add_curate(sub) -> None:
     add_parser(sub)
 
 
-def _load(args):
-    from influscope.analyzer import Influence
-    from influscope.loading import load_model, load_records
-
-    model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
-    modules = resolve_modules(args.modules, model)
-    inf = Influence(
-        model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
-    )
-    train = inf.encode(load_records(args.train), truncate=args.truncate)
-    return inf, train
-
-
 def cmd_fit(args) -> int:
     from influscope.config import FitConfig
 
-    inf, train = _load(args)
+    inf, train = load_influence(args)
     if args.dry_run:
         from influscope.resources import describe, estimate
 
@@ -344,7 +331,7 @@ def cmd_score(args) -> int:
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
-    inf, train = _load(args)
+    inf, train = load_influence(args)
     queries = inf.encode(load_records(args.queries), truncate=args.truncate)
     op = inf.load_factors(train, args.factors)
     config = ScoreConfig(

@@ -39,6 +39,7 @@ __all__ = [
     "add_task_option",
     "add_truncate_option",
     "damping_kwargs",
+    "load_influence",
     "non_negative_int",
     "resolve_modules",
 ]
@@ -253,3 +254,21 @@ def damping_kwargs(args: argparse.Namespace) -> dict:
     if factor is not None:
         return {"damping_factor": check_damping(factor, "--damping-factor")}
     return {}
+
+
+def load_influence(args: argparse.Namespace):
+    """``(Influence, encoded training set)`` from the common model / data / run options.
+
+    Used by every command that takes ``--model --train --run`` (``fit``, ``score``,
+    ``damping``, ``index``, ``query``).
+    """
+    from influscope.analyzer import Influence
+    from influscope.loading import load_model, load_records
+
+    model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
+    modules = resolve_modules(args.modules, model)
+    inf = Influence(
+        model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
+    )
+    train = inf.encode(load_records(args.train), truncate=args.truncate)
+    return inf, train

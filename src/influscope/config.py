@@ -32,12 +32,23 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _check(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Raise :class:`~influscope.errors.ConfigError` with ``msg`` unless ``cond`` holds.
+
+    The validation helper of every settings dataclass (in this module and in each stage's
+    ``config.py``).
+    """
     if not cond:
         raise ConfigError(msg)
 
 
-class _Serializable:
+class Settings:
+    """Base of every settings dataclass: ``to_dict`` / ``from_dict`` (unknown fields refused).
+
+    Subclass it with ``@dataclass(frozen=True)`` and validate in ``__post_init__`` with
+    :func:`require`; the dict is what is saved beside results and fingerprinted.
+    """
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -51,7 +62,7 @@ class _Serializable:
 
 
 @dataclass(frozen=True)
-class FitConfig(_Serializable):
+class FitConfig(Settings):
     """How curvature is estimated.
 
     Attributes:
@@ -106,37 +117,37 @@ class FitConfig(_Serializable):
     def __post_init__(self) -> None:
         from influscope.curvature import CURVATURES
 
-        _check(
+        require(
             self.curvature in CURVATURES,
             f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.",
         )
-        _check(
+        require(
             self.fisher in ("true", "empirical"),
             f"fisher must be 'true' or 'empirical', received {self.fisher!r}.",
         )
-        _check(
+        require(
             self.damping is None or self.damping >= 0,
             f"damping must be None or ≥ 0, received {self.damping}.",
         )
-        _check(
+        require(
             self.damping_factor >= 0, f"damping_factor must be ≥ 0, received {self.damping_factor}."
         )
-        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
-        _check(
+        require(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        require(
             self.stats_dtype in ("float32", "float64"),
             f"stats_dtype must be 'float32' or 'float64', received {self.stats_dtype!r}.",
         )
-        _check(
+        require(
             self.amp_dtype in (None, "bfloat16", "float16"),
             f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.",
         )
-        _check(
+        require(
             self.max_examples is None or self.max_examples >= 1,
             f"max_examples must be None or ≥ 1, received {self.max_examples}.",
         )
-        _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
-        _check(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
-        _check(
+        require(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
+        require(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
+        require(
             self.curvature != "datainf"
             or (self.damping > 0 if self.damping is not None else self.damping_factor > 0),
             "curvature='datainf' divides by the damping λ (its inverse is a sum of "
@@ -144,14 +155,14 @@ class FitConfig(_Serializable):
             f"damping={self.damping}, damping_factor={self.damping_factor}. Leave damping=None "
             "with damping_factor > 0 (default 0.1), or give an absolute damping > 0.",
         )
-        _check(
+        require(
             self.datainf_memory_mb > 0,
             f"datainf_memory_mb must be > 0, received {self.datainf_memory_mb}.",
         )
 
 
 @dataclass(frozen=True)
-class ScoreConfig(_Serializable):
+class ScoreConfig(Settings):
     """How scores are computed.
 
     Attributes:
@@ -199,43 +210,43 @@ class ScoreConfig(_Serializable):
     def __post_init__(self) -> None:
         for key in ("damping", "damping_factor"):
             v = getattr(self, key)
-            _check(
+            require(
                 v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0),
                 f"{key} must be None or a finite number ≥ 0, received {v!r} (λ is added to the "
                 "curvature's eigenvalues).",
             )
-        _check(
+        require(
             self.damping is None or self.damping_factor is None,
             "Give at most one of damping (absolute λ) and damping_factor (factor × mean "
             f"eigenvalue); received damping={self.damping}, damping_factor={self.damping_factor}.",
         )
-        _check(
+        require(
             self.refine_steps >= 0,
             f"refine_steps must be ≥ 0 (0 = no refinement), received {self.refine_steps}.",
         )
-        _check(
+        require(
             self.refine in ("cg", "neumann"),
             f"refine must be 'cg' or 'neumann', received {self.refine!r}.",
         )
-        _check(self.refine_tol >= 0, f"refine_tol must be ≥ 0, received {self.refine_tol}.")
-        _check(
+        require(self.refine_tol >= 0, f"refine_tol must be ≥ 0, received {self.refine_tol}.")
+        require(
             self.refine_examples is None or self.refine_examples >= 1,
             f"refine_examples must be None (all) or ≥ 1, received {self.refine_examples}.",
         )
-        _check(
+        require(
             self.query_rank is None or self.query_rank >= 1,
             f"query_rank must be None (full rank) or ≥ 1, received {self.query_rank}.",
         )
-        _check(
+        require(
             self.query_svd in ("auto", "exact", "randomized"),
             f"query_svd must be 'auto', 'exact' or 'randomized', received {self.query_svd!r}.",
         )
-        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
-        _check(
+        require(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        require(
             self.normalize in (None, "relatif"),
             f"normalize must be None or 'relatif', received {self.normalize!r}.",
         )
-        _check(
+        require(
             self.amp_dtype in (None, "bfloat16", "float16"),
             f"amp_dtype must be None, 'bfloat16' or 'float16', received {self.amp_dtype!r}.",
         )

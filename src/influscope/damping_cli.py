@@ -83,12 +83,12 @@ def sweep_table(sweep) -> Table:
 
 
 def cmd_damping(args) -> int:
-    from influscope.cli import _load
+    from influscope.cli_options import load_influence
     from influscope.config import ScoreConfig
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
-    inf, train = _load(args)
+    inf, train = load_influence(args)
     queries = inf.encode(load_records(args.queries), truncate=args.truncate)
     op = inf.load_factors(train, args.factors)
     crit = json.loads(Path(args.check_file).read_text()) if args.check_file else {}

@@ -94,7 +94,7 @@ class _TaskOutputs(nn.Module):
         return self.task.outputs(self.model, batch)
 
 
-def _functional(model: nn.Module, task: Task, layers: Sequence[TrackedLayer], batch):
+def functional_outputs(model: nn.Module, task: Task, layers: Sequence[TrackedLayer], batch):
     """``outputs(flat θ_tracked)`` for one batch (other parameters fixed) and θ_tracked."""
     wrapper = _TaskOutputs(model, task)
     names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
@@ -130,7 +130,7 @@ def exact_gauss_newton(
         for start in range(0, len(data), chunk):
             examples = data.examples[start : start + chunk]
             batch = {k: v.to(device) for k, v in task.collate(examples).items()}
-            fn, theta = _functional(model, task, layers, batch)
+            fn, theta = functional_outputs(model, task, layers, batch)
             outputs = fn(theta).detach()
             jac = jacrev(fn)(theta).reshape(-1, theta.numel())  # (n_out, P)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from influscope.analyzer import Influence
-from influscope.config import FitConfig, ScoreConfig, _check, _Serializable
+from influscope.config import FitConfig, ScoreConfig, Settings, require
 from influscope.errors import DataError
 from influscope.evaluation.metrics import found_at, roc_auc
 from influscope.scoring.queries import PreconditionedQueries
@@ -62,7 +62,7 @@ class PreferenceLikelihoodTask(RewardTask):
 
 
 @dataclass(frozen=True)
-class BiasDetectionConfig(_Serializable):
+class BiasDetectionConfig(Settings):
     """How the training pairs are ranked.
 
     Attributes:
@@ -85,12 +85,12 @@ class BiasDetectionConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "baselines", tuple(self.baselines))
-        _check(
+        require(
             self.measurement in MEASUREMENTS,
             f"measurement must be one of {MEASUREMENTS}, received {self.measurement!r}.",
         )
         unknown = sorted(set(self.baselines) - set(BASELINES))
-        _check(not unknown, f"Unknown baselines {unknown}; known: {list(BASELINES)}.")
+        require(not unknown, f"Unknown baselines {unknown}; known: {list(BASELINES)}.")
         # Validates curvature, damping and batch size with the stage's own checks.
         self.fit_config()
         ScoreConfig(query_rank=None, batch_size=self.batch_size)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 from influscope.errors import DataError
 
 __all__ = [
@@ -53,7 +53,7 @@ POSITIVE_OPINIONS = ("wonderful", "brilliant", "superb", "moving", "delightful",
 
 
 @dataclass(frozen=True)
-class PreferenceConfig(_Serializable):
+class PreferenceConfig(Settings):
     """How the synthetic preference data are drawn.
 
     Attributes:
@@ -84,23 +84,23 @@ class PreferenceConfig(_Serializable):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.bias in BIASES, f"bias must be one of {BIASES}, received {self.bias!r}.")
-        _check(
+        require(self.bias in BIASES, f"bias must be one of {BIASES}, received {self.bias!r}.")
+        require(
             min(self.n_train, self.n_validation, self.n_test) >= 2,
             f"n_train, n_validation and n_test must be ≥ 2, received {self.n_train}, "
             f"{self.n_validation}, {self.n_test}.",
         )
-        _check(
+        require(
             0 < self.flip_fraction <= 0.5,
             f"flip_fraction must be in (0, 0.5], received {self.flip_fraction}.",
         )
-        _check(
+        require(
             0 <= self.noise_fraction <= 0.5,
             f"noise_fraction must be in [0, 0.5], received {self.noise_fraction}.",
         )
-        _check(self.min_rating >= 0, f"min_rating must be ≥ 0, received {self.min_rating}.")
-        _check(self.length_ratio >= 1, f"length_ratio must be ≥ 1, received {self.length_ratio}.")
-        _check(
+        require(self.min_rating >= 0, f"min_rating must be ≥ 0, received {self.min_rating}.")
+        require(self.length_ratio >= 1, f"length_ratio must be ≥ 1, received {self.length_ratio}.")
+        require(
             1 <= self.min_words <= self.max_words,
             f"Need 1 ≤ min_words ≤ max_words, received {self.min_words}, {self.max_words}.",
         )

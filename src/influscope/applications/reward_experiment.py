@@ -34,10 +34,10 @@ from influscope.applications.reward_model import (
     reward_margins,
     train_reward_model,
 )
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 from influscope.evaluation.metrics import roc_auc
 from influscope.storage import atomic_write_json
-from influscope.storage.atomic import _atomic
+from influscope.storage.atomic import atomic_write
 from influscope.tasks import RewardTask
 
 __all__ = ["ARCHS", "BiasExperimentConfig", "run_bias_experiment"]
@@ -46,7 +46,7 @@ ARCHS = ("minilm", "gpt2")
 
 
 @dataclass(frozen=True)
-class BiasExperimentConfig(_Serializable):
+class BiasExperimentConfig(Settings):
     """Data, reward model and training of one experiment.
 
     Attributes:
@@ -65,8 +65,8 @@ class BiasExperimentConfig(_Serializable):
     )
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS, f"arch must be one of {ARCHS}, received {self.arch!r}.")
-        _check(self.hidden >= 1, f"hidden must be ≥ 1, received {self.hidden}.")
+        require(self.arch in ARCHS, f"arch must be one of {ARCHS}, received {self.arch!r}.")
+        require(self.hidden >= 1, f"hidden must be ≥ 1, received {self.hidden}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,5 +198,5 @@ def _save(out: Path, model, tok, data, result: dict) -> None:
         tok.save_pretrained(out / "model")
     for name, records in (("train", data.train), ("validation", data.validation)):
         text = "".join(json.dumps(r) + "\n" for r in records)
-        _atomic(out / f"{name}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
+        atomic_write(out / f"{name}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
     atomic_write_json(out / "result.json", result)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 from influscope.demo.train import make_gpt2_config, train_tokenizer
 from influscope.optim import decoupled_adamw
 from influscope.tasks import EncodedDataset, RewardTask
@@ -36,7 +36,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RewardModelConfig(_Serializable):
+class RewardModelConfig(Settings):
     """Size and training of the reward model.
 
     Attributes:
@@ -64,12 +64,12 @@ class RewardModelConfig(_Serializable):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.n_embd % self.n_head == 0,
             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).",
         )
         sizes = (self.n_layer, self.n_positions, self.epochs, self.batch_size)
-        _check(min(sizes) >= 1 and self.lr > 0, f"Sizes, epochs and lr must be positive: {self}.")
+        require(min(sizes) >= 1 and self.lr > 0, f"Sizes, epochs and lr must be positive: {self}.")
 
 
 def build_reward_model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 
 #: Projections a collector can draw itself (``pca``/``eigen`` need factors fitted after training).
 COLLECT_INITS = ("orthogonal", "gaussian")
@@ -59,35 +59,35 @@ class CollectConfig:
     verify_tol: float = 1e-3
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.checkpoint_every is None or self.checkpoint_every >= 1,
             f"checkpoint_every must be None or ≥ 1 steps, received {self.checkpoint_every}.",
         )
-        _check(
+        require(
             self.gradients or self.checkpoint_every is not None,
             "Nothing to collect: gradients=False and checkpoint_every=None. Set "
             "checkpoint_every=N to save checkpoints, or gradients=True.",
         )
-        _check(
+        require(
             self.gradient_every >= 1, f"gradient_every must be ≥ 1, received {self.gradient_every}."
         )
-        _check(
+        require(
             self.k_in >= 1 and self.k_out >= 1,
             f"k_in and k_out must be ≥ 1, received {self.k_in}, {self.k_out}.",
         )
-        _check(
+        require(
             self.init in COLLECT_INITS,
             f"init must be one of {COLLECT_INITS}, received {self.init!r} (PCA/eigen "
             "projections need factors fitted after training: build the index afterwards).",
         )
-        _check(
+        require(
             self.dtype in COLLECT_DTYPES,
             f"dtype must be one of {COLLECT_DTYPES}, received {self.dtype!r}.",
         )
-        _check(self.verify_tol > 0, f"verify_tol must be > 0, received {self.verify_tol}.")
+        require(self.verify_tol > 0, f"verify_tol must be > 0, received {self.verify_tol}.")
 
     def to_dict(self) -> dict:
-        out = _Serializable.to_dict(self)
+        out = Settings.to_dict(self)
         if isinstance(out["modules"], tuple):
             out["modules"] = list(out["modules"])
         return out

@@ -50,7 +50,7 @@ from torch import nn
 from influscope.collect.config import CollectConfig
 from influscope.collect.store import save_checkpoint, write_meta, write_step
 from influscope.errors import CollectionError, ConfigError, DataError
-from influscope.index.build import _layout
+from influscope.index.build import gradient_layout
 from influscope.modules.capture import LayerBatch
 from influscope.modules.passes import compute_dtype, model_device
 from influscope.modules.selection import TrackedLayer, select_layers
@@ -107,7 +107,7 @@ class GradientCollector:
         if self.config.gradients:
             make = getattr(LograProjector, self.config.init)
             cpu = make(self.layers, self.config.k_in, self.config.k_out, self.config.seed)
-            self.layout = _layout(cpu)
+            self.layout = gradient_layout(cpu)
             dim = self.layout[-1]["offset"] + self.layout[-1]["size"]
             meta = {
                 "config": self.config.to_dict(),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from influscope.config import _Serializable
+from influscope.config import Settings
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class CorrectionConfig(_Serializable):
+class CorrectionConfig(Settings):
     """Which corrected scores to compute and how checkpoints are smoothed.
 
     Attributes:

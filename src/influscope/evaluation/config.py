@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 
 
 @dataclass(frozen=True)
-class LDSConfig(_Serializable):
+class LDSConfig(Settings):
     """Linear datamodeling score protocol (Park et al. 2023).
 
     Attributes:
@@ -29,13 +29,13 @@ class LDSConfig(_Serializable):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.n_subsets >= 3, f"n_subsets must be ≥ 3, received {self.n_subsets}.")
-        _check(0 < self.fraction < 1, f"fraction must be in (0, 1), received {self.fraction}.")
-        _check(self.n_seeds >= 1, f"n_seeds must be ≥ 1, received {self.n_seeds}.")
+        require(self.n_subsets >= 3, f"n_subsets must be ≥ 3, received {self.n_subsets}.")
+        require(0 < self.fraction < 1, f"fraction must be in (0, 1), received {self.fraction}.")
+        require(self.n_seeds >= 1, f"n_seeds must be ≥ 1, received {self.n_seeds}.")
 
 
 @dataclass(frozen=True)
-class BrittlenessConfig(_Serializable):
+class BrittlenessConfig(Settings):
     """Remove the top-``k`` proponents of a query, retrain, compare with ``k`` random removals.
 
     Attributes:
@@ -50,15 +50,15 @@ class BrittlenessConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        _check(
+        require(
             len(self.ks) > 0 and min(self.ks) >= 1,
             f"ks must be positive integers, received {self.ks}.",
         )
-        _check(self.n_seeds >= 1, f"n_seeds must be ≥ 1, received {self.n_seeds}.")
+        require(self.n_seeds >= 1, f"n_seeds must be ≥ 1, received {self.n_seeds}.")
 
 
 @dataclass(frozen=True)
-class PBRFConfig(_Serializable):
+class PBRFConfig(Settings):
     """Proximal Bregman response function solve (Bae et al. 2022; Grosse et al. 2023, App. C).
 
     Attributes:
@@ -79,18 +79,18 @@ class PBRFConfig(_Serializable):
     newton: str = "exact"
 
     def __post_init__(self) -> None:
-        _check(self.epsilon > 0, f"epsilon must be > 0, received {self.epsilon}.")
-        _check(self.damping >= 0, f"damping must be ≥ 0, received {self.damping}.")
-        _check(self.max_steps >= 1, f"max_steps must be ≥ 1, received {self.max_steps}.")
-        _check(self.tol > 0, f"tol must be > 0, received {self.tol}.")
-        _check(
+        require(self.epsilon > 0, f"epsilon must be > 0, received {self.epsilon}.")
+        require(self.damping >= 0, f"damping must be ≥ 0, received {self.damping}.")
+        require(self.max_steps >= 1, f"max_steps must be ≥ 1, received {self.max_steps}.")
+        require(self.tol > 0, f"tol must be > 0, received {self.tol}.")
+        require(
             self.newton in ("exact", "gauss_newton"),
             f"newton must be 'exact' or 'gauss_newton', received {self.newton!r}.",
         )
 
 
 @dataclass(frozen=True)
-class MislabelConfig(_Serializable):
+class MislabelConfig(Settings):
     """Label flipping for mislabel-detection experiments.
 
     Attributes:
@@ -105,8 +105,8 @@ class MislabelConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inspect", tuple(float(x) for x in self.inspect))
-        _check(0 < self.fraction < 1, f"fraction must be in (0, 1), received {self.fraction}.")
-        _check(
+        require(0 < self.fraction < 1, f"fraction must be in (0, 1), received {self.fraction}.")
+        require(
             all(0 < x <= 1 for x in self.inspect),
             f"inspect fractions must be in (0, 1], received {self.inspect}.",
         )

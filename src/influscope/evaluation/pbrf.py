@@ -36,7 +36,7 @@ from torch import nn
 from influscope.errors import NumericalError
 from influscope.evaluation.config import PBRFConfig
 from influscope.modules.selection import TrackedLayer
-from influscope.reference import _functional, damping_vector, exact_gauss_newton
+from influscope.reference import damping_vector, exact_gauss_newton, functional_outputs
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
@@ -196,7 +196,7 @@ def pbrf_influence(
         )
     n = len(train)
     batch_all = _batch(task, train, range(n), device)
-    fn_all, theta_s = _functional(model, task, layers, batch_all)
+    fn_all, theta_s = functional_outputs(model, task, layers, batch_all)
     theta_s = theta_s.detach().double()
     with torch.no_grad():
         h_s = fn_all(theta_s).detach()  # outputs at θ_s
@@ -216,7 +216,7 @@ def pbrf_influence(
     try:
         for k, m in enumerate(points):
             batch_m = _batch(task, train, [m], device)
-            fn_m, _ = _functional(model, task, layers, batch_m)
+            fn_m, _ = functional_outputs(model, task, layers, batch_m)
 
             values = []
             for sign in (1.0, -1.0):

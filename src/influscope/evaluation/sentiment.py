@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 from influscope.errors import DataError
 from influscope.storage import atomic_write_tensors, read_tensors
 from influscope.tasks import EncodedDataset, Task, loss_precision, sample_categorical
@@ -44,7 +44,7 @@ MINILM_LAYERS = 6
 
 
 @dataclass(frozen=True)
-class SentimentConfig(_Serializable):
+class SentimentConfig(Settings):
     """Data split and classifier training of the sentiment benchmark.
 
     Attributes:
@@ -74,18 +74,18 @@ class SentimentConfig(_Serializable):
     train_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.n_train >= 10, f"n_train must be ≥ 10, received {self.n_train}.")
-        _check(self.n_test >= 1, f"n_test must be ≥ 1, received {self.n_test}.")
-        _check(self.max_length >= 4, f"max_length must be ≥ 4, received {self.max_length}.")
-        _check(
+        require(self.n_train >= 10, f"n_train must be ≥ 10, received {self.n_train}.")
+        require(self.n_test >= 1, f"n_test must be ≥ 1, received {self.n_test}.")
+        require(self.max_length >= 4, f"max_length must be ≥ 4, received {self.max_length}.")
+        require(
             0 <= self.top_layers <= MINILM_LAYERS,
             f"top_layers must be in [0, {MINILM_LAYERS}], received {self.top_layers}.",
         )
-        _check(self.hidden >= 0, f"hidden must be ≥ 0, received {self.hidden}.")
-        _check(self.epochs >= 1, f"epochs must be ≥ 1, received {self.epochs}.")
-        _check(self.lr > 0, f"lr must be > 0, received {self.lr}.")
-        _check(self.weight_decay >= 0, f"weight_decay must be ≥ 0, received {self.weight_decay}.")
-        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        require(self.hidden >= 0, f"hidden must be ≥ 0, received {self.hidden}.")
+        require(self.epochs >= 1, f"epochs must be ≥ 1, received {self.epochs}.")
+        require(self.lr > 0, f"lr must be > 0, received {self.lr}.")
+        require(self.weight_decay >= 0, f"weight_decay must be ≥ 0, received {self.weight_decay}.")
+        require(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -154,7 +154,9 @@ def encoder_states(
         One ``(T_i, 384)`` float32 tensor per sentence (padding removed).
     """
     model_dir = Path(model_dir)
-    _check(0 <= layer <= MINILM_LAYERS, f"layer must be in [0, {MINILM_LAYERS}], received {layer}.")
+    require(
+        0 <= layer <= MINILM_LAYERS, f"layer must be in [0, {MINILM_LAYERS}], received {layer}."
+    )
     path = None
     if cache_dir is not None:
         path = (

@@ -42,7 +42,8 @@ from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 
-def _layout(projector: LograProjector | EigenSelection) -> list[dict]:
+def gradient_layout(projector: LograProjector | EigenSelection) -> list[dict]:
+    """Where each layer's projected gradient sits in a flat index row: ``[{name, offset, size}]``."""
     out, offset = [], 0
     for name in projector.layer_names:
         entry = {"name": name, "size": projector.size(name), "offset": offset}
@@ -129,7 +130,7 @@ def build_index(
         projector = LograProjector.orthogonal(layers, config.k_in, config.k_out, config.seed)
     else:
         projector = LograProjector.gaussian(layers, config.k_in, config.k_out, config.seed)
-    layout = _layout(projector)
+    layout = gradient_layout(projector)
     shards = [
         (s, min(s + config.shard_size, len(train))) for s in range(0, len(train), config.shard_size)
     ]

@@ -110,11 +110,11 @@ def _text(record: dict) -> str:
 
 
 def cmd_index(args) -> int:
-    from influscope.cli import _load
+    from influscope.cli_options import load_influence
     from influscope.index import IndexConfig
     from influscope.resources import describe, estimate
 
-    inf, train = _load(args)
+    inf, train = load_influence(args)
     config = IndexConfig(
         k_in=args.k_in,
         k_out=args.k_out,
@@ -143,13 +143,13 @@ def cmd_index(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from influscope.cli import _load
+    from influscope.cli_options import load_influence
     from influscope.index import GradientIndex
     from influscope.index.retrieve import retrieve
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
-    inf, train = _load(args)
+    inf, train = load_influence(args)
     records = load_records(args.queries)
     queries = inf.encode(records, truncate=args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)

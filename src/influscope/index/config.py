@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from influscope.config import _check, _Serializable
+from influscope.config import Settings, require
 from influscope.projection.projector import INITS
 
 #: Storage dtypes of index shards.
@@ -12,7 +12,7 @@ INDEX_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class IndexConfig(_Serializable):
+class IndexConfig(Settings):
     """How training gradients are projected, preconditioned and stored.
 
     Attributes:
@@ -56,26 +56,26 @@ class IndexConfig(_Serializable):
         return out
 
     def __post_init__(self) -> None:
-        _check(self.k_in >= 1 and self.k_out >= 1, f"k_in, k_out must be ≥ 1, got {self}.")
-        _check(self.init in INITS, f"init must be one of {INITS}, received {self.init!r}.")
-        _check(
+        require(self.k_in >= 1 and self.k_out >= 1, f"k_in, k_out must be ≥ 1, got {self}.")
+        require(self.init in INITS, f"init must be one of {INITS}, received {self.init!r}.")
+        require(
             self.curvature in ("ekfac", "identity"),
             f"curvature must be 'ekfac' or 'identity', received {self.curvature!r}.",
         )
-        _check(
+        require(
             self.init != "eigen" or self.curvature == "ekfac",
             "init='eigen' preconditions with the fitted EK-FAC eigenvalues, so curvature must "
             f"be 'ekfac'; received curvature={self.curvature!r}.",
         )
-        _check(
+        require(
             self.fisher in ("true", "empirical"),
             f"fisher must be 'true' or 'empirical', received {self.fisher!r}.",
         )
-        _check(self.damping_factor >= 0, f"damping_factor must be ≥ 0, got {self.damping_factor}.")
-        _check(
+        require(self.damping_factor >= 0, f"damping_factor must be ≥ 0, got {self.damping_factor}.")
+        require(
             self.dtype in INDEX_DTYPES,
             f"dtype must be one of {INDEX_DTYPES}, received {self.dtype!r}.",
         )
-        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
-        _check(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
-        _check(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
+        require(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
+        require(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
+        require(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")

@@ -16,7 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path``.
+
+    A reader never sees a half-written file and an interrupted write leaves any previous
+    file intact (``os.replace`` is atomic on one filesystem).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,7 +47,7 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
 
-    return _atomic(Path(path), write)
+    return atomic_write(Path(path), write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -54,7 +59,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
 
-    return _atomic(Path(path), write)
+    return atomic_write(Path(path), write)
 
 
 def atomic_write_tensors(
@@ -62,7 +67,7 @@ def atomic_write_tensors(
 ) -> Path:
     """Write tensors to a safetensors file, atomically (tensors are made contiguous on CPU)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    return atomic_write(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def read_json(path: str | Path) -> Any:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from influscope import __version__
 from influscope.errors import StaleArtifactError
 from influscope.storage.atomic import (
     atomic_write_json,
@@ -24,6 +23,7 @@ from influscope.storage.atomic import (
     read_json,
     read_tensors,
 )
+from influscope.version import __version__
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"

@@ -1,0 +1,104 @@
+"""The library's import graph: no circles, no private names across packages, no experiments.
+
+Walks every module under ``src/influscope`` with :mod:`ast` (nothing is imported).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+#: Library modules that still import the demo (experiment code that belongs under
+#: ``benchmarks/``, issue 14 item 5). This list may only shrink.
+DEMO_IMPORTS_LEFT = {
+    ("influscope.analysis.runs", "influscope.demo.corpus"),
+    ("influscope.applications.reward_model", "influscope.demo.train"),
+    ("influscope.corrections.benchmark", "influscope.demo.corpus"),
+    ("influscope.corrections.benchmark", "influscope.demo.facts"),
+    ("influscope.corrections.benchmark", "influscope.demo.train"),
+    ("influscope.probes.length", "influscope.demo.train"),
+}
+#: The CLI runs the demo (``influscope demo``): the top layer may import it.
+APPS = ("influscope.cli", "influscope.demo")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in SRC.rglob("*.py"):
+        name = ".".join(p.relative_to(SRC).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(path: Path, top_level: bool) -> list[tuple[str, str | None]]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level else ast.walk(tree)
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names]
+    return found
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_no_import_circles_at_module_level():
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for mod, name in _imports(p, top_level=True):
+            target = f"{mod}.{name}" if f"{mod}.{name}" in mods else mod
+            if target in mods and target != m:
+                graph[m].add(target)
+    # iterative DFS for a back edge
+    state: dict[str, int] = {}
+    for root in graph:
+        if root in state:
+            continue
+        stack = [(root, iter(sorted(graph[root])))]
+        state[root] = 1
+        path = [root]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                cycle = [*path[path.index(child) :], child]
+                raise AssertionError("import circle: " + " → ".join(cycle))
+            elif child not in state:
+                state[child] = 1
+                stack.append((child, iter(sorted(graph[child]))))
+                path.append(child)
+
+
+def test_no_private_names_imported_across_packages():
+    bad = []
+    for m, p in _modules().items():
+        for mod, name in _imports(p, top_level=False):
+            if not mod.startswith("influscope") or not name:
+                continue
+            private = name.startswith("_") and not name.startswith("__")
+            if private and _package(mod) != _package(m):
+                bad.append(f"{m} imports {mod}.{name}")
+    assert not bad, "private names imported across packages (make them public):\n" + "\n".join(bad)
+
+
+def test_library_does_not_import_benchmarks_and_demo_imports_only_shrink():
+    found = set()
+    for m, p in _modules().items():
+        for mod, _ in _imports(p, top_level=False):
+            assert not mod.startswith("benchmarks"), f"{m} imports {mod}"
+            if mod.startswith("influscope.demo") and not m.startswith(APPS):
+                found.add((m, mod))
+    new = found - DEMO_IMPORTS_LEFT
+    assert not new, f"new library imports of the demo (move experiment code out): {sorted(new)}"
