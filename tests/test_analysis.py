@@ -176,7 +176,7 @@ def test_token_concentration_bounds():
     assert token_concentration(torch.tensor([0.0, -2.0, 0.0])) == pytest.approx(1.0)
     assert token_concentration(np.ones(9)) == pytest.approx(1 / 3)
     assert math.isnan(token_concentration([0.0, 0.0]))
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="non-empty, finite per-token influence vector"):
         token_concentration([])
 
 

@@ -157,10 +157,10 @@ def test_a_fit_killed_before_saving_resumes_from_its_shards(setup, tmp_path, mon
     cfg = FitConfig(curvature="datainf", batch_size=3, shard_size=3, seed=5)
 
     def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("killed mid-fit")
 
     monkeypatch.setattr(stored.run, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed mid-fit"):
         stored.fit(train, cfg, name="di")
     monkeypatch.undo()
     assert len(list((tmp_path / "factors" / ".di.partial" / "gradients").glob("*"))) == 3

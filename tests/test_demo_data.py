@@ -120,7 +120,7 @@ def test_bad_arguments_raise_config_errors() -> None:
         make_queries(facts, style="riddle")
     with pytest.raises(ConfigError, match="k must be"):
         make_training_records(facts, k=4)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="n must be at least 1, got 0"):
         make_facts(0)
     two = make_training_records(facts, k=2)
     assert len(two) == 4 and two[0]["template"] != two[1]["template"]

@@ -120,7 +120,7 @@ def test_score_ensemble_over_seeds_matches_separate_runs(tmp_path) -> None:
     assert torch.equal(again.mean, ens.mean) and torch.equal(again.sem, ens.sem)
     assert not (tmp_path / "run" / "factors").exists()
     # ... and refused when the data changes.
-    with pytest.raises(StaleArtifactError):
+    with pytest.raises(StaleArtifactError, match=r"stage 'ens' .*computed with different data"):
         inf.score_ensemble(queries, random_lm_data(12, seed=3), FIT, SCORE, (0, 1), name="ens")
 
 

@@ -94,7 +94,9 @@ def test_lds_resumes_after_interruption(toy, tmp_path):
 
     def failing(subset, seed):
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the evaluation is killed after two retrains
+            raise KeyboardInterrupt(
+                "killed after two retrains"
+            )  # the evaluation is killed after two retrains
         calls.append(seed)
         return recipe(subset, seed)
 
@@ -102,7 +104,7 @@ def test_lds_resumes_after_interruption(toy, tmp_path):
         return train_mlp(data.x, data.y, subset, seed, steps=10)
 
     config = LDSConfig(n_subsets=4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed after two retrains"):
         lds(RetrainingHarness(failing, measure, len(train), tmp_path), None, config)
     harness = RetrainingHarness(recipe, measure, len(train), tmp_path)
     lds(harness, {"ekfac": scores["ekfac"].pairwise}, config)

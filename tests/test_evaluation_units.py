@@ -69,17 +69,17 @@ def test_spearman_constant_is_nan():
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make,message",
     [
-        lambda: LDSConfig(n_subsets=2),
-        lambda: LDSConfig(fraction=1.0),
-        lambda: MislabelConfig(fraction=0.0),
-        lambda: PBRFConfig(epsilon=0),
-        lambda: PBRFConfig(newton="bfgs"),
+        (lambda: LDSConfig(n_subsets=2), "n_subsets must be ≥ 3, received 2"),
+        (lambda: LDSConfig(fraction=1.0), r"fraction must be in \(0, 1\), received 1.0"),
+        (lambda: MislabelConfig(fraction=0.0), r"fraction must be in \(0, 1\), received 0.0"),
+        (lambda: PBRFConfig(epsilon=0), "epsilon must be > 0, received 0"),
+        (lambda: PBRFConfig(newton="bfgs"), "newton must be 'exact' or 'gauss_newton'"),
     ],
 )
-def test_configs_are_validated(make):
-    with pytest.raises(ConfigError):
+def test_configs_are_validated(make, message):
+    with pytest.raises(ConfigError, match=message):
         make()
 
 

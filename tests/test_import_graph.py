@@ -102,3 +102,20 @@ def test_library_does_not_import_benchmarks_and_demo_imports_only_shrink():
                 found.add((m, mod))
     new = found - DEMO_IMPORTS_LEFT
     assert not new, f"new library imports of the demo (move experiment code out): {sorted(new)}"
+
+
+def test_every_pytest_raises_names_its_message():
+    # a raised type alone cannot tell one refusal from another: match= the message
+    bad = []
+    for p in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "raises"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "pytest"
+                and not any(k.arg == "match" for k in node.keywords)
+            ):
+                bad.append(f"{p.name}:{node.lineno}")
+    assert not bad, "pytest.raises without match=: " + ", ".join(bad)

@@ -36,10 +36,10 @@ def test_interrupted_stage_write_leaves_previous_stage(tmp_path, monkeypatch):
     run.save("factors", "x", {"a": torch.ones(2)}, {"k": 1})
 
     def boom(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr("influscope.storage.run.atomic_write_json", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed mid-write"):
         run.save("factors", "x", {"a": torch.zeros(2)}, {"k": 2})
     tensors, _ = run.load("factors", "x", {"k": 1})
     torch.testing.assert_close(tensors["a"], torch.ones(2))
