@@ -34,10 +34,11 @@ import torch
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.demo.corpus import build_demo_corpus
-from influscope.demo.pipeline import direct_fact_queries
+from influscope.demo.pipeline import direct_fact_queries, planted_top1
 from influscope.demo.train import DemoTrainConfig, train_demo_model, train_lm
 from influscope.evaluation import LDSConfig, RetrainingHarness, lds
 from influscope.evaluation.baselines import tracin
+from influscope.scoring.pairwise import Scores
 from influscope.tasks import CausalLMTask
 from influscope.trajectory import from_train_result, source_scores
 
@@ -138,10 +139,7 @@ def main() -> None:
     ref = result.per_query["ekfac (final model)"]
     rows = []
     for name, s in scores.items():
-        hits = [
-            records[int(s[q].argmax())].get("fact_id") == query["fact_id"]
-            for q, query in enumerate(query_rec)
-        ]
+        hits = planted_top1(Scores(s, [], list(range(len(records)))), records, query_rec)
         diff = result.per_query[name] - ref  # paired over queries
         ok = ~np.isnan(diff)
         d_sem = float(np.std(diff[ok], ddof=1) / np.sqrt(ok.sum())) if ok.sum() > 1 else 0.0

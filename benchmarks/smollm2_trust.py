@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, _chunks, load_average, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf
+from influscope.evaluation import spearman
 from influscope.loading import load_model
 from influscope.scoring.damping import self_consistency
 from influscope.tasks import EncodedDataset
@@ -114,18 +115,7 @@ def main() -> None:
         sec = time.time() - t
         r = pq.refine_residuals  # (Q, n+1) relative residuals
         top1, rank = self_consistency(s, sub_pairs)
-        rho = float(
-            torch.stack(
-                [
-                    torch.corrcoef(
-                        torch.stack(
-                            [s[q].argsort().argsort(), plain[q].argsort().argsort()]
-                        ).double()
-                    )[0, 1]
-                    for q in range(len(s))
-                ]
-            ).mean()
-        )
+        rho = sum(spearman(s[q], plain[q]) for q in range(len(s))) / len(s)
         resid = f"{r[:, 0].mean():.3f} → {r[:, -1].mean():.3f}"
         refine_rows.append((f"EK-FAC + CG {n}", top1, rank, sec, sec / plain_s, resid, rho))
 
