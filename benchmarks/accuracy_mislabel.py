@@ -190,9 +190,7 @@ def run_seed(seed: int, args, test, states_train, clean: list[int], mdir) -> dic
             # The query's measurement is the margin m, not the loss: for two classes
             # ∇L = −σ(−m) ∇m, so the pairwise diagonal −∇mᵀ(G+Λ)⁻¹∇L equals
             # σ(−m) ∇mᵀ(G+Λ)⁻¹∇m, and the self-influence ∇Lᵀ(G+Λ)⁻¹∇L is σ(−m) times it.
-            task = inf.task
-            with torch.no_grad():
-                m = task.measurement(model, task.collate(train.examples)).double()
+            m = pq.measurements.double()  # (N,) margins, taken with the query gradients
             scores[f"ekfac_cg{n}"] = torch.sigmoid(-m) * diag
             if n == 0:  # the identity above, checked against the plain self-influence
                 ref = scores["ekfac"].double()
