@@ -51,3 +51,6 @@ def test_interrupted_refinement_resumes_and_matches(tmp_path, monkeypatch):
     assert len(calls) == 2  # block 0 loaded, blocks 1 and 2 refined
     torch.testing.assert_close(resumed.pairwise, expected, rtol=1e-9, atol=1e-12)
     assert not partial.exists()  # cleared once the stage is saved
+    calls.clear()
+    again = inf.score(queries, train, factors, CFG, name="s")  # the stored stage, no refinement
+    assert calls == [] and torch.equal(again.pairwise, resumed.pairwise)

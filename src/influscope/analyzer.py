@@ -299,42 +299,23 @@ class Influence:
         # score-time damping override (ScoreConfig.damping / damping_factor); preconditioned
         # queries passed in keep the damping they were built with
         factors = score_damping(factors, config)
-        refine_store = None
-        if (
-            self.run is not None
-            and name is not None
-            and config.refine_steps > 0
-            and not isinstance(queries, PreconditionedQueries)
-        ):  # refined query blocks are kept until the stage is saved: a killed run resumes
+        given = isinstance(queries, PreconditionedQueries)
+        if not given:
             queries = self._check(queries, "queries")
-            partial = self.run.stage_dir("scores", name).with_name(f".{name}.refine-partial")
-            refine_store = PartialSums(
-                partial,
-                {
-                    "config": config.to_dict(),
-                    "model": self.fingerprint(),
-                    "data": train.fingerprint(),
-                    "queries": queries.fingerprint(),
-                    "damping": factors.damping,
-                },
-            )
-        pq = (
-            queries
-            if isinstance(queries, PreconditionedQueries)
-            else self.precondition(queries, factors, config, train, refine_store=refine_store)
-        )
-        expected = None
+        # fingerprint of the encoded queries (preconditioned queries carry theirs as .source)
+        source = queries.source if given else queries.fingerprint()
+        expected = refine_store = None
         if self.run is not None and name is not None:
             expected = {
                 "config": config.to_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
-                "queries": pq.source,  # fingerprint of the encoded queries
+                "queries": source,
                 "curvature": factors.name,
                 "damping": factors.damping,
             }
-            if self.run.exists("scores", name) and not overwrite:
-                if pq.source is None:
+            if self.run.exists("scores", name) and not overwrite:  # before any query pass
+                if source is None:
                     raise StaleArtifactError(
                         f"A scores stage {name!r} exists in {self.run.root}, but these "
                         "preconditioned queries carry no fingerprint (source=None), so it "
@@ -347,6 +328,15 @@ class Influence:
                 return Scores(
                     layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
                 )
+            if config.refine_steps > 0 and not given:
+                # refined query blocks are kept until the stage is saved: a killed run resumes
+                partial = self.run.stage_dir("scores", name).with_name(f".{name}.refine-partial")
+                refine_store = PartialSums(partial, expected)
+        pq = (
+            queries
+            if given
+            else self.precondition(queries, factors, config, train, refine_store=refine_store)
+        )
         want_self = self_influence or config.normalize == "relatif"
         scores = score_pass(
             self.model, self.task, self.layers, pq, train, config, factors, want_self
