@@ -1,12 +1,19 @@
-"""The CLI's copied choice tuples stay equal to the registries they stand for."""
+"""The CLI's choices are the live registries, and a new curvature is one file + one line."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from influscope import cli_options
-from influscope.curvature import CURVATURES
+import pytest
+import torch
+
+import toy_curvature
+from conftest import random_lm_data, tiny_gpt2
+from influscope import Influence, cli_options
+from influscope.config import FitConfig
+from influscope.curvature import CURVATURES, IdentityOperator
+from influscope.errors import ConfigError
 from influscope.modules.selection import PRESETS
 from influscope.tasks import TASKS
 
@@ -32,13 +39,50 @@ def test_python_dash_m_influscope_runs_the_cli() -> None:
     assert "score" in out.stdout and "fit" in out.stdout
 
 
-def test_a_curvature_registered_at_runtime_is_offered_by_the_cli(monkeypatch) -> None:
-    # one file + one registry line: the CLI's choices come from the live registry
-    from influscope.cli import build_parser
-    from influscope.curvature import fit
+def test_every_spec_is_registered_under_its_name_and_unpacks_like_the_old_tuple() -> None:
+    for name, spec in CURVATURES.items():
+        assert spec.name == name == spec.operator.name
+        operator, fitter = spec
+        assert operator is spec.operator and fitter is spec.fit
 
-    monkeypatch.setitem(fit.CURVATURES, "toy", fit.CURVATURES["identity"])
-    parser = build_parser()
-    argv = ["fit", "--model", "m", "--train", "t.jsonl", "--run", "r", "--curvature", "toy"]
-    args = parser.parse_args(argv)
-    assert args.curvature == "toy"
+
+@pytest.fixture
+def scaled(monkeypatch):
+    monkeypatch.setitem(CURVATURES, "scaled", toy_curvature.SPEC)  # the one registry line
+    return toy_curvature.SPEC
+
+
+def test_a_curvature_registered_at_runtime_is_offered_by_the_cli(scaled) -> None:
+    from influscope.cli import build_parser
+
+    argv = ["fit", "--model", "m", "--train", "t.jsonl", "--run", "r", "--curvature", "scaled"]
+    assert build_parser().parse_args(argv).curvature == "scaled"
+
+
+def test_a_one_file_curvature_fits_stores_loads_and_scores(scaled, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    train = random_lm_data(n=6, seed=1)
+    queries = random_lm_data(n=2, seed=2)
+    inf = Influence(model, "causal_lm", run_dir=tmp_path, device="cpu")
+    config = FitConfig(curvature="scaled", options={"scale": 4.0}, damping=1.0)
+    factors = inf.fit(train, config)
+    assert isinstance(factors, toy_curvature.ScaledIdentityOperator)
+    assert inf.load_factors(train).damping == factors.damping  # stored, checked, loaded
+    got = inf.score(queries, train, factors).pairwise
+    plain = inf.score(queries, train, IdentityOperator(factors.damping)).pairwise
+    torch.testing.assert_close(got, plain / 5.0, rtol=1e-10, atol=1e-12)  # g / (s + λ)
+    # its options are fingerprinted: another scale is a different stage, refused as stale
+    from influscope.errors import StaleArtifactError
+
+    with pytest.raises(StaleArtifactError, match="config"):
+        inf.fit(train, FitConfig(curvature="scaled", options={"scale": 2.0}, damping=1.0))
+
+
+def test_a_spec_validates_its_options_on_creation(scaled) -> None:
+    with pytest.raises(ConfigError, match="scale must be > 0"):
+        FitConfig(curvature="scaled", options={"scale": -1.0})
+    with pytest.raises(ConfigError, match="Unknown ScaledOptions fields"):
+        FitConfig(curvature="scaled", options={"rank": 3})
+    with pytest.raises(ConfigError, match="takes no options"):
+        FitConfig(curvature="ekfac", options={"scale": 2.0})

@@ -174,7 +174,7 @@ class Influence:
             if self.run is not None
             else {}
         )
-        op_cls, _ = CURVATURES[config.curvature]
+        op_cls = CURVATURES[config.curvature].operator
         if self.run is not None and self.run.exists("factors", name) and not overwrite:
             tensors, meta = self.run.load("factors", name, expected, self._factor_device)
             return op_cls.from_tensors(tensors, meta["damping"])
@@ -239,7 +239,7 @@ class Influence:
         expected = {"model": self.fingerprint(), "data": train.fingerprint()}
         # CPU memory with offload=True, like fit()
         tensors, meta = self.run.load("factors", name, expected, self._factor_device, fix)
-        op_cls, _ = CURVATURES[meta["curvature"]]
+        op_cls = CURVATURES[meta["curvature"]].operator
         return op_cls.from_tensors(tensors, meta["damping"])
 
     # --- scores -------------------------------------------------------------------------

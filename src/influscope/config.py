@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from influscope.curvature.registry import CURVATURES
 from influscope.errors import ConfigError
 
 _DTYPES = {
@@ -67,7 +68,7 @@ class FitConfig(Settings):
 
     Attributes:
         curvature: Key in :data:`influscope.curvature.CURVATURES` (``identity``, ``diagonal``,
-            ``kfac``, ``ekfac``, ``datainf``).
+            ``kfac``, ``ekfac``, ``datainf``); the spec there validates the settings it uses.
         fisher: ``"true"`` samples labels from the model (seeded per example; the true Fisher
             equals the Gauss-Newton Hessian in expectation); ``"empirical"`` uses the data labels.
         damping: Absolute damping ``λ`` for every layer, or ``None`` for
@@ -92,6 +93,9 @@ class FitConfig(Settings):
             hold: it keeps ``n × Σ_ℓ out_ℓ·in_ℓ`` numbers (see
             :mod:`influscope.curvature.datainf`) and refuses to start above this. Not part of
             the stored fingerprint.
+        options: The chosen curvature's own settings (fields of its spec's ``options``
+            dataclass, e.g. ``{"rank": 4}``), or ``None`` for its defaults. Fingerprinted
+            with the factors when given.
     """
 
     curvature: str = "ekfac"
@@ -106,20 +110,27 @@ class FitConfig(Settings):
     shard_size: int = 256
     cache_mb: float = 2048.0
     datainf_memory_mb: float = 4096.0
+    options: dict[str, Any] | None = None
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The settings that determine the factors (``to_dict`` without the memory budgets)."""
+        """The settings that determine the factors (``to_dict`` without the memory budgets;
+        ``options`` only when given, so fits stored before it existed still match)."""
         out = self.to_dict()
         out.pop("cache_mb")
         out.pop("datainf_memory_mb")
+        if not out["options"]:
+            out.pop("options")
         return out
 
     def __post_init__(self) -> None:
-        from influscope.curvature import CURVATURES
-
         require(
             self.curvature in CURVATURES,
             f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.",
+        )
+        require(
+            self.options is None or isinstance(self.options, dict),
+            f"options must be a dict of the curvature's settings or None, received "
+            f"{type(self.options).__name__} {self.options!r}.",
         )
         require(
             self.fisher in ("true", "empirical"),
@@ -148,17 +159,10 @@ class FitConfig(Settings):
         require(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
         require(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
         require(
-            self.curvature != "datainf"
-            or (self.damping > 0 if self.damping is not None else self.damping_factor > 0),
-            "curvature='datainf' divides by the damping λ (its inverse is a sum of "
-            "(1/λ)(I − g gᵀ/(λ + ‖g‖²)) terms), so λ must be > 0; received "
-            f"damping={self.damping}, damping_factor={self.damping_factor}. Leave damping=None "
-            "with damping_factor > 0 (default 0.1), or give an absolute damping > 0.",
-        )
-        require(
             self.datainf_memory_mb > 0,
             f"datainf_memory_mb must be > 0, received {self.datainf_memory_mb}.",
         )
+        CURVATURES[self.curvature].validate(self)  # the approximation's own rules and options
 
 
 @dataclass(frozen=True)

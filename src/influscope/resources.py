@@ -12,6 +12,9 @@ floats unless stated):
 * factors on disk: ``8·Σ_ℓ (in_ℓ² + out_ℓ² + in_ℓ out_ℓ)``;
 * ``curvature="datainf"`` instead keeps every per-example gradient, ``4·N·Σ_ℓ in_ℓ out_ℓ`` in
   memory and on disk (``N`` capped by ``max_examples``), plus a batch of gradients;
+  ``diagonal`` keeps ``8·Σ_ℓ in_ℓ out_ℓ`` sums and a batch of gradients; ``identity`` fits
+  nothing. Each curvature's rows come from its spec's ``estimate``
+  (:mod:`influscope.curvature.spec`);
 * scores: ``4·Q·Σ_ℓ in_ℓ out_ℓ`` query gradients + ``4·Q·N·L`` per-layer scores;
 * index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory;
   with ``init="eigen"`` also up to one full rotated gradient ``4·B·max_ℓ in_ℓ out_ℓ`` per batch
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from influscope.curvature.registry import CURVATURES
+from influscope.curvature.spec import FitFootprint
 from influscope.tasks.data import EncodedDataset
 
 
@@ -66,27 +71,8 @@ def estimate(
     captured = 4 * bsz * t * sum(i + o for i, o in dims)
     grad = sum(i * o for i, o in dims)
     n_fit = n if max_examples is None else min(n, max_examples)
-    if curvature == "datainf":
-        out = [
-            StageEstimate(
-                "fit: gradients",
-                base + captured + 4 * (n_fit + bsz) * grad,
-                4 * n_fit * grad,
-                f"{n_fit} gradients × {grad} params",
-            )
-        ]
-    else:
-        out = [
-            StageEstimate(
-                "fit: covariance", base + captured + 8 * sum(i * i + o * o for i, o in dims), 0
-            ),
-            StageEstimate(
-                "fit: eigenvalues",
-                base + captured + 8 * sum(i * i + o * o for i, o in dims) + (8 + 4 * bsz) * grad,
-                8 * sum(i * i + o * o + i * o for i, o in dims),
-                "factors on disk",
-            ),
-        ]
+    footprint = FitFootprint(dims, n_fit, bsz, base + captured)
+    out = [StageEstimate(*row) for row in CURVATURES[curvature].estimate(footprint)]
     if n_queries:
         out.append(
             StageEstimate(

@@ -32,13 +32,18 @@ training sequence.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator, relative_damping, split_keys
 from influscope.curvature.shards import ShardedPasses, gather_shards
+from influscope.curvature.spec import CurvatureSpec, EstimateRow, FitFootprint
 from influscope.errors import ConfigError, NumericalError
-from influscope.modules.selection import TrackedLayer
+
+if TYPE_CHECKING:
+    from influscope.config import FitConfig
+    from influscope.modules.selection import TrackedLayer
 
 #: Bytes of float64 gradient rows handled at once by ``precondition``/``quadratic``.
 CHUNK_BYTES = 2**26
@@ -186,3 +191,36 @@ def fit_datainf(passes, layers: list[TrackedLayer], config: FitConfig) -> DataIn
             )
         op.damping[t.name] = lam
     return op
+
+
+def check_config(config: FitConfig) -> None:
+    """DataInf divides by λ, so the damping must be positive."""
+    if not (config.damping > 0 if config.damping is not None else config.damping_factor > 0):
+        raise ConfigError(
+            "curvature='datainf' divides by the damping λ (its inverse is a sum of "
+            "(1/λ)(I − g gᵀ/(λ + ‖g‖²)) terms), so λ must be > 0; received "
+            f"damping={config.damping}, damping_factor={config.damping_factor}. Leave damping=None "
+            "with damping_factor > 0 (default 0.1), or give an absolute damping > 0."
+        )
+
+
+def datainf_estimate(f: FitFootprint) -> list[EstimateRow]:
+    """Every per-example gradient in memory and on disk, plus a batch of them."""
+    return [
+        (
+            "fit: gradients",
+            f.pass_bytes + 4 * (f.n_fit + f.batch_size) * f.params,
+            4 * f.n_fit * f.params,
+            f"{f.n_fit} gradients × {f.params} params",
+        )
+    ]
+
+
+SPEC = CurvatureSpec(
+    "datainf",
+    DataInfOperator,
+    fit_datainf,
+    estimate=datainf_estimate,
+    check=check_config,
+    summary="DataInf: averaged Sherman–Morrison inverse over stored per-example gradients",
+)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from influscope.curvature.base import CurvatureOperator, split_keys
+from influscope.curvature.base import CurvatureOperator, relative_damping, split_keys
+from influscope.curvature.spec import CurvatureSpec, one_pass_estimate, stats_dtype
+from influscope.curvature.statistics import diagonal_statistics
 
 
 class DiagonalOperator(CurvatureOperator):
@@ -33,3 +35,22 @@ class DiagonalOperator(CurvatureOperator):
 
     def dense(self, layer: str) -> torch.Tensor:
         return torch.diag(self.diag[layer].reshape(-1).double() + self.damping[layer])
+
+
+def fit_diagonal(passes, layers, config) -> DiagonalOperator:
+    """One pass: ``d = mean_z (∇L(z))^{⊙2}``; damping ``factor × mean(d_ℓ)`` per layer."""
+    sums, n = diagonal_statistics(passes, stats_dtype(config), layers)
+    diag = {k: v / n for k, v in sums.items()}  # {layer: (out, in)}
+    damping = {
+        k: relative_damping(d, config.damping_factor, config.damping) for k, d in diag.items()
+    }
+    return DiagonalOperator(diag, damping)
+
+
+SPEC = CurvatureSpec(
+    "diagonal",
+    DiagonalOperator,
+    fit_diagonal,
+    estimate=one_pass_estimate,
+    summary="diagonal of the per-sequence Fisher",
+)

@@ -94,15 +94,3 @@ class KroneckerEigenOperator(CurvatureOperator):
         basis = torch.kron(self.q_s[layer].double(), self.q_a[layer].double())
         lam = self.eigenvalues[layer].double().reshape(-1) + self.damping[layer]
         return basis @ torch.diag(lam) @ basis.t()
-
-
-class KFACOperator(KroneckerEigenOperator):
-    """K-FAC: eigenvalues ``T̄ · λ_S λ_Aᵀ`` (see :mod:`influscope.curvature.kfac`)."""
-
-    name = "kfac"
-
-
-class EKFACOperator(KroneckerEigenOperator):
-    """EK-FAC: eigenvalues refitted on per-sequence gradients (see ``ekfac``)."""
-
-    name = "ekfac"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from influscope.curvature.base import CurvatureOperator
+from influscope.curvature.spec import CurvatureSpec, no_fit_estimate
 
 
 class IdentityOperator(CurvatureOperator):
@@ -25,3 +26,17 @@ class IdentityOperator(CurvatureOperator):
 
     def dense(self, layer: str) -> torch.Tensor:
         raise NotImplementedError("identity has no stored shape; use torch.eye")
+
+
+def fit_identity(passes, layers, config) -> IdentityOperator:
+    """Nothing to fit: zero damping on every layer."""
+    return IdentityOperator({layer.name: 0.0 for layer in layers})
+
+
+SPEC = CurvatureSpec(
+    "identity",
+    IdentityOperator,
+    fit_identity,
+    estimate=no_fit_estimate,
+    summary="G = I: the gradient dot product (TracIn at one checkpoint)",
+)

@@ -8,8 +8,9 @@ where partial sums are stored.
 Fitting statistics ``S = Σ_shards S_shard`` are accumulated shard by shard
 (:class:`~influscope.curvature.shards.ShardedPasses`); with a
 :class:`~influscope.curvature.shards.PartialSums` store each shard's sum is saved, so a killed
-fit resumes from the shards it finished. Only EK-FAC makes a second pass over the same
-objective (its eigenvalue correction), which is replayed from memory up to ``cache_mb``.
+fit resumes from the shards it finished. A curvature whose spec says ``replays`` (EK-FAC's
+eigenvalue correction) makes a second pass over the same objective, replayed from memory up
+to ``cache_mb``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
-from influscope.curvature.fit import CURVATURES
+from influscope.curvature.registry import CURVATURES
 from influscope.curvature.shards import PartialSums, ShardedPasses
 from influscope.modules.passes import layer_passes
 from influscope.modules.selection import TrackedLayer
@@ -29,9 +30,6 @@ from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 __all__ = ["fit_curvature"]
-
-#: Curvatures whose fitter makes a second pass over the same objective (replayed from memory).
-REPLAYS = frozenset({"ekfac"})
 
 
 def fit_curvature(
@@ -62,7 +60,7 @@ def fit_curvature(
     Returns:
         ``(operator, counts)`` with ``counts = {"loaded", "computed", "replayed"}`` shards.
     """
-    _, fitter = CURVATURES[config.curvature]
+    spec = CURVATURES[config.curvature]
 
     def make(desc: str, positions):
         return layer_passes(
@@ -77,7 +75,7 @@ def fit_curvature(
             desc=f"{desc_prefix}{desc}",
         )
 
-    cache = int(config.cache_mb * 2**20) if config.curvature in REPLAYS else 0
+    cache = int(config.cache_mb * 2**20) if spec.replays else 0
     passes = ShardedPasses(
         wrap(make) if wrap is not None else make,
         len(train),
@@ -86,7 +84,9 @@ def fit_curvature(
         store,
         cache_bytes=cache,
     )
-    operator = fitter(passes, list(fit_layers) if fit_layers is not None else list(layers), config)
+    operator = spec.fit(
+        passes, list(fit_layers) if fit_layers is not None else list(layers), config
+    )
     counts = {
         "loaded": store.loaded if store else 0,
         "computed": store.computed if store else 0,

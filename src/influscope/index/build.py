@@ -26,7 +26,7 @@ from torch import nn
 
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
-from influscope.curvature.fit import CURVATURES
+from influscope.curvature.registry import CURVATURES
 from influscope.curvature.run import fit_curvature
 from influscope.curvature.shards import PartialSums, barrier
 from influscope.errors import ConfigError, StaleArtifactError
@@ -219,7 +219,7 @@ def load_curvature(root: str | Path) -> CurvatureOperator:
     """The projected curvature stored with an index."""
     root = Path(root)
     meta = read_json(root / "meta.json")
-    op_cls, _ = CURVATURES[meta.get("operator", meta["config"]["curvature"])]
+    op_cls = CURVATURES[meta.get("operator", meta["config"]["curvature"])].operator
     damping = meta.get("damping", {e["name"]: 0.0 for e in meta["layout"]})
     path = root / "curvature.safetensors"
     return op_cls.from_tensors(read_tensors(path) if path.is_file() else {}, damping)

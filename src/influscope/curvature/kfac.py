@@ -1,0 +1,71 @@
+"""K-FAC: Kronecker-factored curvature with eigenvalues from the factors' spectra.
+
+One pass gathers ``A = E_tok[ā āᵀ]`` (in × in) and ``S = E_tok[s sᵀ]`` (out × out) per layer;
+both are eigendecomposed in float64 and the eigenvalue matrix is
+
+.. math:: Λ = T̄ \\, λ_S λ_A^⊤ \\qquad (out, in)
+
+with ``T̄`` the mean number of tokens per sequence (the per-sequence loss sums over tokens, so
+its curvature is about ``T̄ · A ⊗ S``). Default damping ``factor × mean(Λ_ℓ)`` per layer.
+The operator's algebra is :class:`~influscope.curvature.eigen.KroneckerEigenOperator`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from influscope.curvature.base import relative_damping
+from influscope.curvature.eigen import KroneckerEigenOperator
+from influscope.curvature.spec import CurvatureSpec, EstimateRow, FitFootprint, stats_dtype
+from influscope.curvature.statistics import covariances, eigendecompose
+
+
+class KFACOperator(KroneckerEigenOperator):
+    """K-FAC: eigenvalues ``T̄ · λ_S λ_Aᵀ`` (see :mod:`influscope.curvature.kfac`)."""
+
+    name = "kfac"
+
+
+def eigenbases(passes, layers, config) -> dict[str, tuple]:
+    """``{layer: (λ_A, Q_A, λ_S, Q_S, T̄)}`` from one covariance pass (shared with EK-FAC)."""
+    cov, n_seq = covariances(passes, layers, stats_dtype(config))
+    bases = {}
+    for name, c in cov.items():
+        n_tok = max(c.n_tokens, 1.0)
+        lam_a, q_a = eigendecompose(c.a / n_tok, name, "activation")  # (in,), (in, in)
+        lam_s, q_s = eigendecompose(c.s / n_tok, name, "output-gradient")  # (out,), (out, out)
+        bases[name] = (lam_a, q_a, lam_s, q_s, c.n_tokens / max(n_seq, 1))
+    return bases
+
+
+def fit_kfac(passes, layers, config) -> KFACOperator:
+    """The eigenbases, with eigenvalues ``T̄ λ_S λ_Aᵀ``."""
+    q_a, q_s, lam, damping = {}, {}, {}, {}
+    for name, (lam_a, qa, lam_s, qs, t_bar) in eigenbases(passes, layers, config).items():
+        q_a[name], q_s[name] = qa, qs
+        lam[name] = t_bar * torch.outer(lam_s, lam_a)  # (out, in)
+        damping[name] = relative_damping(lam[name], config.damping_factor, config.damping)
+    return KFACOperator(q_a, q_s, lam, damping)
+
+
+def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
+    """Covariance pass (float64 factor sums), then the eigenvalue pass and the stored factors."""
+    cov = 8 * f.kronecker
+    return [
+        ("fit: covariance", f.pass_bytes + cov, 0, ""),
+        (
+            "fit: eigenvalues",
+            f.pass_bytes + cov + (8 + 4 * f.batch_size) * f.params,
+            8 * (f.kronecker + f.params),
+            "factors on disk",
+        ),
+    ]
+
+
+SPEC = CurvatureSpec(
+    "kfac",
+    KFACOperator,
+    fit_kfac,
+    estimate=kronecker_estimate,
+    summary="Kronecker factors A ⊗ S with eigenvalues T̄ λ_S λ_Aᵀ",
+)
