@@ -20,8 +20,8 @@ from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
 from influscope.curvature.shards import PartialSums
+from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
-from influscope.modules.passes import rank_and_world
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
 from influscope.scoring.ensemble import MORE_MEMBERS, EnsembleScores
@@ -174,36 +174,31 @@ class Influence:
             if self.run is not None
             else {}
         )
-        op_cls = CURVATURES[config.curvature].operator
-        if self.run is not None and self.run.exists("factors", name) and not overwrite:
-            tensors, meta = self.run.load("factors", name, expected, self._factor_device)
-            return op_cls.from_tensors(tensors, meta["damping"])
-
-        store = None
-        if self.run is not None:  # per-shard partial sums: a killed fit resumes
-            partial = self.run.stage_dir("factors", name).with_name(f".{name}.partial")
-            store = PartialSums(partial, expected)
-        operator, self.last_fit_shards = fit_curvature(
-            self.model,
-            self.task,
-            self.layers,
-            train,
-            config,
-            store=store,
-            amp_dtype=_amp(config.amp_dtype),
+        stage = StageSpec(
+            self.run,
+            "factors",
+            name,
+            expected,
+            load=lambda tensors, meta: CURVATURES[config.curvature].operator.from_tensors(
+                tensors, meta["damping"]
+            ),
+            dump=lambda op: (op.tensors(), {"curvature": config.curvature, "damping": op.damping}),
+            device=self._factor_device,  # CPU memory with offload=True
         )
-        if self.offload:
-            operator = operator.to("cpu")
-        if self.run is not None and rank_and_world()[0] == 0:
-            self.run.save(
-                "factors",
-                name,
-                operator.tensors(),
-                {**expected, "curvature": config.curvature, "damping": operator.damping},
+
+        def compute(store: PartialSums | None) -> CurvatureOperator:
+            operator, self.last_fit_shards = fit_curvature(
+                self.model,
+                self.task,
+                self.layers,
+                train,
+                config,
+                store=store,  # per-shard partial sums: a killed fit resumes
+                amp_dtype=_amp(config.amp_dtype),
             )
-        if store is not None:
-            store.clear()
-        return operator
+            return operator.to("cpu") if self.offload else operator
+
+        return run_stage(stage, compute, overwrite)
 
     def load_factors(self, train: EncodedDataset, name: str = "factors") -> CurvatureOperator:
         """Load a stored curvature stage, checking it matches this model and training data.
@@ -237,10 +232,18 @@ class Influence:
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
         expected = {"model": self.fingerprint(), "data": train.fingerprint()}
-        # CPU memory with offload=True, like fit()
-        tensors, meta = self.run.load("factors", name, expected, self._factor_device, fix)
-        op_cls = CURVATURES[meta["curvature"]].operator
-        return op_cls.from_tensors(tensors, meta["damping"])
+        stage = StageSpec(
+            self.run,
+            "factors",
+            name,
+            expected,
+            load=lambda tensors, meta: CURVATURES[meta["curvature"]].operator.from_tensors(
+                tensors, meta["damping"]
+            ),
+            device=self._factor_device,  # CPU memory with offload=True, like fit()
+            fix=fix,
+        )
+        return stage.read()
 
     # --- scores -------------------------------------------------------------------------
     def precondition(
@@ -304,9 +307,9 @@ class Influence:
             queries = self._check(queries, "queries")
         # fingerprint of the encoded queries (preconditioned queries carry theirs as .source)
         source = queries.source if given else queries.fingerprint()
-        expected = refine_store = None
-        if self.run is not None and name is not None:
-            expected = {
+        stores = self.run is not None and name is not None
+        expected = (
+            {
                 "config": config.to_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
@@ -314,43 +317,50 @@ class Influence:
                 "curvature": factors.name,
                 "damping": factors.damping,
             }
-            if self.run.exists("scores", name) and not overwrite:  # before any query pass
-                if source is None:
-                    raise StaleArtifactError(
-                        f"A scores stage {name!r} exists in {self.run.root}, but these "
-                        "preconditioned queries carry no fingerprint (source=None), so it "
-                        "cannot be checked against them. Expected queries from "
-                        "Influence.precondition / encode; pass overwrite=True to recompute "
-                        "the stage, or choose another name."
-                    )
-                # on the device, like computed scores (they live where the model runs)
-                tensors, meta = self.run.load("scores", name, expected, self.device)
-                return Scores(
-                    layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
+            if stores
+            else {}
+        )
+
+        def unfingerprinted() -> None:
+            if source is None:
+                raise StaleArtifactError(
+                    f"A scores stage {name!r} exists in {self.run.root}, but these "
+                    "preconditioned queries carry no fingerprint (source=None), so it "
+                    "cannot be checked against them. Expected queries from "
+                    "Influence.precondition / encode; pass overwrite=True to recompute "
+                    "the stage, or choose another name."
                 )
-            if config.refine_steps > 0 and not given:
-                # refined query blocks are kept until the stage is saved: a killed run resumes
-                partial = self.run.stage_dir("scores", name).with_name(f".{name}.refine-partial")
-                refine_store = PartialSums(partial, expected)
-        pq = (
-            queries
-            if given
-            else self.precondition(queries, factors, config, train, refine_store=refine_store)
+
+        stage = StageSpec(
+            self.run,
+            "scores",
+            name,
+            expected,
+            load=lambda tensors, meta: Scores(
+                layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
+            ),
+            dump=lambda s: (
+                s.tensors(),
+                {"layers": s.layer_names, "train_indices": s.train_indices},
+            ),
+            device=self.device,  # like computed scores (they live where the model runs)
+            # refined query blocks are kept until the stage is saved: a killed run resumes
+            partial="refine-partial" if config.refine_steps > 0 and not given else None,
         )
-        want_self = self_influence or config.normalize == "relatif"
-        scores = score_pass(
-            self.model, self.task, self.layers, pq, train, config, factors, want_self
-        )
-        if expected is not None and rank_and_world()[0] == 0:
-            self.run.save(
-                "scores",
-                name,
-                scores.tensors(),
-                {**expected, "layers": scores.layer_names, "train_indices": scores.train_indices},
+
+        def compute(refine_store: PartialSums | None) -> Scores:
+            pq = (
+                queries
+                if given
+                else self.precondition(queries, factors, config, train, refine_store=refine_store)
             )
-        if refine_store is not None:
-            refine_store.clear()
-        return scores
+            want_self = self_influence or config.normalize == "relatif"
+            return score_pass(
+                self.model, self.task, self.layers, pq, train, config, factors, want_self
+            )
+
+        # a stored stage is loaded before any query pass
+        return run_stage(stage, compute, overwrite, before_load=unfingerprinted)
 
     def damping_sweep(
         self,
@@ -433,9 +443,9 @@ class Influence:
             )
         queries = self._check(queries, "queries")
         train = self._check(train, "train")
-        expected = None
-        if self.run is not None and name is not None:
-            expected = {
+        stores = self.run is not None and name is not None
+        expected = (
+            {
                 "fit_config": {**fit_config.fingerprint_dict(), "seed": None},
                 "config": score_config.to_dict(),
                 "seeds": seeds,
@@ -444,19 +454,30 @@ class Influence:
                 "queries": queries.fingerprint(),
                 "layers": self.layer_names,
             }
-            if self.run.exists("ensemble", name) and not overwrite:
-                tensors, meta = self.run.load("ensemble", name, expected, self.device)
-                return EnsembleScores.from_stored(tensors, meta)
-        members = []
-        for s in seeds:
-            factors = self.fit(
-                train, dataclasses.replace(fit_config, seed=s), name=f"factors-seed{s}"
-            )
-            members.append(self.score(queries, train, factors, score_config))
-        ens = EnsembleScores.from_members(members, labels=[f"seed {s}" for s in seeds])
-        if expected is not None and rank_and_world()[0] == 0:
-            self.run.save("ensemble", name, ens.tensors(), {**expected, **ens.meta()})
-        return ens
+            if stores
+            else {}
+        )
+        stage = StageSpec(
+            self.run,
+            "ensemble",
+            name,
+            expected,
+            load=EnsembleScores.from_stored,
+            dump=lambda ens: (ens.tensors(), ens.meta()),
+            device=self.device,
+            partial=None,  # each member's factors are a stage of their own (resumable)
+        )
+
+        def compute(_: None) -> EnsembleScores:
+            members = []
+            for s in seeds:
+                factors = self.fit(
+                    train, dataclasses.replace(fit_config, seed=s), name=f"factors-seed{s}"
+                )
+                members.append(self.score(queries, train, factors, score_config))
+            return EnsembleScores.from_members(members, labels=[f"seed {s}" for s in seeds])
+
+        return run_stage(stage, compute, overwrite)
 
     def self_influence(
         self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
+from influscope.engine.distributed import all_reduce_, barrier, rank_and_world
 from influscope.errors import DataError
 from influscope.modules.capture import LayerBatch
-from influscope.modules.passes import all_reduce_, rank_and_world
 from influscope.storage.atomic import (
     atomic_write_json,
     atomic_write_tensors,
@@ -98,12 +98,6 @@ class PartialSums:
         barrier()
         if rank_and_world()[0] == 0:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()
 
 
 def _jsonable(value: Any) -> Any:

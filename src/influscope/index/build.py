@@ -28,11 +28,12 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 from influscope.curvature.run import fit_curvature
-from influscope.curvature.shards import PartialSums, barrier
+from influscope.curvature.shards import PartialSums
+from influscope.engine.distributed import barrier, rank_and_world
 from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
-from influscope.modules.passes import compute_dtype, layer_passes, model_device, rank_and_world
+from influscope.modules.passes import compute_dtype, layer_passes, model_device
 from influscope.modules.selection import TrackedLayer
 from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint

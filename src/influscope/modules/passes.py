@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from influscope.engine.distributed import rank_and_world
 from influscope.errors import NumericalError
 from influscope.modules.capture import Capture, LayerBatch
 from influscope.modules.selection import TrackedLayer
@@ -47,20 +48,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, or ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (no-op without a process group)."""
-    if rank_and_world()[1] > 1:
-        torch.distributed.all_reduce(t)
-    return t
 
 
 def layer_passes(

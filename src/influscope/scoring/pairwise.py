@@ -24,9 +24,10 @@ from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
+from influscope.engine.distributed import all_reduce_, rank_and_world
 from influscope.errors import ConfigError
 from influscope.modules.capture import LayerBatch
-from influscope.modules.passes import all_reduce_, layer_passes, rank_and_world
+from influscope.modules.passes import layer_passes
 from influscope.modules.selection import TrackedLayer
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks.base import Task

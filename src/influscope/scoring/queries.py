@@ -20,8 +20,9 @@ from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
+from influscope.engine.distributed import rank_and_world
 from influscope.errors import ConfigError
-from influscope.modules.passes import layer_passes, rank_and_world
+from influscope.modules.passes import layer_passes
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset

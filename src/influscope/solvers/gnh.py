@@ -28,7 +28,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from influscope.modules.passes import all_reduce_, eval_mode, rank_and_world
+from influscope.engine.distributed import all_reduce_, rank_and_world
+from influscope.modules.passes import eval_mode
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset

@@ -1,0 +1,126 @@
+"""The stage runner: load a stored stage, or compute it (resumably), or refuse it as stale.
+
+Every stage of the facade that stores a result (``factors``, ``scores``, ``ensemble``; DDA and
+unlearning store theirs through them) runs through :func:`run_stage`, the one place that
+
+1. compares the stored stage's fingerprints with ``expected`` and loads it when they match,
+   or raises :class:`~influscope.errors.StaleArtifactError` naming what changed (unless
+   ``overwrite``) — before any computation;
+2. gives the computation a :class:`~influscope.curvature.shards.PartialSums` store beside the
+   stage (``RUN/<kind>/.<name>.<partial>``) keyed by the same fingerprints, so a killed run
+   resumes from the shards or query blocks it finished;
+3. saves the result atomically on rank 0 and then deletes the partial sums.
+
+Without a run directory or a name nothing is stored: the computation runs with no store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from influscope.curvature.shards import PartialSums
+from influscope.engine.distributed import is_writer
+from influscope.storage import RunDirectory
+
+__all__ = ["StageSpec", "run_stage"]
+
+R = TypeVar("R")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StageSpec(Generic[R]):
+    """Where a stage lives and how its result is written and read back.
+
+    Attributes:
+        run: The run directory, or ``None`` (nothing stored).
+        kind: Stage kind (``"factors"``, ``"scores"``, ``"ensemble"``).
+        name: Stage name, or ``None`` (nothing stored).
+        expected: Fingerprints and config the stored stage must match (saved in its meta).
+        load: ``(tensors, meta) -> result`` for a stored stage.
+        dump: ``result -> (tensors, extra meta)`` for saving (``None``: a read-only stage).
+        device: Where stored tensors are loaded.
+        fix: How to resolve a stale stage, for the error message (default: overwrite).
+        partial: Suffix of the partial-sums directory, or ``None`` for a stage that keeps none.
+    """
+
+    run: RunDirectory | None
+    kind: str
+    name: str | None
+    expected: dict[str, Any]
+    load: Callable[[Tensors, dict[str, Any]], R]
+    dump: Callable[[R], tuple[Tensors, dict[str, Any]]] | None = None
+    device: torch.device | str = "cpu"
+    fix: str | None = None
+    partial: str | None = "partial"
+
+    @property
+    def stores(self) -> bool:
+        """Whether results are stored (a run directory and a name)."""
+        return self.run is not None and self.name is not None
+
+    def exists(self) -> bool:
+        """Whether a complete stage is stored."""
+        return self.stores and self.run.exists(self.kind, self.name)  # type: ignore[union-attr]
+
+    def read(self) -> R:
+        """The stored stage, after checking ``expected``.
+
+        Raises:
+            StaleArtifactError: A fingerprint or config differs; the message names each one.
+        """
+        tensors, meta = self.run.load(  # type: ignore[union-attr]
+            self.kind, self.name, self.expected, self.device, self.fix
+        )
+        return self.load(tensors, meta)
+
+    def partial_sums(self) -> PartialSums | None:
+        """The resume store beside the stage (``RUN/<kind>/.<name>.<partial>``), or ``None``."""
+        if not self.stores or self.partial is None:
+            return None
+        d = self.run.stage_dir(self.kind, self.name)  # type: ignore[union-attr]
+        return PartialSums(d.with_name(f".{self.name}.{self.partial}"), self.expected)
+
+    def write(self, result: R) -> None:
+        """Save ``result`` (rank 0 only; no-op when nothing is stored)."""
+        if self.stores and self.dump is not None and is_writer():
+            tensors, extra = self.dump(result)
+            self.run.save(self.kind, self.name, tensors, {**self.expected, **extra})  # type: ignore[union-attr]
+
+
+def run_stage(
+    spec: StageSpec[R],
+    compute: Callable[[PartialSums | None], R],
+    overwrite: bool = False,
+    before_load: Callable[[], None] | None = None,
+) -> R:
+    """Load ``spec``'s stored stage, or ``compute(store)`` and save it.
+
+    Args:
+        spec: Where the stage lives, what it must match, how it is written and read.
+        compute: ``compute(store) -> result``; ``store`` keeps partial results for resuming
+            (``None`` when nothing is stored or the stage keeps no partial sums).
+        overwrite: Recompute even when a stage is stored (a stale one is then replaced).
+        before_load: Called before a stored stage is read (e.g. to refuse inputs that carry
+            no fingerprint to check it against).
+
+    Returns:
+        The stored or computed result.
+
+    Raises:
+        StaleArtifactError: A stored stage differs from ``spec.expected`` and not ``overwrite``.
+    """
+    if spec.exists() and not overwrite:  # before any computation
+        if before_load is not None:
+            before_load()
+        return spec.read()
+    store = spec.partial_sums()
+    result = compute(store)
+    spec.write(result)
+    if store is not None:
+        store.clear()
+    return result
