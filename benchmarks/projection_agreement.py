@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(2)
     os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
     t0 = time.perf_counter()
-    model, inf, train, queries = (_smollm2 if args.model == "smollm2" else _demo)(args)
+    _model, inf, train, queries = (_smollm2 if args.model == "smollm2" else _demo)(args)
     op = inf.fit(train, FitConfig(curvature="ekfac", fisher=args.fisher))
     exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise  # (Q, N)
     print(
@@ -96,10 +96,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t1 = time.perf_counter()
             factors = op if init in ("pca", "eigen") else None  # the reference's own fit
-            index = build_index(
-                model, inf.task, inf.layers, train, Path(tmp) / "idx", cfg, factors=factors
-            )
-            q = preconditioned_queries(model, inf.task, inf.layers, queries, index)
+            index = build_index(inf.tracked, train, Path(tmp) / "idx", cfg, factors=factors)
+            q = preconditioned_queries(inf.tracked, queries, index)
             _, stored = index.search(q, k=1, return_all=True)  # (Q, N)
             seconds = time.perf_counter() - t1
             dim = index.meta["dim"]

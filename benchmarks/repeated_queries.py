@@ -74,17 +74,17 @@ def main() -> None:
     cfg = IndexConfig(dtype="float16", batch_size=args.batch_size, shard_size=1000)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        index = build_index(model, inf.task, inf.layers, train, Path(tmp) / "index", cfg)
+        index = build_index(inf.tracked, train, Path(tmp) / "index", cfg)
         t_build = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in (index.root / "shards").glob("*.npy"))
 
         t0 = time.perf_counter()
-        q = preconditioned_queries(model, inf.task, inf.layers, queries, index, args.batch_size)
+        q = preconditioned_queries(inf.tracked, queries, index, args.batch_size)
         top = index.search(q, k=10)
         t_query = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        q2 = preconditioned_queries(model, inf.task, inf.layers, queries, index, args.batch_size)
+        q2 = preconditioned_queries(inf.tracked, queries, index, args.batch_size)
         full = recompute(inf, train, index, q2, args.batch_size)
         t_recompute = time.perf_counter() - t0
         _, stored = index.search(q, k=1, return_all=True)

@@ -44,10 +44,10 @@ def main() -> None:
     cfg = IndexConfig(dtype="float16", batch_size=args.batch_size, shard_size=256)
     with tempfile.TemporaryDirectory() as tmp:
         with stages.stage("index (projected EK-FAC + gradients)"):
-            index = build_index(model, inf.task, inf.layers, train, Path(tmp) / "idx", cfg)
+            index = build_index(inf.tracked, train, Path(tmp) / "idx", cfg)
         size = sum(p.stat().st_size for p in (index.root / "shards").glob("*.npy"))
         with stages.stage(f"query {args.n_queries} prompts (top-10)"):
-            top = query_index(model, inf.task, inf.layers, queries, index, k=10)
+            top = query_index(inf.tracked, queries, index, k=10)
     res = stages.result()
     lines = [
         "## SmolLM2-135M: projected index of Shakespeare",

@@ -24,6 +24,7 @@ from influscope.demo.train import sequence_losses
 from influscope.errors import CollectionError, ConfigError, DataError, StaleArtifactError
 from influscope.index import IndexConfig, build_index
 from influscope.modules.selection import select_layers
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks import CausalLMTask
 from influscope.tasks.data import EncodedDataset
 from influscope.trajectory import from_directory
@@ -219,7 +220,7 @@ def test_collected_index_equals_the_index_built_at_the_checkpoint(trained, tmp_p
     layers = select_layers(ckpt, col.layer_names)
     config = IndexConfig(k_in=8, k_out=8, curvature="identity", dtype="float32", batch_size=4)
     data = _encoded().subset(sorted(idx.tolist()))
-    ref = build_index(ckpt, F64CausalLM(), layers, data, tmp_path / "built", config)
+    ref = build_index(TrackedModel(ckpt, F64CausalLM(), layers), data, tmp_path / "built", config)
     torch.testing.assert_close(mine.rows(range(4)), ref.rows(range(4)), rtol=1e-6, atol=1e-7)
     q = torch.randn(3, col.dim)
     (_, a), (_, b) = mine.search(q, k=2, return_all=True), ref.search(q, k=2, return_all=True)

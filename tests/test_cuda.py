@@ -112,7 +112,7 @@ def test_low_rank_query_factors_on_cuda(data):
     for device in ("cpu", "cuda"):
         inf = Influence(copy.deepcopy(model), "causal_lm", modules="all", device=device)
         op = inf.fit(train, FIT)
-        pq = precondition_queries(inf.model, inf.task, inf.layers, op, queries, low, dense_budget=0)
+        pq = precondition_queries(inf.tracked, op, queries, low, dense_budget=0)
         assert pq.factors and not pq.dense  # the factored (U, V) path, not a reconstruction
         assert all(t.device.type == device for t in _tensors_of(pq))
         got[device] = inf.score(pq, train, op, low).pairwise
@@ -240,7 +240,7 @@ def test_eigen_index_and_randomized_query_svd_on_cuda(data, tmp_path):
         inf = Influence(copy.deepcopy(model), "causal_lm", modules="mlp", device=device)
         op = inf.fit(train, FIT)
         index = inf.build_index(train, cfg, op, root=tmp_path / device)
-        q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index)
+        q = preconditioned_queries(inf.tracked, queries, index)
         got[device] = index.search(q, k=3, return_all=True)[1]
         if device == "cuda":
             # queries and positions handed over on the GPU: the CPU-side index accepts them

@@ -43,12 +43,12 @@ def _run(run_dir: Path) -> dict[str, torch.Tensor]:
     out["self_influence"] = scores.self_influence
     # index shards are dealt to ranks (shard k on rank k mod 2) and written by their rank
     cfg = IndexConfig(k_in=8, k_out=8, dtype="float32", batch_size=3, shard_size=4)
-    index = build_index(model, inf.task, inf.layers, train, run_dir / "index", cfg)
+    index = build_index(inf.tracked, train, run_dir / "index", cfg)
     out["index_rows"] = index.rows(list(range(len(train))))
     # the eigen-coordinate index from the fitted factors (scores: eigenvector signs cancel)
     cfg = IndexConfig(k_in=8, k_out=8, init="eigen", dtype="float32", batch_size=3, shard_size=4)
-    eigen = build_index(model, inf.task, inf.layers, train, run_dir / "eigen", cfg, factors=op)
-    q = preconditioned_queries(model, inf.task, inf.layers, queries, eigen)
+    eigen = build_index(inf.tracked, train, run_dir / "eigen", cfg, factors=op)
+    q = preconditioned_queries(inf.tracked, queries, eigen)
     out["index_rows_eigen_scores"] = eigen.search(q, k=3, return_all=True)[1]
     return out
 

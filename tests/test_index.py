@@ -24,8 +24,8 @@ def built(tmp_path_factory):
     train = random_lm_data(20, seed=1)
     queries = random_lm_data(3, seed=2, prompt_len=3)
     inf = Influence(model, "causal_lm", modules="mlp", device="cpu")
-    index = build_index(model, inf.task, inf.layers, train, root, CFG)
-    q = preconditioned_queries(model, inf.task, inf.layers, queries, index)
+    index = build_index(inf.tracked, train, root, CFG)
+    q = preconditioned_queries(inf.tracked, queries, index)
     return inf, train, queries, index, q
 
 
@@ -50,7 +50,7 @@ def test_chunked_top_k_equals_full_ranking(built):
 def test_low_precision_storage_keeps_scores(built, tmp_path, dtype):
     inf, train, _, index, q = built
     cfg = IndexConfig(**{**CFG.to_dict(), "dtype": dtype})
-    low = build_index(inf.model, inf.task, inf.layers, train, tmp_path / dtype, cfg)
+    low = build_index(inf.tracked, train, tmp_path / dtype, cfg)
     _, full = index.search(q, k=1, return_all=True)
     _, approx = low.search(q, k=1, return_all=True)
     tol = {"float16": 2e-3, "bfloat16": 2e-2}[dtype]
@@ -64,7 +64,7 @@ def test_missing_shard_is_rebuilt_identically(built):
     shard.unlink()
     with pytest.raises(Exception, match="incomplete"):
         GradientIndex(index.root)
-    build_index(inf.model, inf.task, inf.layers, train, index.root, CFG)
+    build_index(inf.tracked, train, index.root, CFG)
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shard.parent.glob("*.npy")}
     assert after.keys() == before.keys()
     assert after["shard-00001.npy"][1] == before["shard-00001.npy"][1]
@@ -74,17 +74,15 @@ def test_missing_shard_is_rebuilt_identically(built):
 def test_stale_index_is_refused(built):
     inf, train, _, index, _ = built
     with pytest.raises(StaleArtifactError, match="different data"):
-        build_index(inf.model, inf.task, inf.layers, train.subset(range(10)), index.root, CFG)
+        build_index(inf.tracked, train.subset(range(10)), index.root, CFG)
 
 
 def test_cache_budget_is_not_part_of_the_fingerprint(built, tmp_path):
     """``cache_mb`` changes only memory: the same index is reused, and one built without the
     replay cache is identical."""
     inf, train, _, index, _ = built
-    build_index(inf.model, inf.task, inf.layers, train, index.root, replace(CFG, cache_mb=0))
-    other = build_index(
-        inf.model, inf.task, inf.layers, train, tmp_path / "nocache", replace(CFG, cache_mb=0)
-    )
+    build_index(inf.tracked, train, index.root, replace(CFG, cache_mb=0))
+    other = build_index(inf.tracked, train, tmp_path / "nocache", replace(CFG, cache_mb=0))
     for k in range(len(index.meta["shards"])):
         assert (other.root / "shards" / f"shard-{k:05d}.npy").read_bytes() == (
             index.root / "shards" / f"shard-{k:05d}.npy"

@@ -237,7 +237,7 @@ def test_gradient_index_over_adapters_is_exact_at_full_width(tmp_path):
     op = inf.fit(train, FitConfig(curvature="ekfac", fisher="empirical", batch_size=4))
     exact = inf.score(queries, train, op, ScoreConfig(query_rank=None)).pairwise
     cfg = IndexConfig(k_in=64, k_out=64, fisher="empirical", dtype="float32", batch_size=4)
-    index = build_index(model, inf.task, inf.layers, train, tmp_path / "idx", cfg)
-    q = preconditioned_queries(model, inf.task, inf.layers, queries, index)
+    index = build_index(inf.tracked, train, tmp_path / "idx", cfg)
+    q = preconditioned_queries(inf.tracked, queries, index)
     _, full = index.search(q, k=3, return_all=True)
     torch.testing.assert_close(full.double(), exact, rtol=2e-3, atol=2e-3 * exact.abs().max())

@@ -43,10 +43,8 @@ def test_projected_gradient_is_projection_of_full_gradient(setup):
 
 
 def _index_scores(inf, train, queries, tmp_path, config, factors=None):
-    index = build_index(
-        inf.model, inf.task, inf.layers, train, tmp_path / "idx", config, factors=factors
-    )
-    q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index)
+    index = build_index(inf.tracked, train, tmp_path / "idx", config, factors=factors)
+    q = preconditioned_queries(inf.tracked, queries, index)
     _, full = index.search(q, k=3, return_all=True)
     return full
 

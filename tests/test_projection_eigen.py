@@ -34,8 +34,8 @@ def setup():
 
 
 def _scores(inf, train, queries, root, config, factors):
-    index = build_index(inf.model, inf.task, inf.layers, train, root, config, factors=factors)
-    q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index)
+    index = build_index(inf.tracked, train, root, config, factors=factors)
+    q = preconditioned_queries(inf.tracked, queries, index)
     return index, index.search(q, k=3, return_all=True)[1]
 
 
@@ -92,19 +92,17 @@ def test_eigen_needs_factors_and_refuses_stale_ones(setup, tmp_path):
     inf, train, _, op, _ = setup
     cfg = IndexConfig(k_in=4, k_out=4, init="eigen", batch_size=4)
     with pytest.raises(ConfigError, match="none were given"):
-        build_index(inf.model, inf.task, inf.layers, train, tmp_path / "a", cfg)
+        build_index(inf.tracked, train, tmp_path / "a", cfg)
     with pytest.raises(ConfigError, match="needs a fitted 'kfac' or 'ekfac'"):
         diag = inf.fit(train, FitConfig(curvature="diagonal", batch_size=4))
-        build_index(inf.model, inf.task, inf.layers, train, tmp_path / "b", cfg, factors=diag)
+        build_index(inf.tracked, train, tmp_path / "b", cfg, factors=diag)
     with pytest.raises(ConfigError, match="curvature must be 'ekfac'"):
         IndexConfig(init="eigen", curvature="identity")
-    build_index(inf.model, inf.task, inf.layers, train, tmp_path / "c", cfg, factors=op)
+    build_index(inf.tracked, train, tmp_path / "c", cfg, factors=op)
     other = inf.fit(train, FitConfig(curvature="ekfac", damping_factor=0.5, batch_size=4))
     with pytest.raises(StaleArtifactError, match="factors"):
-        build_index(inf.model, inf.task, inf.layers, train, tmp_path / "c", cfg, factors=other)
-    index = build_index(
-        inf.model, inf.task, inf.layers, train, tmp_path / "c", cfg, factors=other, overwrite=True
-    )
+        build_index(inf.tracked, train, tmp_path / "c", cfg, factors=other)
+    index = build_index(inf.tracked, train, tmp_path / "c", cfg, factors=other, overwrite=True)
     assert index.n_rows == len(train)
 
 

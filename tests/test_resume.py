@@ -91,7 +91,7 @@ INDEX_SCRIPT = """
 {prelude}from influscope.index import IndexConfig, build_index
 inf = Influence(tiny_gpt2(n_embd=16), SlowTask(), modules="mlp", device="cpu")
 cfg = IndexConfig(k_in=8, k_out=8, dtype="float32", batch_size=4, shard_size=4)
-build_index(inf.model, inf.task, inf.layers, random_lm_data(40, seed=1), sys.argv[1], cfg)
+build_index(inf.tracked, random_lm_data(40, seed=1), sys.argv[1], cfg)
 """
 
 

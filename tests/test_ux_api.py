@@ -143,7 +143,7 @@ def test_retrieve_refuses_an_index_of_other_training_data(tmp_path):
     inf = Influence(tiny_gpt2(), "causal_lm")
     train, queries = random_lm_data(6, seed=1), random_lm_data(1, seed=2, prompt_len=3)
     cfg = IndexConfig(k_in=4, k_out=4, dtype="float32", batch_size=4)
-    index = build_index(inf.model, inf.task, inf.layers, train, tmp_path / "idx", cfg)
+    index = build_index(inf.tracked, train, tmp_path / "idx", cfg)
     assert len(retrieve(inf, queries, train, index=index, top_k=2).indices[0]) == 2
     with pytest.raises(StaleArtifactError, match=r"built from other training data \(6 seq"):
         retrieve(inf, queries, train.subset([0, 1, 2]), index=index, top_k=2)

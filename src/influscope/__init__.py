@@ -18,7 +18,7 @@ from influscope.errors import (
     NumericalError,
     StaleArtifactError,
 )
-from influscope.modules import select_layers
+from influscope.modules import TrackedModel, select_layers
 from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 from influscope.tasks import (
@@ -51,6 +51,7 @@ __all__ = [
     "Scores",
     "StaleArtifactError",
     "Task",
+    "TrackedModel",
     "__version__",
     "select_layers",
 ]

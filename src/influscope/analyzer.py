@@ -22,13 +22,14 @@ from influscope.curvature.run import fit_curvature
 from influscope.curvature.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
-from influscope.modules.selection import TrackedLayer, default_modules, select_layers
+from influscope.modules.selection import TrackedLayer
+from influscope.modules.tracked import TrackedModel
 from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
 from influscope.scoring.ensemble import MORE_MEMBERS, EnsembleScores
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
-from influscope.storage import RunDirectory, model_fingerprint
-from influscope.tasks import EncodedDataset, Task, context_length, get_task
+from influscope.storage import RunDirectory
+from influscope.tasks import EncodedDataset, Task, context_length
 from influscope.tasks.data import record_list
 
 if TYPE_CHECKING:
@@ -70,17 +71,28 @@ class Influence:
         offload: bool = False,
     ) -> None:
         self.device = resolve_device(device)
-        self.model = model.to(self.device)
         self.offload = offload
-        self.task = get_task(task)
-        if modules is None:
-            modules = default_modules(model)
-        self.layers: list[TrackedLayer] = select_layers(model, modules)
+        #: The model, task and tracked layers every stage runs on.
+        self.tracked = TrackedModel.select(model.to(self.device), task, modules)
         self.run = RunDirectory(run_dir) if run_dir is not None else None
         self.tokenizer = tokenizer
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
         #: replayed from the in-memory cache (EK-FAC's second pass).
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
+
+    @property
+    def model(self) -> nn.Module:
+        """The model (on :attr:`device`)."""
+        return self.tracked.model
+
+    @property
+    def task(self) -> Task:
+        return self.tracked.task
+
+    @property
+    def layers(self) -> list[TrackedLayer]:
+        """The tracked layers, in module order."""
+        return list(self.tracked.layers)
 
     @property
     def _factor_device(self) -> torch.device:
@@ -144,7 +156,7 @@ class Influence:
 
     def fingerprint(self) -> str:
         """Fingerprint of the model's architecture and tracked weights."""
-        return model_fingerprint(self.model, self.layers)
+        return self.tracked.fingerprint()
 
     # --- curvature ----------------------------------------------------------------------
     def fit(
@@ -188,9 +200,7 @@ class Influence:
 
         def compute(store: PartialSums | None) -> CurvatureOperator:
             operator, self.last_fit_shards = fit_curvature(
-                self.model,
-                self.task,
-                self.layers,
+                self.tracked,
                 train,
                 config,
                 store=store,  # per-shard partial sums: a killed fit resumes
@@ -270,9 +280,7 @@ class Influence:
         config = _config(config, ScoreConfig)
         train = None if train is None else self._check(train, "train")
         return precondition_queries(
-            self.model,
-            self.task,
-            self.layers,
+            self.tracked,
             score_damping(factors, config),
             queries,
             config,
@@ -355,9 +363,7 @@ class Influence:
                 else self.precondition(queries, factors, config, train, refine_store=refine_store)
             )
             want_self = self_influence or config.normalize == "relatif"
-            return score_pass(
-                self.model, self.task, self.layers, pq, train, config, factors, want_self
-            )
+            return score_pass(self.tracked, pq, train, config, factors, want_self)
 
         # a stored stage is loaded before any query pass
         return run_stage(stage, compute, overwrite, before_load=unfingerprinted)
@@ -383,9 +389,7 @@ class Influence:
         train = self._check(train, "train")
         self._check_factors(factors)
         return damping_sweep(
-            self.model,
-            self.task,
-            self.layers,
+            self.tracked,
             factors,
             queries,
             train,
@@ -485,7 +489,7 @@ class Influence:
         """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for each training sequence: ``(N,)``."""
         train = self._check(train, "train")
         self._check_factors(factors)
-        return self_influence_pass(self.model, self.task, self.layers, factors, train, batch_size)
+        return self_influence_pass(self.tracked, factors, train, batch_size)
 
     def token_scores(
         self,
@@ -502,7 +506,7 @@ class Influence:
             if isinstance(queries, PreconditionedQueries)
             else self.precondition(queries, factors, config, train)
         )
-        return token_pass(self.model, self.task, self.layers, pq, train, config.batch_size)
+        return token_pass(self.tracked, pq, train, config.batch_size)
 
     # --- index ---------------------------------------------------------------------------
     def build_index(
@@ -531,9 +535,7 @@ class Influence:
                 "Influence with run_dir=..."
             )
         root = Path(root) if root is not None else self.run.root / "index" / name
-        return build_index(
-            self.model, self.task, self.layers, train, root, config, factors, overwrite
-        )
+        return build_index(self.tracked, train, root, config, factors, overwrite)
 
     def query_index(
         self, queries: EncodedDataset, index: GradientIndex, k: int = 10, batch_size: int = 8
@@ -542,9 +544,7 @@ class Influence:
         from influscope.index import query_index
 
         queries = self._check(queries, "queries")
-        return query_index(
-            self.model, self.task, self.layers, queries, index, k=k, batch_size=batch_size
-        )
+        return query_index(self.tracked, queries, index, k=k, batch_size=batch_size)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -57,7 +57,8 @@ def estimate(
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
     and (when ``index`` is an IndexConfig) indexing."""
-    model = inf.model
+    tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
+    model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
     cfg = getattr(model, "config", None)
     width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
@@ -66,7 +67,7 @@ def estimate(
     bsz = index.batch_size if index is not None else batch_size
     t = train.max_length()
     n = len(train)
-    dims = [(layer.in_dim, layer.out_dim) for layer in inf.layers]
+    dims = [(layer.in_dim, layer.out_dim) for layer in tracked.layers]
     base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
     captured = 4 * bsz * t * sum(i + o for i, o in dims)
     grad = sum(i * o for i, o in dims)

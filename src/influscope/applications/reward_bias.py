@@ -225,7 +225,7 @@ def rank_biased_pairs(
         from influscope.applications.reward_model import reward_margins
 
         start = time.perf_counter()
-        margins = reward_margins(inf.model, train_data, config.batch_size, pad)
+        margins = reward_margins(inf.tracked.model, train_data, config.batch_size, pad)
         scores["loss"] = (-F.logsigmoid(margins.double())).numpy()
         _timed(seconds, "loss", start)
     if "random" in config.baselines:

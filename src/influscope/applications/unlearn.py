@@ -48,7 +48,7 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.errors import ConfigError, DataError
 from influscope.modules.passes import eval_mode, layer_passes
-from influscope.modules.selection import TrackedLayer
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks import EncodedDataset, Task
 
 __all__ = [
@@ -238,13 +238,12 @@ class UnlearnResult:
 
 
 def forget_gradients(
-    model: nn.Module,
-    task: Task,
-    layers: Sequence[TrackedLayer],
+    tracked: TrackedModel,
     forget: EncodedDataset,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
     """``g_ℓ = Σ_{z∈D_f} ∇_{W_ℓ} L(z, θ)`` with the data labels: ``{layer: (out, in[+1])}``."""
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     total: dict[str, torch.Tensor] = {}
     for _, grads, _ in layer_passes(
         model, task, layers, forget, batch_size=batch_size, objective="loss", desc="forget grads"
@@ -451,7 +450,7 @@ def unlearn(
     if factors is None:
         fit_config = fit_config or FitConfig()
         factors = inf.fit(fit_data, fit_config)
-    grads = forget_gradients(inf.model, inf.task, inf.layers, forget_set, config.batch_size)
+    grads = forget_gradients(inf.tracked, forget_set, config.batch_size)
     shares = layer_shares(factors, grads)
     names = _choose(shares, config)
     n_train = config.n_train or len(train)
@@ -459,9 +458,9 @@ def unlearn(
     step = newton_step(factors, grads, names, coefficient)
     predicted = sum(float((grads[n] * step[n]).sum()) for n in names)
     bs = config.batch_size
-    before = float(sequence_losses(inf.model, inf.task, forget_set, bs).sum())
+    before = float(sequence_losses(inf.tracked.model, inf.tracked.task, forget_set, bs).sum())
     retain_before = (
-        float(sequence_losses(inf.model, inf.task, retain_set, bs).mean())
+        float(sequence_losses(inf.tracked.model, inf.tracked.task, retain_set, bs).mean())
         if retain_set is not None
         else None
     )
@@ -488,7 +487,7 @@ def unlearn(
         fit_config = fit_config or _refit_config(factors, config)
         outcome = iterate(
             edited,
-            inf.task,
+            inf.tracked.task,
             modules,
             names,
             forget_set,
@@ -501,9 +500,9 @@ def unlearn(
             first_forget_grads=grads,
         )
         step, rounds, stop_reason = outcome.step, outcome.rounds, outcome.stop_reason
-    after = float(sequence_losses(edited, inf.task, forget_set, bs).sum())
+    after = float(sequence_losses(edited, inf.tracked.task, forget_set, bs).sum())
     retain_after = (
-        float(sequence_losses(edited, inf.task, retain_set, bs).mean())
+        float(sequence_losses(edited, inf.tracked.task, retain_set, bs).mean())
         if retain_set is not None
         else None
     )

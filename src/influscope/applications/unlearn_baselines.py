@@ -18,7 +18,8 @@ from torch import nn
 
 from influscope.applications.unlearn import apply_step, forget_gradients
 from influscope.errors import ConfigError
-from influscope.modules.selection import TrackedLayer, select_layers
+from influscope.modules.selection import select_layers
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks import EncodedDataset, Task
 
 __all__ = ["gradient_ascent", "random_step"]
@@ -63,9 +64,9 @@ def gradient_ascent(
     if not size > 0 or steps < 1:
         raise ConfigError(f"lr/step_norm and steps must be positive, received {size}, {steps}.")
     edited = copy.deepcopy(model)
-    tracked: list[TrackedLayer] = select_layers(edited, list(layers))
+    tracked = TrackedModel(edited, task, tuple(select_layers(edited, list(layers))))
     for _ in range(steps):
-        grads = forget_gradients(edited, task, tracked, forget, batch_size)
+        grads = forget_gradients(tracked, forget, batch_size)
         norm = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
         factor = lr if lr is not None else step_norm / max(float(norm), 1e-30)
         apply_step(edited, {name: factor * g for name, g in grads.items()})

@@ -135,7 +135,7 @@ def iterate(
         return IterativeOutcome({n: torch.zeros_like(w) for n, w in start.items()}, [], "rounds")
     device = next(model.parameters()).device
     inf = Influence(model, task, modules=modules, device=device)
-    layers, bs, beta = inf.layers, config.batch_size, config.retain_weight
+    bs, beta = config.batch_size, config.retain_weight
     use_retain = retain is not None and (
         beta > 0
         or config.max_retain_increase is not None
@@ -159,9 +159,9 @@ def iterate(
         if t == 0 and first_forget_grads is not None:
             g = first_forget_grads
         else:
-            g = forget_gradients(model, task, layers, forget, bs)
+            g = forget_gradients(inf.tracked, forget, bs)
         if beta > 0 and retain is not None:
-            g_r = forget_gradients(model, task, layers, retain, bs)
+            g_r = forget_gradients(inf.tracked, retain, bs)
             ratio = beta * len(forget) / len(retain)
             direction = {n: g[n] - ratio * g_r[n] for n in names}  # (out, in[+1])
         else:

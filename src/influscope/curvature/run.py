@@ -18,24 +18,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 from influscope.curvature.shards import PartialSums, ShardedPasses
 from influscope.modules.passes import layer_passes
-from influscope.modules.selection import TrackedLayer
-from influscope.tasks.base import Task
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks.data import EncodedDataset
 
 __all__ = ["fit_curvature"]
 
 
 def fit_curvature(
-    model: nn.Module,
-    task: Task,
-    layers: Sequence[TrackedLayer],
+    tracked: TrackedModel,
     train: EncodedDataset,
     config: FitConfig,
     *,
@@ -48,7 +44,7 @@ def fit_curvature(
     """Fit ``config.curvature`` on ``train``.
 
     Args:
-        model, task, layers: The model, its task and the tracked layers.
+        tracked: The model, its task and the tracked layers.
         train: The ``N`` sequences the curvature is fitted on.
         config: Fit settings (curvature, Fisher, batch and shard size, cache, label seed).
         store: Per-shard partial sums (resume), or ``None`` to keep nothing on disk.
@@ -60,6 +56,7 @@ def fit_curvature(
     Returns:
         ``(operator, counts)`` with ``counts = {"loaded", "computed", "replayed"}`` shards.
     """
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     spec = CURVATURES[config.curvature]
 
     def make(desc: str, positions):

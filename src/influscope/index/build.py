@@ -18,11 +18,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
@@ -34,12 +32,11 @@ from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
 from influscope.modules.passes import compute_dtype, layer_passes, model_device
-from influscope.modules.selection import TrackedLayer
+from influscope.modules.tracked import TrackedModel
 from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
 from influscope.storage.atomic import read_json, read_tensors
 from influscope.storage.fingerprint import operator_fingerprint
-from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 
@@ -61,9 +58,7 @@ def flatten(grads: dict[str, torch.Tensor], layout: list[dict]) -> torch.Tensor:
 
 
 def build_index(
-    model: nn.Module,
-    task: Task,
-    layers: Sequence[TrackedLayer],
+    tracked: TrackedModel,
     train: EncodedDataset,
     root: str | Path,
     config: IndexConfig | None = None,
@@ -73,9 +68,7 @@ def build_index(
     """Write (or resume, or reuse) the projected gradient index of ``train`` under ``root``.
 
     Args:
-        model: The model.
-        task: Defines the training loss.
-        layers: Tracked layers.
+        tracked: The model, the task that defines its training loss, and the tracked layers.
         train: Training sequences (row ``m`` of the index is ``train.examples[m]``).
         root: The index directory (``RUN/index/<name>``).
         config: Projection, curvature and storage settings.
@@ -86,6 +79,7 @@ def build_index(
         StaleArtifactError: An index built from something else exists and ``overwrite`` is off.
         ConfigError: ``init`` is ``"pca"`` or ``"eigen"`` and no ``factors`` are given.
     """
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     config = config or IndexConfig()
     root = Path(root)
     rank, _ = rank_and_world()
@@ -144,7 +138,7 @@ def build_index(
     projector = projector.to(model_device(model))  # once, not per batch and layer
 
     # 2. projected curvature
-    operator = _projected_curvature(model, task, layers, train, root, config, projector, expected)
+    operator = _projected_curvature(tracked, train, root, config, projector, expected)
 
     # 3. projected training gradients, one shard at a time
     for k, (start, end) in enumerate(shards):
@@ -167,7 +161,7 @@ def build_index(
     return GradientIndex(root)
 
 
-def _projected_curvature(model, task, layers, train, root, config, projector, expected):
+def _projected_curvature(tracked, train, root, config, projector, expected):
     path = root / "curvature.safetensors"
     stored = path.is_file()
     # Every rank looks before any rank can write: rank 0 writes the eigen operator without a
@@ -193,14 +187,12 @@ def _projected_curvature(model, task, layers, train, root, config, projector, ex
     )
     store = PartialSums(root / ".partial", expected)
     op, _ = fit_curvature(
-        model,
-        task,
-        layers,
+        tracked,
         train,
         fit,
         store=store,
         wrap=projector.wrap,
-        fit_layers=projector.layers(layers),
+        fit_layers=projector.layers(list(tracked.layers)),
         desc_prefix="projected ",
     )
     if rank_and_world()[0] == 0:
@@ -227,9 +219,7 @@ def load_curvature(root: str | Path) -> CurvatureOperator:
 
 
 def preconditioned_queries(
-    model: nn.Module,
-    task: Task,
-    layers: Sequence[TrackedLayer],
+    tracked: TrackedModel,
     queries: EncodedDataset,
     index: GradientIndex,
     batch_size: int = 8,
@@ -239,6 +229,7 @@ def preconditioned_queries(
     Raises:
         StaleArtifactError: If the index was built from another model or other layers.
     """
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     if index.meta["model"] != model_fingerprint(model, list(layers)):
         raise StaleArtifactError(
             f"The index in {index.root} was built from a different model (fingerprint "
@@ -267,9 +258,7 @@ def _dtype(operator: CurvatureOperator, name: str, g: torch.Tensor) -> torch.dty
 
 
 def query_index(
-    model: nn.Module,
-    task: Task,
-    layers: Sequence[TrackedLayer],
+    tracked: TrackedModel,
     queries: EncodedDataset,
     index: GradientIndex,
     k: int = 10,
@@ -277,5 +266,5 @@ def query_index(
     batch_size: int = 8,
 ) -> TopK:
     """Top-``k`` training sequences of each query from the index (see :meth:`GradientIndex.search`)."""
-    q = preconditioned_queries(model, task, layers, queries, index, batch_size)
+    q = preconditioned_queries(tracked, queries, index, batch_size)
     return index.search(q, k=k, candidates=candidates)

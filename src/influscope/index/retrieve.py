@@ -98,7 +98,7 @@ def retrieve(
         scores = [bm25.scores(q)[r].tolist() for q, r in zip(query_texts, ranked)]
         counts["bm25"] = bm25_k
     if index is not None:
-        q = preconditioned_queries(inf.model, inf.task, inf.layers, queries, index, batch_size)
+        q = preconditioned_queries(inf.tracked, queries, index, batch_size)
         k = index_k if factors is not None else top_k
         hits = index.search(q, k=k, candidates=ranked)
         ranked, scores = [], []

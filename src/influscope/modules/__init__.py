@@ -10,6 +10,7 @@ from influscope.modules.selection import (
     default_modules,
     select_layers,
 )
+from influscope.modules.tracked import TrackedModel
 
 __all__ = [
     "ADAPTERS",
@@ -20,6 +21,7 @@ __all__ = [
     "ModuleAdapter",
     "Preset",
     "TrackedLayer",
+    "TrackedModel",
     "default_modules",
     "register_adapter",
     "select_layers",

@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-from torch import nn
 
 from influscope.config import ScoreConfig
 from influscope.curvature.base import CurvatureOperator
@@ -49,10 +48,9 @@ from influscope.curvature.datainf import DataInfOperator
 from influscope.curvature.diagonal import DiagonalOperator
 from influscope.curvature.eigen import KroneckerEigenOperator
 from influscope.errors import ConfigError
-from influscope.modules.selection import TrackedLayer
+from influscope.modules.tracked import TrackedModel
 from influscope.scoring.pairwise import score_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
-from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 #: Default absolute grid: 1e-8 … 1e-2 (Kronfluence's default is 1e-8).
@@ -307,9 +305,7 @@ def _stack(pqs: list[PreconditionedQueries]) -> PreconditionedQueries:
 
 
 def damping_sweep(
-    model: nn.Module,
-    task: Task,
-    layers: list[TrackedLayer],
+    tracked: TrackedModel,
     operator: CurvatureOperator,
     queries: EncodedDataset,
     train: EncodedDataset,
@@ -324,7 +320,7 @@ def damping_sweep(
     """Score ``queries`` at every damping with one pass over ``train``.
 
     Args:
-        model, task, layers: As for :func:`~influscope.scoring.pairwise.score_pass`.
+        tracked: The model, its task and the tracked layers.
         operator: One fitted operator (its own damping is ignored).
         queries: ``Q`` encoded queries.
         train: ``N`` encoded training sequences.
@@ -358,9 +354,9 @@ def damping_sweep(
         for rule, v in chosen
     ]
     # K passes over the (few) queries, then ONE pass over the training data for all K·Q rows.
-    pqs = [precondition_queries(model, task, layers, op, queries, config) for op in ops]
+    pqs = [precondition_queries(tracked, op, queries, config) for op in ops]
     n_q = pqs[0].n_queries
-    stacked = score_pass(model, task, layers, _stack(pqs), train, config)
+    stacked = score_pass(tracked, _stack(pqs), train, config)
     blocks = stacked.pairwise.reshape(len(ops), n_q, -1)  # (K, Q, N)
     ref = chosen.index(REFERENCE)
     kk = min(k, blocks.shape[-1])

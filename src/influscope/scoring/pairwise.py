@@ -20,7 +20,6 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
@@ -28,9 +27,8 @@ from influscope.engine.distributed import all_reduce_, rank_and_world
 from influscope.errors import ConfigError
 from influscope.modules.capture import LayerBatch
 from influscope.modules.passes import layer_passes
-from influscope.modules.selection import TrackedLayer
+from influscope.modules.tracked import TrackedModel
 from influscope.scoring.queries import PreconditionedQueries
-from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
 
 
@@ -129,9 +127,7 @@ def _like(pq: PreconditionedQueries) -> dict:
 
 
 def score_pass(
-    model: nn.Module,
-    task: Task,
-    layers: list[TrackedLayer],
+    tracked: TrackedModel,
     pq: PreconditionedQueries,
     train: EncodedDataset,
     config: ScoreConfig,
@@ -139,6 +135,7 @@ def score_pass(
     want_self: bool = False,
 ) -> Scores:
     """One pass over the training data computing pairwise (and per-layer / self) scores."""
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     names = [layer.name for layer in layers]
     # Under torch.distributed each rank scores its own batches into a zero-filled (Q, N, L)
     # tensor; an all-reduce then assembles the full matrix on every rank.
@@ -183,15 +180,14 @@ def score_pass(
 
 
 def self_influence_pass(
-    model: nn.Module,
-    task: Task,
-    layers: list[TrackedLayer],
+    tracked: TrackedModel,
     operator: CurvatureOperator,
     train: EncodedDataset,
     batch_size: int = 8,
     amp_dtype: str | None = None,
 ) -> torch.Tensor:
     """``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` for every training sequence: ``(N,)``."""
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     out = []
     for _, grads, _ in layer_passes(
         model,
@@ -210,9 +206,7 @@ def self_influence_pass(
 
 
 def token_pass(
-    model: nn.Module,
-    task: Task,
-    layers: list[TrackedLayer],
+    tracked: TrackedModel,
     pq: PreconditionedQueries,
     train: EncodedDataset,
     batch_size: int = 8,
@@ -223,6 +217,7 @@ def token_pass(
         One ``(Q, T_m)`` tensor per training sequence (``T_m`` its model rows × length, padding
         removed); each row sums to the sequence's pairwise score.
     """
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     out: list[torch.Tensor] = []
     for pos, grads, _ in layer_passes(
         model, task, layers, train, batch_size=batch_size, objective="loss", desc="token scores"

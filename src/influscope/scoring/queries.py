@@ -16,15 +16,13 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from influscope.config import ScoreConfig, resolve_dtype
 from influscope.curvature.base import CurvatureOperator
 from influscope.engine.distributed import rank_and_world
 from influscope.errors import ConfigError
 from influscope.modules.passes import layer_passes
-from influscope.modules.selection import TrackedLayer
-from influscope.tasks.base import Task
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks.data import EncodedDataset
 
 #: Above this many stored elements (all queries, all layers) low-rank queries stay factored.
@@ -85,9 +83,7 @@ def _digest(text: str) -> str:
 
 
 def precondition_queries(
-    model: nn.Module,
-    task: Task,
-    layers: list[TrackedLayer],
+    tracked: TrackedModel,
     operator: CurvatureOperator,
     queries: EncodedDataset,
     config: ScoreConfig,
@@ -109,6 +105,7 @@ def precondition_queries(
     resumes at the first unfinished block. CG and Neumann keep per-query step sizes, so blocks
     give the same result as one solve over every query.
     """
+    model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     if config.refine_steps > 0:
         return _refined(
             model, task, layers, operator, queries, config, dense_budget, train, refine_store
