@@ -86,3 +86,33 @@ def test_a_spec_validates_its_options_on_creation(scaled) -> None:
         FitConfig(curvature="scaled", options={"rank": 3})
     with pytest.raises(ConfigError, match="takes no options"):
         FitConfig(curvature="ekfac", options={"scale": 2.0})
+
+
+@pytest.fixture
+def last_token(monkeypatch):
+    import toy_task
+    from influscope.tasks import TASKS
+
+    monkeypatch.setitem(TASKS, "last_token_lm", toy_task.LastTokenTask)  # the one registry line
+    return toy_task.LastTokenTask
+
+
+def test_a_one_file_task_is_offered_by_the_cli_and_scores_by_name(last_token) -> None:
+    from influscope.cli import build_parser
+
+    argv = ["fit", "--model", "m", "--train", "t.jsonl", "--run", "r", "--task", "last_token_lm"]
+    assert build_parser().parse_args(argv).task == "last_token_lm"
+    train, queries = random_lm_data(n=5, seed=1), random_lm_data(n=2, seed=2)
+    by_name = Influence(tiny_gpt2(), "last_token_lm", device="cpu")
+    assert isinstance(by_name.task, last_token)
+    factors = by_name.fit(train, FitConfig(curvature="diagonal"))
+    got = by_name.score(queries, train, factors)
+    by_instance = Influence(tiny_gpt2(), last_token(), device="cpu")
+    torch.testing.assert_close(got.pairwise, by_instance.score(queries, train, factors).pairwise)
+    # the measurement is the last token's log-probability, not the whole sequence's
+    q = queries.subset([0]).examples[0]
+    with torch.no_grad():
+        logp = tiny_gpt2()(input_ids=q["input_ids"][None]).logits[0, -2].log_softmax(-1)
+    torch.testing.assert_close(got.measurements[0], logp[q["input_ids"][-1]])
+    whole = Influence(tiny_gpt2(), "causal_lm", device="cpu").score(queries, train, factors)
+    assert not torch.allclose(got.pairwise, whole.pairwise)
