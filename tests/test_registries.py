@@ -116,3 +116,14 @@ def test_a_one_file_task_is_offered_by_the_cli_and_scores_by_name(last_token) ->
     torch.testing.assert_close(got.measurements[0], logp[q["input_ids"][-1]])
     whole = Influence(tiny_gpt2(), "causal_lm", device="cpu").score(queries, train, factors)
     assert not torch.allclose(got.pairwise, whole.pairwise)
+
+
+def test_every_task_names_a_transformers_auto_class_for_loading() -> None:
+    import transformers
+
+    from influscope.tasks import TASKS
+
+    for name, task in TASKS.items():
+        assert hasattr(transformers, task.auto_model), (name, task.auto_model)
+    assert TASKS["causal_lm"].auto_model == "AutoModelForCausalLM"
+    assert TASKS["reward"].auto_model == "AutoModelForSequenceClassification"

@@ -37,7 +37,9 @@ def load_model(
     Args:
         path: A Hugging Face model directory, a ``.gguf`` file, or a PEFT adapter directory
             whose ``base_model_name_or_path`` is a local path.
-        task: ``"causal_lm"`` loads a causal LM head, anything else a sequence classifier.
+        task: A name in :data:`influscope.tasks.TASKS`; its ``auto_model`` class loads the
+            model (``causal_lm``: a causal LM head; ``classification`` and ``reward``: a
+            sequence classifier).
         dtype: Parameter dtype.
         adapter: A PEFT adapter directory to apply on top of the model at ``path``.
 
@@ -96,18 +98,18 @@ def _apply_adapter(model, adapter: Path):
 def _load_base(path: Path, task: str, dtype: torch.dtype):
     """``(model, tokenizer)`` from a Hugging Face directory or a GGUF file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    import transformers
+    from transformers import AutoTokenizer
+
+    from influscope.errors import lookup
+    from influscope.tasks import TASKS
 
     if not path.exists():
         raise DataError(
             f"Model path {str(path)!r} does not exist. Give a local Hugging Face "
             "model directory or a .gguf file."
         )
-    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    cls = getattr(transformers, lookup(TASKS, task, "task").auto_model)
     try:
         if path.suffix == ".gguf":
             model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

@@ -32,6 +32,9 @@ class Task(ABC):
     """Base class of tasks. Subclass it and implement the two abstract methods."""
 
     name: ClassVar[str] = "custom"
+    #: The ``transformers`` auto class that loads a model for this task from a directory
+    #: (:func:`influscope.loading.load_model`, the CLI's ``--model``).
+    auto_model: ClassVar[str] = "AutoModelForSequenceClassification"
     #: Model rows per example (2 when chosen/rejected responses are stacked in one batch).
     rows_per_example: ClassVar[int] = 1
     #: Padding values used by the default :meth:`collate`.

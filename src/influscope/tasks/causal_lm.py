@@ -44,6 +44,7 @@ class CausalLMTask(Task):
     """
 
     name = "causal_lm"
+    auto_model = "AutoModelForCausalLM"
 
     def __init__(self, add_bos: bool = True) -> None:
         self.add_bos = add_bos
