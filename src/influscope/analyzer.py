@@ -19,7 +19,7 @@ from torch import nn
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
-from influscope.curvature.shards import PartialSums
+from influscope.engine.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.modules.selection import TrackedLayer

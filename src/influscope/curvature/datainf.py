@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from influscope.curvature.base import CurvatureOperator, relative_damping, split_keys
-from influscope.curvature.shards import ShardedPasses, gather_shards
 from influscope.curvature.spec import CurvatureSpec, EstimateRow, FitFootprint
+from influscope.engine.shards import ShardedPasses, gather_shards
 from influscope.errors import ConfigError, NumericalError
 
 if TYPE_CHECKING:

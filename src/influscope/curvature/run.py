@@ -6,8 +6,8 @@ Both :meth:`influscope.Influence.fit` (factors of the tracked layers) and the gr
 where partial sums are stored.
 
 Fitting statistics ``S = Σ_shards S_shard`` are accumulated shard by shard
-(:class:`~influscope.curvature.shards.ShardedPasses`); with a
-:class:`~influscope.curvature.shards.PartialSums` store each shard's sum is saved, so a killed
+(:class:`~influscope.engine.shards.ShardedPasses`); with a
+:class:`~influscope.engine.shards.PartialSums` store each shard's sum is saved, so a killed
 fit resumes from the shards it finished. A curvature whose spec says ``replays`` (EK-FAC's
 eigenvalue correction) makes a second pass over the same objective, replayed from memory up
 to ``cache_mb``.
@@ -22,7 +22,7 @@ import torch
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
-from influscope.curvature.shards import PartialSums, ShardedPasses
+from influscope.engine.shards import PartialSums, ShardedPasses
 from influscope.modules.passes import layer_passes
 from influscope.modules.tracked import TrackedModel
 from influscope.tasks.data import EncodedDataset

@@ -6,7 +6,7 @@
 * :func:`diagonal_statistics` — ``Σ_z (∇_W L(z))^{⊙2}``.
 
 Each returns sums plus the number of sequences; the caller divides. Passes are split into
-shards whose partial sums can be stored and resumed (:mod:`influscope.curvature.shards`).
+shards whose partial sums can be stored and resumed (:mod:`influscope.engine.shards`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from influscope.curvature.shards import ShardedPasses, reduce_shards
+from influscope.engine.shards import ShardedPasses, reduce_shards
 from influscope.errors import NumericalError
 from influscope.modules.capture import LayerBatch
 from influscope.modules.selection import TrackedLayer

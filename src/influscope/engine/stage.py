@@ -6,7 +6,7 @@ unlearning store theirs through them) runs through :func:`run_stage`, the one pl
 1. compares the stored stage's fingerprints with ``expected`` and loads it when they match,
    or raises :class:`~influscope.errors.StaleArtifactError` naming what changed (unless
    ``overwrite``) — before any computation;
-2. gives the computation a :class:`~influscope.curvature.shards.PartialSums` store beside the
+2. gives the computation a :class:`~influscope.engine.shards.PartialSums` store beside the
    stage (``RUN/<kind>/.<name>.<partial>``) keyed by the same fingerprints, so a killed run
    resumes from the shards or query blocks it finished;
 3. saves the result atomically on rank 0 and then deletes the partial sums.
@@ -22,8 +22,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from influscope.curvature.shards import PartialSums
 from influscope.engine.distributed import is_writer
+from influscope.engine.shards import PartialSums
 from influscope.storage import RunDirectory
 
 __all__ = ["StageSpec", "run_stage"]

@@ -26,8 +26,8 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 from influscope.curvature.run import fit_curvature
-from influscope.curvature.shards import PartialSums
 from influscope.engine.distributed import barrier, rank_and_world
+from influscope.engine.shards import PartialSums
 from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard

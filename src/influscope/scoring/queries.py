@@ -99,7 +99,7 @@ def precondition_queries(
     commute with the solve, which it does not (the refined vector's top singular directions
     differ from those of ``P^{-1}∇f``).
 
-    With a ``refine_store`` (a :class:`~influscope.curvature.shards.PartialSums`, which
+    With a ``refine_store`` (a :class:`~influscope.engine.shards.PartialSums`, which
     :meth:`influscope.Influence.score` passes when it stores its stage) the queries are refined
     in blocks of ``config.batch_size``, each block saved when done, so a killed refinement
     resumes at the first unfinished block. CG and Neumann keep per-query step sizes, so blocks
