@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from influscope import cli_options
+from influscope.cli import options as cli_options
 from influscope.curvature import CURVATURES
 from influscope.modules.selection import PRESETS
 from influscope.tasks import TASKS

@@ -13,11 +13,12 @@ is reported too.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_curvature_option,
     add_device_option,
     add_modules_option,
@@ -25,15 +26,17 @@ from influscope.cli_options import (
 )
 from influscope.errors import DataError
 
-__all__ = ["COMMANDS", "add_parser", "cmd_bias"]
+__all__ = ["NAME", "add_parser", "run"]
+
+NAME = "bias"
 
 
-def add_parser(sub) -> None:
-    """Register the ``bias`` sub-command on an ``argparse`` sub-parser collection."""
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``bias`` on ``sub`` (the main parser's sub-parsers)."""
     from influscope.applications.reward_bias import BASELINES
 
     p = sub.add_parser(
-        "bias",
+        NAME,
         help="Rank reward-model training pairs by influence on a targeted validation set.",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
@@ -76,9 +79,12 @@ def add_parser(sub) -> None:
     p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
     p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
     add_device_option(p)
+    p.set_defaults(func=run)
+    return p
 
 
-def cmd_bias(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope bias``: rank the training pairs, print the suspects, write JSON."""
     from rich.console import Console
     from rich.table import Table
 
@@ -143,6 +149,3 @@ def cmd_bias(args) -> int:
         console.print(f"ROC-AUC for '{args.flag_field}': {aucs}")
     console.print(f"scores → {path}")
     return 0
-
-
-COMMANDS = {"bias": cmd_bias}

@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
@@ -36,11 +36,13 @@ from influscope.cli_options import (
 )
 from influscope.errors import DataError
 
+NAME = "unlearn"
 
-def add_parser(sub, common=None) -> argparse.ArgumentParser:
-    """Register the ``unlearn`` sub-command on ``sub`` (an argparse sub-parsers object)."""
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``unlearn`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "unlearn",
+        NAME,
         help="Remove training sequences with one or iterated Newton steps; save the edited model.",
         description=__doc__.split("\n")[0].replace("``", ""),
     )
@@ -152,6 +154,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         action="store_true",
         help="Replace an existing --out directory and refit stored factors.",
     )
+    p.set_defaults(func=run)
     return p
 
 
@@ -201,7 +204,7 @@ def parse_forget(spec: str, n_train: int) -> list[int] | None:
     return indices
 
 
-def cmd_unlearn(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``influscope unlearn``: fit or load curvature, take the step, save model + report."""
     from rich.console import Console
 
