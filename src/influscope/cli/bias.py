@@ -33,7 +33,8 @@ NAME = "bias"
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``bias`` on ``sub`` (the main parser's sub-parsers)."""
-    from influscope.applications.reward_bias import BASELINES
+    from influscope.applications.reward_bias import BASELINES, MEASUREMENTS
+    from influscope.applications.reward_data import SELECTORS
 
     p = sub.add_parser(
         NAME,
@@ -51,14 +52,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--select",
         default=None,
-        choices=["shorter"],
+        choices=list(SELECTORS),
         help="Keep only the validation pairs satisfying this rule (default: all of them).",
     )
     add_curvature_option(p, help="Curvature of the targeted influence (default: ekfac).")
     p.add_argument(
         "--measurement",
         default="log_likelihood",
-        choices=["log_likelihood", "margin"],
+        choices=list(MEASUREMENTS),
         help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
     )
     add_modules_option(p, default=None, help="Tracked modules (default: auto).")

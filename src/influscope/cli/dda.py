@@ -27,6 +27,7 @@ from influscope.cli.options import (
     non_negative_int,
     resolve_modules,
 )
+from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 
 NAME = "dda"
 
@@ -54,13 +55,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=None,
-        choices=["plain", "debias", "denoise", "dda", "relatif"],
+        choices=list(CORRECTIONS),
         help="Variants to compute (default: every one the given models allow).",
     )
     p.add_argument(
         "--smoothing",
         default="mean",
-        choices=["mean", "standardized"],
+        choices=list(SMOOTHINGS),
         help="How denoise combines checkpoints: mean of scores (default) or of per-query z-scores.",
     )
     add_curvature_option(p, help="Curvature fitted at every model (default: ekfac).")

@@ -15,6 +15,7 @@ import argparse
 from rich.console import Console
 
 from influscope.cli.options import add_run_options, load_influence
+from influscope.index.config import INDEX_DTYPES
 from influscope.projection.projector import INITS
 
 NAME = "index"
@@ -50,9 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=["true", "empirical"],
         help="Labels of the projected curvature: sampled from the model (default) or the data.",
     )
-    index.add_argument(
-        "--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="Storage."
-    )
+    index.add_argument("--dtype", default="float16", choices=list(INDEX_DTYPES), help="Storage.")
     index.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
     index.add_argument("--shard-size", type=int, default=1024, help="Sequences per shard.")
     index.add_argument("--seed", type=int, default=0, help="Seed of projections and labels.")

@@ -18,6 +18,7 @@ from influscope.cli.options import (
     load_influence,
     non_negative_int,
 )
+from influscope.solvers.refine import METHODS as REFINE_METHODS
 
 NAME = "score"
 
@@ -64,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     score.add_argument(
         "--refine-method",
         default="cg",
-        choices=["cg", "neumann"],
+        choices=list(REFINE_METHODS),
         help="cg: preconditioned conjugate gradient (default); neumann: preconditioned "
         "Richardson iteration with step 1.",
     )

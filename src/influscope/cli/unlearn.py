@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from influscope.applications.unlearn import METHODS
 from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
@@ -77,7 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=METHOD_CHOICES,
+        choices=list(METHODS),
         default="newton",
         help="newton: one Newton step; iterative: repeated damped Newton steps with the "
         "curvature refitted at the current parameters and a line search (default newton).",
@@ -156,9 +157,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run)
     return p
-
-
-METHOD_CHOICES = ("newton", "iterative")
 
 
 def top_layers_arg(value: str) -> int | str:
