@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from influscope import FitConfig, Influence, ScoreConfig
-from influscope.damping_cli import sweep_table
+from influscope.cli.damping import sweep_table
 from influscope.demo.corpus import build_demo_corpus
 from influscope.demo.pipeline import direct_fact_queries
 from influscope.demo.train import DemoTrainConfig, train_demo_model

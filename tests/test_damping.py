@@ -207,7 +207,7 @@ def test_every_scoring_command_takes_damping_options():
 def test_damping_kwargs_refuses_both_and_bad_values():
     import argparse
 
-    from influscope.cli_options import damping_kwargs
+    from influscope.cli.options import damping_kwargs
 
     assert damping_kwargs(argparse.Namespace(damping=None, damping_factor=None)) == {}
     assert damping_kwargs(argparse.Namespace(damping=1e-3, damping_factor=None)) == {

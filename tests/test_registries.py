@@ -10,7 +10,8 @@ import torch
 
 import toy_curvature
 from conftest import random_lm_data, tiny_gpt2
-from influscope import Influence, cli_options
+from influscope import Influence
+from influscope.cli import options as cli_options
 from influscope.config import FitConfig
 from influscope.curvature import CURVATURES, IdentityOperator
 from influscope.errors import ConfigError

@@ -2,6 +2,6 @@
 
 * ``reward_*`` — reward-model bias detection (``influscope bias``);
 * :mod:`.unlearn` — remove training sequences with one EK-FAC Newton step (``influscope unlearn``,
-  :mod:`.unlearn_cli`); :mod:`.unlearn_baselines` — gradient ascent and random-direction steps;
+  :mod:`influscope.cli.unlearn`); :mod:`.unlearn_baselines` — gradient ascent and random-direction steps;
 * :mod:`.curation` — rank training data by total influence on a benchmark, drop the harmful k %.
 """

@@ -4,7 +4,7 @@
   :func:`dda`, :func:`relatif`, and the :data:`CORRECTIONS` registry of variants.
 * :mod:`~influscope.corrections.run` — :func:`run_corrections`: score the base model, the
   fine-tuning checkpoints and the fine-tuned model (each with its own curvature) and combine.
-* :mod:`~influscope.corrections.cli` — ``influscope dda``.
+* ``influscope dda`` (the command line) is :mod:`influscope.cli.dda`.
 """
 
 from influscope.corrections.config import CorrectionConfig

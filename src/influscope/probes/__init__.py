@@ -15,7 +15,7 @@ Implementations (one per file), registered in :data:`PROBES`:
 
 The linear probes need scikit-learn (``pip install 'influscope[probes]'``). Shared helpers live
 in :mod:`influscope.probes.base`; the command line is ``influscope probe KIND``
-(:mod:`influscope.probes.cli`).
+(:mod:`influscope.cli.probe`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
-from influscope.cli_options import (
+from influscope.applications.unlearn import METHODS
+from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
@@ -36,11 +37,13 @@ from influscope.cli_options import (
 )
 from influscope.errors import DataError
 
+NAME = "unlearn"
 
-def add_parser(sub, common=None) -> argparse.ArgumentParser:
-    """Register the ``unlearn`` sub-command on ``sub`` (an argparse sub-parsers object)."""
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``unlearn`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "unlearn",
+        NAME,
         help="Remove training sequences with one or iterated Newton steps; save the edited model.",
         description=__doc__.split("\n")[0].replace("``", ""),
     )
@@ -75,7 +78,7 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=METHOD_CHOICES,
+        choices=list(METHODS),
         default="newton",
         help="newton: one Newton step; iterative: repeated damped Newton steps with the "
         "curvature refitted at the current parameters and a line search (default newton).",
@@ -152,10 +155,8 @@ def add_parser(sub, common=None) -> argparse.ArgumentParser:
         action="store_true",
         help="Replace an existing --out directory and refit stored factors.",
     )
+    p.set_defaults(func=run)
     return p
-
-
-METHOD_CHOICES = ("newton", "iterative")
 
 
 def top_layers_arg(value: str) -> int | str:
@@ -201,7 +202,7 @@ def parse_forget(spec: str, n_train: int) -> list[int] | None:
     return indices
 
 
-def cmd_unlearn(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``influscope unlearn``: fit or load curvature, take the step, save model + report."""
     from rich.console import Console
 
@@ -259,8 +260,8 @@ def cmd_unlearn(args) -> int:
     )
     factors = inf.fit(train, fit_config, name=args.factors, overwrite=args.overwrite)
     result = unlearn(
-        inf.model,
-        inf.task,
+        inf.tracked.model,
+        inf.tracked.task,
         train,
         forget,
         factors=factors,

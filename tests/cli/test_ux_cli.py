@@ -99,12 +99,12 @@ def test_unsupported_files_and_fields_are_refused_clearly(workdir, capsys):
 
 
 def test_ctrl_c_says_how_to_resume(workdir, capsys, monkeypatch):
-    import influscope.cli as cli
+    from influscope.cli import fit
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_fit", interrupted)
+    monkeypatch.setattr(fit, "run", interrupted)  # the parser binds it: func=fit.run
     assert main(["fit", *_args(workdir, "run_int")]) == 130  # was a KeyboardInterrupt traceback
     err = " ".join(capsys.readouterr().err.split())
     assert "interrupted." in err and "rerun the same command to resume" in err
@@ -127,7 +127,7 @@ def test_bias_curvature_is_checked_by_the_parser(capsys):
 
 def test_query_text_has_no_double_space():
     """`query` printed 'The capital of Vedunund is  Vudrak.' (completion's own space + one)."""
-    from influscope.index.cli import _text
+    from influscope.cli.query import _text
 
     assert _text({"prompt": "Velmora is", "completion": " Tarsk."}) == "Velmora is Tarsk."
     assert _text({"prompt": "Velmora is", "completion": "Tarsk."}) == "Velmora is Tarsk."

@@ -12,25 +12,28 @@ self-consistency), ``"check"`` (per query, the training positions that should ra
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from influscope.cli_options import add_batch_size_option
+from influscope.cli.options import add_batch_size_option, add_run_options, load_influence
+
+NAME = "damping"
 
 
-def add_parser(sub, common) -> None:
-    """Register ``damping`` on the subparsers ``sub`` (``common`` adds model/data/run options)."""
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``damping`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "damping",
+        NAME,
         help="Score at many dampings from one fit (one training pass) and recommend one.",
         description="Re-damp the fitted factors at every λ (absolute and/or relative × mean "
         "eigenvalue per layer), score the queries at all of them in one pass over the "
         "training data, and compare them against the default (relative 0.1).",
     )
-    common(p)
+    add_run_options(p)
     p.add_argument("--queries", required=True, help="Query records (.jsonl).")
     p.add_argument("--factors", default="factors", help="Name of the fitted factors stage.")
     p.add_argument(
@@ -49,6 +52,8 @@ def add_parser(sub, common) -> None:
         help="HTML page with the plot and table (default: beside the JSON, damping.html).",
     )
     add_batch_size_option(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def sweep_table(sweep) -> Table:
@@ -82,8 +87,8 @@ def sweep_table(sweep) -> Table:
     return t
 
 
-def cmd_damping(args) -> int:
-    from influscope.cli_options import load_influence
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope damping``: the sweep, its table, JSON and HTML page."""
     from influscope.config import ScoreConfig
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
@@ -118,6 +123,3 @@ def cmd_damping(args) -> int:
     page = write_damping_report(sweep, args.html or path.with_suffix(".html"))
     Console(stderr=True).print(f"sweep → {path}, plot and table → {page}")
     return 0
-
-
-COMMANDS = {"damping": cmd_damping}

@@ -14,31 +14,34 @@ scores) and ``RUN/<name>.json`` (the top training sequences of each query under 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
+    add_run_options,
     damping_kwargs,
     non_negative_int,
     resolve_modules,
 )
+from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
+
+NAME = "dda"
 
 console = Console(stderr=True)
 
 
-def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add the ``dda`` subcommand to the main parser's subparsers."""
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``dda`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "dda",
+        NAME,
         help="Influence corrected for fitting error: debias (minus the base model's), denoise "
         "(smoothed over fine-tuning checkpoints), DDA (both), RelatIF.",
     )
-    common(p)
+    add_run_options(p)
     p.add_argument("--queries", required=True, help="Query records (.jsonl, prompt+completion).")
     p.add_argument("--base-model", default=None, help="The model before fine-tuning (debias, dda).")
     p.add_argument(
@@ -52,13 +55,13 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
         "--variants",
         nargs="+",
         default=None,
-        choices=["plain", "debias", "denoise", "dda", "relatif"],
+        choices=list(CORRECTIONS),
         help="Variants to compute (default: every one the given models allow).",
     )
     p.add_argument(
         "--smoothing",
         default="mean",
-        choices=["mean", "standardized"],
+        choices=list(SMOOTHINGS),
         help="How denoise combines checkpoints: mean of scores (default) or of per-query z-scores.",
     )
     add_curvature_option(p, help="Curvature fitted at every model (default: ekfac).")
@@ -69,6 +72,8 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     )
     p.add_argument("--name", default="dda", help="Output name under the run directory.")
     add_damping_options(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def default_variants(has_base: bool, has_checkpoints: bool) -> tuple[str, ...]:
@@ -83,7 +88,8 @@ def default_variants(has_base: bool, has_checkpoints: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
-def cmd_dda(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope dda``: fit and score every model, combine them into the variants."""
     from influscope.config import FitConfig, ScoreConfig
     from influscope.corrections.config import CorrectionConfig
     from influscope.corrections.run import run_corrections
@@ -154,7 +160,3 @@ def cmd_dda(args) -> int:
         console.print(f"{v:>8}: query 0 top-{args.top_k} training sequences [{tops}]")
     console.print(f"scores → {out}; top-{args.top_k} per query → {args.run}/{args.name}.json")
     return 0
-
-
-#: Subcommand name → handler (merged into :func:`influscope.cli.main`'s table).
-COMMANDS = {"dda": cmd_dda}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_batch_size_option,
     add_damping_options,
     add_model_options,
@@ -17,13 +17,15 @@ from influscope.cli_options import (
 )
 from influscope.storage.atomic import atomic_write_text
 
+NAME = "trajectory"
+
 console = Console(stderr=True)
 
 
-def add_parser(sub) -> None:
-    """Add the ``trajectory`` sub-command."""
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``trajectory`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "trajectory",
+        NAME,
         help="SOURCE / TracIn-CP over a run's checkpoints (models that have not converged).",
         description="Scores of every training sequence on every query from the checkpoints "
         "of one run (a Hugging Face Trainer output_dir with checkpoint-<step>/ folders): "
@@ -50,9 +52,12 @@ def add_parser(sub) -> None:
     add_damping_options(p, "each segment's EK-FAC (SOURCE)")
     add_model_options(p)  # --task --modules --truncate --device
     add_batch_size_option(p)
+    p.set_defaults(func=run)
+    return p
 
 
-def cmd_trajectory(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope trajectory``: SOURCE or TracIn-CP scores, written as JSON."""
     from transformers import AutoTokenizer
 
     from influscope.config import FitConfig

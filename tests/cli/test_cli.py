@@ -99,7 +99,7 @@ def test_readme_python_example_runs(workdir, tmp_path):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     code = code.replace("runs/demo/model", str(workdir / "model"))
     code = code.replace("runs/mine", str(tmp_path / "mine"))

@@ -36,6 +36,7 @@ __all__ = [
     "add_model_argument",
     "add_model_options",
     "add_modules_option",
+    "add_run_options",
     "add_task_option",
     "add_truncate_option",
     "damping_kwargs",
@@ -189,6 +190,34 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_modules_option(parser, default=None)
     add_truncate_option(parser)
     add_device_option(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of every run-directory command: model, data, run, how the model loads.
+
+    ``--model`` (required), ``--adapter``, ``--train`` (required), ``--run`` (required), then
+    :func:`add_model_options` (``--task --modules --truncate --device``) and ``--overwrite``.
+    Used by ``fit``, ``score``, ``index``, ``query``, ``dda`` and ``damping``, whose arguments
+    :func:`load_influence` then reads.
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    add_model_argument(parser, adapter=True)
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion'), "
+        "a .txt file (one record per paragraph), or a saved HF dataset dir.",
+    )
+    parser.add_argument("--run", required=True, help="Run directory where stages are stored.")
+    add_model_options(parser)  # --task --modules --truncate --device
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Recompute a stored stage even if it exists (else it is reused when it "
+        "matches, refused when model/data/config differ).",
+    )
 
 
 def resolve_modules(values: Sequence[str] | str | None, model=None) -> list[str] | str | None:

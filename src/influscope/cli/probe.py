@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from influscope.cli_options import add_device_option, add_model_argument
+from influscope.cli.options import add_device_option, add_model_argument
 from influscope.errors import DataError
+
+NAME = "probe"
 
 
 def _common(p: argparse.ArgumentParser, *, train_required: bool = False) -> None:
@@ -63,7 +65,7 @@ def _common(p: argparse.ArgumentParser, *, train_required: bool = False) -> None
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``probe`` with its four kinds on ``sub`` (an argparse sub-parsers object)."""
     p = sub.add_parser(
-        "probe",
+        NAME,
         help="Generalisation probes (ID/OOD, length, prompting, representation) beside influence.",
         description=__doc__.split("\n")[0].replace("``", ""),
     )
@@ -138,6 +140,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     ood.add_argument("--domain-key", default="domain", help="Training-record key of the domain.")
     ood.add_argument("--top-k", type=int, default=10, help="Proponents per example.")
+    p.set_defaults(func=run)
     return p
 
 
@@ -167,7 +170,7 @@ def _influence(args, model, tok):
     )
 
 
-def cmd_probe(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``influscope probe KIND``."""
     from rich.console import Console
 
@@ -259,6 +262,3 @@ def cmd_probe(args) -> int:
     if args.svg:
         atomic_write_text(Path(args.svg), result.svg(title=f"influscope probe {args.kind}"))
     return 0
-
-
-COMMANDS = {"probe": cmd_probe}

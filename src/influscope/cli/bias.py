@@ -13,11 +13,12 @@ is reported too.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_curvature_option,
     add_device_option,
     add_modules_option,
@@ -25,15 +26,18 @@ from influscope.cli_options import (
 )
 from influscope.errors import DataError
 
-__all__ = ["COMMANDS", "add_parser", "cmd_bias"]
+__all__ = ["NAME", "add_parser", "run"]
+
+NAME = "bias"
 
 
-def add_parser(sub) -> None:
-    """Register the ``bias`` sub-command on an ``argparse`` sub-parser collection."""
-    from influscope.applications.reward_bias import BASELINES
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``bias`` on ``sub`` (the main parser's sub-parsers)."""
+    from influscope.applications.reward_bias import BASELINES, MEASUREMENTS
+    from influscope.applications.reward_data import SELECTORS
 
     p = sub.add_parser(
-        "bias",
+        NAME,
         help="Rank reward-model training pairs by influence on a targeted validation set.",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
@@ -48,14 +52,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--select",
         default=None,
-        choices=["shorter"],
+        choices=list(SELECTORS),
         help="Keep only the validation pairs satisfying this rule (default: all of them).",
     )
     add_curvature_option(p, help="Curvature of the targeted influence (default: ekfac).")
     p.add_argument(
         "--measurement",
         default="log_likelihood",
-        choices=["log_likelihood", "margin"],
+        choices=list(MEASUREMENTS),
         help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
     )
     add_modules_option(p, default=None, help="Tracked modules (default: auto).")
@@ -76,9 +80,12 @@ def add_parser(sub) -> None:
     p.add_argument("--flag-field", default="flipped", help="Known-bias field for the AUC.")
     p.add_argument("--out", default="bias.json", help="JSON file with every pair's scores.")
     add_device_option(p)
+    p.set_defaults(func=run)
+    return p
 
 
-def cmd_bias(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope bias``: rank the training pairs, print the suspects, write JSON."""
     from rich.console import Console
     from rich.table import Table
 
@@ -143,6 +150,3 @@ def cmd_bias(args) -> int:
         console.print(f"ROC-AUC for '{args.flag_field}': {aucs}")
     console.print(f"scores → {path}")
     return 0
-
-
-COMMANDS = {"bias": cmd_bias}

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from influscope.cli_options import (
+from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
@@ -30,11 +30,13 @@ from influscope.cli_options import (
 )
 from influscope.errors import DataError
 
+NAME = "curate"
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Register the ``curate`` sub-command on ``sub`` (an argparse sub-parsers object)."""
+    """Register ``curate`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
-        "curate",
+        NAME,
         help="Rank training data by total influence on a benchmark; list the harmful k %%.",
         description=__doc__.split("\n")[0].replace("``", ""),
     )
@@ -64,10 +66,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_damping_options(p)
     add_truncate_option(p)
     add_device_option(p)
+    p.set_defaults(func=run)
     return p
 
 
-def cmd_curate(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``influscope curate``."""
     from rich.console import Console
 
@@ -99,7 +102,13 @@ def cmd_curate(args) -> int:
         normalize="relatif" if args.relatif else None,
     )
     ranking = rank_by_influence(
-        inf.model, inf.task, train, bench, factors=factors, modules=args.modules, score_config=score
+        inf.tracked.model,
+        inf.tracked.task,
+        train,
+        bench,
+        factors=factors,
+        modules=args.modules,
+        score_config=score,
     )
     harmful = harmful_subset(ranking.total, args.fraction)
     report = {

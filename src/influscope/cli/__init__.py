@@ -1,0 +1,99 @@
+"""The ``influscope`` command line: one module per sub-command, listed once in :data:`COMMANDS`.
+
+Examples::
+
+    influscope fit   --model runs/demo/model --train train.jsonl --run runs/x
+    influscope score --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x
+    influscope demo  --out runs/demo
+    influscope report runs/demo --out runs/demo/studies.html
+    influscope unlearn runs/demo/model --train train.jsonl --forget 3,17 --out edited/
+
+Every command module has the same interface: ``NAME`` (the sub-command), ``add_parser(sub)``
+(registers its parser on the sub-parsers and binds ``set_defaults(func=run)``) and
+``run(args) -> int`` (the exit status). Heavy imports (torch, transformers, the library's
+stages) stay inside ``run``, so ``influscope --help`` stays quick. Options shared by several
+commands are defined once in :mod:`influscope.cli.options`, with choices read from the live
+registries. :func:`main` is the one place where a library error becomes a message and exit
+status 2, and Ctrl-C exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from influscope.cli import (
+    bias,
+    curate,
+    damping,
+    dda,
+    demo,
+    fit,
+    index,
+    probe,
+    query,
+    report,
+    score,
+    trajectory,
+    unlearn,
+)
+from influscope.errors import InfluscopeError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: The sub-command modules, in the order ``influscope --help`` lists them.
+COMMANDS = [
+    fit,
+    score,
+    demo,
+    report,
+    index,
+    query,
+    dda,
+    damping,
+    bias,
+    unlearn,
+    curate,
+    trajectory,
+    probe,
+]
+
+#: Commands that keep finished shards when interrupted (docs/scale.md): Ctrl-C says so.
+RESUMABLE = (fit.NAME, index.NAME)
+
+console = Console(stderr=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``influscope`` parser: one sub-parser per module of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="influscope",
+        description="Which training sequences made this language model produce this output? "
+        "Influence functions with EK-FAC curvature. Positive influence = "
+        "up-weighting the training sequence raises log p(completion | prompt).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``influscope`` command: parse, run the command, report errors."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InfluscopeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command in RESUMABLE:
+            hint = (
+                f" Finished shards are kept under {args.run}; rerun the same command to "
+                "resume (with other data, model or options they are discarded)."
+            )
+        console.print(f"[yellow]interrupted.[/yellow]{hint}")
+        return 130

@@ -1,0 +1,101 @@
+"""``influscope index``: write projected training gradients to an index, once.
+
+``influscope query`` (:mod:`influscope.cli.query`) then answers new queries from it.
+
+Examples::
+
+    influscope index --model runs/demo/model --train train.jsonl --run runs/x --dtype float16
+    influscope index ... --dry-run          # estimated memory and disk, nothing runs
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from influscope.cli.options import add_run_options, load_influence
+from influscope.index.config import INDEX_DTYPES
+from influscope.projection.projector import INITS
+
+NAME = "index"
+
+console = Console(stderr=True)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``index`` on ``sub`` (the main parser's sub-parsers)."""
+    index = sub.add_parser(NAME, help="Write projected training gradients to an index.")
+    add_run_options(index)
+    index.add_argument("--name", default="index", help="Name of the index (RUN/index/<name>).")
+    index.add_argument("--k-in", type=int, default=64, help="Input projection rows per layer.")
+    index.add_argument("--k-out", type=int, default=64, help="Output projection rows per layer.")
+    index.add_argument(
+        "--init",
+        default="orthogonal",
+        choices=list(INITS),
+        help="LoGra projection (orthogonal, gaussian, pca), or 'eigen': the EK-FAC "
+        "eigen-coordinates with most preconditioned mass, same size (docs/scale.md).",
+    )
+    index.add_argument(
+        "--factors",
+        default="factors",
+        help="Factors stage used by --init pca/eigen (K-FAC/EK-FAC; eigen keeps its damping).",
+    )
+    index.add_argument(
+        "--curvature", default="ekfac", choices=["ekfac", "identity"], help="Projected curvature."
+    )
+    index.add_argument(
+        "--fisher",
+        default="true",
+        choices=["true", "empirical"],
+        help="Labels of the projected curvature: sampled from the model (default) or the data.",
+    )
+    index.add_argument("--dtype", default="float16", choices=list(INDEX_DTYPES), help="Storage.")
+    index.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
+    index.add_argument("--shard-size", type=int, default=1024, help="Sequences per shard.")
+    index.add_argument("--seed", type=int, default=0, help="Seed of projections and labels.")
+    index.add_argument(
+        "--cache-mb",
+        type=float,
+        default=2048.0,
+        help="MiB for replaying the projected curvature's first pass (0: off; same results).",
+    )
+    index.add_argument(
+        "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
+    )
+    index.set_defaults(func=run)
+    return index
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope index`` (or, with ``--dry-run``, print its estimates)."""
+    from influscope.index import IndexConfig
+    from influscope.resources import describe, estimate
+
+    inf, train = load_influence(args)
+    config = IndexConfig(
+        k_in=args.k_in,
+        k_out=args.k_out,
+        init=args.init,
+        seed=args.seed,
+        curvature=args.curvature,
+        fisher=args.fisher,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        cache_mb=args.cache_mb,
+    )
+    if args.dry_run:
+        console.print(describe(estimate(inf, train, index=config)))
+        return 0
+    factors = inf.load_factors(train, args.factors) if args.init in ("pca", "eigen") else None
+    index = inf.build_index(train, config, factors, name=args.name, overwrite=args.overwrite)
+    root = index.root
+    size = sum(p.stat().st_size for p in (root / "shards").glob("*.npy"))
+    console.print(
+        f"[green]indexed[/green] {index.n_rows} sequences × {index.meta['dim']} projected "
+        f"dims ({config.dtype}, {size / 2**20:.1f} MiB in {len(index.meta['shards'])} shards) "
+        f"→ {root}"
+    )
+    return 0

@@ -1,0 +1,241 @@
+"""``influscope score``: influence of every training sequence on every query, with a report.
+
+Example::
+
+    influscope score --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from influscope.cli.options import (
+    add_batch_size_option,
+    add_run_options,
+    load_influence,
+    non_negative_int,
+)
+from influscope.solvers.refine import METHODS as REFINE_METHODS
+
+NAME = "score"
+
+console = Console(stderr=True)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``score`` on ``sub`` (the main parser's sub-parsers)."""
+    score = sub.add_parser(
+        NAME,
+        help="Score training sequences against queries.",
+        description="Influence of every training sequence on every query (positive = "
+        "up-weighting it raises log p(completion | prompt)), with the fitted factors; writes "
+        "RUN/scores/NAME, RUN/NAME.json (top-k) and an HTML report.",
+    )
+    add_run_options(score)
+    score.add_argument(
+        "--queries",
+        required=True,
+        help="Query records (.jsonl with 'prompt'+'completion', or 'text').",
+    )
+    score.add_argument("--factors", default="factors", help="Name of the fitted factors stage.")
+    score.add_argument("--name", default="scores", help="Name of the scores stage.")
+    score.add_argument(
+        "--rank",
+        type=int,
+        default=32,
+        help="Rank of each layer's preconditioned query gradient (0 = full).",
+    )
+    score.add_argument(
+        "--svd",
+        default="auto",
+        choices=["auto", "exact", "randomized"],
+        help="SVD behind --rank: randomized (much faster on wide layers), exact, or auto "
+        "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
+    )
+    add_batch_size_option(score)
+    score.add_argument(
+        "--refine",
+        type=non_negative_int,
+        default=0,
+        help="Refine EK-FAC towards the joint Gauss-Newton system with N iterations (0 = off).",
+    )
+    score.add_argument(
+        "--refine-method",
+        default="cg",
+        choices=list(REFINE_METHODS),
+        help="cg: preconditioned conjugate gradient (default); neumann: preconditioned "
+        "Richardson iteration with step 1.",
+    )
+    score.add_argument(
+        "--refine-tol",
+        type=float,
+        default=0.0,
+        help="Stop a query once its relative residual is at most this (default 0: run all steps).",
+    )
+    score.add_argument(
+        "--refine-examples",
+        type=int,
+        default=None,
+        help="Gauss-Newton products over a seeded random subset of this many training sequences per iteration (default: all).",
+    )
+    score.add_argument(
+        "--top-k", type=non_negative_int, default=5, help="Proponents/opponents to report."
+    )
+    score.add_argument(
+        "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
+    )
+    score.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="Score-time absolute damping for every layer (re-damps the fitted factors).",
+    )
+    score.add_argument(
+        "--damping-factor",
+        type=float,
+        default=None,
+        help="Score-time damping = factor × mean eigenvalue per layer (re-damps the factors).",
+    )
+    score.add_argument(
+        "--report", default=None, help="Write an HTML report here (default: RUN/<name>.html)."
+    )
+    members = score.add_mutually_exclusive_group()
+    members.add_argument(
+        "--ensemble",
+        type=non_negative_int,
+        default=None,
+        metavar="M",
+        help="Ensemble over M true-Fisher label-sampling seeds (0..M-1; M ≥ 2): factors are "
+        "fitted per seed (RUN/factors/factors-seedS, same settings as --factors) and the report "
+        "shows mean ± s.e. and top-k rank stability.",
+    )
+    members.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Like --ensemble, with these label-sampling seeds.",
+    )
+    score.set_defaults(func=run)
+    return score
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``influscope score``: precondition the queries, score, write the report."""
+    from influscope.config import ScoreConfig
+    from influscope.loading import load_records
+    from influscope.report import write_report
+    from influscope.report.build import build_report
+    from influscope.report.terminal import print_summary
+    from influscope.scoring.damping import describe_damping, score_damping
+    from influscope.storage import atomic_write_json
+
+    inf, train = load_influence(args)
+    queries = inf.encode(load_records(args.queries), truncate=args.truncate)
+    op = inf.load_factors(train, args.factors)
+    config = ScoreConfig(
+        query_rank=args.rank or None,
+        query_svd=args.svd,
+        batch_size=args.batch_size,
+        per_layer=True,
+        normalize="relatif" if args.relatif else None,
+        damping=args.damping,
+        damping_factor=args.damping_factor,
+        refine_steps=args.refine,
+        refine=args.refine_method,
+        refine_tol=args.refine_tol,
+        refine_examples=args.refine_examples,
+    )
+    op = score_damping(op, config)  # the report's self-influence uses the same λ
+    ensemble = None
+    seeds = list(range(args.ensemble)) if args.ensemble is not None else args.seeds
+    if seeds is not None:
+        from influscope.config import FitConfig
+        from influscope.scoring.pairwise import Scores
+
+        fit_config = FitConfig.from_dict(inf.run.check("factors", args.factors, {})["config"])
+        ensemble = inf.score_ensemble(
+            queries,
+            train,
+            fit_config,
+            config,
+            seeds=seeds,
+            name=args.name,
+            overwrite=args.overwrite,
+        )
+        # Token colours and layer terms come from the first seed's factors.
+        op = score_damping(inf.load_factors(train, f"factors-seed{seeds[0]}"), config)
+        pq = inf.precondition(queries, op, config, train)
+        scores = Scores(
+            pairwise=ensemble.mean,
+            layer_names=inf.layer_names,
+            train_indices=ensemble.train_indices,
+        )
+    else:
+        pq = inf.precondition(queries, op, config, train)
+        scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
+    if pq.refine_residuals is not None:
+        final = ", ".join(f"{float(r):.3g}" for r in pq.refine_residuals[:, -1])
+        print(f"refinement ({config.refine}): final relative residual per query: {final}")
+    report = build_report(
+        inf,
+        queries,
+        pq,
+        train,
+        op,
+        scores,
+        title=f"influscope — {args.run}",
+        overview={
+            "model": str(args.model) + (f" + adapter {args.adapter}" if args.adapter else ""),
+            "curvature": op.name,
+            "training sequences": str(len(train)),
+            "queries": str(len(queries)),
+            "tracked layers": str(len(inf.tracked.layers)),
+            "query rank": str(config.query_rank or "full"),
+            "damping": describe_damping(op, config),
+            "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",
+            **(
+                {
+                    "ensemble": f"{ensemble.n_members} label-sampling seeds {seeds}: mean ± s.e.; "
+                    f"token colours from seed {seeds[0]}",
+                    f"mean top-{args.top_k} stability": f"{float(ensemble.stability(args.top_k).mean()):.3f}",
+                }
+                if ensemble is not None
+                else {}
+            ),
+        },
+        top_k=args.top_k,
+        ensemble=ensemble,
+    )
+    html_path = Path(args.report or Path(args.run) / f"{args.name}.html")
+    write_report(report, html_path)
+    atomic_write_json(
+        Path(args.run) / f"{args.name}.json",
+        {
+            "queries": [
+                {
+                    "prompt": q.prompt,
+                    "completion": q.completion,
+                    "proponents": [_top_json(s) for s in q.proponents],
+                    "opponents": [_top_json(s) for s in q.opponents],
+                }
+                for q in report.queries
+            ]
+        },
+    )
+    print_summary(report, Console())
+    console.print(f"report → {html_path}")
+    return 0
+
+
+def _top_json(seq) -> dict:
+    """A shown sequence for RUN/NAME.json (with ``sem`` / ``stable`` from an ensemble)."""
+    out = {"index": seq.index, "score": seq.score}
+    if seq.sem is not None:
+        out["sem"] = seq.sem
+    if seq.stable is not None:
+        out["stable"] = f"{seq.stable}/{seq.n_members}"
+    return out
