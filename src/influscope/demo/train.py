@@ -65,6 +65,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
+
 def _grouped_summary(
     model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, queries: Sequence[dict[str, Any]]
 ) -> dict[str, dict[str, float]]:
