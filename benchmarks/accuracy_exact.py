@@ -13,7 +13,7 @@ Ground truths (per query, Pearson and Spearman over training points, averaged ov
 
 Run::
 
-    python benchmarks/accuracy_exact.py --out runs/accuracy/exact
+    python -m benchmarks.accuracy_exact --out runs/accuracy/exact
 """
 
 from __future__ import annotations

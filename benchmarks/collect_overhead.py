@@ -18,7 +18,7 @@ and, with ``--trainer``, the same modes through ``transformers.Trainer`` with an
 ``trainer-gradients``). The plain loop is the demo's own ``train_lm`` loop, step for step; the
 script checks that collecting leaves the trained weights bit-identical.
 
-    python benchmarks/collect_overhead.py --assets .cache/assets --repeats 3
+    python -m benchmarks.collect_overhead --assets .cache/assets --repeats 3
 """
 
 from __future__ import annotations

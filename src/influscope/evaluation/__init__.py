@@ -11,10 +11,11 @@ retraining and exact references:
 * :mod:`.pbrf` — :func:`pbrf_influence`, the proximal Bregman response function (what
   influence functions estimate for a network that is not at an optimum);
 * :mod:`.mislabel` — :func:`flip_labels`, :func:`detection_report` (ROC-AUC, found@p);
-* :mod:`.sentiment` — the MiniLM movie-review classifier of the mislabel benchmark (imported
-  on demand: ``from influscope.evaluation.sentiment import ...``);
 * :mod:`.baselines` — gradient dot / cosine, TracIn, representation similarity, BM25;
 * :mod:`.metrics` — Pearson, Spearman, LDS, ROC-AUC.
+
+The toy problem of the CI floors is :mod:`influscope.toy`; the MiniLM sentiment classifier of the
+mislabel benchmark is ``benchmarks.sentiment``.
 
 The measured figures live in ``docs/accuracy.md``; ``make bench-accuracy`` reproduces them.
 """
