@@ -228,7 +228,7 @@ def main(argv=None) -> int:
 
 
 def train_cached_free(records, tokenizer, settings, subset, seed):
-    """The retraining recipe: :func:`influscope.demo.train.train_lm` with the demo settings."""
+    """The retraining recipe: :func:`influscope.training.train_lm` with the demo settings."""
     from influscope.demo.train import make_gpt2_config, train_lm
 
     config = make_gpt2_config(

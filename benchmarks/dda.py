@@ -32,7 +32,7 @@ from benchmarks.dda_setup import (
     HallucinationConfig,
     run_benchmark,
 )
-from influscope.evaluation.metrics import summary
+from influscope.metrics import summary
 from influscope.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]

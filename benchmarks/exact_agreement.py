@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
-from influscope.evaluation.metrics import pearson, spearman
+from influscope.metrics import pearson, spearman
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import CausalLMTask, EncodedDataset
 from influscope.toy import VectorClassificationTask, mlp_problem

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 and ours_scores is not None
                 and kron_scores.shape == ours_scores.shape
             ):
-                from influscope.evaluation.metrics import spearman
+                from influscope.metrics import spearman
 
                 rho = [spearman(ours_scores[q], kron_scores[q]) for q in range(len(queries))]
                 report["spearman_vs_kronfluence"] = sum(rho) / len(rho)

@@ -35,7 +35,7 @@ from benchmarks.reward_model import (
 from influscope.applications.reward_bias import BiasDetectionConfig, rank_biased_pairs
 from influscope.applications.reward_data import PreferenceConfig, make_preference_data
 from influscope.config import Settings, require
-from influscope.evaluation.metrics import roc_auc
+from influscope.metrics import roc_auc
 from influscope.storage import atomic_write_json
 from influscope.storage.atomic import atomic_write
 from influscope.tasks import RewardTask

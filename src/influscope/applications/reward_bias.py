@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig, Settings, require
 from influscope.errors import DataError
-from influscope.evaluation.metrics import found_at, roc_auc
+from influscope.metrics import found_at, roc_auc
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks import EncodedDataset, RewardTask
 
