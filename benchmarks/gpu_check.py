@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, replace
@@ -50,10 +49,10 @@ import torch
 from benchmarks.gpu.common import FULL, QUICK, START, free_memory, log, resolve_device, timed
 from benchmarks.gpu.cuda_tests import run_cuda_tests, stream_command
 from benchmarks.gpu.influscope_stage import bench_influscope
-from benchmarks.gpu.kronfluence_stage import bench_kronfluence, kronfluence_available
+from benchmarks.gpu.kronfluence_stage import kronfluence_available, kronfluence_stage
 from benchmarks.gpu.model import build_llama, llama_parameter_count, random_tokens
 from benchmarks.gpu.plan import calibrate, plan_blocks
-from benchmarks.gpu.report import environment, markdown
+from benchmarks.gpu.report import data_section, environment, markdown, model_section
 
 if importlib.util.find_spec("influscope") is None:  # neither installed nor on PYTHONPATH
     raise SystemExit(
@@ -158,30 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(all {sizes.layers} blocks: {plan['estimated_all_blocks_s']} s)"
     )
     report["calibration"] = {k: round(v, 4) for k, v in cal.items()}
-    report["model"] = {
-        "architecture": "LlamaForCausalLM (random weights, from LlamaConfig)",
-        "hidden": sizes.hidden,
-        "intermediate": sizes.intermediate,
-        "layers": sizes.layers,
-        "heads": sizes.heads,
-        "kv_heads": sizes.kv_heads,
-        "vocab": sizes.vocab,
-        "parameters": n_params,
-        "parameters_formula": n_expected,
-        "dtype": str(model_dtype).removeprefix("torch."),
-        "amp_dtype": amp,
-        "build_seconds": round(t_build, 2),
-        "tracked_blocks": blocks,
-        "plan": plan,
-    }
-    report["data"] = {
-        "n_train": sizes.n_train,
-        "seq_len": sizes.seq_len,
-        "n_queries": sizes.n_queries,
-        "train_tokens": sizes.n_train * sizes.seq_len,
-        "query_rank": sizes.query_rank,
-        "batch_size": sizes.batch_size,
-    }
+    report["model"] = model_section(sizes, n_params, model_dtype, amp, t_build, blocks, plan)
+    report["data"] = data_section(sizes)
 
     ours_scores: torch.Tensor | None
     try:
@@ -199,43 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     report["influscope"] = ours
 
     # (c) Kronfluence
-    if not args.kronfluence:
-        report["kronfluence"] = {"skipped": "not requested (pass --kronfluence)"}
-    elif (why := kronfluence_available()) is not None:
-        report["kronfluence"] = {"skipped": why}
-        log(f"(c) Kronfluence skipped: {why}")
-    else:
-        left = args.budget_s - (time.perf_counter() - START)
-        needed = 1.3 * (
-            ours["fit"]["seconds"] + ours["score"]["seconds"]
-            if "fit" in ours
-            else plan["estimated_chosen_s"]
+    report.update(
+        kronfluence_stage(
+            args.kronfluence,
+            args.budget_s,
+            ours,
+            ours_scores,
+            plan,
+            model,
+            blocks,
+            train,
+            queries,
+            sizes,
+            device,
+            amp,
+            out,
         )
-        if left < needed:
-            why = f"{left:.0f} s left, Kronfluence estimated at {needed:.0f} s"
-            report["kronfluence"] = {"skipped": why}
-            log(f"(c) Kronfluence skipped: {why}")
-        else:
-            with tempfile.TemporaryDirectory(dir=out, prefix="kronfluence-") as work:
-                try:
-                    kron, kron_scores = bench_kronfluence(
-                        model, blocks, train, queries, sizes, device, amp, Path(work)
-                    )
-                except Exception as exc:  # report, do not lose the influscope figures
-                    log(f"(c) Kronfluence failed: {type(exc).__name__}: {exc}")
-                    kron = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
-                    kron_scores = None
-            free_memory(device)
-            report["kronfluence"] = kron
-            if (
-                kron_scores is not None
-                and ours_scores is not None
-                and kron_scores.shape == ours_scores.shape
-            ):
-                from influscope.metrics import spearman
-
-                rho = [spearman(ours_scores[q], kron_scores[q]) for q in range(len(queries))]
-                report["spearman_vs_kronfluence"] = sum(rho) / len(rho)
+    )
 
     # (d) write
     report["total_seconds"] = round(time.perf_counter() - START, 1)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.gpu.common import (
+    START,
     Sizes,
+    free_memory,
     log,
     peak_gib,
     rate,
@@ -180,3 +184,65 @@ def bench_kronfluence(
         "scores_finite": bool(torch.isfinite(pairwise).all()),
     }
     return figures, pairwise
+
+
+def kronfluence_stage(
+    requested: bool,
+    budget_s: float,
+    ours: dict[str, Any],
+    ours_scores: torch.Tensor | None,
+    plan: dict[str, Any],
+    model: torch.nn.Module,
+    blocks: list[int],
+    train,
+    queries,
+    s: Sizes,
+    device: torch.device,
+    amp: str | None,
+    out: Path,
+) -> dict[str, Any]:
+    """(c): Kronfluence on the same blocks when asked for, importable and within the budget.
+
+    Returns:
+        The report's ``"kronfluence"`` entry (figures, or why it was skipped) and, when both
+        libraries scored the same pairs, ``"spearman_vs_kronfluence"`` (mean over the queries).
+    """
+    result: dict[str, Any] = {}
+    if not requested:
+        result["kronfluence"] = {"skipped": "not requested (pass --kronfluence)"}
+    elif (why := kronfluence_available()) is not None:
+        result["kronfluence"] = {"skipped": why}
+        log(f"(c) Kronfluence skipped: {why}")
+    else:
+        left = budget_s - (time.perf_counter() - START)
+        needed = 1.3 * (
+            ours["fit"]["seconds"] + ours["score"]["seconds"]
+            if "fit" in ours
+            else plan["estimated_chosen_s"]
+        )
+        if left < needed:
+            why = f"{left:.0f} s left, Kronfluence estimated at {needed:.0f} s"
+            result["kronfluence"] = {"skipped": why}
+            log(f"(c) Kronfluence skipped: {why}")
+        else:
+            with tempfile.TemporaryDirectory(dir=out, prefix="kronfluence-") as work:
+                try:
+                    kron, kron_scores = bench_kronfluence(
+                        model, blocks, train, queries, s, device, amp, Path(work)
+                    )
+                except Exception as exc:  # report, do not lose the influscope figures
+                    log(f"(c) Kronfluence failed: {type(exc).__name__}: {exc}")
+                    kron = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+                    kron_scores = None
+            free_memory(device)
+            result["kronfluence"] = kron
+            if (
+                kron_scores is not None
+                and ours_scores is not None
+                and kron_scores.shape == ours_scores.shape
+            ):
+                from influscope.metrics import spearman
+
+                rho = [spearman(ours_scores[q], kron_scores[q]) for q in range(len(queries))]
+                result["spearman_vs_kronfluence"] = sum(rho) / len(rho)
+    return result

@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu.common import Sizes
+from benchmarks.gpu.model import llama_parameter_count
+
 
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -111,4 +114,44 @@ def environment(device: torch.device) -> dict[str, Any]:
         "influscope": influscope.__version__,
         "python": platform.python_version(),
         "host_cpus": os.cpu_count(),
+    }
+
+
+def model_section(
+    s: Sizes,
+    n_params: int,
+    model_dtype: torch.dtype,
+    amp: str | None,
+    build_seconds: float,
+    blocks: list[int],
+    plan: dict[str, Any],
+) -> dict[str, Any]:
+    """The report's ``"model"`` entry: sizes, parameter counts, dtypes and the tracked blocks."""
+    return {
+        "architecture": "LlamaForCausalLM (random weights, from LlamaConfig)",
+        "hidden": s.hidden,
+        "intermediate": s.intermediate,
+        "layers": s.layers,
+        "heads": s.heads,
+        "kv_heads": s.kv_heads,
+        "vocab": s.vocab,
+        "parameters": n_params,
+        "parameters_formula": llama_parameter_count(s),
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "amp_dtype": amp,
+        "build_seconds": round(build_seconds, 2),
+        "tracked_blocks": blocks,
+        "plan": plan,
+    }
+
+
+def data_section(s: Sizes) -> dict[str, Any]:
+    """The report's ``"data"`` entry."""
+    return {
+        "n_train": s.n_train,
+        "seq_len": s.seq_len,
+        "n_queries": s.n_queries,
+        "train_tokens": s.n_train * s.seq_len,
+        "query_rank": s.query_rank,
+        "batch_size": s.batch_size,
     }
