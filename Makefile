@@ -45,14 +45,14 @@ $(VENV)/.peers: $(VENV)/.installed
 peers: $(VENV)/.peers
 
 bench: assets peers
-	$(PY) benchmarks/vs_kronfluence.py
+	$(PY) -m benchmarks.vs_kronfluence
 
 # Accuracy against ground truth (docs/accuracy.md); about 20 min on 2 idle cores.
 bench-accuracy: assets peers
-	$(PY) benchmarks/accuracy_exact.py --out runs/accuracy/exact
-	$(PY) benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds
-	$(PY) benchmarks/accuracy_brittleness.py --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
-	$(PY) benchmarks/accuracy_mislabel.py --out runs/accuracy/mislabel
+	$(PY) -m benchmarks.accuracy_exact --out runs/accuracy/exact
+	$(PY) -m benchmarks.accuracy_lds --subsets 100 --out runs/accuracy/lds
+	$(PY) -m benchmarks.accuracy_brittleness --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
+	$(PY) -m benchmarks.accuracy_mislabel --out runs/accuracy/mislabel
 
 clean:
 	rm -rf runs .pytest_cache

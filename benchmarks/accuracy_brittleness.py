@@ -11,23 +11,20 @@ than random removal does (Ilyas et al. 2022; Park et al. 2023).
 
 Run::
 
-    python benchmarks/accuracy_brittleness.py --queries 8 --ks 10 20 50 --seeds 3
+    python -m benchmarks.accuracy_brittleness --queries 8 --ks 10 20 50 --seeds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.lds_setup import add_arguments, build
 from influscope.evaluation import BrittlenessConfig, brittleness
-from lds_setup import add_arguments, build
 
 
 def _row(values: torch.Tensor) -> dict[str, float]:

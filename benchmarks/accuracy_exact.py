@@ -13,7 +13,7 @@ Ground truths (per query, Pearson and Spearman over training points, averaged ov
 
 Run::
 
-    python benchmarks/accuracy_exact.py --out runs/accuracy/exact
+    python -m benchmarks.accuracy_exact --out runs/accuracy/exact
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from influscope.evaluation import (
     pearson,
     spearman,
 )
-from influscope.evaluation.toy import VectorClassificationTask, make_classification, train_mlp
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import EncodedDataset
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 
 def per_query(metric, est: torch.Tensor, truth: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ very same retrains (``m`` random half-subsets, ``r`` seeds; the same seeds for e
 
 Run::
 
-    python benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds
+    python -m benchmarks.accuracy_lds --subsets 100 --out runs/accuracy/lds
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import math
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.lds_setup import BATCH, add_arguments, build
 from influscope.config import FitConfig, ScoreConfig
 from influscope.evaluation import (
     LDSConfig,
@@ -35,7 +34,6 @@ from influscope.evaluation import (
     tracin,
 )
 from influscope.trajectory import from_train_result, source_scores
-from lds_setup import BATCH, add_arguments, build
 
 
 def main() -> None:
@@ -140,7 +138,7 @@ def main() -> None:
                 "Kronfluence is not installed: `pip install --no-deps kronfluence==1.0.1` "
                 "(see pyproject.toml), or pass --no-kronfluence to leave its row out."
             )
-        from kronfluence_lds import kronfluence_scores
+        from benchmarks.kronfluence_lds import kronfluence_scores
 
         t = time.time()
         scores["kronfluence_ekfac"] = kronfluence_scores(setup)

@@ -4,7 +4,7 @@ Data: ``--n-train`` sentences of Hutto & Gilbert's movie-review set (``vaderSent
 sdist), label = sign of the mean human rating (ratings of exactly 0 dropped), 10 % of the
 training labels flipped. Model: all-MiniLM-L6-v2 with its lower layers frozen (states cached
 once under ``OUT/states``) and its top ``--top-layers`` layers + a linear head trained on the
-noisy labels (:mod:`influscope.evaluation.sentiment`). Every linear layer of the trained part is
+noisy labels (:mod:`benchmarks.sentiment`). Every linear layer of the trained part is
 tracked. Ranking: self-influence ``∇L(z)^⊤ (G + λI)^{-1} ∇L(z)`` (highest first), true Fisher,
 damping ``0.1 × mean eigenvalue`` per layer for both libraries; baselines: training loss,
 random scores, EK-FAC scores shuffled over the training set. Each flip seed (one flip draw and
@@ -12,7 +12,7 @@ one training run) is stored as ``OUT/seed<k>.json``, so an interrupted run resum
 
 Run::
 
-    python benchmarks/accuracy_mislabel.py --out runs/accuracy/mislabel
+    python -m benchmarks.accuracy_mislabel --out runs/accuracy/mislabel
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influscope import FitConfig, Influence, ScoreConfig
-from influscope.assets import minilm_dir, vader_movie_reviews
-from influscope.evaluation import MislabelConfig, detection_report, flip_labels
-from influscope.evaluation.sentiment import (
+from benchmarks.sentiment import (
     MINILM_LAYERS,
     HiddenStateTask,
     SentimentConfig,
@@ -47,6 +44,9 @@ from influscope.evaluation.sentiment import (
     states_dataset,
     train_classifier,
 )
+from influscope import FitConfig, Influence, ScoreConfig
+from influscope.assets import minilm_dir, vader_movie_reviews
+from influscope.evaluation import MislabelConfig, detection_report, flip_labels
 from influscope.storage import atomic_write_json, read_json
 
 CURVATURES = {"ekfac": "EK-FAC", "kfac": "K-FAC", "diagonal": "diagonal", "identity": "identity"}

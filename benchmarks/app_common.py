@@ -83,7 +83,7 @@ def train_cached(
 ) -> tuple[GPT2LMHeadModel, float]:
     """Train (or load from ``directory``) a GPT-2 on ``records[subset]``; ``(model, seconds)``.
 
-    The recipe is :func:`influscope.demo.train.train_lm` with the demo settings; the result is
+    The recipe is :func:`influscope.training.train_lm` with the demo settings; the result is
     saved with ``save_pretrained`` (plus ``train.json`` with the seconds it took).
     """
     marker = directory / "train.json"

@@ -18,7 +18,7 @@ and, with ``--trainer``, the same modes through ``transformers.Trainer`` with an
 ``trainer-gradients``). The plain loop is the demo's own ``train_lm`` loop, step for step; the
 script checks that collecting leaves the trained weights bit-identical.
 
-    python benchmarks/collect_overhead.py --assets .cache/assets --repeats 3
+    python -m benchmarks.collect_overhead --assets .cache/assets --repeats 3
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import torch
 
 from influscope.collect import CollectConfig, GradientCollector, InfluenceCallback
 from influscope.demo.corpus import build_demo_corpus
-from influscope.demo.train import (
-    DemoTrainConfig,
+from influscope.demo.train import DemoTrainConfig
+from influscope.optim import adamw_cosine
+from influscope.training import (
     _batch,
     _encode,
     fixed_threads,
@@ -45,7 +46,6 @@ from influscope.demo.train import (
     sequence_losses,
     train_tokenizer,
 )
-from influscope.optim import adamw_cosine
 
 
 def plain_loop(seqs, tokenizer, config, settings, out: Path | None, collect: CollectConfig | None):

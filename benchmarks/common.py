@@ -26,7 +26,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
-from influscope.evaluation.metrics import spearman  # noqa: F401  (the benchmarks' Spearman)
+from influscope.metrics import spearman  # noqa: F401  (the benchmarks' Spearman)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"

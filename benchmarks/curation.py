@@ -15,7 +15,7 @@ seed; the highest-loss baseline is retrained with one seed to save time). Also r
 
 Run (after ``make assets``; about 10 min on an idle 2-core machine, 2 retrain workers)::
 
-    .venv/bin/python benchmarks/curation.py --out runs/applications/curation
+    .venv/bin/python -m benchmarks.curation --out runs/applications/curation
 
 Writes ``results.json`` and ``table.md`` under ``--out``; retrains are stored under
 ``--out/retrains`` and reused when the run is repeated.
@@ -26,16 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from app_common import fmt, heldout_texts, query_metrics, token_nll, train_cached, visits
+from benchmarks.app_common import fmt, heldout_texts, query_metrics, token_nll, train_cached, visits
 from influscope.applications.curation import (
     harmful_subset,
     highest_loss_subset,
@@ -52,7 +49,7 @@ from influscope.evaluation import Job, RetrainingHarness
 from influscope.storage import atomic_write_json
 from influscope.tasks import CausalLMTask
 
-COMMAND = ".venv/bin/python benchmarks/curation.py --out runs/applications/curation"
+COMMAND = ".venv/bin/python -m benchmarks.curation --out runs/applications/curation"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -231,7 +228,7 @@ def main(argv=None) -> int:
 
 
 def train_cached_free(records, tokenizer, settings, subset, seed):
-    """The retraining recipe: :func:`influscope.demo.train.train_lm` with the demo settings."""
+    """The retraining recipe: :func:`influscope.training.train_lm` with the demo settings."""
     from influscope.demo.train import make_gpt2_config, train_lm
 
     config = make_gpt2_config(

@@ -4,13 +4,13 @@ Reads the stored results of the five damping sweeps (run them first, commands be
 writes the cross-benchmark table to the "## Damping across benchmarks" section of
 ``docs/accuracy.md``:
 
-    python benchmarks/damping_sweep.py --assets .cache/assets --out runs/damping --write-docs
-    python benchmarks/accuracy_exact.py --out runs/accuracy/exact --damping-sweep
-    python benchmarks/accuracy_lds.py --subsets 100 --out runs/accuracy/lds --damping-sweep
-    python benchmarks/accuracy_mislabel.py --out runs/accuracy/mislabel_damp --curvatures ekfac \\
+    python -m benchmarks.damping_sweep --assets .cache/assets --out runs/damping --write-docs
+    python -m benchmarks.accuracy_exact --out runs/accuracy/exact --damping-sweep
+    python -m benchmarks.accuracy_lds --subsets 100 --out runs/accuracy/lds --damping-sweep
+    python -m benchmarks.accuracy_mislabel --out runs/accuracy/mislabel_damp --curvatures ekfac \\
         --no-kronfluence --no-heldout --damping-sweep
-    python benchmarks/smollm2_trust.py --assets .cache/assets --report docs/accuracy.md
-    python benchmarks/damping_summary.py --write-docs
+    python -m benchmarks.smollm2_trust --assets .cache/assets --report docs/accuracy.md
+    python -m benchmarks.damping_summary --write-docs
 
 Each benchmark's noise is the standard error of its criterion: s.e.m. over queries for LDS,
 the binomial ``√(p(1−p)/Q)`` for planted top-1, std/√seeds for the mislabel AUC. A setting is
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-COMMAND = "python benchmarks/damping_summary.py --write-docs"
+COMMAND = "python -m benchmarks.damping_summary --write-docs"
 
 
 def _load(path: Path) -> dict | None:

@@ -8,7 +8,7 @@ replaces the "## Damping" section of ``docs/accuracy.md``.
 
 Run::
 
-    python benchmarks/damping_sweep.py --assets .cache/assets --out runs/damping --write-docs
+    python -m benchmarks.damping_sweep --assets .cache/assets --out runs/damping --write-docs
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from influscope.demo.pipeline import direct_fact_queries
 from influscope.demo.train import DemoTrainConfig, train_demo_model
 
 COMMAND = (
-    "python benchmarks/damping_sweep.py --assets .cache/assets --out runs/damping --write-docs"
+    "python -m benchmarks.damping_sweep --assets .cache/assets --out runs/damping --write-docs"
 )
 
 

@@ -3,12 +3,12 @@
 A tiny GPT-2 is pre-trained on Shakespeare plus true planted facts (the base model), then
 fine-tuned on a set in which some facts are false; for each output of the fine-tuned model that
 repeats a false fact, every method ranks the fine-tuning sequences and the ROC AUC of the ones
-that state the false fact is reported (set-up: :mod:`influscope.corrections.benchmark`).
+that state the false fact is reported (set-up: :mod:`benchmarks.dda_setup`).
 
 Run (after ``make assets``)::
 
-    .venv/bin/python benchmarks/dda.py --out runs/applications/dda            # 3 seeds
-    .venv/bin/python benchmarks/dda.py --out runs/applications/dda --quick    # CI-sized, 1 seed
+    .venv/bin/python -m benchmarks.dda --out runs/applications/dda            # 3 seeds
+    .venv/bin/python -m benchmarks.dda --out runs/applications/dda --quick    # CI-sized, 1 seed
 
 Writes ``OUT/results.json`` (every number, per seed and per query) and ``OUT/table.md``.
 """
@@ -26,13 +26,13 @@ os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
 
 import torch
 
-from influscope.corrections.benchmark import (
+from benchmarks.dda_setup import (
     METHODS,
     QUICK,
     HallucinationConfig,
     run_benchmark,
 )
-from influscope.evaluation.metrics import summary
+from influscope.metrics import summary
 from influscope.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ under ``OUT`` (a rerun reuses them).
 
 Run::
 
-    python benchmarks/ensemble_uncertainty.py --demo runs/demo --out runs/ensemble_demo
+    python -m benchmarks.ensemble_uncertainty --demo runs/demo --out runs/ensemble_demo
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ alone (where block-diagonal curvature loses nothing) and all tracked layers toge
 K-FAC/EK-FAC ignore the cross-layer blocks by construction). Damping: 0.1 × mean eigenvalue
 per layer (EK-FAC's), the same absolute values for every estimator and for the exact oracle.
 
-Run:  .venv/bin/python benchmarks/exact_agreement.py [--out docs/exact_agreement.md]
+Run:  .venv/bin/python -m benchmarks.exact_agreement [--out docs/exact_agreement.md]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
-from influscope.evaluation.metrics import pearson, spearman
+from influscope.metrics import pearson, spearman
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import CausalLMTask, EncodedDataset
 from influscope.toy import VectorClassificationTask, mlp_problem
@@ -124,7 +124,7 @@ def refine_table(rows, steps, argv_text: str) -> list[str]:
     lines = [
         "## Refinement: EK-FAC + CG steps, all tracked layers together",
         "",
-        f"Command: `.venv/bin/python benchmarks/exact_agreement.py {argv_text}`. CG on the joint "
+        f"Command: `.venv/bin/python -m benchmarks.exact_agreement {argv_text}`. CG on the joint "
         "damped Gauss-Newton system (cross-layer blocks included) with EK-FAC as preconditioner, "
         "Gauss-Newton products over all N training examples; cost = seconds to precondition, "
         "refine and score, as a ratio to plain EK-FAC scoring in the same run (shared machine).",
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     lines = [
         "# Agreement with exact damped Gauss-Newton influence",
         "",
-        f"Command: `.venv/bin/python benchmarks/exact_agreement.py --reps {args.reps}` "
+        f"Command: `.venv/bin/python -m benchmarks.exact_agreement --reps {args.reps}` "
         f"({time.perf_counter() - t0:.0f} s on 2 CPU cores, float64).",
         "",
         "Mean over 8 queries of the Pearson (ρ_P) and Spearman (ρ_S) correlation, across training",
@@ -209,8 +209,7 @@ def main(argv=None) -> int:
     refine = refine_table(rows, args.refine_steps, argv_text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import write_section
+    from benchmarks.common import write_section
 
     if not (args.joint_only and out.is_file()):  # --joint-only keeps the main table
         out.write_text("\n".join(lines) + "\n")

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import to_linear
-from lds_setup import Setup
+from benchmarks.common import to_linear
+from benchmarks.lds_setup import Setup
 
 F64 = torch.float64
 

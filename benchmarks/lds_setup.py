@@ -4,7 +4,7 @@ its retraining harness. Used by ``accuracy_lds.py`` (LDS table) and ``accuracy_b
 
 Training set: ``N`` random chunks of ``words`` words of the Shakespeare texts, a 512-token
 byte-level BPE trained on them, and a GPT-2 (2 layers, width 32, 2 heads) trained with
-:func:`influscope.demo.train.train_lm`. Queries: held-out chunks split into a prompt (first half
+:func:`influscope.training.train_lm`. Queries: held-out chunks split into a prompt (first half
 of the words) and a completion; the measurement is ``f = log p(completion | prompt)``.
 """
 

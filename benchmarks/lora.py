@@ -23,12 +23,12 @@ each plain and RelatIF-normalised (Barshan et al. 2020: divided by ``sqrt`` of t
 sequence's self-influence), which discounts training sequences whose gradients are large
 everywhere (long, high-loss windows) against memorised ones whose gradients are small.
 
-Run: ``python benchmarks/lora.py --report docs/benchmarks.md`` (a few minutes on 2 cores).
+Run: ``python -m benchmarks.lora --report docs/benchmarks.md`` (a few minutes on 2 cores).
 
 ``--model smollm2``: the same question on a real pretrained LLM. SmolLM2-135M-Instruct (Llama
 architecture, from the GGUF asset) gets LoRA adapters on ``q_proj``, ``v_proj`` and
 ``down_proj`` and is fine-tuned on fewer facts and windows (2 cores); ``ekfac / base mlp``
-then tracks the frozen ``down_proj`` base weights. ``python benchmarks/lora.py --model smollm2
+then tracks the frozen ``down_proj`` base weights. ``python -m benchmarks.lora --model smollm2
 --facts 10 --chunks 30 --epochs 5 --lr 5e-3 --seeds 1 --report docs/benchmarks.md``.
 """
 
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import ROOT, load_average, write_section
+from benchmarks.common import ROOT, load_average, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
 from influscope.demo.corpus import build_demo_corpus
@@ -217,7 +217,7 @@ def main() -> None:
             f"{args.rank}, {first['lora_parameters']:,} adapter weights on every attention and "
             "MLP projection"
         )
-        command = "python benchmarks/lora.py --report docs/benchmarks.md"
+        command = "python -m benchmarks.lora --report docs/benchmarks.md"
     else:
         what = (
             "SmolLM2-135M-Instruct (Llama, GGUF asset) fine-tuned with LoRA (rank "
@@ -225,7 +225,7 @@ def main() -> None:
             "down_proj of all 30 blocks"
         )
         command = (
-            f"python benchmarks/lora.py --model smollm2 --facts {args.facts} --chunks "
+            f"python -m benchmarks.lora --model smollm2 --facts {args.facts} --chunks "
             f"{args.chunks} --epochs {args.epochs} --lr {args.lr:g} --report docs/benchmarks.md"
         )
     lines = [

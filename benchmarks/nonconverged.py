@@ -16,7 +16,7 @@ same seed), and planted-fact top-1 (is the top-ranked sequence one of the fact's
 
 Run::
 
-    python benchmarks/nonconverged.py --assets .cache/assets --out runs/nonconverged
+    python -m benchmarks.nonconverged --assets .cache/assets --out runs/nonconverged
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from influscope.scoring.pairwise import Scores
 from influscope.tasks import CausalLMTask
 from influscope.trajectory import from_train_result, source_scores
 
-COMMAND = "python benchmarks/nonconverged.py --assets .cache/assets --out runs/nonconverged"
+COMMAND = "python -m benchmarks.nonconverged --assets .cache/assets --out runs/nonconverged"
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ it is trained here with the same pipeline when missing.
 Run (after ``make assets``; the demo part took 7 minutes on 2 CPU cores shared with other
 jobs, ``--smollm2`` adds about 10)::
 
-    .venv/bin/python benchmarks/probes.py --assets .cache/assets [--smollm2]
+    .venv/bin/python -m benchmarks.probes --assets .cache/assets [--smollm2]
 
 Demo probes:
 
@@ -62,7 +62,7 @@ from influscope.storage import atomic_write_json
 from influscope.storage.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND = ".venv/bin/python benchmarks/probes.py --assets .cache/assets"
+COMMAND = ".venv/bin/python -m benchmarks.probes --assets .cache/assets"
 COT = "Let us think step by step."
 
 

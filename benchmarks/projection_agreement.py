@@ -17,9 +17,9 @@ noise enters as well). Printed: mean / min per-query Spearman over all training 
 the top-10 overlap, and how many of the exact top-10 the index's top-50 holds (what
 ``influscope query --rescore`` with ``--index-k 50`` would recover).
 
-    .venv/bin/python benchmarks/projection_agreement.py [--widths 32 64 128] [--inits orthogonal gaussian] [--report docs/benchmarks.md]
-    .venv/bin/python benchmarks/projection_agreement.py --widths 64 --inits orthogonal --damping-factors 0.003 0.01 0.03 0.1 0.3 1 --report docs/benchmarks.md
-    .venv/bin/python benchmarks/projection_agreement.py --model smollm2 --widths 64 --inits orthogonal eigen --report docs/benchmarks.md
+    .venv/bin/python -m benchmarks.projection_agreement [--widths 32 64 128] [--inits orthogonal gaussian] [--report docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.projection_agreement --widths 64 --inits orthogonal --damping-factors 0.003 0.01 0.03 0.1 0.3 1 --report docs/benchmarks.md
+    .venv/bin/python -m benchmarks.projection_agreement --model smollm2 --widths 64 --inits orthogonal eigen --report docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, smollm2_datasets, spearman, write_section
+from benchmarks.common import ROOT, load_average, smollm2_datasets, spearman, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf
 from influscope.demo.corpus import build_demo_corpus, free_text_queries
@@ -131,7 +130,7 @@ def main() -> None:
         + ("SmolLM2-135M" if args.model == "smollm2" else "the demo model")
         + ("" if args.damping_factors == [0.1] else ": damping sweep"),
         "",
-        f"Command: `.venv/bin/python benchmarks/projection_agreement.py {' '.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python -m benchmarks.projection_agreement {' '.join(sys.argv[1:])}`",
         "",
         f"{setting}, {args.fisher} Fisher on both "
         "sides, float32 index; `orthogonal` = seeded Gaussian with orthonormal rows (the default), "

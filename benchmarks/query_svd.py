@@ -7,7 +7,7 @@ query windows (32-token prompt, 16-token completion), ``query_rank=32``. Measure
 with ``query_svd="exact"`` and ``"randomized"``, and how far the randomized scores over the
 training windows agree with the exact-SVD ones (Spearman per query, relative max difference).
 
-    .venv/bin/python benchmarks/query_svd.py [--n-train 64] [--report docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.query_svd [--n-train 64] [--report docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, smollm2_datasets, spearman, write_section
+from benchmarks.common import ROOT, load_average, smollm2_datasets, spearman, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf
 from influscope.linalg import OVERSAMPLE
@@ -58,7 +56,7 @@ def main() -> None:
     lines = [
         "## Low-rank queries: exact vs randomized SVD on SmolLM2-135M",
         "",
-        f"Command: `.venv/bin/python benchmarks/query_svd.py {' '.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python -m benchmarks.query_svd {' '.join(sys.argv[1:])}`",
         "",
         f"{len(inf.layers)} MLP layers, EK-FAC fitted on {args.n_train} Shakespeare windows × "
         f"128 tokens ({fit_s:.0f} s), {args.n_queries} queries, rank {args.rank}; CPU, "

@@ -16,7 +16,7 @@ The problems are those of tests/test_refine.py: an untrained GPT-2 (width 8, one
 linear layers tracked, 6 sequences), the same with width 4 and the MLP layers only, and the
 tanh MLP of influscope.toy (64 examples) at damping factors 0.1 and 10.
 
-Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/refine_convergence.py [--steps 600]
+Run:  OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.refine_convergence [--steps 600]
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -44,10 +42,7 @@ from influscope.reference import (
 )
 from influscope.solvers import GaussNewtonProduct, refine_queries
 from influscope.tasks import CausalLMTask
-from influscope.toy import VectorClassificationTask, mlp_problem
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import random_lm_data, tiny_gpt2
+from influscope.toy import VectorClassificationTask, mlp_problem, random_lm_data, tiny_gpt2
 
 TOL = 1e-10
 

@@ -14,7 +14,7 @@ Shakespeare sequences), MLP ``c_fc``/``c_proj`` layers, LoGra 64 × 64 projectio
 The two rankings are compared (Spearman of the full score rows) to show the index answers
 the same question (they differ only by float16 storage).
 
-    .venv/bin/python benchmarks/repeated_queries.py [--n-train 5000] [--report docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.repeated_queries [--n-train 5000] [--report docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, load_model, mlp_names, prepare, spearman, write_section
+from benchmarks.common import (
+    ROOT,
+    load_average,
+    load_model,
+    mlp_names,
+    prepare,
+    spearman,
+    write_section,
+)
 from influscope import EncodedDataset, FitConfig, Influence, ScoreConfig
 from influscope.index import IndexConfig, build_index, preconditioned_queries
 from influscope.index.build import flatten
@@ -103,7 +110,7 @@ def main() -> None:
     lines = [
         "## Repeated queries against a projected index",
         "",
-        f"Command: `.venv/bin/python benchmarks/repeated_queries.py {' '.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python -m benchmarks.repeated_queries {' '.join(sys.argv[1:])}`",
         "",
         f"`small` model, {n} training sequences × 128 tokens, {nq} new queries, LoGra 64 × 64 "
         f"per layer (D = {index.meta['dim']}), float16 index of {size / 2**20:.1f} MiB.",

@@ -5,8 +5,8 @@ with 15 % of the labels flipped by the bias, train a reward model (frozen MiniLM
 default), rank the training pairs by targeted influence on the validation set and by the
 baselines, and report the ROC-AUC of each ranking for the flipped pairs (mean ± std over seeds).
 
-    python benchmarks/reward_bias.py --out runs/applications/reward_bias
-    python benchmarks/reward_bias.py --out runs/applications/reward_bias_gpt2 --arch gpt2 --no-doc
+    python -m benchmarks.reward_bias --out runs/applications/reward_bias
+    python -m benchmarks.reward_bias --out runs/applications/reward_bias_gpt2 --arch gpt2 --no-doc
 
 Writes ``OUT/<bias>_noise<p>_seed<s>/`` (model, train.jsonl, validation.jsonl, result.json),
 ``OUT/summary.json`` and ``OUT/table.md``; with ``--doc`` (default) also the measured section of
@@ -17,25 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import load_average, write_section  # noqa: E402
-from influscope.applications.reward_bias import BiasDetectionConfig  # noqa: E402
-from influscope.applications.reward_data import PreferenceConfig  # noqa: E402
-from influscope.applications.reward_experiment import (  # noqa: E402
+from benchmarks.common import load_average, write_section
+from benchmarks.reward_experiment import (
     GPT2_TRAIN,
     BiasExperimentConfig,
     run_bias_experiment,
 )
-from influscope.assets import vader_movie_reviews  # noqa: E402
+from influscope.applications.reward_bias import BiasDetectionConfig
+from influscope.applications.reward_data import PreferenceConfig
+from influscope.assets import vader_movie_reviews
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("influence", "gradient_dot", "self_influence", "loss", "random")
 LABELS = {
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     text += "\nReward-model pair accuracy (share of pairs whose chosen response gets the higher reward):\n\n"
     text += accuracy_table(results) + "\n"
     text += (
-        f"\nCommand: `python benchmarks/reward_bias.py --out {args.out.relative_to(ROOT) if args.out.is_absolute() and args.out.is_relative_to(ROOT) else args.out}"
+        f"\nCommand: `python -m benchmarks.reward_bias --out {args.out.relative_to(ROOT) if args.out.is_absolute() and args.out.is_relative_to(ROOT) else args.out}"
         + (f" --arch {args.arch}" if args.arch != "minilm" else "")
         + "` (biases and seeds can run as parallel processes with `--biases`/`--seeds`; "
         "finished experiments are reused). The experiments took "

@@ -6,7 +6,7 @@ Shakespeare windows truncated to 128 tokens; LoGra 64 × 64 per layer (D = 90 ×
 projected EK-FAC, float16 index; queries are 16 held-out windows (first 32 tokens as prompt,
 next 16 as completion). Prints seconds and peak RSS per step.
 
-    .venv/bin/python benchmarks/smollm2_index.py [--n-train 1000] [--n-queries 16] [--report docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.smollm2_index [--n-train 1000] [--n-queries 16] [--report docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Stages, load_average, smollm2_datasets, write_section
+from benchmarks.common import ROOT, Stages, load_average, smollm2_datasets, write_section
 from influscope import Influence
 from influscope.assets import smollm2_gguf
 from influscope.index import IndexConfig, build_index, query_index
@@ -52,7 +51,7 @@ def main() -> None:
     lines = [
         "## SmolLM2-135M: projected index of Shakespeare",
         "",
-        f"Command: `.venv/bin/python benchmarks/smollm2_index.py {' '.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python -m benchmarks.smollm2_index {' '.join(sys.argv[1:])}`",
         "",
         f"{args.n_train} sequences × 128 tokens, {len(inf.layers)} MLP layers, D = "
         f"{index.meta['dim']}, float16 index of {size / 2**20:.1f} MiB; CPU, "

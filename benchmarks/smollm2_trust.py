@@ -14,7 +14,7 @@ of ``--tokens`` tokens. No retraining is possible at this size on a CPU, so the 
 
 Run::
 
-    python benchmarks/smollm2_trust.py --assets .cache/assets --report docs/accuracy.md
+    python -m benchmarks.smollm2_trust --assets .cache/assets --report docs/accuracy.md
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, _chunks, load_average, write_section
+from benchmarks.common import ROOT, _chunks, load_average, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf
 from influscope.evaluation import spearman
@@ -123,7 +122,7 @@ def main() -> None:
         "## SmolLM2-135M: damping and refinement",
         "",
         "```",
-        "python benchmarks/smollm2_trust.py " + " ".join(sys.argv[1:]),
+        "python -m benchmarks.smollm2_trust " + " ".join(sys.argv[1:]),
         "```",
         "",
         f"SmolLM2-135M-Instruct, MLP gate/up/down of blocks {first}–{n_blocks - 1} tracked "

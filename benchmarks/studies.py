@@ -15,7 +15,7 @@ findings to ``docs/studies.md`` and the reports to ``runs/studies/<size>/studies
 
 Run (after ``make assets``; well over 20 minutes on 2 CPU cores shared with other jobs)::
 
-    .venv/bin/python benchmarks/studies.py
+    .venv/bin/python -m benchmarks.studies
 
 ``--quick`` shrinks everything for a smoke test (the findings are then meaningless).
 """
@@ -46,7 +46,7 @@ from influscope.storage import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"narrow": {"n_layer": 3, "n_embd": 64}, "wide": {"n_layer": 3, "n_embd": 128}}
-COMMAND = ".venv/bin/python benchmarks/studies.py"
+COMMAND = ".venv/bin/python -m benchmarks.studies"
 
 
 def build_corpus(assets: Path, n_l: int, n_t: int, n_o: int, n_chunks: int, seed: int):

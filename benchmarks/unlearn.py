@@ -22,7 +22,7 @@ data with another seed (how much a retrain moves things by itself).
 
 Run (after ``make assets``; ~15 min of CPU on an idle 2-core machine)::
 
-    .venv/bin/python benchmarks/unlearn.py --out runs/applications/unlearn
+    .venv/bin/python -m benchmarks.unlearn --out runs/applications/unlearn
 
 Writes ``results.json`` and ``table.md`` under ``--out`` (models are cached there too).
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,19 +39,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from app_common import fmt, heldout_texts, query_metrics, token_nll, train_cached, visits
+from benchmarks.app_common import fmt, heldout_texts, query_metrics, token_nll, train_cached, visits
+from benchmarks.unlearn_baselines import gradient_ascent
 from influscope.analyzer import Influence
 from influscope.applications.unlearn import UnlearnConfig, unlearn
-from influscope.applications.unlearn_baselines import gradient_ascent
 from influscope.config import FitConfig
 from influscope.demo.corpus import build_demo_corpus
 from influscope.demo.train import DemoTrainConfig, evaluate_queries, train_tokenizer
 from influscope.storage import atomic_write_json
 from influscope.tasks import CausalLMTask
 
-COMMAND = ".venv/bin/python benchmarks/unlearn.py --out runs/applications/unlearn"
+COMMAND = ".venv/bin/python -m benchmarks.unlearn --out runs/applications/unlearn"
 
 
 #: The iterative rows: (label, UnlearnConfig options). β = retain_weight; "bound" =

@@ -13,7 +13,7 @@ Every library runs in its own fresh subprocess (so peak RSS is its own) with 2 t
 the *floor* is one plain forward + backward (``loss.backward()``, all parameter gradients) over
 the 500 training sequences.
 
-    .venv/bin/python benchmarks/vs_kronfluence.py [--variants small large] [--report docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.vs_kronfluence [--variants small large] [--report docs/benchmarks.md]
 
 Last line: ``total_ratio_vs_kronfluence=<x> spearman_vs_kronfluence=<y> passes_over_floor=<z>``
 for the first variant (the issue's target setting): x = influscope's total seconds /
@@ -28,12 +28,10 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from benchmarks.common import (
     ROOT,
     Stages,
     load_average,
@@ -159,9 +157,10 @@ def worker(args) -> None:
 
 
 def spawn(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--variant", args.variant]
+    cmd = [sys.executable, "-m", "benchmarks.vs_kronfluence", "--worker", name]
+    cmd += ["--variant", args.variant]
     cmd += ["--n-train", str(args.n_train), "--n-queries", str(args.n_queries)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -220,7 +219,7 @@ def main() -> None:
         print("\n".join(rows), flush=True)
         lines += rows
         first = first or summary
-    command = "`.venv/bin/python benchmarks/vs_kronfluence.py " + " ".join(sys.argv[1:]) + "`"
+    command = "`.venv/bin/python -m benchmarks.vs_kronfluence " + " ".join(sys.argv[1:]) + "`"
     if args.report:
         head = ["## EK-FAC vs Kronfluence 1.0.1", "", f"Command: {command}", ""]
         write_section(ROOT / args.report, "vs_kronfluence", "\n".join(head + lines))

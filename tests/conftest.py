@@ -9,54 +9,11 @@ os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from influscope.tasks import CausalLMTask, EncodedDataset
-
-
-def _gpt2_config(**fields) -> GPT2Config:
-    """A 2-head GPT-2 config with dropout off and eager attention (deterministic, float64-safe)."""
-    cfg = GPT2Config(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **fields)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def tiny_gpt2(
-    n_embd: int = 16,
-    n_layer: int = 2,
-    vocab: int = 32,
-    n_positions: int = 32,
-    seed: int = 0,
-    dtype=torch.float64,
-) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 with its native Conv1D layers."""
-    torch.manual_seed(seed)
-    cfg = _gpt2_config(
-        n_embd=n_embd,
-        n_layer=n_layer,
-        vocab_size=vocab,
-        n_positions=n_positions,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
-
-
-def random_lm_data(
-    n: int, vocab: int = 32, min_len: int = 5, max_len: int = 12, seed: int = 0, prompt_len: int = 0
-) -> EncodedDataset:
-    """Random token sequences of varied length (``prompt_len`` > 0 masks a prompt)."""
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(n):
-        t = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        ids = torch.randint(1, vocab, (t,), generator=g)
-        labels = ids.clone()
-        labels[:prompt_len] = -100
-        examples.append(
-            {"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long), "labels": labels}
-        )
-    return EncodedDataset(examples)
+from influscope.toy import random_lm_data, tiny_gpt2
+from influscope.toy import tiny_gpt2_config as _gpt2_config
 
 
 def train_lm(

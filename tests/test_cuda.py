@@ -229,8 +229,8 @@ def test_two_nccl_ranks_equal_one_process(tmp_path):
 def test_eigen_index_and_randomized_query_svd_on_cuda(data, tmp_path):
     """An ``eigen`` index built and queried on CUDA scores like the CPU; randomized rank-r
     queries (seeded sketch on the device) stay on CUDA and track the exact SVD."""
-    from influscope.evaluation.metrics import spearman
     from influscope.index import IndexConfig, preconditioned_queries
+    from influscope.metrics import spearman
 
     train, queries = data
     model = tiny_gpt2(n_embd=48, dtype=torch.float64)  # c_fc 49 → 192: 4 · (2 + 8) ≤ 49

@@ -15,8 +15,7 @@ from influscope.applications.curation import (
     rank_by_influence,
 )
 from influscope.evaluation import MislabelConfig, flip_labels
-from influscope.evaluation.toy import make_classification, train_mlp
-from influscope.toy import VectorClassificationTask
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 
 class LogLikelihoodTask(VectorClassificationTask):

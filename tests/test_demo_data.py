@@ -291,7 +291,7 @@ def test_tokenizer_and_model_save_load_round_trip(tmp_path: Path) -> None:
 def test_sequence_losses_match_the_model_loss() -> None:
     from transformers import GPT2LMHeadModel
 
-    from influscope.demo.train import _batch, sequence_losses
+    from influscope.training import _batch, sequence_losses
 
     records, tokenizer, config = _tiny_setup()
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.demo.pipeline import direct_fact_queries, planted_top1
-from influscope.evaluation.metrics import spearman
+from influscope.metrics import spearman
 
 ASSETS = Path(__file__).resolve().parents[1] / ".cache" / "assets"
 

@@ -26,9 +26,9 @@ from influscope.evaluation import (
     pbrf_influence,
     pearson,
 )
-from influscope.evaluation.toy import VectorClassificationTask, make_classification, train_mlp
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import EncodedDataset
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 LAYERS = ["l1", "l2", "l3"]
 TASK = VectorClassificationTask()

@@ -29,8 +29,8 @@ from influscope.evaluation import (
     spearman,
     tracin,
 )
-from influscope.evaluation.toy import VectorClassificationTask, make_classification, train_mlp
 from influscope.reference import flatten, per_example_gradients
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 
 def test_roc_auc_matches_pair_counting():

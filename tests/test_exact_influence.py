@@ -14,7 +14,7 @@ import pytest
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
-from influscope.evaluation.metrics import pearson
+from influscope.metrics import pearson
 from influscope.reference import exact_gauss_newton, exact_influence
 from influscope.tasks import EncodedDataset
 from influscope.toy import VectorClassificationTask, mlp_problem

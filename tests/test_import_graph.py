@@ -10,18 +10,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-#: Library modules that still import the demo (experiment code that belongs under
-#: ``benchmarks/``, issue 14 item 5). This list may only shrink.
-DEMO_IMPORTS_LEFT = {
-    ("influscope.analysis.runs", "influscope.demo.corpus"),
-    ("influscope.applications.reward_model", "influscope.demo.train"),
-    ("influscope.corrections.benchmark", "influscope.demo.corpus"),
-    ("influscope.corrections.benchmark", "influscope.demo.facts"),
-    ("influscope.corrections.benchmark", "influscope.demo.train"),
-    ("influscope.probes.length", "influscope.demo.train"),
-}
 #: The CLI runs the demo (``influscope demo``): the top layer may import it.
 APPS = ("influscope.cli", "influscope.demo")
+DEMO = "influscope.demo"
 
 
 def _modules() -> dict[str, Path]:
@@ -93,15 +84,18 @@ def test_no_private_names_imported_across_packages():
     assert not bad, "private names imported across packages (make them public):\n" + "\n".join(bad)
 
 
-def test_library_does_not_import_benchmarks_and_demo_imports_only_shrink():
-    found = set()
+def test_library_imports_neither_benchmarks_nor_the_demo():
+    # at any depth, function-level imports included: experiment code lives under benchmarks/
+    bad = []
     for m, p in _modules().items():
-        for mod, _ in _imports(p, top_level=False):
-            assert not mod.startswith("benchmarks"), f"{m} imports {mod}"
-            if mod.startswith("influscope.demo") and not m.startswith(APPS):
-                found.add((m, mod))
-    new = found - DEMO_IMPORTS_LEFT
-    assert not new, f"new library imports of the demo (move experiment code out): {sorted(new)}"
+        for mod, name in _imports(p, top_level=False):
+            full = f"{mod}.{name}" if name else mod  # `from influscope import demo` too
+            if any(t == "benchmarks" or t.startswith("benchmarks.") for t in (mod, full)):
+                bad.append(f"{m} imports {full}")
+            demo = any(t == DEMO or t.startswith(DEMO + ".") for t in (mod, full))
+            if demo and not m.startswith(APPS):
+                bad.append(f"{m} imports {full}")
+    assert not bad, "library modules import experiment code:\n" + "\n".join(sorted(set(bad)))
 
 
 def test_every_pytest_raises_names_its_message():

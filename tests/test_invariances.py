@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
-from influscope.evaluation.metrics import spearman
+from influscope.metrics import spearman
 
 
 @pytest.fixture(scope="module")

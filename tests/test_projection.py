@@ -9,8 +9,8 @@ import torch
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import ConfigError, FitConfig, Influence, ScoreConfig
-from influscope.evaluation.metrics import spearman
 from influscope.index import IndexConfig, build_index, preconditioned_queries
+from influscope.metrics import spearman
 from influscope.modules.passes import layer_passes
 from influscope.projection import LograProjector
 

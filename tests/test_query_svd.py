@@ -9,8 +9,8 @@ import torch
 
 from conftest import random_lm_data, tiny_gpt2
 from influscope import ConfigError, FitConfig, Influence, ScoreConfig
-from influscope.evaluation.metrics import spearman
 from influscope.linalg import low_rank
+from influscope.metrics import spearman
 from influscope.modules.passes import layer_passes
 
 

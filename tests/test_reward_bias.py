@@ -142,7 +142,7 @@ def test_length_bias_is_found_and_the_cli_agrees(tmp_path):
     failed by random scores (AUC std ≈ 0.06 with 30 flips among 200 pairs), by the reversed
     sign (AUC ≈ 0.28) and by a model that ignores the flips.
     """
-    from influscope.applications.reward_experiment import BiasExperimentConfig, run_bias_experiment
+    from benchmarks.reward_experiment import BiasExperimentConfig, run_bias_experiment
     from influscope.assets import vader_movie_reviews
     from influscope.cli import main
 

@@ -8,15 +8,14 @@ import json
 import pytest
 import torch
 
+from benchmarks.unlearn_baselines import gradient_ascent, random_step
 from conftest import random_lm_data, save_tiny_model, tiny_gpt2, train_lm
 from influscope import ConfigError, DataError, FitConfig, Influence
 from influscope.applications.unlearn import UnlearnConfig, sequence_losses, unlearn
-from influscope.applications.unlearn_baselines import gradient_ascent, random_step
-from influscope.evaluation.toy import make_classification, train_mlp
 from influscope.modules.selection import select_layers
 from influscope.reference import DenseBlockOperator, exact_gauss_newton, per_example_gradients
 from influscope.tasks import CausalLMTask
-from influscope.toy import VectorClassificationTask
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 TOY_LAYERS = ["l1", "l2", "l3"]
 

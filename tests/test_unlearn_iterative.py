@@ -15,11 +15,10 @@ from influscope.applications.unlearn import (
     sequence_losses,
     unlearn,
 )
-from influscope.evaluation.toy import make_classification, train_mlp
 from influscope.modules.selection import select_layers
 from influscope.reference import DenseBlockOperator, exact_gauss_newton
 from influscope.tasks import CausalLMTask
-from influscope.toy import VectorClassificationTask
+from influscope.toy import VectorClassificationTask, make_classification, train_mlp
 
 FORGET = [0, 1, 2]
 

@@ -5,15 +5,43 @@
 :class:`VectorClassificationTask`, is also the reference example of a user-defined task: two
 required methods (``training_loss``, ``measurement``) plus the optional output split used by the
 exact Gauss-Newton oracle.
+
+For ground-truth evaluations (leave-one-out, LDS, PBRF; the CI floors in
+``tests/test_evaluation*.py`` and ``benchmarks/accuracy_exact.py``) the same network comes as
+pieces: :func:`make_classification` draws Gaussian features labelled by a noisy linear teacher
+(:class:`ToyData`) and :func:`train_mlp` is a deterministic full-batch AdamW
+``(subset, seed) → model`` recipe for :class:`~influscope.evaluation.RetrainingHarness`.
+
+:func:`tiny_gpt2` and :func:`random_lm_data` are a randomly initialised GPT-2 (float64, eager
+attention) and random token sequences: the language-model fixtures of the tests and of
+``benchmarks/refine_convergence.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from influscope.errors import ConfigError
 from influscope.tasks import EncodedDataset, Task, sample_categorical
+
+__all__ = [
+    "MLP",
+    "TabularMLP",
+    "ToyData",
+    "VectorClassificationTask",
+    "make_classification",
+    "mlp_problem",
+    "random_lm_data",
+    "tiny_gpt2",
+    "tiny_gpt2_config",
+    "train_mlp",
+]
 
 
 class MLP(nn.Module):
@@ -80,3 +108,117 @@ def mlp_problem(
         [{"x": xq[i], "y": (xq[i] @ teacher).argmax()} for i in range(n_queries)]
     )
     return model, train, queries
+
+
+#: The MLP under its evaluation name (``d → h → h → c`` tanh classifier).
+TabularMLP = MLP
+
+
+@dataclass
+class ToyData:
+    """Features and labels of a toy classification problem.
+
+    Attributes:
+        x: ``(N, d)`` training features; ``y``: ``(N,)`` labels.
+        xq: ``(Q, d)`` query features; ``yq``: ``(Q,)`` their teacher labels.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+
+    def train(self) -> EncodedDataset:
+        return EncodedDataset([{"x": self.x[i], "y": self.y[i]} for i in range(len(self.y))])
+
+    def queries(self) -> EncodedDataset:
+        return EncodedDataset([{"x": self.xq[i], "y": self.yq[i]} for i in range(len(self.yq))])
+
+
+def make_classification(
+    n: int = 256, n_queries: int = 8, d: int = 4, c: int = 4, noise: float = 2.0, seed: int = 0
+) -> ToyData:
+    """Gaussian features, labels ``argmax(x W + noise·ε)`` of a random linear teacher (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(d, c, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (x @ teacher + noise * torch.randn(n, c, generator=g, dtype=torch.float64)).argmax(1)
+    xq = torch.randn(n_queries, d, generator=g, dtype=torch.float64)
+    return ToyData(x, y, xq, (xq @ teacher).argmax(1))
+
+
+def train_mlp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    subset: Sequence[int] | None = None,
+    seed: int = 0,
+    *,
+    hidden: int = 16,
+    steps: int = 400,
+    lr: float = 1e-2,
+    weight_decay: float = 2.0,
+) -> TabularMLP:
+    """Full-batch AdamW on the mean cross-entropy of ``subset`` (deterministic given ``seed``).
+
+    Raises:
+        ConfigError: Non-positive ``steps`` or ``lr``.
+    """
+    if steps < 1 or lr <= 0:
+        raise ConfigError(f"steps and lr must be positive, received {steps}, {lr}.")
+    idx = torch.as_tensor(list(subset) if subset is not None else range(len(y)))
+    xs, ys = x[idx], y[idx]  # (n, d), (n,)
+    torch.manual_seed(seed)
+    model = TabularMLP(x.shape[1], hidden, int(y.max()) + 1).to(x.dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(xs), ys)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# --- tiny language models (randomly initialised, built from a config: nothing downloaded) ---
+def tiny_gpt2_config(**fields) -> GPT2Config:
+    """A 2-head GPT-2 config with dropout off and eager attention (deterministic, float64-safe)."""
+    cfg = GPT2Config(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **fields)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def tiny_gpt2(
+    n_embd: int = 16,
+    n_layer: int = 2,
+    vocab: int = 32,
+    n_positions: int = 32,
+    seed: int = 0,
+    dtype=torch.float64,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 with its native Conv1D layers."""
+    torch.manual_seed(seed)
+    cfg = tiny_gpt2_config(
+        n_embd=n_embd,
+        n_layer=n_layer,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def random_lm_data(
+    n: int, vocab: int = 32, min_len: int = 5, max_len: int = 12, seed: int = 0, prompt_len: int = 0
+) -> EncodedDataset:
+    """Random token sequences of varied length (``prompt_len`` > 0 masks a prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        t = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(1, vocab, (t,), generator=g)
+        labels = ids.clone()
+        labels[:prompt_len] = -100
+        examples.append(
+            {"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long), "labels": labels}
+        )
+    return EncodedDataset(examples)

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from influscope import metrics
 from influscope.errors import DataError
-from influscope.evaluation import metrics
 from influscope.report.views import Section
 from influscope.scoring.pairwise import Scores
 
@@ -77,14 +77,14 @@ def check_records(records: Sequence[dict[str, Any]], n: int, what: str) -> None:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation (:func:`influscope.evaluation.metrics.pearson`); NaN when either
+    """Pearson correlation (:func:`influscope.metrics.pearson`); NaN when either
     vector is constant or has fewer than two values."""
     return metrics.pearson(x, y) if np.size(x) >= 2 else float("nan")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation with average ranks for ties
-    (:func:`influscope.evaluation.metrics.spearman`); NaN as for :func:`pearson`."""
+    (:func:`influscope.metrics.spearman`); NaN as for :func:`pearson`."""
     return metrics.spearman(x, y) if np.size(x) >= 2 else float("nan")
 
 

@@ -178,9 +178,7 @@ def _records(
             payload = read_json(corpus)
             extra: list[dict] = []
             if len(payload["queries"]) < n_queries:  # the demo adds free-text queries
-                from influscope.demo.corpus import free_text_queries
-
-                extra = free_text_queries()
+                extra = payload.get("free_text_queries", [])  # stored by DemoCorpus.save
             payload = {"records": payload["records"], "queries": payload["queries"] + extra}
         else:
             raise DataError(

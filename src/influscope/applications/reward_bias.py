@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig, Settings, require
 from influscope.errors import DataError
-from influscope.evaluation.metrics import found_at, roc_auc
+from influscope.metrics import found_at, roc_auc
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks import EncodedDataset, RewardTask
 
@@ -43,7 +43,9 @@ __all__ = [
     "BiasRanking",
     "PreferenceLikelihoodTask",
     "default_reward_modules",
+    "pair_accuracy",
     "rank_biased_pairs",
+    "reward_margins",
     "sum_queries",
 ]
 
@@ -148,6 +150,26 @@ def default_reward_modules(model: torch.nn.Module) -> str:
     return "head" if isinstance(model, FrozenEncoderReward) else "all"
 
 
+@torch.no_grad()
+def reward_margins(
+    model: torch.nn.Module, data: EncodedDataset, batch_size: int = 64, pad_token_id: int = 0
+) -> torch.Tensor:
+    """``r(chosen) − r(rejected)`` of every pair, shape ``(N,)``."""
+    task = RewardTask(pad_token_id=pad_token_id)
+    device = next(model.parameters()).device
+    out = []
+    for first in range(0, len(data), batch_size):
+        batch = task.collate(data.examples[first : first + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(task.outputs(model, batch).cpu())
+    return torch.cat(out)
+
+
+def pair_accuracy(model: torch.nn.Module, data: EncodedDataset, pad_token_id: int = 0) -> float:
+    """Share of pairs whose chosen response gets the higher reward."""
+    return float((reward_margins(model, data, pad_token_id=pad_token_id) > 0).double().mean())
+
+
 def _timed(seconds: dict[str, float], name: str, start: float) -> None:
     seconds[name] = time.perf_counter() - start
 
@@ -222,8 +244,6 @@ def rank_biased_pairs(
         scores["self_influence"] = si.double().cpu().numpy()
         _timed(seconds, "self_influence", start)
     if "loss" in config.baselines:
-        from influscope.applications.reward_model import reward_margins
-
         start = time.perf_counter()
         margins = reward_margins(inf.tracked.model, train_data, config.batch_size, pad)
         scores["loss"] = (-F.logsigmoid(margins.double())).numpy()

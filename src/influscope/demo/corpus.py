@@ -82,6 +82,9 @@ class DemoCorpus:
             "facts": [asdict(f) for f in self.facts],
             "records": self.records,
             "queries": self.queries,
+            # what the demo appends to ``queries`` when it scores: stored so that a report on
+            # the run (influscope.analysis.runs) finds every scored query without the demo
+            "free_text_queries": free_text_queries(),
         }
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=0))

@@ -18,7 +18,7 @@ from influscope.analyzer import Influence
 from influscope.config import FitConfig, ScoreConfig
 from influscope.demo.corpus import build_demo_corpus, free_text_queries
 from influscope.demo.train import DemoTrainConfig, fixed_threads, train_demo_model
-from influscope.evaluation.metrics import spearman
+from influscope.metrics import spearman
 from influscope.report import write_report
 from influscope.report.build import build_report
 from influscope.report.terminal import print_summary

@@ -11,10 +11,12 @@ retraining and exact references:
 * :mod:`.pbrf` — :func:`pbrf_influence`, the proximal Bregman response function (what
   influence functions estimate for a network that is not at an optimum);
 * :mod:`.mislabel` — :func:`flip_labels`, :func:`detection_report` (ROC-AUC, found@p);
-* :mod:`.sentiment` — the MiniLM movie-review classifier of the mislabel benchmark (imported
-  on demand: ``from influscope.evaluation.sentiment import ...``);
 * :mod:`.baselines` — gradient dot / cosine, TracIn, representation similarity, BM25;
-* :mod:`.metrics` — Pearson, Spearman, LDS, ROC-AUC.
+* Pearson, Spearman, LDS, ROC-AUC, found@p are :mod:`influscope.metrics` (the library's bottom
+  layer, shared with scoring and analysis), re-exported here.
+
+The toy problem of the CI floors is :mod:`influscope.toy`; the MiniLM sentiment classifier of the
+mislabel benchmark is ``benchmarks.sentiment``.
 
 The measured figures live in ``docs/accuracy.md``; ``make bench-accuracy`` reproduces them.
 """
@@ -37,10 +39,10 @@ from influscope.evaluation.counterfactual import (
     lds_subsets,
     leave_one_out,
 )
-from influscope.evaluation.metrics import found_at, lds_score, pearson, roc_auc, spearman
 from influscope.evaluation.mislabel import MislabelReport, detection_report, flip_labels
 from influscope.evaluation.pbrf import PBRFResult, pbrf_influence
 from influscope.evaluation.retrain import Job, RetrainingHarness, default_workers
+from influscope.metrics import found_at, lds_score, pearson, roc_auc, spearman
 
 __all__ = [
     "BrittlenessConfig",

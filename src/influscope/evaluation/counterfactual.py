@@ -25,8 +25,8 @@ import torch
 
 from influscope.errors import DataError
 from influscope.evaluation.config import BrittlenessConfig, LDSConfig
-from influscope.evaluation.metrics import lds_score, pearson, spearman, summary
 from influscope.evaluation.retrain import Job, RetrainingHarness
+from influscope.metrics import lds_score, pearson, spearman, summary
 
 
 def _scores(scores: torch.Tensor, n_train: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 
 from influscope.errors import DataError
 from influscope.evaluation.config import MislabelConfig
-from influscope.evaluation.metrics import found_at, roc_auc
+from influscope.metrics import found_at, roc_auc
 
 
 def flip_labels(

@@ -16,7 +16,7 @@ shared pieces, in the order a probe uses them:
    (optionally per layer) for the probe's examples.
 
 Tokenisation adds no special tokens unless ``add_bos`` is set: the demo model was trained on
-``tokenizer(text)["input_ids"]`` with none (:func:`influscope.demo.train.train_lm`).
+``tokenizer(text)["input_ids"]`` with none (:func:`influscope.training.train_lm`).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def train_copy_model(config: CopyTaskConfig | None = None):
     Returns:
         ``(model, tokenizer, train_records)``.
     """
-    from influscope.demo.train import make_gpt2_config, train_lm
+    from influscope.training import make_gpt2_config, train_lm
 
     config = config or CopyTaskConfig()
     tokenizer = copy_tokenizer(config.n_symbols)

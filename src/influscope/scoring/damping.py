@@ -27,7 +27,7 @@ contraction costs ``K`` times that of one score.
   top: top-1 = fraction of queries whose best-ranked sequence is in ``C_i``, recall@k =
   ``|top_k(i) ∩ C_i| / |C_i|`` averaged;
 * *LDS* — given retrained-subset masks ``(m, N)`` and measurements ``(m, Q)``
-  (:func:`influscope.evaluation.metrics.lds_score`).
+  (:func:`influscope.metrics.lds_score`).
 
 Against the reference setting each ``λ`` also reports the mean per-query Spearman correlation
 of its scores and the mean top-k overlap ``|top_k ∩ top_k^{ref}| / k``.
@@ -384,7 +384,7 @@ def damping_sweep(
         if check is not None:
             row.check_top1, row.check_recall = check_set_metrics(s, check, kk)
         if lds is not None:
-            from influscope.evaluation.metrics import lds_score
+            from influscope.metrics import lds_score
 
             row.lds = float(np.nanmean(lds_score(s.double().cpu().numpy(), *lds)))
         rows.append(row)

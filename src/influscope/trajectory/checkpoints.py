@@ -8,8 +8,8 @@ TracIn-CP (:func:`influscope.trajectory.tracin_scores`) both consume it.
 
 Three sources (:func:`load_trajectory` picks by type):
 
-* :func:`from_train_result` — the :class:`~influscope.demo.train.Checkpoint` list of
-  :func:`influscope.demo.train.train_lm` (``checkpoint_every=...``); its ``lr`` is the learning
+* :func:`from_train_result` — the :class:`~influscope.training.Checkpoint` list of
+  :func:`influscope.training.train_lm` (``checkpoint_every=...``); its ``lr`` is the learning
   rate of the checkpoint's own step, used as the segment's mean (an approximation when the
   schedule changes between checkpoints — pass ``mean_lrs`` for the exact means).
 * :func:`from_directory` — a Hugging Face Trainer ``output_dir`` with ``checkpoint-<step>/``
@@ -164,10 +164,10 @@ def from_train_result(
     dtype: torch.dtype = torch.float64,
     mean_lrs: Sequence[float] | None = None,
 ) -> Trajectory:
-    """A trajectory from :class:`influscope.demo.train.Checkpoint` objects.
+    """A trajectory from :class:`influscope.training.Checkpoint` objects.
 
     Args:
-        checkpoints: ``TrainResult.checkpoints`` of :func:`~influscope.demo.train.train_lm`.
+        checkpoints: ``TrainResult.checkpoints`` of :func:`~influscope.training.train_lm`.
         config: The ``GPT2Config`` the run trained.
         dtype: dtype of the loaded models.
         mean_lrs: Exact mean learning rate of each segment; default: each checkpoint's own
@@ -300,7 +300,7 @@ def load_trajectory(source, config=None, lrs=None, steps=None, **kwargs) -> Traj
 
     Args:
         source: A :class:`Trajectory`; a directory (``str`` / ``Path``); a list of
-            :class:`~influscope.demo.train.Checkpoint` (needs ``config``); or a list of models
+            :class:`~influscope.training.Checkpoint` (needs ``config``); or a list of models
             (needs ``steps`` and ``lrs``).
     """
     if isinstance(source, Trajectory):

@@ -1,4 +1,4 @@
-"""The reduced hallucination-tracing benchmark (``benchmarks/dda.py --quick``) as a CI floor.
+"""The reduced hallucination-tracing benchmark (``python -m benchmarks.dda --quick``) as a CI floor.
 
 The floor (AUC ≥ 0.7 for plain influence, denoise and RelatIF) is one that shuffled scores fail:
 the benchmark's own shuffled control is asserted below it. DDA and debias get no floor: on this
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from influscope.corrections.benchmark import QUICK, build_data, evaluate, train_models
+from benchmarks.dda_setup import QUICK, build_data, evaluate, train_models
 
 ASSETS = os.environ.get("INFLUSCOPE_ASSETS", ".cache/assets")
 FLOOR = 0.7

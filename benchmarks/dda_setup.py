@@ -50,7 +50,7 @@ from influscope.evaluation.baselines import (
     hidden_states,
     representation_similarity,
 )
-from influscope.evaluation.metrics import roc_auc
+from influscope.metrics import roc_auc
 
 #: Rows of the result table, in order.
 METHODS: tuple[str, ...] = (

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.py --quick`` runs end to end on the CPU (so the prepared GPU script does
+"""``python -m benchmarks.gpu_check --quick`` runs end to end on the CPU (so the prepared GPU script does
 not rot between the sessions that have a GPU) and writes its JSON and markdown table."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_quick_runs_on_cpu(tmp_path):
@@ -16,7 +16,8 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "benchmarks.gpu_check",
             "--quick",
             "--skip-tests",
             "--device",
@@ -27,6 +28,7 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())

@@ -9,6 +9,10 @@
 Sign: influscope's scores are ``df/dε`` (positive = up-weighting the sequence increases ``f``),
 so training on a subset changes ``f`` by about ``(1/N) Σ_{i∈S} τ_i`` minus a constant and the LDS
 of a good estimator is *positive*.
+
+A bottom-layer module (numpy, scipy and :mod:`influscope.errors` only): scoring, analysis,
+evaluation, the applications and the benchmarks share it; :mod:`influscope.evaluation`
+re-exports the public functions.
 """
 
 from __future__ import annotations

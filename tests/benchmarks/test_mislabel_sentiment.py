@@ -7,11 +7,7 @@ import torch
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
-from influscope import FitConfig, Influence
-from influscope.assets import is_fetched, minilm_dir, vader_movie_reviews
-from influscope.errors import ConfigError, DataError
-from influscope.evaluation import MislabelConfig, detection_report, flip_labels
-from influscope.evaluation.sentiment import (
+from benchmarks.sentiment import (
     MINILM_WIDTH,
     HiddenStateTask,
     SentimentClassifier,
@@ -23,6 +19,10 @@ from influscope.evaluation.sentiment import (
     states_dataset,
     train_classifier,
 )
+from influscope import FitConfig, Influence
+from influscope.assets import is_fetched, minilm_dir, vader_movie_reviews
+from influscope.errors import ConfigError, DataError
+from influscope.evaluation import MislabelConfig, detection_report, flip_labels
 
 REVIEWS = [("good", 1.5), ("bad", -2.0), ("meh", 0.0), ("fine", 0.2), ("awful", -0.1)]
 

@@ -1,8 +1,8 @@
-"""A small reward model trained from scratch with the Bradley–Terry loss.
+"""A small reward model trained from scratch with the Bradley–Terry loss (``arch="gpt2"``).
 
 The model is a ``GPT2ForSequenceClassification`` with one output (the reward, read at the last
 non-padding token) on a byte-level BPE tokenizer trained on the pairs' texts
-(:func:`influscope.demo.train.train_tokenizer`, :func:`~influscope.demo.train.make_gpt2_config`).
+(:func:`influscope.training.train_tokenizer`, :func:`~influscope.training.make_gpt2_config`).
 Every parameter is trained and can be tracked, so influence flows through the whole network —
 unlike a frozen pretrained encoder with a trained head, where only the head's gradients count
 (and which costs ~50 ms per sentence for MiniLM on a 2-core CPU, too slow for the several
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
+from influscope.applications.reward_bias import pair_accuracy, reward_margins
 from influscope.config import Settings, require
-from influscope.demo.train import make_gpt2_config, train_tokenizer
 from influscope.optim import decoupled_adamw
 from influscope.tasks import EncodedDataset, RewardTask
+from influscope.training import make_gpt2_config, train_tokenizer
 
 __all__ = [
     "RewardModelConfig",
@@ -138,23 +139,3 @@ def train_reward_model(
         losses.append(total / len(data))
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def reward_margins(
-    model: torch.nn.Module, data: EncodedDataset, batch_size: int = 64, pad_token_id: int = 0
-) -> torch.Tensor:
-    """``r(chosen) − r(rejected)`` of every pair, shape ``(N,)``."""
-    task = RewardTask(pad_token_id=pad_token_id)
-    device = next(model.parameters()).device
-    out = []
-    for first in range(0, len(data), batch_size):
-        batch = task.collate(data.examples[first : first + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.append(task.outputs(model, batch).cpu())
-    return torch.cat(out)
-
-
-def pair_accuracy(model: torch.nn.Module, data: EncodedDataset, pad_token_id: int = 0) -> float:
-    """Share of pairs whose chosen response gets the higher reward."""
-    return float((reward_margins(model, data, pad_token_id=pad_token_id) > 0).double().mean())

@@ -1,4 +1,5 @@
-"""Units of ``benchmarks/gpu_check.py`` that only a CUDA machine would otherwise exercise.
+"""Units of ``benchmarks/gpu_check.py`` (``benchmarks/gpu/``) that only a CUDA machine would
+otherwise exercise.
 
 The prepared GPU script must work the first time it meets a GPU, so the parts that take
 CUDA-only code paths are checked here on the CPU: the device it picks (a bare ``"cuda"`` must
@@ -8,27 +9,19 @@ get an index before ``torch.cuda.set_device``) and the watchdog around the CUDA 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch.cuda._utils import _get_device_index
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return importlib.import_module("benchmarks.gpu_check")
 
 
 @pytest.mark.parametrize("name", [None, "cuda"])

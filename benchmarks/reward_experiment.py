@@ -3,7 +3,7 @@
     reviews ─▶ make_preference_data (hidden rule + biased flips) ─▶ train reward model (BT loss)
             ─▶ rank_biased_pairs (targeted influence + baselines) ─▶ ROC-AUC vs the flip mask
 
-Used by ``benchmarks/reward_bias.py`` (the measured table in ``docs/applications_reward.md``)
+Used by ``python -m benchmarks.reward_bias`` (the measured table in ``docs/applications_reward.md``)
 and, at reduced size, by the test suite.
 
 Reward models (:data:`ARCHS`):
@@ -11,7 +11,7 @@ Reward models (:data:`ARCHS`):
 * ``"minilm"`` (default) — frozen ``all-MiniLM-L6-v2`` sentence embedding + a two-layer head
   (:class:`~influscope.applications.reward_encoder.FrozenEncoderReward`); influence over the head.
 * ``"gpt2"`` — a 2-layer, width-32 GPT-2 with a scalar head trained from scratch
-  (:mod:`~influscope.applications.reward_model`); influence over every linear layer.
+  (:mod:`benchmarks.reward_model`); influence over every linear layer.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from influscope.applications.reward_bias import BiasDetectionConfig, rank_biased_pairs
-from influscope.applications.reward_data import PreferenceConfig, make_preference_data
-from influscope.applications.reward_model import (
+from benchmarks.reward_model import (
     RewardModelConfig,
     build_reward_model,
     reward_margins,
     train_reward_model,
 )
+from influscope.applications.reward_bias import BiasDetectionConfig, rank_biased_pairs
+from influscope.applications.reward_data import PreferenceConfig, make_preference_data
 from influscope.config import Settings, require
-from influscope.evaluation.metrics import roc_auc
+from influscope.metrics import roc_auc
 from influscope.storage import atomic_write_json
 from influscope.storage.atomic import atomic_write
 from influscope.tasks import RewardTask
