@@ -24,6 +24,7 @@ import html
 import math
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from influscope.errors import DataError
 
@@ -227,9 +228,107 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values if math.isfinite(float(v))]
 
 
+def _scale(v: float, lo: float, hi: float, a: float, b: float) -> float:
+    """Map data value ``v`` in ``[lo, hi]`` linearly to pixels in ``[a, b]``."""
+    return a + (v - lo) / (hi - lo) * (b - a)
+
+
+def _row_label(x: float, y: float, font: float, label: str, max_chars: int) -> str:
+    """Right-aligned row label ending at ``x`` (px), shortened, with the full text as tooltip."""
+    return (
+        f'<text x="{_n(x)}" y="{_n(y)}" font-size="{_n(font)}" '
+        f'text-anchor="end" fill="#374151"><title>{escape_text(label)}</title>'
+        f"{escape_text(_shorten(label, max_chars))}</text>"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Bar chart
 # ------------------------------------------------------------------------------------------------
+
+
+class _BarLayout(NamedTuple):
+    """Pixel geometry of a bar chart (all lengths in px)."""
+
+    width: float
+    height: float
+    top: float  # y of the first row
+    bottom: float  # margin under the last row
+    row_h: float  # height of one row (bar plus gap)
+    font: float  # font size of the labels and values
+    stride: int  # label every `stride`-th bar
+    label_w: float  # width of the label column, left of the bars
+    max_chars: int  # label length that fits in the label column
+    x0: float  # left end of the bar area
+    x1: float  # right end of the bar area (the value column follows)
+
+
+def _bar_layout(labels: list[str], width: float, height: float | None, title: str) -> _BarLayout:
+    """Size rows, fonts and columns for ``len(labels)`` (>= 1) bars."""
+    n = len(labels)
+    top = 26.0 if title else 6.0
+    bottom = 6.0
+    if height is None:
+        row_h = 18.0 if n <= 24 else max(7.0, 18.0 * 24 / n)
+        height = top + n * row_h + bottom
+    else:
+        row_h = max(1.0, (height - top - bottom) / n)
+    font = max(8.5, min(11.0, row_h * 0.72))
+    stride = max(1, math.ceil((font + 1) / row_h))  # label every `stride`-th bar if rows are thin
+
+    value_w = 6 + _text_width("+0.0000e-00", font)
+    longest = max(_text_width(label, font) for label in labels)
+    label_w = min(0.42 * width, max(36.0, longest + 8))
+    max_chars = int((label_w - 8) / (font * _CHAR_WIDTH))
+    return _BarLayout(
+        width,
+        height,
+        top,
+        bottom,
+        row_h,
+        font,
+        stride,
+        label_w,
+        max_chars,
+        label_w,
+        width - value_w,
+    )
+
+
+def _bar_range(values: list[float]) -> tuple[float, float]:
+    """Data range of the bars: the finite values and zero, never empty."""
+    finite = _finite(values)
+    lo = min([0.0, *finite])
+    hi = max([0.0, *finite])
+    if hi == lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def _bar_row(i: int, label: str, value: float, lay: _BarLayout, lo: float, hi: float) -> list[str]:
+    """Bar ``i`` (skipped when non-finite), then its label and value text on labelled rows."""
+    parts = []
+    y = lay.top + i * lay.row_h  # top of the row, px
+    zero = _scale(0.0, lo, hi, lay.x0, lay.x1)
+    if math.isfinite(value):
+        bar_h = max(1.0, lay.row_h * 0.74)
+        tip = f"{escape_text(label)}: {format_score(value)}"
+        xv = _scale(value, lo, hi, lay.x0, lay.x1)
+        colour = diverging_color(value, abs(value)) if value != 0 else "#9ca3af"
+        parts.append(
+            f'<rect x="{_n(min(zero, xv))}" y="{_n(y + (lay.row_h - bar_h) / 2)}" '
+            f'width="{_n(max(abs(xv - zero), 0.5))}" height="{_n(bar_h)}" fill="{colour}">'
+            f"<title>{tip}</title></rect>"
+        )
+    if i % lay.stride == 0:
+        ty = y + lay.row_h / 2 + lay.font * 0.35  # text baseline, px
+        parts.append(_row_label(lay.label_w - 6, ty, lay.font, label, lay.max_chars))
+        parts.append(
+            f'<text x="{_n(lay.width - 2)}" y="{_n(ty)}" font-size="{_n(lay.font)}" '
+            f'text-anchor="end" fill="#374151" font-variant-numeric="tabular-nums">'
+            f"{escape_text(format_score(value))}</text>"
+        )
+    return parts
 
 
 def svg_bar_chart(
@@ -268,63 +367,19 @@ def svg_bar_chart(
     labels = [str(label) for label in labels]
     values = [float(v) for v in values]
     _check_len("svg_bar_chart", len(labels), len(values), "values")
-    n = len(labels)
-    if n == 0:
+    if not labels:
         return _empty_svg(title, width, standalone, "bar-chart")
 
-    top = 26.0 if title else 6.0
-    bottom = 6.0
-    if height is None:
-        row_h = 18.0 if n <= 24 else max(7.0, 18.0 * 24 / n)
-        height = top + n * row_h + bottom
-    else:
-        row_h = max(1.0, (height - top - bottom) / n)
-    font = max(8.5, min(11.0, row_h * 0.72))
-    stride = max(1, math.ceil((font + 1) / row_h))  # label every `stride`-th bar if rows are thin
-
-    value_w = 6 + _text_width("+0.0000e-00", font)
-    longest = max(_text_width(label, font) for label in labels)
-    label_w = min(0.42 * width, max(36.0, longest + 8))
-    max_chars = int((label_w - 8) / (font * _CHAR_WIDTH))
-    x0, x1 = label_w, width - value_w
-    finite = _finite(values)
-    lo = min([0.0, *finite])
-    hi = max([0.0, *finite])
-    if hi == lo:
-        hi = lo + 1.0
-
-    def x_of(v: float) -> float:
-        return x0 + (v - lo) / (hi - lo) * (x1 - x0)
-
-    parts = _open_svg(width, height, title, standalone, "bar-chart")
+    lay = _bar_layout(labels, width, height, title)
+    lo, hi = _bar_range(values)
+    parts = _open_svg(width, lay.height, title, standalone, "bar-chart")
     parts.append(_title_text(title, 2, 16))
-    zero = x_of(0.0)
     for i, (label, value) in enumerate(zip(labels, values)):
-        y = top + i * row_h
-        bar_h = max(1.0, row_h * 0.74)
-        tip = f"{escape_text(label)}: {format_score(value)}"
-        if math.isfinite(value):
-            xv = x_of(value)
-            colour = diverging_color(value, abs(value)) if value != 0 else "#9ca3af"
-            parts.append(
-                f'<rect x="{_n(min(zero, xv))}" y="{_n(y + (row_h - bar_h) / 2)}" '
-                f'width="{_n(max(abs(xv - zero), 0.5))}" height="{_n(bar_h)}" fill="{colour}">'
-                f"<title>{tip}</title></rect>"
-            )
-        if i % stride == 0:
-            ty = y + row_h / 2 + font * 0.35
-            parts.append(
-                f'<text x="{_n(label_w - 6)}" y="{_n(ty)}" font-size="{_n(font)}" '
-                f'text-anchor="end" fill="#374151"><title>{escape_text(label)}</title>'
-                f"{escape_text(_shorten(label, max_chars))}</text>"
-            )
-            parts.append(
-                f'<text x="{_n(width - 2)}" y="{_n(ty)}" font-size="{_n(font)}" '
-                f'text-anchor="end" fill="#374151" font-variant-numeric="tabular-nums">'
-                f"{escape_text(format_score(value))}</text>"
-            )
+        parts.extend(_bar_row(i, label, value, lay, lo, hi))
+    zero = _scale(0.0, lo, hi, lay.x0, lay.x1)
+    y1, y2 = lay.top - 2, lay.height - lay.bottom + 2
     parts.append(
-        f'<line x1="{_n(zero)}" y1="{_n(top - 2)}" x2="{_n(zero)}" y2="{_n(height - bottom + 2)}" '
+        f'<line x1="{_n(zero)}" y1="{_n(y1)}" x2="{_n(zero)}" y2="{_n(y2)}" '
         f'stroke="#6b7280" stroke-width="1"/>'
     )
     parts.append("</svg>")
@@ -334,6 +389,149 @@ def svg_bar_chart(
 # ------------------------------------------------------------------------------------------------
 # Heatmap
 # ------------------------------------------------------------------------------------------------
+
+_MAX_COL_CHARS = 24  # column labels are shortened to this many characters
+_LEGEND_STEPS = 11  # colour swatches in the heatmap legend, from -vmax to +vmax
+_SWATCH_W = 16.0  # width of one swatch, px
+
+
+class _HeatLayout(NamedTuple):
+    """Pixel geometry of a heatmap (all lengths in px)."""
+
+    width: float
+    height: float
+    top: float  # y of the grid (title and legend band above it)
+    label_w: float  # width of the row-label column; the grid starts at this x
+    cw: float  # cell width
+    ch: float  # cell height
+    row_font: float
+    col_font: float
+    row_stride: int  # label every `row_stride`-th row
+    col_stride: int  # label every `col_stride`-th column
+    max_row_chars: int  # row label length that fits in the label column
+    grid_w: float  # cw * columns
+    grid_h: float  # ch * rows
+
+
+def _check_matrix(rows: list[str], cols: list[str], matrix: list[list[float]]) -> None:
+    """Raise :class:`DataError` unless ``matrix`` is ``len(rows) x len(cols)``."""
+    shape = [len(r) for r in matrix]
+    if len(matrix) != len(rows) or any(k != len(cols) for k in shape):
+        raise DataError(
+            f"svg_heatmap: expected a {len(rows)} x {len(cols)} value matrix (one row per row "
+            f"label, one value per column label), received row lengths {shape}."
+        )
+
+
+def _heat_layout(
+    rows: list[str],
+    cols: list[str],
+    title: str,
+    cell_width: float | None,
+    cell_height: float | None,
+) -> _HeatLayout:
+    """Size cells, fonts, label strides and the canvas for a non-empty grid."""
+    cw = cell_width or min(48.0, max(6.0, 720.0 / len(cols)))
+    ch = cell_height or (16.0 if len(rows) <= 40 else max(4.0, 640.0 / len(rows)))
+    row_font = max(8.5, min(11.0, ch * 0.75))
+    col_font = max(8.5, min(11.0, cw * 0.75))
+    # Label every k-th row / column when cells are thinner than the text (45° labels are spaced
+    # by cw / sqrt(2)).
+    row_stride = max(1, math.ceil((row_font + 1) / ch))
+    col_stride = max(1, math.ceil((col_font + 1) / (cw * math.sqrt(0.5))))
+
+    label_w = min(240.0, max(_text_width(r, row_font) for r in rows) + 10)
+    max_row_chars = int((label_w - 10) / (row_font * _CHAR_WIDTH))
+    col_h = min(
+        _text_width("x" * _MAX_COL_CHARS, col_font), max(_text_width(c, col_font) for c in cols)
+    )
+    col_h = col_h * math.sqrt(0.5) + col_font + 6  # height of the 45° column-label band
+
+    top = (26.0 if title else 6.0) + 30.0  # title, then the legend band
+    grid_w = cw * len(cols)
+    grid_h = ch * len(rows)
+    width = max(label_w + grid_w + col_h + 8, label_w + 300)
+    height = top + grid_h + col_h
+    return _HeatLayout(
+        width,
+        height,
+        top,
+        label_w,
+        cw,
+        ch,
+        row_font,
+        col_font,
+        row_stride,
+        col_stride,
+        max_row_chars,
+        grid_w,
+        grid_h,
+    )
+
+
+def _colour_bar(scale: float, lx: float, ly: float) -> list[str]:
+    """Legend at ``(lx, ly)``: swatches from ``-scale`` to ``+scale``, three values, a caption."""
+    steps, sw = _LEGEND_STEPS, _SWATCH_W
+    parts = []
+    for k in range(steps):
+        v = scale * (2 * k / (steps - 1) - 1)
+        parts.append(
+            f'<rect x="{_n(lx + k * sw)}" y="{_n(ly)}" width="{_n(sw)}" height="10" '
+            f'fill="{diverging_color(v, scale)}" stroke="#d1d5db" stroke-width="0.5"/>'
+        )
+    for k, anchor in ((0, "start"), ((steps - 1) // 2, "middle"), (steps - 1, "end")):
+        v = scale * (2 * k / (steps - 1) - 1)
+        x = lx + k * sw + (0 if anchor == "start" else sw if anchor == "end" else sw / 2)
+        parts.append(
+            f'<text x="{_n(x)}" y="{_n(ly + 21)}" font-size="9" text-anchor="{anchor}" '
+            f'fill="#4b5563">{escape_text(format_score(v))}</text>'
+        )
+    parts.append(
+        f'<text x="{_n(lx + steps * sw + 8)}" y="{_n(ly + 9)}" font-size="10" fill="#4b5563">'
+        "red: helps the completion · blue: hurts it</text>"
+    )
+    return parts
+
+
+def _cell_grid(
+    rows: list[str], cols: list[str], matrix: list[list[float]], scale: float, lay: _HeatLayout
+) -> list[str]:
+    """One tooltipped cell per value (grey when non-finite), row by row, plus the row labels."""
+    parts = []
+    for r, (label, row) in enumerate(zip(rows, matrix)):
+        y = lay.top + r * lay.ch  # top of the row, px
+        for c, value in enumerate(row):
+            fill = diverging_color(value, scale) if math.isfinite(value) else "#d1d5db"
+            tip = f"{escape_text(label)} · {escape_text(cols[c])}: {format_score(value)}"
+            parts.append(
+                f'<rect x="{_n(lay.label_w + c * lay.cw)}" y="{_n(y)}" width="{_n(lay.cw)}" '
+                f'height="{_n(lay.ch)}" fill="{fill}"><title>{tip}</title></rect>'
+            )
+        if r % lay.row_stride == 0:
+            ty = y + lay.ch / 2 + lay.row_font * 0.35  # text baseline, px
+            parts.append(_row_label(lay.label_w - 5, ty, lay.row_font, label, lay.max_row_chars))
+    parts.append(
+        f'<rect x="{_n(lay.label_w)}" y="{_n(lay.top)}" width="{_n(lay.grid_w)}" '
+        f'height="{_n(lay.grid_h)}" fill="none" stroke="#9ca3af" stroke-width="0.5"/>'
+    )
+    return parts
+
+
+def _col_labels(cols: list[str], lay: _HeatLayout) -> list[str]:
+    """Column labels under the grid, rotated 45°, on every ``col_stride``-th column."""
+    parts = []
+    base = lay.top + lay.grid_h + 4  # y where the rotated labels hang from, px
+    for c, label in enumerate(cols):
+        if c % lay.col_stride:
+            continue
+        x = lay.label_w + c * lay.cw + lay.cw / 2  # column centre, px
+        parts.append(
+            f'<text x="{_n(x)}" y="{_n(base)}" font-size="{_n(lay.col_font)}" fill="#374151" '
+            f'transform="rotate(45 {_n(x)} {_n(base)})" dominant-baseline="hanging">'
+            f"<title>{escape_text(label)}</title>"
+            f"{escape_text(_shorten(label, _MAX_COL_CHARS))}</text>"
+        )
+    return parts
 
 
 def svg_heatmap(
@@ -377,97 +575,18 @@ def svg_heatmap(
     rows = [str(label) for label in row_labels]
     cols = [str(label) for label in col_labels]
     matrix = [[float(v) for v in row] for row in values]
-    shape = [len(r) for r in matrix]
-    if len(matrix) != len(rows) or any(k != len(cols) for k in shape):
-        raise DataError(
-            f"svg_heatmap: expected a {len(rows)} x {len(cols)} value matrix (one row per row "
-            f"label, one value per column label), received row lengths {shape}."
-        )
+    _check_matrix(rows, cols, matrix)
     if not rows or not cols:
         return _empty_svg(title, 320, standalone, "heatmap")
 
     finite = [abs(v) for v in _finite([v for row in matrix for v in row])]
     scale = float(vmax) if vmax is not None else max(finite, default=0.0)
-    cw = cell_width or min(48.0, max(6.0, 720.0 / len(cols)))
-    ch = cell_height or (16.0 if len(rows) <= 40 else max(4.0, 640.0 / len(rows)))
-    row_font = max(8.5, min(11.0, ch * 0.75))
-    col_font = max(8.5, min(11.0, cw * 0.75))
-    # Label every k-th row / column when cells are thinner than the text (45° labels are spaced
-    # by cw / sqrt(2)).
-    row_stride = max(1, math.ceil((row_font + 1) / ch))
-    col_stride = max(1, math.ceil((col_font + 1) / (cw * math.sqrt(0.5))))
-
-    label_w = min(240.0, max(_text_width(r, row_font) for r in rows) + 10)
-    max_row_chars = int((label_w - 10) / (row_font * _CHAR_WIDTH))
-    max_col_chars = 24
-    col_h = min(
-        _text_width("x" * max_col_chars, col_font), max(_text_width(c, col_font) for c in cols)
-    )
-    col_h = col_h * math.sqrt(0.5) + col_font + 6
-
-    top = (26.0 if title else 6.0) + 30.0  # title, then the legend band
-    grid_w = cw * len(cols)
-    grid_h = ch * len(rows)
-    width = max(label_w + grid_w + col_h + 8, label_w + 300)
-    height = top + grid_h + col_h
-
-    parts = _open_svg(width, height, title, standalone, "heatmap")
+    lay = _heat_layout(rows, cols, title, cell_width, cell_height)
+    parts = _open_svg(lay.width, lay.height, title, standalone, "heatmap")
     parts.append(_title_text(title, 2, 16))
-
-    # Legend: 11 swatches from -vmax to +vmax.
-    ly = top - 28
-    lx = label_w
-    steps = 11
-    sw = 16.0
-    for k in range(steps):
-        v = scale * (2 * k / (steps - 1) - 1)
-        parts.append(
-            f'<rect x="{_n(lx + k * sw)}" y="{_n(ly)}" width="{_n(sw)}" height="10" '
-            f'fill="{diverging_color(v, scale)}" stroke="#d1d5db" stroke-width="0.5"/>'
-        )
-    for k, anchor in ((0, "start"), ((steps - 1) // 2, "middle"), (steps - 1, "end")):
-        v = scale * (2 * k / (steps - 1) - 1)
-        x = lx + k * sw + (0 if anchor == "start" else sw if anchor == "end" else sw / 2)
-        parts.append(
-            f'<text x="{_n(x)}" y="{_n(ly + 21)}" font-size="9" text-anchor="{anchor}" '
-            f'fill="#4b5563">{escape_text(format_score(v))}</text>'
-        )
-    parts.append(
-        f'<text x="{_n(lx + steps * sw + 8)}" y="{_n(ly + 9)}" font-size="10" fill="#4b5563">'
-        "red: helps the completion · blue: hurts it</text>"
-    )
-
-    for r, (label, row) in enumerate(zip(rows, matrix)):
-        y = top + r * ch
-        for c, value in enumerate(row):
-            fill = diverging_color(value, scale) if math.isfinite(value) else "#d1d5db"
-            tip = f"{escape_text(label)} · {escape_text(cols[c])}: {format_score(value)}"
-            parts.append(
-                f'<rect x="{_n(label_w + c * cw)}" y="{_n(y)}" width="{_n(cw)}" '
-                f'height="{_n(ch)}" fill="{fill}"><title>{tip}</title></rect>'
-            )
-        if r % row_stride == 0:
-            parts.append(
-                f'<text x="{_n(label_w - 5)}" y="{_n(y + ch / 2 + row_font * 0.35)}" '
-                f'font-size="{_n(row_font)}" text-anchor="end" fill="#374151">'
-                f"<title>{escape_text(label)}</title>"
-                f"{escape_text(_shorten(label, max_row_chars))}</text>"
-            )
-    parts.append(
-        f'<rect x="{_n(label_w)}" y="{_n(top)}" width="{_n(grid_w)}" height="{_n(grid_h)}" '
-        'fill="none" stroke="#9ca3af" stroke-width="0.5"/>'
-    )
-    base = top + grid_h + 4
-    for c, label in enumerate(cols):
-        if c % col_stride:
-            continue
-        x = label_w + c * cw + cw / 2
-        parts.append(
-            f'<text x="{_n(x)}" y="{_n(base)}" font-size="{_n(col_font)}" fill="#374151" '
-            f'transform="rotate(45 {_n(x)} {_n(base)})" dominant-baseline="hanging">'
-            f"<title>{escape_text(label)}</title>"
-            f"{escape_text(_shorten(label, max_col_chars))}</text>"
-        )
+    parts.extend(_colour_bar(scale, lay.label_w, lay.top - 28))
+    parts.extend(_cell_grid(rows, cols, matrix, scale, lay))
+    parts.extend(_col_labels(cols, lay))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -475,6 +594,8 @@ def svg_heatmap(
 # ------------------------------------------------------------------------------------------------
 # Line plot
 # ------------------------------------------------------------------------------------------------
+
+_Segment = list[tuple[float, float]]  # consecutive drawable points (x, y), in axis units
 
 
 def _nice_step(span: float, target: int) -> float:
@@ -508,6 +629,13 @@ def _log_axis(lo: float, hi: float) -> tuple[float, float, list[float]]:
     return float(a), float(b), [float(k) for k in range(a, b + 1, stride)]
 
 
+def _axis(values: list[float], log: bool) -> tuple[float, float, list[float]]:
+    """Range and ticks, in axis units (log10 on a log axis), for the drawable ``values``."""
+    if log:
+        return _log_axis(10 ** min(values), 10 ** max(values))
+    return _linear_axis(min(values), max(values))
+
+
 def _tick_label(value: float, log: bool) -> str:
     if log:
         k = round(value)
@@ -515,6 +643,167 @@ def _tick_label(value: float, log: bool) -> str:
     if abs(value) < 1e-12:
         return "0"
     return f"{value:.4g}"
+
+
+def _segments(xs: Sequence[float], ys: Sequence[float], log_x: bool, log_y: bool) -> list[_Segment]:
+    """Split one series at undrawable points into non-empty segments, in axis units."""
+    segments: list[_Segment] = [[]]
+    for x, y in zip(xs, ys):
+        x, y = float(x), float(y)
+        ok = math.isfinite(x) and math.isfinite(y)
+        ok = ok and not (log_x and x <= 0) and not (log_y and y <= 0)
+        if ok:
+            segments[-1].append((math.log10(x) if log_x else x, math.log10(y) if log_y else y))
+        elif segments[-1]:
+            segments.append([])
+    return [s for s in segments if s]
+
+
+def _series_segments(
+    xs_list: Sequence[Sequence[float]],
+    ys_list: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    log_x: bool,
+    log_y: bool,
+) -> list[list[_Segment]]:
+    """Check the series lengths and return series -> segments -> points (axis units)."""
+    _check_len("svg_line_plot", len(labels), len(xs_list), "x series")
+    _check_len("svg_line_plot", len(labels), len(ys_list), "y series")
+    series = []
+    for k, (xs, ys) in enumerate(zip(xs_list, ys_list)):
+        if len(xs) != len(ys):
+            raise DataError(
+                f"svg_line_plot: series {k} ({labels[k]!r}) has {len(xs)} x values and "
+                f"{len(ys)} y values; expected the same number."
+            )
+        series.append(_segments(xs, ys, log_x, log_y))
+    return series
+
+
+class _Plot(NamedTuple):
+    """Plot area (px) and the axis ranges (axis units) it shows."""
+
+    left: float
+    top: float
+    pw: float  # plot area width
+    ph: float  # plot area height
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+
+    def px(self, x: float) -> float:
+        """x in axis units -> px."""
+        return self.left + (x - self.x_lo) / (self.x_hi - self.x_lo) * self.pw
+
+    def py(self, y: float) -> float:
+        """y in axis units -> px (upwards)."""
+        return self.top + self.ph - (y - self.y_lo) / (self.y_hi - self.y_lo) * self.ph
+
+
+def _axis_frame(
+    plot: _Plot, x_ticks: list[float], y_ticks: list[float], log_x: bool, log_y: bool
+) -> list[str]:
+    """White plot area with a grid line and a label at every tick of both axes."""
+    left, top, pw, ph = plot.left, plot.top, plot.pw, plot.ph
+    parts = [
+        f'<rect x="{_n(left)}" y="{_n(top)}" width="{_n(pw)}" height="{_n(ph)}" '
+        'fill="#ffffff" stroke="#9ca3af" stroke-width="1"/>'
+    ]
+    for t in x_ticks:
+        x = plot.px(t)
+        parts.append(
+            _grid_line(x, top, x, top + ph)
+            + _tick_text(x, top + ph + 14, "middle", _tick_label(t, log_x))
+        )
+    for t in y_ticks:
+        y = plot.py(t)
+        parts.append(
+            _grid_line(left, y, left + pw, y)
+            + _tick_text(left - 5, y + 3.5, "end", _tick_label(t, log_y))
+        )
+    return parts
+
+
+def _grid_line(x1: float, y1: float, x2: float, y2: float) -> str:
+    """Light grid line from ``(x1, y1)`` to ``(x2, y2)`` (px)."""
+    return (
+        f'<line x1="{_n(x1)}" y1="{_n(y1)}" x2="{_n(x2)}" y2="{_n(y2)}" '
+        'stroke="#e5e7eb" stroke-width="1"/>'
+    )
+
+
+def _tick_text(x: float, y: float, anchor: str, text: str) -> str:
+    """Tick label at ``(x, y)`` (px)."""
+    return (
+        f'<text x="{_n(x)}" y="{_n(y)}" font-size="10" text-anchor="{anchor}" '
+        f'fill="#4b5563">{escape_text(text)}</text>'
+    )
+
+
+def _axis_labels(plot: _Plot, x_label: str, y_label: str, height: float) -> list[str]:
+    """Axis titles: under the x axis, and rotated beside the y axis."""
+    parts = []
+    if x_label:
+        parts.append(
+            f'<text x="{_n(plot.left + plot.pw / 2)}" y="{_n(height - 8)}" font-size="11" '
+            f'text-anchor="middle" fill="#1f2937">{escape_text(x_label)}</text>'
+        )
+    if y_label:
+        cy = plot.top + plot.ph / 2
+        parts.append(
+            f'<text x="14" y="{_n(cy)}" font-size="11" text-anchor="middle" fill="#1f2937" '
+            f'transform="rotate(-90 14 {_n(cy)})">{escape_text(y_label)}</text>'
+        )
+    return parts
+
+
+def _series_lines(series: list[list[_Segment]], labels: Sequence[str], plot: _Plot) -> list[str]:
+    """One polyline per segment, coloured per series; markers when a series has <= 60 points."""
+    parts = []
+    for k, segs in enumerate(series):
+        colour = _PALETTE[k % len(_PALETTE)]
+        name = escape_text(labels[k])
+        n_points = sum(len(seg) for seg in segs)
+        for seg in segs:
+            coords = " ".join(f"{_n(plot.px(x))},{_n(plot.py(y))}" for x, y in seg)
+            parts.append(
+                f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.8" '
+                f'stroke-linejoin="round"><title>{name}</title></polyline>'
+            )
+            if n_points <= 60:
+                parts.extend(
+                    f'<circle cx="{_n(plot.px(x))}" cy="{_n(plot.py(y))}" r="2.5" fill="{colour}"/>'
+                    for x, y in seg
+                )
+    return parts
+
+
+def _legend_box(labels: Sequence[str], plot: _Plot) -> list[str]:
+    """Legend in the top-right corner of the plot, for the series with a non-empty label."""
+    shown = [(k, str(label)) for k, label in enumerate(labels) if str(label)]
+    if not shown:
+        return []
+    font = 10.0
+    box_w = max(_text_width(label, font) for _, label in shown) + 34
+    box_w = min(box_w, plot.pw * 0.6)  # px; 34 = sample line plus padding
+    max_chars = int((box_w - 34) / (font * _CHAR_WIDTH))
+    bx, by = plot.left + plot.pw - box_w - 6, plot.top + 6
+    parts = [
+        f'<rect x="{_n(bx)}" y="{_n(by)}" width="{_n(box_w)}" '
+        f'height="{_n(len(shown) * 15 + 6)}" fill="#ffffff" fill-opacity="0.9" '
+        'stroke="#d1d5db" stroke-width="0.5"/>'
+    ]
+    for i, (k, label) in enumerate(shown):
+        y = by + 12 + i * 15  # baseline of entry i, px
+        colour = _PALETTE[k % len(_PALETTE)]
+        parts.append(
+            f'<line x1="{_n(bx + 6)}" y1="{_n(y - 3.5)}" x2="{_n(bx + 24)}" y2="{_n(y - 3.5)}" '
+            f'stroke="{colour}" stroke-width="2"/>'
+            f'<text x="{_n(bx + 28)}" y="{_n(y)}" font-size="{_n(font)}" fill="#1f2937">'
+            f"{escape_text(_shorten(label, max_chars))}</text>"
+        )
+    return parts
 
 
 def svg_line_plot(
@@ -562,122 +851,24 @@ def svg_line_plot(
         >>> "<polyline" in svg
         True
     """
-    _check_len("svg_line_plot", len(labels), len(xs_list), "x series")
-    _check_len("svg_line_plot", len(labels), len(ys_list), "y series")
-    series: list[list[list[tuple[float, float]]]] = []  # series -> segments -> points
-    for k, (xs, ys) in enumerate(zip(xs_list, ys_list)):
-        if len(xs) != len(ys):
-            raise DataError(
-                f"svg_line_plot: series {k} ({labels[k]!r}) has {len(xs)} x values and "
-                f"{len(ys)} y values; expected the same number."
-            )
-        segments: list[list[tuple[float, float]]] = [[]]
-        for x, y in zip(xs, ys):
-            x, y = float(x), float(y)
-            ok = math.isfinite(x) and math.isfinite(y)
-            ok = ok and not (log_x and x <= 0) and not (log_y and y <= 0)
-            if ok:
-                segments[-1].append((math.log10(x) if log_x else x, math.log10(y) if log_y else y))
-            elif segments[-1]:
-                segments.append([])
-        series.append([s for s in segments if s])
-
+    series = _series_segments(xs_list, ys_list, labels, log_x, log_y)
     points = [p for segs in series for seg in segs for p in seg]
     if not points:
         return _empty_svg(title, width, standalone, "line-plot")
 
-    xs_all = [p[0] for p in points]
-    ys_all = [p[1] for p in points]
-    if log_x:
-        x_lo, x_hi, x_ticks = _log_axis(10 ** min(xs_all), 10 ** max(xs_all))
-    else:
-        x_lo, x_hi, x_ticks = _linear_axis(min(xs_all), max(xs_all))
-    if log_y:
-        y_lo, y_hi, y_ticks = _log_axis(10 ** min(ys_all), 10 ** max(ys_all))
-    else:
-        y_lo, y_hi, y_ticks = _linear_axis(min(ys_all), max(ys_all))
-
-    left, right = 64.0, 14.0
+    x_lo, x_hi, x_ticks = _axis([p[0] for p in points], log_x)
+    y_lo, y_hi, y_ticks = _axis([p[1] for p in points], log_y)
+    left, right = 64.0, 14.0  # margins, px
     top = 28.0 if title else 12.0
     bottom = 44.0 if x_label else 28.0
     pw, ph = width - left - right, height - top - bottom
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * pw
-
-    def py(y: float) -> float:
-        return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
+    plot = _Plot(left, top, pw, ph, x_lo, x_hi, y_lo, y_hi)
 
     parts = _open_svg(width, height, title, standalone, "line-plot")
     parts.append(_title_text(title, 2, 17))
-    parts.append(
-        f'<rect x="{_n(left)}" y="{_n(top)}" width="{_n(pw)}" height="{_n(ph)}" '
-        'fill="#ffffff" stroke="#9ca3af" stroke-width="1"/>'
-    )
-    for t in x_ticks:
-        x = px(t)
-        parts.append(
-            f'<line x1="{_n(x)}" y1="{_n(top)}" x2="{_n(x)}" y2="{_n(top + ph)}" '
-            'stroke="#e5e7eb" stroke-width="1"/>'
-            f'<text x="{_n(x)}" y="{_n(top + ph + 14)}" font-size="10" text-anchor="middle" '
-            f'fill="#4b5563">{escape_text(_tick_label(t, log_x))}</text>'
-        )
-    for t in y_ticks:
-        y = py(t)
-        parts.append(
-            f'<line x1="{_n(left)}" y1="{_n(y)}" x2="{_n(left + pw)}" y2="{_n(y)}" '
-            'stroke="#e5e7eb" stroke-width="1"/>'
-            f'<text x="{_n(left - 5)}" y="{_n(y + 3.5)}" font-size="10" text-anchor="end" '
-            f'fill="#4b5563">{escape_text(_tick_label(t, log_y))}</text>'
-        )
-    if x_label:
-        parts.append(
-            f'<text x="{_n(left + pw / 2)}" y="{_n(height - 8)}" font-size="11" '
-            f'text-anchor="middle" fill="#1f2937">{escape_text(x_label)}</text>'
-        )
-    if y_label:
-        cy = top + ph / 2
-        parts.append(
-            f'<text x="14" y="{_n(cy)}" font-size="11" text-anchor="middle" fill="#1f2937" '
-            f'transform="rotate(-90 14 {_n(cy)})">{escape_text(y_label)}</text>'
-        )
-
-    for k, segs in enumerate(series):
-        colour = _PALETTE[k % len(_PALETTE)]
-        name = escape_text(labels[k])
-        n_points = sum(len(seg) for seg in segs)
-        for seg in segs:
-            coords = " ".join(f"{_n(px(x))},{_n(py(y))}" for x, y in seg)
-            parts.append(
-                f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.8" '
-                f'stroke-linejoin="round"><title>{name}</title></polyline>'
-            )
-            if n_points <= 60:
-                parts.extend(
-                    f'<circle cx="{_n(px(x))}" cy="{_n(py(y))}" r="2.5" fill="{colour}"/>'
-                    for x, y in seg
-                )
-
-    shown = [(k, str(label)) for k, label in enumerate(labels) if str(label)]
-    if shown:
-        font = 10.0
-        box_w = max(_text_width(label, font) for _, label in shown) + 34
-        box_w = min(box_w, pw * 0.6)
-        max_chars = int((box_w - 34) / (font * _CHAR_WIDTH))
-        bx, by = left + pw - box_w - 6, top + 6
-        parts.append(
-            f'<rect x="{_n(bx)}" y="{_n(by)}" width="{_n(box_w)}" '
-            f'height="{_n(len(shown) * 15 + 6)}" fill="#ffffff" fill-opacity="0.9" '
-            'stroke="#d1d5db" stroke-width="0.5"/>'
-        )
-        for i, (k, label) in enumerate(shown):
-            y = by + 12 + i * 15
-            colour = _PALETTE[k % len(_PALETTE)]
-            parts.append(
-                f'<line x1="{_n(bx + 6)}" y1="{_n(y - 3.5)}" x2="{_n(bx + 24)}" y2="{_n(y - 3.5)}" '
-                f'stroke="{colour}" stroke-width="2"/>'
-                f'<text x="{_n(bx + 28)}" y="{_n(y)}" font-size="{_n(font)}" fill="#1f2937">'
-                f"{escape_text(_shorten(label, max_chars))}</text>"
-            )
+    parts.extend(_axis_frame(plot, x_ticks, y_ticks, log_x, log_y))
+    parts.extend(_axis_labels(plot, x_label, y_label, height))
+    parts.extend(_series_lines(series, labels, plot))
+    parts.extend(_legend_box(labels, plot))
     parts.append("</svg>")
     return "".join(parts)
