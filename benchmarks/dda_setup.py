@@ -131,7 +131,7 @@ class HallucinationConfig:
             )
 
 
-#: The reduced set-up of the CI test (``tests/test_corrections_benchmark.py``, ``--quick``).
+#: The reduced set-up of the CI test (``tests/benchmarks/test_corrections_benchmark.py``, ``--quick``).
 QUICK = HallucinationConfig(
     n_facts=8,
     n_false=4,

@@ -2,7 +2,7 @@
 
 One prepared script for a CUDA machine. It
 
-a. runs ``pytest -m cuda tests/test_cuda.py`` in a subprocess (device placement, CPU/CUDA
+a. runs ``pytest -m cuda tests/device/test_cuda.py`` in a subprocess (device placement, CPU/CUDA
    agreement, bf16 autocast agreement, offload, NCCL with two GPUs) and records the outcome;
 b. builds a Llama-architecture model from a ``LlamaConfig`` with random weights (hidden 2048,
    intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocabulary 32000: 1.1 B parameters, the

@@ -12,7 +12,7 @@ For tiny float64 problems where ``G + Λ`` over all tracked parameters fits dens
   and the product over *all* training examples: steps to a relative residual of 1e-10 and the
   relative error ``‖v − (G+Λ)⁻¹∇f‖/‖(G+Λ)⁻¹∇f‖`` reached, and the time per step.
 
-The problems are those of tests/test_refine.py: an untrained GPT-2 (width 8, one block, all
+The problems are those of tests/solvers/test_refine.py: an untrained GPT-2 (width 8, one block, all
 linear layers tracked, 6 sequences), the same with width 4 and the MLP layers only, and the
 tanh MLP of influscope.toy (64 examples) at damping factors 0.1 and 10.
 

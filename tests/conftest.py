@@ -87,3 +87,44 @@ def tiny_reward_model():
         n_embd=16, n_layer=1, vocab_size=40, n_positions=32, num_labels=1, pad_token_id=0
     )
     return GPT2ForSequenceClassification(cfg).double().eval()
+
+
+#: LoRA target modules of GPT-2 (Conv1D) and Llama (nn.Linear) in the LoRA tests.
+TARGETS = ["c_attn", "c_fc", "c_proj"]
+LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora(model, seed: int = 1, r: int = 4):
+    """Wrap ``model`` with LoRA adapters whose ``A`` and ``B`` are both random (not ``B = 0``)."""
+    import peft
+
+    torch.manual_seed(seed)
+    llama = "Llama" in type(model).__name__
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=LLAMA_TARGETS if llama else TARGETS,
+        fan_in_fan_out=not llama,  # GPT-2's Conv1D stores its weight as (in, out)
+        init_lora_weights=False,
+    )
+    return peft.get_peft_model(model, config).eval()
+
+
+def hooked(model, task, layers, data, objective="loss", sample_seed=None, batch_size=4):
+    """Per-example gradients ``{layer: (N, out, in)}`` from the capture hooks (layer_passes)."""
+    from influscope.modules.passes import layer_passes
+
+    out = {layer.name: [] for layer in layers}
+    for _, grads, _ in layer_passes(
+        model,
+        task,
+        layers,
+        data,
+        batch_size=batch_size,
+        objective=objective,
+        sample_seed=sample_seed,
+    ):
+        for name, lb in grads.items():
+            out[name].append(lb.gradient())
+    return {k: torch.cat(v) for k, v in out.items()}

@@ -1,4 +1,4 @@
-"""(a) The CUDA test subset: ``pytest -m cuda tests/test_cuda.py`` under a watchdog."""
+"""(a) The CUDA test subset: ``pytest -m cuda tests/device/test_cuda.py`` under a watchdog."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def stream_command(
 
 
 def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
-    """Run ``pytest -m cuda tests/test_cuda.py`` and summarise its JUnit report.
+    """Run ``pytest -m cuda tests/device/test_cuda.py`` and summarise its JUnit report.
 
     Returns:
         ``{"status": passed|failed|skipped|timeout|error, "passed", "failed", "errors",
@@ -78,7 +78,7 @@ def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
         "pytest",
         "-m",
         "cuda",
-        "tests/test_cuda.py",
+        "tests/device/test_cuda.py",
         "-q",
         "-rs",
         "-p",

@@ -17,7 +17,7 @@ from influscope.demo.facts import QUERY_STYLES, make_facts, make_queries, make_t
 from influscope.demo.templates import LANGUAGES, LEAD_INS, ORDERS, RELATIONS, TEMPLATES
 from influscope.errors import ConfigError
 
-ASSET_DIR = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[1] / ".cache/assets"))
+ASSET_DIR = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[2] / ".cache/assets"))
 
 
 def needs_asset(name: str):

@@ -37,7 +37,7 @@ FACTORIES = {
     torch.eye,
     torch.linspace,
 }
-SRC = str(Path(__file__).resolve().parents[1] / "src" / "influscope")
+SRC = str(Path(__file__).resolve().parents[2] / "src" / "influscope")
 
 #: (file under src/influscope, function) → why a CPU tensor is meant there.
 ALLOWED = {

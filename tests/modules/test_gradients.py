@@ -5,27 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_lm_data, tiny_gpt2
+from conftest import hooked, random_lm_data, tiny_gpt2
 from influscope.modules import select_layers
 from influscope.modules.passes import layer_passes
 from influscope.reference import per_example_gradients
 from influscope.tasks import CausalLMTask
-
-
-def hooked(model, task, layers, data, objective="loss", sample_seed=None, batch_size=4):
-    out = {layer.name: [] for layer in layers}
-    for _, grads, _ in layer_passes(
-        model,
-        task,
-        layers,
-        data,
-        batch_size=batch_size,
-        objective=objective,
-        sample_seed=sample_seed,
-    ):
-        for name, lb in grads.items():
-            out[name].append(lb.gradient())
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("objective,seed", [("loss", None), ("loss", 3), ("measurement", None)])

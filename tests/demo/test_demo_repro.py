@@ -15,7 +15,7 @@ import torch
 
 from influscope.demo.train import DemoTrainConfig, fixed_threads, train_demo_model
 
-ASSETS = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[1] / ".cache/assets"))
+ASSETS = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[2] / ".cache/assets"))
 
 pytestmark = [
     pytest.mark.assets,
@@ -82,7 +82,7 @@ print(hashlib.sha256(blob.encode()).hexdigest())
 
 
 def test_corpus_and_tokenizer_do_not_depend_on_the_hash_seed():
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[2] / "src")
     digests = set()
     for hash_seed in ("0", "1", "random"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}

@@ -27,7 +27,7 @@ from influscope.resources import estimate
 from influscope.storage import atomic_write_tensors, read_tensors
 
 peft = pytest.importorskip("peft")
-from test_lora import lora  # noqa: E402  (needs peft)
+from conftest import lora  # noqa: E402  (needs peft)
 
 FIT = FitConfig(curvature="datainf", batch_size=3, seed=5)
 

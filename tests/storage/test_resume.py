@@ -20,7 +20,7 @@ import torch
 
 from influscope.storage import read_tensors
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # tests/, where conftest.py is
 
 PRELUDE = """
 import json, os, sys, time

@@ -26,7 +26,7 @@ from influscope.applications.reward_data import (
 from influscope.errors import ConfigError, DataError
 from influscope.tasks import EncodedDataset
 
-ASSETS = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[1] / ".cache/assets"))
+ASSETS = Path(os.environ.get("INFLUSCOPE_ASSETS", Path(__file__).parents[2] / ".cache/assets"))
 
 
 def fake_reviews(n: int = 1200) -> list[tuple[str, float]]:

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import random_lm_data, tiny_gpt2
+from conftest import lora, random_lm_data, tiny_gpt2
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.cli import main
 from influscope.curvature import IdentityOperator
@@ -33,23 +33,6 @@ TEXTS = [
     "To be, or not to be, that is the question.",
     "Now is the winter of our discontent.",
 ]
-TARGETS = ["c_attn", "c_fc", "c_proj"]
-LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def lora(model, seed: int = 1, r: int = 4):
-    """Wrap ``model`` with LoRA adapters whose ``A`` and ``B`` are both random (not ``B = 0``)."""
-    torch.manual_seed(seed)
-    llama = "Llama" in type(model).__name__
-    config = peft.LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        lora_dropout=0.0,
-        target_modules=LLAMA_TARGETS if llama else TARGETS,
-        fan_in_fan_out=not llama,  # GPT-2's Conv1D stores its weight as (in, out)
-        init_lora_weights=False,
-    )
-    return peft.get_peft_model(model, config).eval()
 
 
 def tiny_llama(seed: int = 0):

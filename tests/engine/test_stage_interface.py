@@ -16,7 +16,7 @@ from influscope.scoring.damping import damping_sweep
 from influscope.scoring.pairwise import score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import precondition_queries
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "influscope"
+SRC = Path(__file__).resolve().parents[2] / "src" / "influscope"
 STAGES = [
     fit_curvature,
     precondition_queries,

@@ -9,12 +9,11 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from conftest import tiny_reward_model
+from conftest import hooked, tiny_reward_model
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.modules import select_layers
 from influscope.reference import per_example_gradients
 from influscope.tasks import ClassificationTask, EncodedDataset, RewardTask
-from test_gradients import hooked
 
 
 def tiny_bert(num_labels: int = 3):

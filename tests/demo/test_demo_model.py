@@ -13,7 +13,7 @@ from influscope import FitConfig, Influence, ScoreConfig
 from influscope.demo.pipeline import direct_fact_queries, planted_top1
 from influscope.metrics import spearman
 
-ASSETS = Path(__file__).resolve().parents[1] / ".cache" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / ".cache" / "assets"
 
 pytestmark = [
     pytest.mark.slow,
