@@ -1,20 +1,11 @@
 """Tokenizer and tiny GPT-2 for the demo, trained on CPU in about a minute.
 
-The pieces, in the order the demo uses them (1–4 live in :mod:`influscope.training` and are
-re-exported here):
+The demo trains with :mod:`influscope.training`'s pieces (re-exported here: the BPE
+tokenizer :func:`train_tokenizer`, :func:`make_gpt2_config`, :func:`train_lm` on the summed-token
+objective, :func:`evaluate_queries`), and adds
 
-1. :func:`train_tokenizer` — byte-level BPE (``tokenizers``) on the corpus texts, wrapped as a
-   ``transformers`` fast tokenizer; ``<|endoftext|>`` is bos, eos, pad and unk. It adds no special
-   tokens: ``tokenizer(text)["input_ids"]`` is exactly what the model was trained on.
-2. :func:`make_gpt2_config` — a ``GPT2Config`` with dropout off (influence functions assume a
-   deterministic loss).
-3. :func:`train_lm` — AdamW on the causal-LM loss of each record's ``text``. The objective is
-   the one influence functions assume (DESIGN.md §1): the mean over sequences of the *summed*
-   token cross-entropies, J(θ) = (1/N) Σ_i Σ_t −log p(x_{i,t} | x_{i,<t}). It is a plain function of
-   (records, subset, seed), so a retraining harness (LOO, LDS) can call it on index subsets.
-4. :func:`evaluate_queries` — log-probability of each query's completion after its prompt.
-5. :func:`train_demo_model` — all of the above, saved with ``save_pretrained`` so that
-   ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` reload them.
+* :func:`train_demo_model` — all of them on the demo corpus, saved with ``save_pretrained`` so that
+  ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` reload them.
 
 Command line (after ``make assets``)::
 
