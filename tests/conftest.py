@@ -62,6 +62,15 @@ def save_tiny_model(directory, texts, n_layer: int = 1):
     return directory
 
 
+def saved_lm_corpus(directory):
+    """``(model_dir, train.jsonl)``: ten short texts and a tiny GPT-2 saved for CLI tests."""
+    texts = [f"line {i} of the little corpus about cats and dogs number {i}" for i in range(10)]
+    model_dir = save_tiny_model(directory / "model", texts)
+    train = directory / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    return model_dir, train
+
+
 @pytest.fixture(scope="module")
 def workdir(request, tmp_path_factory):
     """A directory for the CLI tests, one per test module, built from the module's ``TEXTS``.

@@ -12,6 +12,7 @@ import torch
 
 from influscope.config import Settings, require
 from influscope.curvature import CurvatureOperator, CurvatureSpec
+from influscope.curvature.spec import no_fit_estimate
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ SPEC = CurvatureSpec(
     "scaled",
     ScaledIdentityOperator,
     fit_scaled,
-    estimate=lambda footprint: [],
+    estimate=no_fit_estimate,
     options=ScaledOptions,
-    summary="G = s·I (a test of the one-file recipe)",
 )

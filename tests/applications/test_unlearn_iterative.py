@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import random_lm_data, save_tiny_model, tiny_gpt2, train_lm
+from conftest import random_lm_data, saved_lm_corpus, tiny_gpt2, train_lm
 from influscope import ConfigError, DataError, FitConfig, Influence
 from influscope.applications.unlearn import (
     UnlearnConfig,
@@ -181,10 +181,7 @@ def test_cli_iterative(tmp_path):
 
     from influscope.cli import main
 
-    texts = [f"line {i} of the little corpus about cats and dogs number {i}" for i in range(10)]
-    model_dir = save_tiny_model(tmp_path / "model", texts)
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    model_dir, train = saved_lm_corpus(tmp_path)
     out = tmp_path / "edited"
     argv = [
         "unlearn", str(model_dir), "--train", str(train), "--forget", "0,2", "--out", str(out),

@@ -222,5 +222,4 @@ SPEC = CurvatureSpec(
     fit_datainf,
     estimate=datainf_estimate,
     check=check_config,
-    summary="DataInf: averaged Sherman–Morrison inverse over stored per-example gradients",
 )

@@ -52,5 +52,4 @@ SPEC = CurvatureSpec(
     DiagonalOperator,
     fit_diagonal,
     estimate=one_pass_estimate,
-    summary="diagonal of the per-sequence Fisher",
 )

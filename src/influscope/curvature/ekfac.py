@@ -44,5 +44,4 @@ SPEC = CurvatureSpec(
     fit_ekfac,
     replays=True,
     estimate=kronecker_estimate,
-    summary="K-FAC eigenbases with eigenvalues refitted on per-sequence gradients",
 )

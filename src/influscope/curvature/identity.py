@@ -38,5 +38,4 @@ SPEC = CurvatureSpec(
     IdentityOperator,
     fit_identity,
     estimate=no_fit_estimate,
-    summary="G = I: the gradient dot product (TracIn at one checkpoint)",
 )

@@ -67,5 +67,4 @@ SPEC = CurvatureSpec(
     KFACOperator,
     fit_kfac,
     estimate=kronecker_estimate,
-    summary="Kronecker factors A ⊗ S with eigenvalues T̄ λ_S λ_Aᵀ",
 )

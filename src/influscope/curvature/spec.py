@@ -97,7 +97,6 @@ class CurvatureSpec:
         options: The dataclass of this approximation's own settings, or ``None``.
         check: ``check(config)`` raises :class:`~influscope.errors.ConfigError` for settings
             this approximation cannot use (called when a ``FitConfig`` is created).
-        summary: One line for listings and ``--help``.
     """
 
     name: str
@@ -107,7 +106,6 @@ class CurvatureSpec:
     estimate: Callable[[FitFootprint], list[EstimateRow]] = one_pass_estimate
     options: type | None = None
     check: Callable[[FitConfig], None] | None = None
-    summary: str = ""
 
     def __iter__(self) -> Iterator[Any]:
         """``operator, fitter = CURVATURES[name]`` (the registry's former tuple form)."""

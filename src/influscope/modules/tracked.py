@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from influscope.errors import ConfigError
 from influscope.modules.selection import TrackedLayer, default_modules, select_layers
 from influscope.storage.fingerprint import model_fingerprint
-from influscope.tasks.base import Task
+from influscope.tasks import Task, get_task
 
 __all__ = ["TrackedModel"]
 
@@ -60,19 +59,12 @@ class TrackedModel:
     ) -> TrackedModel:
         """Look the task up by name and select the tracked layers (``modules=None``: the
         model's default, :func:`~influscope.modules.default_modules`)."""
-        from influscope.tasks import get_task
-
         modules = default_modules(model) if modules is None else modules
         return cls(model, get_task(task), tuple(select_layers(model, modules)))
 
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model's parameters are."""
-        return next(self.model.parameters()).device
 
     def fingerprint(self) -> str:
         """Fingerprint of the model's architecture and tracked weights."""
