@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import ExampleRows
 from benchmarks.sentiment import (
     MINILM_LAYERS,
     HiddenStateTask,
@@ -97,13 +98,6 @@ def kronfluence_self_influence(model, train, modules: list[str], batch_size: int
         def get_attention_mask(self, batch):
             return batch["attention_mask"]
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(train)
-
-        def __getitem__(self, i):
-            return train.examples[i]
-
     task = KronTask()
     model = prepare_model(model, task)
     with tempfile.TemporaryDirectory() as out:
@@ -111,7 +105,7 @@ def kronfluence_self_influence(model, train, modules: list[str], batch_size: int
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ours.collate))
         analyzer.fit_all_factors(
             factors_name="ekfac",
-            dataset=Rows(),
+            dataset=ExampleRows(train.examples),
             per_device_batch_size=batch_size,
             factor_args=FactorArguments(strategy="ekfac"),
             overwrite_output_dir=True,
@@ -119,7 +113,7 @@ def kronfluence_self_influence(model, train, modules: list[str], batch_size: int
         analyzer.compute_self_scores(
             scores_name="self",
             factors_name="ekfac",
-            train_dataset=Rows(),
+            train_dataset=ExampleRows(train.examples),
             per_device_train_batch_size=batch_size,
             score_args=ScoreArguments(damping_factor=None),
             overwrite_output_dir=True,

@@ -222,3 +222,16 @@ def write_section(path: Path, key: str, text: str) -> None:
         new = old.rstrip() + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+class ExampleRows(torch.utils.data.Dataset):
+    """A list of encoded examples as a ``torch`` dataset (what Kronfluence's analyzer reads)."""
+
+    def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.examples[i]

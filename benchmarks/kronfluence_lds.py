@@ -27,21 +27,10 @@ import warnings
 
 import torch
 
-from benchmarks.common import to_linear
+from benchmarks.common import ExampleRows, to_linear
 from benchmarks.lds_setup import Setup
 
 F64 = torch.float64
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.examples[i]
 
 
 def kronfluence_scores(setup: Setup, batch_size: int = 32) -> torch.Tensor:
@@ -99,8 +88,8 @@ def kronfluence_scores(setup: Setup, batch_size: int = 32) -> torch.Tensor:
         precondition_dtype=F64,
         score_dtype=F64,
     )
-    fit, train = _Rows(setup.fit_data().examples), _Rows(setup.train.examples)
-    queries = _Rows(setup.queries.examples)
+    fit, train = ExampleRows(setup.fit_data().examples), ExampleRows(setup.train.examples)
+    queries = ExampleRows(setup.queries.examples)
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer("lds", model, task, cpu=True, disable_tqdm=True, output_dir=out)
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ours.collate))

@@ -85,15 +85,7 @@ def bench_kronfluence(
         def get_attention_mask(self, batch) -> torch.Tensor:
             return batch["attention_mask"]
 
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, examples: list[dict[str, torch.Tensor]]) -> None:
-            self.examples = examples
-
-        def __len__(self) -> int:
-            return len(self.examples)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return self.examples[i]
+    from benchmarks.common import ExampleRows as Rows
 
     amp_dtype = resolve_dtype(amp)
     task = LMTask()
