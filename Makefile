@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 ASSETS ?= .cache/assets
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench bench-accuracy peers assets clean
+.PHONY: demo test lint format bench bench-accuracy peers peers-bergson assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,23 @@ $(VENV)/.peers: $(VENV)/.installed
 	touch $@
 
 peers: $(VENV)/.peers
+
+# Bergson 2.5.1 (a peer) in its own venv: its pinned dependencies must not move ours. torch first,
+# then its dependencies with torch pinned, then Bergson itself without dependencies (it never
+# imports torchvision, torchaudio or bitsandbytes).
+BERGSON_VENV ?= .venv-bergson
+$(BERGSON_VENV)/.installed: constraints.txt
+	test -x $(BERGSON_VENV)/bin/python || $(PYTHON) -m venv $(BERGSON_VENV)
+	$(BERGSON_VENV)/bin/pip install -q --upgrade pip
+	$(BERGSON_VENV)/bin/pip install -q "$(TORCH)"
+	$(BERGSON_VENV)/bin/pip install -q -c constraints.txt accelerate datasets jinja2 jaxtyping \
+	    ml_dtypes natsort numpy scipy peft petname pyarrow pyyaml simple-parsing torchopt \
+	    transformers huggingface-hub psutil
+	$(BERGSON_VENV)/bin/pip install -q --no-deps bergson==2.5.1
+	$(BERGSON_VENV)/bin/python -c "import bergson"
+	touch $@
+
+peers-bergson: $(BERGSON_VENV)/.installed
 
 bench: assets peers
 	$(PY) -m benchmarks.vs_kronfluence
