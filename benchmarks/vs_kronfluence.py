@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -144,7 +146,63 @@ def run_kronfluence(data, stages: Stages) -> dict:
     return {"scores": scores.tolist()}
 
 
-WORKERS = {"floor": run_floor, "influscope": run_influscope, "kronfluence": run_kronfluence}
+def run_bergson(data, stages: Stages) -> dict:
+    """Bergson 2.5.1's EK-FAC pipeline (``bergson ekfac``) in its own venv (``make peers-bergson``).
+
+    Matched settings: K-FAC with the eigenvalue correction (= EK-FAC) over the same MLP
+    modules, dataset labels (empirical Fisher), damping ``0.1 × mean(Λ)`` (its
+    ``damped_inverse`` default), per-query scores (``aggregation none``), float32. Its
+    pipeline builds query gradients, fits, applies the inverse and scores; the fit
+    (``approximate_hessians``) is timed as ``factors`` and the rest as ``scores``.
+    """
+    import numpy as np
+    from bergson.__main__ import main as bergson_main
+    from bergson.hessians import pipeline
+
+    fit = pipeline.approximate_hessians
+
+    def timed_fit(*args, **kwargs):
+        with stages.stage("factors"):
+            return fit(*args, **kwargs)
+
+    pipeline.approximate_hessians = timed_fit
+    modules = [n.removeprefix("transformer.") for n in mlp_names(load_model(data))]
+    with tempfile.TemporaryDirectory() as out:
+        for name, ids in (("train", data.train), ("queries", data.queries)):
+            with open(f"{out}/{name}.jsonl", "w") as f:
+                for row in ids.tolist():
+                    f.write(json.dumps({"input_ids": row, "labels": row}) + "\n")
+        argv = ["bergson", "ekfac", f"{out}/run", "--model", str(data.model_dir)]
+        argv += ["--data.dataset", f"{out}/train.jsonl", "--query.dataset", f"{out}/queries.jsonl"]
+        argv += ["--method", "kfac", "--hessian_cfg.ev_correction", "true"]
+        argv += ["--use_dataset_labels", "true", "--score", "individual"]
+        argv += ["--query.aggregation", "none", "--nproc_per_node", "1"]
+        argv += ["--token_batch_size", str(data.train.shape[1]), "--index_cfg.modules", *modules]
+        saved, sys.argv = sys.argv, argv
+        try:
+            with stages.stage("total"):
+                bergson_main()
+        finally:
+            sys.argv = saved
+        info = json.loads(Path(f"{out}/run/scores/info.json").read_text())
+        dtype = np.dtype({k: info["dtype"][k] for k in ("names", "formats", "offsets", "itemsize")})
+        rows = np.memmap(
+            f"{out}/run/scores/scores.bin", dtype=dtype, mode="r", shape=(info["num_rows"],)
+        )
+        scores = [rows[f"score_{q}"].astype(float).tolist() for q in range(info["num_scores"])]
+    for d in (stages.seconds, stages.cpu):
+        d["scores"] = d.pop("total") - d["factors"]
+    stages.peak_mib["scores"] = stages.peak_mib.pop("total")
+    return {"scores": scores}  # (Q, N), Kronfluence's sign: ∇loss_qᵀ(G+λI)⁻¹∇L
+
+
+WORKERS = {
+    "floor": run_floor,
+    "influscope": run_influscope,
+    "kronfluence": run_kronfluence,
+    "bergson": run_bergson,
+}
+BERGSON_PYTHON = ROOT / ".venv-bergson" / "bin" / "python"
 
 
 def worker(args) -> None:
@@ -157,16 +215,21 @@ def worker(args) -> None:
 
 
 def spawn(name: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.vs_kronfluence", "--worker", name]
+    python = str(BERGSON_PYTHON) if name == "bergson" else sys.executable
+    cmd = [python, "-m", "benchmarks.vs_kronfluence", "--worker", name]
     cmd += ["--variant", args.variant]
     cmd += ["--n-train", str(args.n_train), "--n-queries", str(args.n_queries)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    env = None
+    if name == "bergson":  # its own venv; influscope and the benchmarks from this checkout
+        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_variant(args) -> tuple[list[str], tuple[float, float, float]]:
     prepare(args.variant, args.n_train, args.n_queries)  # train once, outside the timings
-    res = {name: spawn(name, args) for name in ("floor", "influscope", "kronfluence")}
+    names = ["floor", "influscope", "kronfluence"] + (["bergson"] if args.bergson else [])
+    res = {name: spawn(name, args) for name in names}
     floor = res["floor"]["seconds"]["forward+backward"]
     ours, theirs = res["influscope"], res["kronfluence"]
     a, b = torch.tensor(ours["scores"]), torch.tensor(theirs["scores"])
@@ -198,7 +261,30 @@ def bench_variant(args) -> tuple[list[str], tuple[float, float, float]]:
         f"- load average after the run (2-core machine, shared): {load_average()}",
         "",
     ]
+    if args.bergson:
+        rows[-1:-1] = _bergson_rows(ours, res["bergson"], a, t1)
     return rows, (t1 / t2, rho, t1 / floor)
+
+
+def _bergson_rows(ours: dict, peer: dict, a: torch.Tensor, t1: float) -> list[str]:
+    """The second peer's columns: Bergson's stage times and peaks beside influscope's."""
+    b = torch.tensor(peer["scores"])
+    rho = sum(spearman(a[q], b[q]) for q in range(len(a))) / len(a)
+    rows = ["", "| stage | influscope s | Bergson 2.5.1 s | ratio | influscope peak RSS MiB | "
+            "Bergson peak RSS MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for stage in ("factors", "scores"):
+        s1, s2 = ours["seconds"][stage], peer["seconds"][stage]
+        rows.append(
+            f"| {stage} | {s1:.2f} | {s2:.2f} | {s1 / s2:.2f} | {ours['peak_mib'][stage]:.0f} | "
+            f"{peer['peak_mib'][stage]:.0f} |"
+        )
+    t2 = sum(peer["seconds"].values())
+    rows.append(
+        f"| **total** | **{t1:.2f}** | **{t2:.2f}** | **{t1 / t2:.2f}** | "
+        f"{ours['max_rss_mib']:.0f} | {peer['max_rss_mib']:.0f} |"
+    )
+    rows += ["", f"- Spearman(influscope, Bergson), mean over queries: {rho:.4f}"]
+    return rows
 
 
 def main() -> None:
@@ -207,6 +293,12 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=500)
     parser.add_argument("--n-queries", type=int, default=20)
     parser.add_argument("--report", default=None, help="Markdown file to update.")
+    parser.add_argument(
+        "--bergson",
+        action=argparse.BooleanOptionalAction,
+        default=BERGSON_PYTHON.is_file(),
+        help="Add Bergson 2.5.1 as a second peer (default: when `make peers-bergson` has run).",
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="small", help=argparse.SUPPRESS)
     args = parser.parse_args()
