@@ -101,8 +101,8 @@ def test_zero_weight_equals_dropping_the_row(config):
     kept, _ = run.run(w, skip_dropped=False)
     for p, q in zip(kept, dict(dropped.named_parameters()).values()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-    with pytest.raises(AssertionError, match="not close"):  # dropping rows is not a no-op
-        _close(dropped, finetune(model, task, train, config))
+    full = finetune(model, task, train, config)  # dropping rows is not a no-op
+    assert (dropped.l1.weight - full.l1.weight).abs().max() > 1e-4
 
 
 def test_causal_lm_tied_embeddings_and_padding():
