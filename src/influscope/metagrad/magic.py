@@ -191,7 +191,9 @@ def magic_scores(
         for q in mine:
             values[q] = run.measurement(theta_T, queries, [q])[0].double()
     for c, chunk in enumerate(chunks):
-        out[chunk] = _reverse(run, queries, chunk, theta_T, checkpoints, k, store, f"r{rank}of{world}-c{c}")
+        out[chunk] = _reverse(
+            run, queries, chunk, theta_T, checkpoints, k, store, f"r{rank}of{world}-c{c}"
+        )
     if world > 1:
         all_reduce_(out)
         all_reduce_(values)
