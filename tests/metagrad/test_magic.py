@@ -15,6 +15,7 @@ import torch
 from influscope.engine.shards import PartialSums
 from influscope.errors import ConfigError
 from influscope.metagrad import Finetune, FinetuneConfig, MagicConfig, magic, magic_scores
+from influscope.modules.tracked import TrackedModel
 from influscope.tasks import CausalLMTask
 from influscope.toy import (
     MLP,
@@ -59,7 +60,9 @@ RECIPES = {
 def test_metagradient_equals_finite_differences_of_retraining(name):
     model, task, train, queries = _problem()
     recipe = RECIPES[name]
-    scores = magic_scores(model, task, train, queries, MagicConfig(recipe=recipe))
+    scores = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
+    )
     assert scores.pairwise.shape == (3, 10) and scores.pairwise.dtype == torch.float64
     for i in (0, 4, 9):
         fd = _finite_difference(model, task, train, queries, recipe, i, 1e-5)
@@ -84,7 +87,9 @@ def test_causal_lm_adamw_with_unseen_tokens_and_tied_embeddings():
     queries = random_lm_data(2, vocab=12, min_len=3, max_len=6, seed=2, prompt_len=1)
     recipe = FinetuneConfig(epochs=1, lr=0.01, batch_size=2, weight_decay=0.1)
     task = CausalLMTask()
-    scores = magic_scores(model, task, train, queries, MagicConfig(recipe=recipe))
+    scores = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
+    )
     assert torch.isfinite(scores.pairwise).all()
     for i in (1, 3):
         fd = _finite_difference(model, task, train, queries, recipe, i, 1e-5)
@@ -97,7 +102,12 @@ def test_replay_interval_does_not_change_the_scores():
     recipe = RECIPES["adamw"]  # T = 2 · ⌈10/3⌉ = 8 steps
     steps = recipe.steps(len(train))
     runs = [
-        magic_scores(model, task, train, queries, MagicConfig(recipe=recipe, replay_every=k))
+        magic_scores(
+            TrackedModel.select(model, task, "all"),
+            train,
+            queries,
+            MagicConfig(recipe=recipe, replay_every=k),
+        )
         for k in (1, math.ceil(math.sqrt(steps)), steps, None)
     ]
     for other in runs[1:]:
@@ -107,11 +117,23 @@ def test_replay_interval_does_not_change_the_scores():
 def test_query_batches_equal_one_query_at_a_time():
     model, task, train, queries = _problem()
     recipe = RECIPES["sgd-momentum"]
-    together = magic_scores(model, task, train, queries, MagicConfig(recipe=recipe))
-    chunked = magic_scores(model, task, train, queries, MagicConfig(recipe=recipe, query_batch=2))
+    together = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
+    )
+    chunked = magic_scores(
+        TrackedModel.select(model, task, "all"),
+        train,
+        queries,
+        MagicConfig(recipe=recipe, query_batch=2),
+    )
     assert torch.equal(chunked.pairwise, together.pairwise)
     for q in range(len(queries)):
-        alone = magic_scores(model, task, train, queries.subset([q]), MagicConfig(recipe=recipe))
+        alone = magic_scores(
+            TrackedModel.select(model, task, "all"),
+            train,
+            queries.subset([q]),
+            MagicConfig(recipe=recipe),
+        )
         assert torch.equal(alone.pairwise[0], together.pairwise[q])
     assert together.top(0, 3)[0][1] == float(together.pairwise[0].max())
 
@@ -125,7 +147,7 @@ def test_memory_budget_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(magic, "Finetune", no_work)
     config = MagicConfig(recipe=RECIPES["adamw"], memory_mb=1e-4)
     with pytest.raises(ConfigError, match=r"REPLAY would hold .* MiB .* memory_mb = 0\.0001"):
-        magic_scores(model, task, train, queries, config)
+        magic_scores(TrackedModel.select(model, task, "all"), train, queries, config)
     # the estimate: (⌈T/k⌉ + k + Q + 1) states of (params · 3) float64 numbers, plus Q·N scores
     params = sum(p.numel() for p in model.parameters())
     need = magic.replay_memory(params * 8 * 3, 8, 3, 3, 10)
@@ -135,7 +157,7 @@ def test_memory_budget_is_refused_before_any_work(monkeypatch):
 def test_killed_reverse_pass_resumes_from_the_last_segment(tmp_path, monkeypatch):
     model, task, train, queries = _problem()
     config = MagicConfig(recipe=RECIPES["adamw"], replay_every=2)  # 4 segments
-    full = magic_scores(model, task, train, queries, config)
+    full = magic_scores(TrackedModel.select(model, task, "all"), train, queries, config)
     save = magic._save
     calls = []
 
@@ -148,11 +170,13 @@ def test_killed_reverse_pass_resumes_from_the_last_segment(tmp_path, monkeypatch
     monkeypatch.setattr(magic, "_save", killed)
     store = PartialSums(tmp_path / "partial", {"test": 1})
     with pytest.raises(KeyboardInterrupt, match="killed"):
-        magic_scores(model, task, train, queries, config, store=store)
+        magic_scores(TrackedModel.select(model, task, "all"), train, queries, config, store=store)
     assert calls == [3, 2]
     monkeypatch.setattr(magic, "_save", save)
     store = PartialSums(tmp_path / "partial", {"test": 1})
-    resumed = magic_scores(model, task, train, queries, config, store=store)
+    resumed = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, config, store=store
+    )
     assert store.loaded == 1  # resumed from segment 2's boundary
     assert torch.equal(resumed.pairwise, full.pairwise)
 

@@ -156,6 +156,12 @@ class FinetuneConfig(Settings):
                     f"{self.parameters!r} does not compile ({exc})."
                 ) from None
 
+    def to_dict(self) -> dict:
+        """The fields as JSON stores them (``betas`` a list, as read back)."""
+        out = super().to_dict()
+        out["betas"] = list(self.betas)
+        return out
+
     @property
     def slots(self) -> int:
         """Optimizer tensors kept per parameter (AdamW: m, v; SGD: momentum buffer or none)."""
