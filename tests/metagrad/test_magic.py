@@ -91,6 +91,14 @@ def test_causal_lm_adamw_with_unseen_tokens_and_tied_embeddings():
         TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
     )
     assert torch.isfinite(scores.pairwise).all()
+    # Hugging Face's default fused attention has no double backward: the recipe runs the math
+    # kernel, the same function as eager attention
+    model.config._attn_implementation = "sdpa"
+    sdpa = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
+    )
+    torch.testing.assert_close(sdpa.pairwise, scores.pairwise, rtol=1e-9, atol=1e-12)
+    model.config._attn_implementation = "eager"
     for i in (1, 3):
         fd = _finite_difference(model, task, train, queries, recipe, i, 1e-5)
         err = (scores.pairwise[:, i] - fd).abs().max() / fd.abs().max()

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influscope.config import Settings, require
 from influscope.errors import ConfigError, DataError
@@ -61,6 +62,8 @@ from influscope.modules.tracked import TrackedModel
 from influscope.tasks import EncodedDataset, Task, get_task
 
 __all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
     "Finetune",
     "FinetuneConfig",
     "batch_schedule",
@@ -68,6 +71,11 @@ __all__ = [
     "measure",
     "select_parameters",
 ]
+
+#: Optimizers of the recipe (``FinetuneConfig.optimizer``).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+#: Learning-rate schedules (``FinetuneConfig.schedule``).
+SCHEDULES: tuple[str, ...] = ("constant", "linear")
 
 #: Training state: ``(θ, optimizer slots)``, each a tuple of tensors in parameter order.
 State = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
@@ -122,7 +130,7 @@ class FinetuneConfig(Settings):
             f"lr must be a finite number > 0, received {self.lr!r}.",
         )
         require(
-            self.optimizer in ("sgd", "adamw"),
+            self.optimizer in OPTIMIZERS,
             f"optimizer must be 'sgd' or 'adamw', received {self.optimizer!r}.",
         )
         require(
@@ -144,7 +152,7 @@ class FinetuneConfig(Settings):
             "with optimizer='adamw': set momentum=0 or optimizer='sgd'.",
         )
         require(
-            self.schedule in ("constant", "linear"),
+            self.schedule in SCHEDULES,
             f"schedule must be 'constant' or 'linear', received {self.schedule!r}.",
         )
         if self.parameters not in ("trainable", "all", "lora"):
@@ -221,7 +229,10 @@ class _Bound:
         self._model, self._tensors = model, tensors
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self._model, self._tensors, args, kwargs)
+        # the math SDPA kernel: the fused ones have no derivative of their backward, which
+        # MAGIC's reverse pass takes (it is the same function, so results do not change)
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(self._model, self._tensors, args, kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
