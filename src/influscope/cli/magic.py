@@ -140,6 +140,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope magic``: fine-tune, reverse pass, write the top-k, print a summary."""
     from influscope.cli.options import load_influence
+    from influscope.engine.distributed import is_writer
     from influscope.loading import load_records
     from influscope.metagrad import FinetuneConfig, MagicConfig
     from influscope.storage import atomic_write_json
@@ -177,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     json_path = Path(args.run) / f"{args.name}.json"
+    if not is_writer():  # under torchrun every rank holds the scores; rank 0 writes and prints
+        return 0
     atomic_write_json(json_path, {"config": config.to_dict(), "seconds": seconds, "queries": out})
     steps = config.recipe.steps(len(train))
     _summary(Console(), args, scores, records, query_records, steps, config.interval(steps))
