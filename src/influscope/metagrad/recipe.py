@@ -59,6 +59,7 @@ from influscope.config import Settings, require
 from influscope.errors import ConfigError, DataError
 from influscope.modules.selection import LORA_PATTERN
 from influscope.modules.tracked import TrackedModel
+from influscope.progress import track
 from influscope.tasks import EncodedDataset, Task, get_task
 
 __all__ = [
@@ -378,7 +379,7 @@ class Finetune:
         t0, state = start if start is not None else (0, self.initial_state())
         stop = self.n_steps if stop is None else stop
         with torch.no_grad():
-            for t in range(t0, stop):
+            for t in track(range(t0, stop), "fine-tune", total=stop - t0, unit="step"):
                 if on_step is not None:
                     on_step(t, state)
                 pos = self.schedule[t]
