@@ -50,3 +50,18 @@ def test_memory_budget_refusal_is_a_clean_error(workdir, capsys):
     err = capsys.readouterr().err
     assert "REPLAY would hold" in err and "--memory-mb" in err
     assert not (workdir / "run" / "magic" / "small").exists()
+
+
+def test_option_defaults_are_the_library_defaults():
+    from influscope.cli import build_parser
+    from influscope.metagrad import FinetuneConfig, MagicConfig
+
+    args = build_parser().parse_args(
+        ["magic", "--model", "m", "--train", "t", "--queries", "q", "--run", "r"]
+    )
+    recipe, magic = FinetuneConfig(), MagicConfig()
+    for key in ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum",
+                "schedule", "parameters"):  # fmt: skip
+        assert getattr(args, key) == getattr(recipe, key), key
+    for key in ("replay_every", "query_batch", "memory_mb"):
+        assert getattr(args, key) == getattr(magic, key), key
