@@ -195,3 +195,40 @@ def test_bad_config_is_refused():
     config = MagicConfig(recipe=FinetuneConfig(lr=0.5), replay_every=3)
     assert MagicConfig.from_dict(config.to_dict()) == config
     assert "memory_mb" not in config.fingerprint_dict()
+
+
+def test_at_convergence_n_times_magic_is_the_exact_influence():
+    """Full-batch heavy-ball SGD with L2 run to its fixed point θ*: ``dθ*/dw_m = -H⁻¹∇L_m / N``
+    (implicit function theorem), so ``N · magic[q, m] = -∇f_qᵀ H⁻¹ ∇L_m``, the influence
+    function in the ``df/dε`` convention (``H`` the Hessian of ``(1/N) Σ L_i + λ/2 ‖θ‖²``)."""
+    model, task, train, queries = _problem()
+    n, lam = len(train), 0.1
+    recipe = FinetuneConfig(
+        epochs=200, lr=0.5, batch_size=n, optimizer="sgd", momentum=0.8, weight_decay=lam
+    )
+    scores = magic_scores(
+        TrackedModel.select(model, task, "all"), train, queries, MagicConfig(recipe=recipe)
+    )
+    run = Finetune(model, task, train, recipe)
+    theta, _ = run.run()
+    sizes, shapes = [p.numel() for p in theta], [p.shape for p in theta]
+    flat = torch.cat([p.reshape(-1) for p in theta])  # (P,)
+
+    def bound(v):
+        return run.bound([c.reshape(s) for c, s in zip(v.split(sizes), shapes)])
+
+    batch = task.collate(train.examples)
+
+    def objective(v):
+        return task.training_loss(bound(v), batch, None).mean() + lam / 2 * (v * v).sum()
+
+    jac = torch.autograd.functional.jacobian
+    hessian = torch.autograd.functional.hessian(objective, flat)  # (P, P)
+    assert jac(objective, flat).norm() < 1e-6  # converged
+    assert torch.linalg.eigvalsh(hessian).min() > 0  # a minimum: the influence is defined
+    grads = jac(lambda v: task.training_loss(bound(v), batch, None), flat)  # (N, P)
+    qbatch = task.collate(queries.examples)
+    fgrads = jac(lambda v: task.measurement(bound(v), qbatch), flat)  # (Q, P)
+    influence = -fgrads @ torch.linalg.solve(hessian, grads.T)  # (Q, N)
+    err = (n * scores.pairwise - influence).abs().max() / influence.abs().max()
+    assert err < 1e-5, float(err)
