@@ -392,7 +392,8 @@ class Finetune:
         return state
 
     def model(self, theta: Sequence[torch.Tensor]) -> nn.Module:
-        """A copy of the model (eval mode) holding ``theta``."""
+        """A copy of the model (eval mode) holding ``theta``; exactly the trained parameters
+        have ``requires_grad``."""
         out = copy.deepcopy(self.base)
         params = dict(out.named_parameters())
         with torch.no_grad():
