@@ -54,6 +54,7 @@ def test_memory_budget_refusal_is_a_clean_error(workdir, capsys):
 
 def test_option_defaults_are_the_library_defaults():
     from influscope.cli import build_parser
+    from influscope.cli.magic import _parameters
     from influscope.metagrad import FinetuneConfig, MagicConfig
 
     args = build_parser().parse_args(
@@ -61,7 +62,10 @@ def test_option_defaults_are_the_library_defaults():
     )
     recipe, magic = FinetuneConfig(), MagicConfig()
     for key in ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum",
-                "schedule", "parameters"):  # fmt: skip
+                "schedule"):  # fmt: skip
         assert getattr(args, key) == getattr(recipe, key), key
+    assert _parameters(args) == recipe.parameters
+    args.adapter = "some/adapter"  # loaded for inference: its matrices do not require grad
+    assert _parameters(args) == "lora"
     for key in ("replay_every", "query_batch", "memory_mb"):
         assert getattr(args, key) == getattr(magic, key), key

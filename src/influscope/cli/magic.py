@@ -48,7 +48,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "every optimizer step with REPLAY checkpointing. Writes RUN/magic/NAME and "
         "RUN/NAME.json (top-k).",
     )
-    add_model_argument(p, adapter=True)
+    add_model_argument(p)
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="PEFT (LoRA) adapter directory applied on top of --model; the fine-tune then "
+        "trains the adapter matrices (see --parameters).",
+    )
     p.add_argument(
         "--train",
         required=True,
@@ -96,9 +102,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--parameters",
-        default="trainable",
-        help="Parameters the fine-tune trains: trainable (requires_grad, default), all, lora "
-        "(PEFT adapter matrices), or a regex searched in parameter names.",
+        default=None,
+        help="Parameters the fine-tune trains: trainable (those with requires_grad), all, "
+        "lora (PEFT adapter matrices), or a regex searched in parameter names (default: lora "
+        "with --adapter, else trainable).",
     )
     p.add_argument(
         "--replay-every",
@@ -155,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             momentum=args.momentum,
             schedule=args.schedule,
-            parameters=args.parameters,
+            parameters=_parameters(args),
         ),
         replay_every=args.replay_every,
         query_batch=args.query_batch,
@@ -189,6 +196,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters(args: argparse.Namespace) -> str:
+    """``--parameters``, or its default: the adapters of an ``--adapter`` model, else the
+    trainable parameters (an adapter loaded for inference has ``requires_grad`` off)."""
+    if args.parameters is not None:
+        return args.parameters
+    return "lora" if args.adapter else "trainable"
+
+
 def _row(index: int, score: float) -> dict:
     return {"index": index, "score": score}
 
@@ -206,7 +221,7 @@ def _summary(out: Console, args, scores, records, query_records, steps: int, k: 
         "model": str(args.model) + (f" + adapter {args.adapter}" if args.adapter else ""),
         "fine-tune": f"{args.optimizer}, lr {args.lr:g} ({args.schedule}), {args.epochs} "
         f"epoch(s), batch {args.batch_size}, seed {args.seed}, weight decay {args.weight_decay:g}",
-        "trained parameters": f"{len(scores.layer_names)} tensors ({args.parameters})",
+        "trained parameters": f"{len(scores.layer_names)} tensors ({_parameters(args)})",
         "steps T / replay k": f"{steps} / {k}",
         "training sequences": str(len(records)),
         "queries": str(len(query_records)),

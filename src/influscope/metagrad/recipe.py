@@ -218,7 +218,8 @@ def select_parameters(model: nn.Module, which: str) -> list[str]:
         raise ConfigError(
             f"parameters={which!r} selects no parameter of this model (it has {len(named)}, "
             f"e.g. {shown}). Give 'all', 'trainable', 'lora' (a PEFT model) or a regex that "
-            "matches some of these names."
+            "matches some of these names (a PEFT adapter loaded for inference has "
+            "requires_grad off: use 'lora')."
         )
     return names
 
