@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     json_path = Path(args.run) / f"{args.name}.json"
-    if not is_writer():  # under torchrun every rank holds the scores; rank 0 writes and prints
+    if not is_writer():  # with a process group every rank holds the scores; rank 0 writes
         return 0
     atomic_write_json(json_path, {"config": config.to_dict(), "seconds": seconds, "queries": out})
     steps = config.recipe.steps(len(train))
