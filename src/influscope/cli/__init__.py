@@ -32,6 +32,7 @@ from influscope.cli import (
     demo,
     fit,
     index,
+    magic,
     probe,
     query,
     report,
@@ -58,6 +59,7 @@ COMMANDS = [
     curate,
     trajectory,
     probe,
+    magic,
 ]
 
 #: Commands that keep finished shards when interrupted (docs/scale.md): Ctrl-C says so.
