@@ -101,10 +101,10 @@ def test_an_interrupted_build_resumes_with_only_the_missing_retrains(tmp_path) -
     class Killed(RegressionRecipe):
         def __call__(self, weights):
             if self.calls == 5:  # 2 full runs + 3 subsets done, then "killed"
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt("killed")
             return super().__call__(weights)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         build_bank(Killed(), measure, 20, FINGERPRINTS, CFG, tmp_path)
     assert not (tmp_path / "bank" / "bank").exists()  # no half-written stage
     again = RegressionRecipe()

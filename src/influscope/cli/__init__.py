@@ -38,6 +38,7 @@ from influscope.cli import (
     score,
     trajectory,
     unlearn,
+    validate,
 )
 from influscope.errors import InfluscopeError
 
@@ -58,6 +59,7 @@ COMMANDS = [
     curate,
     trajectory,
     probe,
+    validate,
 ]
 
 #: Commands that keep finished shards when interrupted (docs/scale.md): Ctrl-C says so.

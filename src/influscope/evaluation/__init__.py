@@ -32,6 +32,7 @@ from influscope.evaluation.bank import (
     drop_sets,
     load_bank,
 )
+from influscope.evaluation.bank_recipe import BankRecipe, callable_recipe, finetune_recipe
 from influscope.evaluation.bank_score import BankScore, ScoreBankConfig, score_bank
 from influscope.evaluation.baselines import (
     bm25,
@@ -59,6 +60,7 @@ from influscope.metrics import found_at, lds_score, pearson, roc_auc, spearman
 __all__ = [
     "Bank",
     "BankConfig",
+    "BankRecipe",
     "BankScore",
     "BrittlenessConfig",
     "BrittlenessResult",
@@ -76,9 +78,11 @@ __all__ = [
     "bm25",
     "brittleness",
     "build_bank",
+    "callable_recipe",
     "default_workers",
     "detection_report",
     "drop_sets",
+    "finetune_recipe",
     "flip_labels",
     "found_at",
     "gradient_cosine",
