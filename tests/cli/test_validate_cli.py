@@ -41,10 +41,15 @@ def test_validate_build_then_score_an_attribution_of_the_full_run(workdir, tmp_p
     assert main([*score, *_data(workdir), *RECIPE, "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "LDS" in out and "remove top-2" in out
-    result = json.loads((bank / "validation-scores.json").read_text())
+    result = json.loads((run / "validation" / "scores.json").read_text())
     assert [r["fraction"] for r in result["lds"]] == [0.2, 0.5]
     assert [r["n_dropped"] for r in result["lds"]] == [2, 5]
     assert result["removal"][0]["k"] == 2 and result["removal"][0]["queries"] == 1
+    # the HTML report of the run shows the validation section
+    assert main(["report", str(run), "--train", str(workdir / "train.jsonl"),
+                 "--queries", str(workdir / "queries.jsonl")]) == 0  # fmt: skip
+    page = (run / "studies.html").read_text()
+    assert "Validation bank" in page and "LDS mean ± s.e.m." in page and "remove top-k" in page
     # a rebuild with the same options loads the stored bank; another lr is refused as stale
     assert main([*build, "--fractions", "0.2", "0.5", "--subsets", "3"]) == 0
     code = main([*build, "--fractions", "0.2", "0.5", "--subsets", "3", "--lr", "1e-3"])

@@ -17,6 +17,7 @@ from torch import nn
 from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.evaluation import BankConfig, BankScore, ScoreBankConfig, build_bank, score_bank
 from influscope.evaluation.bank import drop_sets, load_bank
+from influscope.evaluation.bank_score import report_section
 from influscope.scoring.pairwise import Scores
 
 CFG = BankConfig(fractions=(0.1, 0.5), subsets=4, seed=3)
@@ -60,6 +61,7 @@ def test_zero_fine_tune_steps_give_the_constant_prediction_result_exactly(tmp_pa
     assert rem.top_below_random == 0.0
     payload = result.to_json()
     assert payload["lds"][0]["mean"] is None and json.dumps(payload)  # strict JSON, no NaN
+    assert "undefined (constant)" in report_section(result).html
 
 
 def test_planted_linear_recipe_gives_lds_one_for_the_exact_attribution() -> None:

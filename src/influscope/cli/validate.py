@@ -128,7 +128,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--out",
         default=None,
-        help="JSON result (default: BANK/validation-<scores>.json).",
+        help="JSON result (default: RUN/validation/<scores>.json, which `influscope report "
+        "RUN` shows as a section).",
     )
     p.set_defaults(func=run)
     return p
@@ -287,7 +288,7 @@ def _score(args: argparse.Namespace) -> int:
     Console().print(result_table(result))
     for line in summary_lines(result)[len(result.lds) :]:
         Console().print(line)
-    out = Path(args.out or Path(args.bank) / f"validation-{args.scores}.json")
+    out = Path(args.out or Path(args.run) / "validation" / f"{args.scores}.json")
     if is_writer():
         result.save(out)
         console.print(f"wrote {out}")
