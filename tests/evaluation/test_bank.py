@@ -193,9 +193,18 @@ def test_a_nondeterministic_recipe_is_refused_naming_the_cause(tmp_path, recipe,
             return model
 
         recipe = with_dropout
+    kept = []
     with pytest.raises(ConfigError, match=rf"not deterministic.*{cause}.*Nothing was stored"):
-        build_bank(recipe, measure, 10, FINGERPRINTS, BankConfig((0.2,), 3), tmp_path)
-    assert not any(tmp_path.rglob("*"))  # no stage, no partial store
+        build_bank(
+            recipe,
+            measure,
+            10,
+            FINGERPRINTS,
+            BankConfig((0.2,), 3),
+            tmp_path,
+            keep_full=kept.append,
+        )
+    assert not any(tmp_path.rglob("*")) and not kept  # no stage, partial store or saved model
 
 
 def _bank_and_scores(tmp_path):

@@ -74,6 +74,7 @@ WeightedRecipe = Callable[[torch.Tensor], nn.Module]
 Measure = Callable[[nn.Module], torch.Tensor]
 
 KIND = "bank"
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass(frozen=True)
@@ -318,12 +319,7 @@ def diagnose_nondeterminism(model: nn.Module) -> list[str]:
     recipe itself draws unseeded randomness).
     """
     causes = []
-    drop = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
-        and m.p > 0
-    ]
+    drop = [n for n, m in model.named_modules() if isinstance(m, _DROPOUT) and m.p > 0]
     cfg = getattr(model, "config", None)
     fields = {}
     if cfg is not None and hasattr(cfg, "to_dict"):
@@ -371,6 +367,8 @@ def _full_runs(
     ones = torch.ones(n_train, dtype=torch.float64)  # (N,)
     runs = [None, None]
     causes: list[str] = []
+    first: nn.Module | None = None
+    live = False  # a dropout module left in training mode
     for r in range(2):
         if r % world != rank:
             continue
@@ -380,8 +378,11 @@ def _full_runs(
             continue
         model, values = _measure(recipe, measure, ones)
         causes = diagnose_nondeterminism(model) or causes
+        live = live or any(
+            isinstance(m, _DROPOUT) and m.p > 0 and m.training for m in model.modules()
+        )
         if r == 0 and keep_full is not None:
-            keep_full(model)
+            first = model  # handed to keep_full only once the runs agree
         del model
         runs[r] = values
     q = max((v.numel() for v in runs if v is not None), default=0)
@@ -413,6 +414,13 @@ def _full_runs(
             + "; ".join(found)
             + ". Nothing was stored."
         )
+    if live:  # identical runs, but seeded dropout masks still shift with the dropped rows
+        logger.warning(
+            "the two full runs agree, but the trained model has dropout in training mode: "
+            "with seeded masks a counterfactual also changes every later mask; prefer p = 0"
+        )
+    if first is not None:
+        keep_full(first)  # type: ignore[misc]
     if store is not None:
         for r in range(2):
             if runs[r] is not None and r % world == rank:
