@@ -70,3 +70,38 @@ def test_validate_refuses_bad_fractions_and_scores_of_other_data(workdir, tmp_pa
 def test_validate_build_needs_model_train_and_queries(tmp_path, capsys, action):
     assert main(["validate", action, "--bank", str(tmp_path)]) == 2
     assert "needs --model, --train, --queries" in capsys.readouterr().err
+
+
+USER_RECIPES = """
+import torch
+from influscope.metagrad.recipe import FinetuneConfig, finetune
+
+
+def train(model, task, data, weights):
+    return finetune(model, task, data, FinetuneConfig(lr=1e-2, batch_size=4), weights)
+
+
+def noisy(model, task, data, weights):
+    model = train(model, task, data, weights)
+    with torch.no_grad():
+        for p in model.parameters():  # unseeded: a different model on every call
+            p.add_(1e-3 * torch.randn_like(p))
+    return model
+"""
+
+
+def test_validate_build_with_a_users_training_function(workdir, tmp_path, capsys):
+    (tmp_path / "recipes.py").write_text(USER_RECIPES)
+    bank = tmp_path / "bank"
+    args = ["validate", "build", "--bank", str(bank), *_data(workdir), "--device", "cpu"]
+    args += ["--fractions", "0.5", "--subsets", "3"]
+    assert main([*args, "--recipe", f"{tmp_path / 'recipes.py'}:train"]) == 0
+    assert (bank / "bank" / "bank" / "meta.json").is_file()
+    # a nondeterministic function is refused, naming the cause, and leaves nothing behind
+    other = tmp_path / "other"
+    noisy = [*args[:3], str(other), *args[4:], "--recipe", f"{tmp_path / 'recipes.py'}:noisy"]
+    assert main(noisy) == 2
+    assert "not deterministic" in capsys.readouterr().err
+    assert not other.exists() or not any(other.rglob("*"))
+    assert main([*args, "--recipe", f"{tmp_path / 'recipes.py'}:missing"]) == 2
+    assert "defines no function 'missing'" in capsys.readouterr().err
