@@ -17,7 +17,8 @@ from torch import nn
 from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.evaluation import BankConfig, BankScore, ScoreBankConfig, build_bank, score_bank
 from influscope.evaluation.bank import drop_sets, load_bank
-from influscope.evaluation.bank_score import report_section
+from influscope.evaluation.bank_score import _column_spearman, report_section
+from influscope.metrics import spearman
 from influscope.scoring.pairwise import Scores
 
 CFG = BankConfig(fractions=(0.1, 0.5), subsets=4, seed=3)
@@ -29,6 +30,17 @@ def _exact_attribution(recipe: RegressionRecipe) -> torch.Tensor:
     g, q = recipe.gradients(theta)  # (N, d), (Q, d)
     h = 2 * recipe.x.T @ recipe.x / recipe.x.shape[0]  # (d, d)
     return -q @ torch.linalg.solve(h, g.T)  # (Q, N)
+
+
+def test_the_vectorised_column_spearman_equals_the_metric() -> None:
+    gen = np.random.default_rng(0)
+    x, y = gen.normal(size=(7, 5)), gen.normal(size=(7, 5))
+    x[3, 1] = x[5, 1]  # a tie
+    y[:, 4] = 2.0  # a constant column
+    got = _column_spearman(x, y)
+    want = [spearman(x[:, q], y[:, q]) for q in range(5)]
+    np.testing.assert_allclose(got[:4], want[:4], rtol=1e-12)
+    assert np.isnan(got[4]) and np.isnan(want[4])
 
 
 def test_drop_sets_are_reproducible_and_independent_of_other_fractions() -> None:
@@ -56,6 +68,7 @@ def test_zero_fine_tune_steps_give_the_constant_prediction_result_exactly(tmp_pa
     for row in result.lds:
         assert np.isnan(row.mean) and np.isnan(row.sem) and row.n == 0
         assert row.constant_queries == 4 and all(np.isnan(v) for v in row.per_query)
+        assert np.isnan(row.subset_se)
     (rem,) = result.removal
     assert rem.per_query_top == [0.0] * 4 and rem.per_query_random == [0.0] * 4
     assert rem.top_below_random == 0.0
@@ -70,6 +83,7 @@ def test_planted_linear_recipe_gives_lds_one_for_the_exact_attribution() -> None
     exact = score_bank(bank, recipe.a / 30)
     for row in exact.lds:
         assert row.per_query == [1.0, 1.0, 1.0] and row.mean == 1.0 and row.n == 3
+        assert row.subset_se == 0.0  # every resample of the subsets still ranks perfectly
     # the sign matters: the negated attribution is perfectly wrong
     assert all(r.mean == -1.0 for r in score_bank(bank, -recipe.a).lds)
     gen = torch.Generator().manual_seed(1)

@@ -298,7 +298,8 @@ def _score(args: argparse.Namespace) -> int:
 def result_table(result) -> Table:
     """LDS per drop fraction as a rich table."""
     t = Table(title=f"LDS of {result.scores}")
-    for col in ("leave-k-out", "rows dropped", "subsets", "LDS mean ± s.e.m.", "queries"):
+    cols = ("leave-k-out", "rows dropped", "subsets", "LDS mean ± s.e.m.", "bootstrap s.e.")
+    for col in (*cols, "queries"):
         t.add_column(col)
     for r in result.lds:
         note = f" ({r.constant_queries} constant)" if r.constant_queries else ""
@@ -307,6 +308,7 @@ def result_table(result) -> Table:
             str(r.n_dropped),
             str(r.subsets),
             f"{r.mean:.3f} ± {r.sem:.3f}",
+            f"{r.subset_se:.3f}",
             f"{r.n}{note}",
         )
     return t

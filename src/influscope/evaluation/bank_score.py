@@ -106,6 +106,8 @@ class FractionLDS:
         constant_queries: Queries whose measurement is the same on every subset (``LDS_q``
             undefined).
         per_query: ``LDS_q`` for every query (``NaN`` where undefined).
+        subset_se: Bootstrap standard error of ``mean`` over the subsets (resampling the ``m``
+            subsets; the queries share them, so this is often the larger uncertainty).
     """
 
     fraction: float
@@ -116,6 +118,7 @@ class FractionLDS:
     n: int
     constant_queries: int
     per_query: list[float]
+    subset_se: float = float("nan")
 
 
 @dataclass
@@ -189,6 +192,7 @@ class BankScore:
                     **r,
                     "mean": num(r["mean"]),
                     "sem": num(r["sem"]),
+                    "subset_se": num(r.get("subset_se")),
                     "per_query": [num(v) for v in r["per_query"]],
                 }
             )
@@ -220,13 +224,22 @@ def report_section(result: BankScore):
             r.n_dropped,
             r.subsets,
             _pm(r.mean, r.sem),
+            f"{r.subset_se:.2g}" if np.isfinite(r.subset_se) else "—",
             r.n,
             r.constant_queries,
         ]
         for r in result.lds
     ]
     html = html_table(
-        ["leave-k-out", "rows dropped", "subsets", "LDS mean ± s.e.m.", "queries", "constant"],
+        [
+            "leave-k-out",
+            "rows dropped",
+            "subsets",
+            "LDS mean ± s.e.m.",
+            "subset bootstrap s.e.",
+            "queries",
+            "constant",
+        ],
         rows,
         caption="LDS: Spearman over the subsets between −Σ_{dropped} τ and the retrained "
         "measurement, per query; mean ± s.e.m. over queries with a defined correlation.",
@@ -342,6 +355,7 @@ def lds_per_fraction(bank: Bank, tau: torch.Tensor) -> list[FractionLDS]:
         per_query = rowwise(spearman, predicted.T, measured.T)  # (Q,)
         constant = int((measured.max(0).values == measured.min(0).values).sum())
         s = summary(per_query)
+        boot = _subset_bootstrap(predicted.numpy(), measured.numpy())
         out.append(
             FractionLDS(
                 fraction=float(fraction),
@@ -352,9 +366,41 @@ def lds_per_fraction(bank: Bank, tau: torch.Tensor) -> list[FractionLDS]:
                 n=int(s["n"]),
                 constant_queries=constant,
                 per_query=[float(v) for v in per_query],
+                subset_se=boot,
             )
         )
     return out
+
+
+def _column_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column pair of two ``(m, Q)`` arrays: ``(Q,)`` (NaN where
+    a column is constant); average ranks for ties, like :func:`influscope.metrics.spearman`."""
+    from scipy.stats import rankdata
+
+    rx = rankdata(x, axis=0) - (x.shape[0] + 1) / 2  # (m, Q)
+    ry = rankdata(y, axis=0) - (y.shape[0] + 1) / 2  # (m, Q)
+    den = np.sqrt((rx**2).sum(0) * (ry**2).sum(0))  # (Q,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(0) / den, np.nan)
+
+
+def _subset_bootstrap(predicted: np.ndarray, measured: np.ndarray, draws: int = 200) -> float:
+    """Standard deviation of the mean LDS over ``draws`` resamples of the subsets.
+
+    The s.e.m. over queries treats the queries as independent, but every query is measured on
+    the same ``m`` subsets, so a few unusual subsets move all of them together; resampling the
+    subsets (with replacement, ``default_rng(0)``) shows that part of the uncertainty.
+    ``NaN`` when no resample has a defined mean.
+    """
+    m = predicted.shape[0]
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(draws):
+        rows = rng.integers(0, m, size=m)
+        lds = _column_spearman(predicted[rows], measured[rows])  # (Q,)
+        if np.isfinite(lds).any():
+            means.append(float(np.nanmean(lds)))
+    return float(np.std(means, ddof=1)) if len(means) > 1 else float("nan")
 
 
 def removal_test(
@@ -477,7 +523,8 @@ def summary_lines(result: BankScore) -> list[str]:
         flag = f", {r.constant_queries} constant" if r.constant_queries else ""
         lines.append(
             f"LDS leave-{r.fraction:.3g}-out ({r.n_dropped} rows, m={r.subsets}): "
-            f"{r.mean:.3f} ± {r.sem:.3f} over {r.n} queries{flag}"
+            f"{r.mean:.3f} ± {r.sem:.3f} over {r.n} queries (subset bootstrap s.e. "
+            f"{r.subset_se:.3f}){flag}"
         )
     for r in result.removal:
         lines.append(
