@@ -50,9 +50,10 @@ from influscope.config import Settings, require
 from influscope.engine.distributed import all_reduce_, barrier, rank_and_world
 from influscope.engine.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
-from influscope.errors import ConfigError
+from influscope.errors import ConfigError, DataError
 from influscope.progress import track
 from influscope.storage import RunDirectory
+from influscope.storage.atomic import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +258,7 @@ def _expected(config: BankConfig, n_train: int, fingerprints: dict[str, Any]) ->
     )
 
 
-def _spec(
-    run: RunDirectory, name: str, expected: dict[str, Any], config: BankConfig
-) -> StageSpec[Bank]:
+def _spec(run: RunDirectory | None, name: str, expected: dict[str, Any]) -> StageSpec[Bank]:
     fix = (
         "Build a new bank with another --bank directory or --name, or pass overwrite=True "
         "(CLI: --overwrite) to rebuild this one."
@@ -295,9 +294,6 @@ def load_bank(bank_dir: str | Path, name: str = "bank") -> Bank:
     Raises:
         DataError: No bank ``name`` under ``bank_dir``.
     """
-    from influscope.errors import DataError
-    from influscope.storage.atomic import read_json
-
     run = RunDirectory(bank_dir)
     if not run.exists(KIND, name):
         raise DataError(
@@ -307,7 +303,7 @@ def load_bank(bank_dir: str | Path, name: str = "bank") -> Bank:
         )
     meta = read_json(run.stage_dir(KIND, name) / "meta.json")
     expected = {k: meta[k] for k in ("config", "n_train", "model", "data", "queries", "recipe")}
-    return _spec(run, name, expected, BankConfig()).read()
+    return _spec(run, name, expected).read()
 
 
 def diagnose_nondeterminism(model: nn.Module) -> list[str]:
@@ -470,7 +466,7 @@ def build_bank(
     dropped, which = drop_sets(n_train, config)  # refuses bad fractions before any work
     expected = _expected(config, n_train, fingerprints)
     run = RunDirectory(bank_dir) if bank_dir is not None else None
-    spec = _spec(run, name, expected, config)  # type: ignore[arg-type]
+    spec = _spec(run, name, expected)
 
     def compute(store: PartialSums | None) -> Bank:
         full, gap = _full_runs(recipe, measure, n_train, store, config, keep_full)
