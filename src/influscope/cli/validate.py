@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         NAME,
         help="Build a counterfactual validation bank of your fine-tune; score attributions on it.",
         description="build: run your fine-tune on all training rows (twice: it must be "
-        "deterministic) and without random leave-k%%-out subsets, storing each query "
+        "deterministic) and without random leave-k%-out subsets, storing each query "
         "measurement (resumable). score: the LDS of a stored attribution per drop fraction "
         "(Spearman over subsets, mean ± s.e.m. over queries) and, with --top-k, the "
         "remove-top-k-proponents vs k-random retraining test. See docs/validation.md.",
@@ -49,9 +49,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build", "score"], help="What to do (see above).")
     p.add_argument("--bank", required=True, help="Bank directory (BANK/bank/<name>).")
     p.add_argument("--name", default="bank", help="Bank stage name (default: bank).")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the subsets (build) and of the random removals (score) (default: 0).",
+    )
     g = p.add_argument_group("model, data and recipe (build; score with --top-k)")
     g.add_argument("--model", default=None, help="Base model: a Hugging Face directory or .gguf.")
-    g.add_argument("--adapter", default=None, help="PEFT (LoRA) adapter on top of --model.")
+    g.add_argument(
+        "--adapter",
+        default=None,
+        help="PEFT (LoRA) adapter on top of --model (default: none); train it with "
+        "--parameters lora; BANK/model then holds the trained adapter.",
+    )
     g.add_argument("--train", default=None, help="Training records (.jsonl/.json/.txt).")
     g.add_argument("--queries", default=None, help="Query records (.jsonl).")
     add_task_option(g)
@@ -92,7 +103,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Leave-k-out drop fractions (default: 0.01 0.05 0.5).",
     )
     b.add_argument("--subsets", type=int, default=8, help="Subsets per fraction (default: 8).")
-    b.add_argument("--seed", type=int, default=0, help="Seed of the subsets (default: 0).")
     b.add_argument(
         "--tolerance",
         type=float,
