@@ -105,3 +105,28 @@ def test_validate_build_with_a_users_training_function(workdir, tmp_path, capsys
     assert not other.exists() or not any(other.rglob("*"))
     assert main([*args, "--recipe", f"{tmp_path / 'recipes.py'}:missing"]) == 2
     assert "defines no function 'missing'" in capsys.readouterr().err
+
+
+def test_validate_a_lora_fine_tune_end_to_end(workdir, tmp_path, capsys):
+    # the bank trains only the adapter (--parameters lora); BANK/model holds the trained
+    # adapter, which fit / score load on top of its base model
+    from transformers import GPT2LMHeadModel
+
+    from conftest import lora
+
+    adapter = tmp_path / "adapter"
+    lora(GPT2LMHeadModel.from_pretrained(workdir / "model")).save_pretrained(adapter)
+    bank = tmp_path / "bank"
+    build = ["validate", "build", "--bank", str(bank), *_data(workdir), *RECIPE]
+    build += ["--adapter", str(adapter), "--parameters", "lora", "--fractions", "0.5"]
+    assert main([*build, "--subsets", "3"]) == 0
+    assert (bank / "model" / "adapter_config.json").is_file()
+    run = tmp_path / "run"
+    common = ["--model", str(bank / "model"), "--train", str(workdir / "train.jsonl")]
+    common += ["--run", str(run), "--device", "cpu"]
+    assert main(["fit", *common]) == 0
+    assert main(["score", *common, "--queries", str(workdir / "queries.jsonl")]) == 0
+    capsys.readouterr()
+    assert main(["validate", "score", "--bank", str(bank), "--run", str(run)]) == 0
+    result = json.loads((run / "validation" / "scores.json").read_text())
+    assert result["lds"][0]["subsets"] == 3 and result["lds"][0]["n_dropped"] == 5
