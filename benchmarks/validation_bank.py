@@ -26,7 +26,8 @@ import torch
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import vader_movie_reviews
 from influscope.evaluation import BankConfig, ScoreBankConfig, build_bank, finetune_recipe
-from influscope.evaluation.bank_score import score_bank, summary_lines
+from influscope.evaluation.bank_report import summary_lines
+from influscope.evaluation.bank_score import score_bank
 from influscope.metagrad.recipe import FinetuneConfig
 from influscope.training import fixed_threads, make_gpt2_config, train_lm, train_tokenizer
 

@@ -17,7 +17,8 @@ from torch import nn
 from influscope.errors import ConfigError, DataError, StaleArtifactError
 from influscope.evaluation import BankConfig, BankScore, ScoreBankConfig, build_bank, score_bank
 from influscope.evaluation.bank import drop_sets, load_bank
-from influscope.evaluation.bank_score import _column_spearman, report_section
+from influscope.evaluation.bank_report import report_section
+from influscope.evaluation.bank_score import _column_spearman
 from influscope.metrics import spearman
 from influscope.scoring.pairwise import Scores
 

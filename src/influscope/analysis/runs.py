@@ -340,7 +340,7 @@ def report_run(
         "token colouring": token_note,
         "studies": ", ".join(studies),
     }
-    from influscope.evaluation.bank_score import validation_sections  # RUN/validation/*.json
+    from influscope.evaluation.bank_report import validation_sections  # RUN/validation/*.json
 
     report = ReportView(
         title=title or f"influscope — {run.name}",

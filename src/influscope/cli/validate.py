@@ -273,7 +273,8 @@ def _score(args: argparse.Namespace) -> int:
     from influscope.engine.distributed import is_writer
     from influscope.errors import StaleArtifactError
     from influscope.evaluation.bank import load_bank
-    from influscope.evaluation.bank_score import ScoreBankConfig, score_bank, summary_lines
+    from influscope.evaluation.bank_report import summary_lines
+    from influscope.evaluation.bank_score import ScoreBankConfig, score_bank
 
     _require(args, "run", why="validate score")
     config = ScoreBankConfig(

@@ -11,6 +11,8 @@ retraining and exact references:
 * :mod:`.bank` — the validation bank of a user's own fine-tune: :func:`build_bank` (leave-k%-out
   counterfactual fine-tunes, resumable, refused when stale or nondeterministic);
   :mod:`.bank_score` — :func:`score_bank` (LDS per drop fraction, top-k removal test);
+  :mod:`.bank_recipe` — the built-in fine-tune or your function as a bank recipe;
+  :mod:`.bank_report` — terminal lines and the HTML report's section;
 * :mod:`.pbrf` — :func:`pbrf_influence`, the proximal Bregman response function (what
   influence functions estimate for a network that is not at an optimum);
 * :mod:`.mislabel` — :func:`flip_labels`, :func:`detection_report` (ROC-AUC, found@p);
