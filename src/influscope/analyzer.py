@@ -34,6 +34,7 @@ from influscope.tasks.data import record_list
 
 if TYPE_CHECKING:
     from influscope.index import GradientIndex, IndexConfig, TopK
+    from influscope.metagrad import MagicConfig
 
 
 class Influence:
@@ -482,6 +483,64 @@ class Influence:
             return EnsembleScores.from_members(members, labels=[f"seed {s}" for s in seeds])
 
         return run_stage(stage, compute, overwrite)
+
+    def magic(
+        self,
+        queries: EncodedDataset | Iterable[dict],
+        train: EncodedDataset | Iterable[dict],
+        config: MagicConfig | None = None,
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> Scores:
+        """Exact metagradients (MAGIC) of a deterministic fine-tune of this model on ``train``.
+
+        ``pairwise[q, i] = d f_q(θ_T) / d w_i`` at ``w = 1``: the derivative of query ``q``'s
+        measurement after the fine-tune ``config.recipe`` with respect to example ``i``'s
+        weight in its batches' losses (:mod:`influscope.metagrad.magic`; positive = up-weighting
+        helps the query; ``N ×`` it is on the influence scale). With a run directory and a
+        ``name`` the scores are stored as a ``magic`` stage (fingerprints of model, data,
+        queries and config), refused when stale, and a killed run resumes from the reverse
+        pass's last saved segment.
+
+        Raises:
+            ConfigError: REPLAY's memory exceeds ``config.memory_mb`` (before any work).
+            StaleArtifactError: A stored stage ``name`` differs (unless ``overwrite``).
+        """
+        from influscope.metagrad import MagicConfig, magic_scores
+
+        config = _config(config, MagicConfig)
+        queries = self._check(queries, "queries")
+        train = self._check(train, "train")
+        stores = self.run is not None and name is not None
+        expected = (
+            {
+                "config": config.fingerprint_dict(),
+                "model": self.fingerprint(),
+                "data": train.fingerprint(),
+                "queries": queries.fingerprint(),
+            }
+            if stores
+            else {}
+        )
+        stage = StageSpec(
+            self.run,
+            "magic",
+            name,
+            expected,
+            load=lambda tensors, meta: Scores(
+                layer_names=meta["parameters"], train_indices=meta["train_indices"], **tensors
+            ),
+            dump=lambda s: (
+                s.tensors(),
+                {"parameters": s.layer_names, "train_indices": s.train_indices},
+            ),
+            device=self.device,
+        )
+        return run_stage(
+            stage,
+            lambda store: magic_scores(self.tracked, train, queries, config, store),
+            overwrite,
+        )
 
     def self_influence(
         self, train: EncodedDataset, factors: CurvatureOperator, batch_size: int = 8

@@ -20,6 +20,7 @@ from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
 from influscope.errors import ConfigError
 from influscope.index.config import INDEX_DTYPES, IndexConfig
+from influscope.metagrad.recipe import OPTIMIZERS, SCHEDULES
 from influscope.probes import PROBES
 from influscope.projection.projector import INITS
 from influscope.solvers.refine import METHODS as REFINE_METHODS
@@ -39,6 +40,8 @@ REGISTRIES = {
     ("bias", "measurement"): MEASUREMENTS,
     ("bias", "select"): SELECTORS,
     ("unlearn", "method"): UNLEARN_METHODS,
+    ("magic", "optimizer"): OPTIMIZERS,
+    ("magic", "schedule"): SCHEDULES,
 }
 
 
@@ -148,6 +151,7 @@ def test_curvature_and_task_choices_equal_the_registries():
         "unlearn",
         "trajectory",
         "validate",
+        "magic",
     }
     for key in curvature:
         assert choices[key] == list(CURVATURES), key

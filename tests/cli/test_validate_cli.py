@@ -108,7 +108,7 @@ def test_validate_build_with_a_users_training_function(workdir, tmp_path, capsys
 
 
 def test_validate_a_lora_fine_tune_end_to_end(workdir, tmp_path, capsys):
-    # the bank trains only the adapter (--parameters lora); BANK/model holds the trained
+    # the bank trains only the adapter (--parameters lora, the default with --adapter); BANK/model holds the trained
     # adapter, which fit / score load on top of its base model
     from transformers import GPT2LMHeadModel
 
@@ -118,7 +118,7 @@ def test_validate_a_lora_fine_tune_end_to_end(workdir, tmp_path, capsys):
     lora(GPT2LMHeadModel.from_pretrained(workdir / "model")).save_pretrained(adapter)
     bank = tmp_path / "bank"
     build = ["validate", "build", "--bank", str(bank), *_data(workdir), *RECIPE]
-    build += ["--adapter", str(adapter), "--parameters", "lora", "--fractions", "0.5"]
+    build += ["--adapter", str(adapter), "--fractions", "0.5"]  # --parameters lora by default
     assert main([*build, "--subsets", "3"]) == 0
     assert (bank / "model" / "adapter_config.json").is_file()
     run = tmp_path / "run"

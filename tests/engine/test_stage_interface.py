@@ -11,6 +11,7 @@ import pytest
 from influscope.applications.unlearn import forget_gradients
 from influscope.curvature.run import fit_curvature
 from influscope.index.build import build_index, preconditioned_queries, query_index
+from influscope.metagrad.magic import magic_scores
 from influscope.modules.tracked import TrackedModel
 from influscope.scoring.damping import damping_sweep
 from influscope.scoring.pairwise import score_pass, self_influence_pass, token_pass
@@ -28,6 +29,7 @@ STAGES = [
     preconditioned_queries,
     query_index,
     forget_gradients,
+    magic_scores,
 ]
 
 

@@ -155,3 +155,22 @@ def test_bad_input_is_refused():
         Finetune(model, task, train, FinetuneConfig(parameters="nothing_here"))
     with pytest.raises(DataError, match=r"finite \(N,\)"):
         finetune(model, task, train, FinetuneConfig(), weights=torch.ones(3))
+
+
+def test_lora_fine_tune_trains_only_the_adapters():
+    pytest.importorskip("peft")
+    from conftest import lora
+
+    model = lora(tiny_gpt2(n_layer=1, vocab=24))
+    train = random_lm_data(4, vocab=24)
+    config = FinetuneConfig(lr=0.01, batch_size=2, parameters="lora")
+    run = Finetune(model, CausalLMTask(), train, config)
+    assert run.names and all(".lora_A." in n or ".lora_B." in n for n in run.names)
+    assert all(n.endswith(".weight") for n in run.names)
+    out = finetune(model, CausalLMTask(), train, config)
+    before, after = dict(model.named_parameters()), dict(out.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(run.names)
+    # "trainable" picks the same tensors on a PEFT model (only adapters require grad)
+    trainable = Finetune(model, CausalLMTask(), train, FinetuneConfig(parameters="trainable"))
+    assert trainable.names == run.names

@@ -32,6 +32,7 @@ from influscope.cli import (
     demo,
     fit,
     index,
+    magic,
     probe,
     query,
     report,
@@ -60,6 +61,7 @@ COMMANDS = [
     trajectory,
     probe,
     validate,
+    magic,
 ]
 
 #: Commands that keep finished shards when interrupted (docs/scale.md): Ctrl-C says so.

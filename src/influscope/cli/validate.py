@@ -60,8 +60,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument(
         "--adapter",
         default=None,
-        help="PEFT (LoRA) adapter on top of --model (default: none); train it with "
-        "--parameters lora; BANK/model then holds the trained adapter.",
+        help="PEFT (LoRA) adapter on top of --model (default: none); its matrices are "
+        "trained and BANK/model then holds the trained adapter.",
     )
     g.add_argument("--train", default=None, help="Training records (.jsonl/.json/.txt).")
     g.add_argument("--queries", default=None, help="Query records (.jsonl).")
@@ -82,8 +82,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0, help="Weight decay (default: 0).")
     g.add_argument(
         "--parameters",
-        default="trainable",
-        help="What is trained: 'trainable' (default), 'all', 'lora' or a regex of names.",
+        default=None,
+        help="What is trained: 'trainable', 'all', 'lora' or a regex of names (default: "
+        "'lora' with --adapter, else 'trainable').",
     )
     g.add_argument(
         "--recipe",
@@ -206,7 +207,8 @@ def _setup(args: argparse.Namespace):
             seed=args.train_seed,
             optimizer=args.optimizer,
             weight_decay=args.weight_decay,
-            parameters=args.parameters,
+            # an adapter loaded for inference has requires_grad off: train its matrices
+            parameters=args.parameters or ("lora" if args.adapter else "trainable"),
         )
         made = finetune_recipe(model, args.task, train, queries, config, args.measure_batch_size)
     return made, tokenizer

@@ -53,7 +53,8 @@ from influscope.config import Settings, require
 from influscope.engine.distributed import all_reduce_, rank_and_world
 from influscope.engine.shards import PartialSums
 from influscope.errors import ConfigError
-from influscope.metagrad.recipe import Finetune, FinetuneConfig, _parts, select_parameters
+from influscope.metagrad.recipe import Finetune, FinetuneConfig, select_parameters
+from influscope.modules.tracked import TrackedModel
 from influscope.progress import track
 from influscope.scoring.pairwise import Scores
 from influscope.tasks import EncodedDataset
@@ -98,6 +99,9 @@ class MagicConfig(Settings):
         )
         require(self.memory_mb > 0, f"memory_mb must be > 0, received {self.memory_mb!r}.")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "recipe": self.recipe.to_dict()}
+
     def fingerprint_dict(self) -> dict[str, Any]:
         """What the stored scores depend on (``to_dict`` without the memory budget)."""
         out = self.to_dict()
@@ -141,8 +145,7 @@ def _check_memory(model, train, queries, config: MagicConfig) -> tuple[int, int]
 
 
 def magic_scores(
-    tracked_or_model,
-    task,
+    tracked: TrackedModel,
     train: EncodedDataset,
     queries: EncodedDataset,
     config: MagicConfig | None = None,
@@ -151,8 +154,8 @@ def magic_scores(
     """Exact metagradients ``d f_q(θ_T) / d w_i`` of every query and training example.
 
     Args:
-        tracked_or_model: The model to fine-tune (a ``TrackedModel`` or an ``nn.Module``).
-        task: Its task (``None`` with a ``TrackedModel``: the tracked model's).
+        tracked: The model to fine-tune and its task (its tracked layers play no part: what
+            is trained is ``config.recipe.parameters``).
         train: Training data (``N`` examples; the fine-tune's data).
         queries: Queries (``Q`` examples); ``f`` is the task's measurement.
         config: REPLAY and the recipe (default :class:`MagicConfig`).
@@ -170,7 +173,12 @@ def magic_scores(
     config = config if config is not None else MagicConfig()
     if not isinstance(config, MagicConfig):
         raise ConfigError(f"config must be a MagicConfig, received {type(config).__name__}.")
-    model, task = _parts(tracked_or_model, task)
+    if not isinstance(tracked, TrackedModel):
+        raise ConfigError(
+            f"magic_scores needs a TrackedModel (model and task), received "
+            f"{type(tracked).__name__}; use TrackedModel.select(model, task, 'all')."
+        )
+    model, task = tracked.model, tracked.task
     steps, k = _check_memory(model, train, queries, config)
     run = Finetune(model, task, train, config.recipe)
     rank, world = rank_and_world()
@@ -191,7 +199,9 @@ def magic_scores(
         for q in mine:
             values[q] = run.measurement(theta_T, queries, [q])[0].double()
     for c, chunk in enumerate(chunks):
-        out[chunk] = _reverse(run, queries, chunk, theta_T, checkpoints, k, store, f"r{rank}of{world}-c{c}")
+        out[chunk] = _reverse(
+            run, queries, chunk, theta_T, checkpoints, k, store, f"r{rank}of{world}-c{c}"
+        )
     if world > 1:
         all_reduce_(out)
         all_reduce_(values)

@@ -53,14 +53,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influscope.config import Settings, require
 from influscope.errors import ConfigError, DataError
 from influscope.modules.selection import LORA_PATTERN
 from influscope.modules.tracked import TrackedModel
+from influscope.progress import track
 from influscope.tasks import EncodedDataset, Task, get_task
 
 __all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
     "Finetune",
     "FinetuneConfig",
     "batch_schedule",
@@ -68,6 +72,11 @@ __all__ = [
     "measure",
     "select_parameters",
 ]
+
+#: Optimizers of the recipe (``FinetuneConfig.optimizer``).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+#: Learning-rate schedules (``FinetuneConfig.schedule``).
+SCHEDULES: tuple[str, ...] = ("constant", "linear")
 
 #: Training state: ``(θ, optimizer slots)``, each a tuple of tensors in parameter order.
 State = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
@@ -122,7 +131,7 @@ class FinetuneConfig(Settings):
             f"lr must be a finite number > 0, received {self.lr!r}.",
         )
         require(
-            self.optimizer in ("sgd", "adamw"),
+            self.optimizer in OPTIMIZERS,
             f"optimizer must be 'sgd' or 'adamw', received {self.optimizer!r}.",
         )
         require(
@@ -144,7 +153,7 @@ class FinetuneConfig(Settings):
             "with optimizer='adamw': set momentum=0 or optimizer='sgd'.",
         )
         require(
-            self.schedule in ("constant", "linear"),
+            self.schedule in SCHEDULES,
             f"schedule must be 'constant' or 'linear', received {self.schedule!r}.",
         )
         if self.parameters not in ("trainable", "all", "lora"):
@@ -155,6 +164,12 @@ class FinetuneConfig(Settings):
                     f"parameters must be 'trainable', 'all', 'lora' or a regular expression; "
                     f"{self.parameters!r} does not compile ({exc})."
                 ) from None
+
+    def to_dict(self) -> dict:
+        """The fields as JSON stores them (``betas`` a list, as read back)."""
+        out = super().to_dict()
+        out["betas"] = list(self.betas)
+        return out
 
     @property
     def slots(self) -> int:
@@ -203,7 +218,8 @@ def select_parameters(model: nn.Module, which: str) -> list[str]:
         raise ConfigError(
             f"parameters={which!r} selects no parameter of this model (it has {len(named)}, "
             f"e.g. {shown}). Give 'all', 'trainable', 'lora' (a PEFT model) or a regex that "
-            "matches some of these names."
+            "matches some of these names (a PEFT adapter loaded for inference has "
+            "requires_grad off: use 'lora')."
         )
     return names
 
@@ -215,7 +231,10 @@ class _Bound:
         self._model, self._tensors = model, tensors
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self._model, self._tensors, args, kwargs)
+        # the math SDPA kernel: the fused ones have no derivative of their backward, which
+        # MAGIC's reverse pass takes (it is the same function, so results do not change)
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(self._model, self._tensors, args, kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
@@ -361,7 +380,7 @@ class Finetune:
         t0, state = start if start is not None else (0, self.initial_state())
         stop = self.n_steps if stop is None else stop
         with torch.no_grad():
-            for t in range(t0, stop):
+            for t in track(range(t0, stop), "fine-tune", total=stop - t0, unit="step"):
                 if on_step is not None:
                     on_step(t, state)
                 pos = self.schedule[t]
@@ -374,7 +393,8 @@ class Finetune:
         return state
 
     def model(self, theta: Sequence[torch.Tensor]) -> nn.Module:
-        """A copy of the model (eval mode) holding ``theta``."""
+        """A copy of the model (eval mode) holding ``theta``; exactly the trained parameters
+        have ``requires_grad``."""
         out = copy.deepcopy(self.base)
         params = dict(out.named_parameters())
         with torch.no_grad():
