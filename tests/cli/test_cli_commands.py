@@ -78,7 +78,7 @@ VALIDATED = {
 }
 
 #: Choices that select a code path of the command itself (nothing in the library to tie).
-CLI_ONLY = {("trajectory", "method")}
+CLI_ONLY = {("trajectory", "method"), ("validate", "action")}
 
 
 def _walk(prefix: str, parser: argparse.ArgumentParser):
@@ -150,6 +150,7 @@ def test_curvature_and_task_choices_equal_the_registries():
         "damping",
         "unlearn",
         "trajectory",
+        "validate",
         "magic",
     }
     for key in curvature:

@@ -340,11 +340,15 @@ def report_run(
         "token colouring": token_note,
         "studies": ", ".join(studies),
     }
+    from influscope.evaluation.bank_report import validation_sections  # RUN/validation/*.json
+
     report = ReportView(
         title=title or f"influscope — {run.name}",
         overview=overview,
         queries=views,
-        sections=[s.to_section() for s in studies.values()] + stored_sections(run),
+        sections=[s.to_section() for s in studies.values()]
+        + stored_sections(run)
+        + validation_sections(run),
         layer_heatmap=heatmap,
     )
     payload = {name: result.to_dict() for name, result in studies.items()}

@@ -39,6 +39,7 @@ from influscope.cli import (
     score,
     trajectory,
     unlearn,
+    validate,
 )
 from influscope.errors import InfluscopeError
 
@@ -59,6 +60,7 @@ COMMANDS = [
     curate,
     trajectory,
     probe,
+    validate,
     magic,
 ]
 
