@@ -103,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
             f"  resumed: {shards['loaded']} shard pass(es) read back from the interrupted run, "
             f"{shards['computed']} computed now"
         )
-    for layer, damping in op.damping.items():
-        console.print(f"  {layer}: damping {damping:.3g}")
+    from influscope.scoring.damping import damping_range
+
+    rule = (
+        f"absolute {config.damping:.3g}"
+        if config.damping is not None
+        else f"{config.damping_factor:.3g} × mean eigenvalue per layer"
+    )
+    console.print(f"  damping: {rule}; {damping_range(op)}")
     return 0

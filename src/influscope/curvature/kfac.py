@@ -18,6 +18,7 @@ from influscope.curvature.base import relative_damping
 from influscope.curvature.eigen import KroneckerEigenOperator
 from influscope.curvature.spec import CurvatureSpec, EstimateRow, FitFootprint, stats_dtype
 from influscope.curvature.statistics import covariances, eigendecompose
+from influscope.progress import track
 
 
 class KFACOperator(KroneckerEigenOperator):
@@ -30,7 +31,8 @@ def eigenbases(passes, layers, config) -> dict[str, tuple]:
     """``{layer: (λ_A, Q_A, λ_S, Q_S, T̄)}`` from one covariance pass (shared with EK-FAC)."""
     cov, n_seq = covariances(passes, layers, stats_dtype(config))
     bases = {}
-    for name, c in cov.items():
+    for name in track(list(cov), "eigendecomposition", unit="layer"):
+        c = cov.pop(name)  # each layer's sums are freed once decomposed
         n_tok = max(c.n_tokens, 1.0)
         lam_a, q_a = eigendecompose(c.a / n_tok, name, "activation")  # (in,), (in, in)
         lam_s, q_s = eigendecompose(c.s / n_tok, name, "output-gradient")  # (out,), (out, out)
