@@ -54,7 +54,9 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
     """Memory of each phase of a K-FAC / EK-FAC fit (bytes; ``K = Σ(in² + out²)``,
     ``P = Σ in·out``, float64 statistics):
 
-    * covariance pass: a pass + ``8K`` sums + the replay cache it fills;
+    * covariance pass: a pass + ``2·8K`` (the running total and the shard's own sums, both
+      held while a shard is added, :func:`~influscope.engine.shards.reduce_shards`) + the
+      replay cache it fills;
     * eigendecomposition, one layer at a time: ``8K`` (sums shrinking as bases grow) + one
       factor's float64 workspace ``≈ 4·8·d_max²`` + the replay cache;
     * eigenvalue refit: ``8K`` bases + ``16P`` sums and eigenvalues + the rotated gradients of
@@ -64,7 +66,7 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
     resident = f.resident or f.pass_bytes  # without a measured resident size: a pass
     widest_grad = max((i * o for i, o in f.dims), default=0)
     return [
-        ("fit: covariance", f.pass_bytes + cov + f.cache_bytes, 0, ""),
+        ("fit: covariance", f.pass_bytes + 2 * cov + f.cache_bytes, 0, ""),
         (
             "fit: eigendecomposition",
             resident + cov + 4 * 8 * f.widest**2 + f.cache_bytes,
