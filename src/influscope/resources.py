@@ -1,32 +1,45 @@
-"""Estimated memory and disk of each stage, before anything runs (``--dry-run``).
+"""Estimated memory, disk and time of each stage, before anything runs (``--dry-run``).
 
-Estimates, per stage, for ``L`` tracked layers of widths ``in_ℓ`` (bias column included) and
-``out_ℓ``, batch ``B``, padded length ``T``, ``N`` training sequences and ``Q`` queries (4-byte
-floats unless stated):
+With a :class:`~influscope.costs.BatchCost` (what ``influscope fit --dry-run`` measures: the
+memory the process holds with the model loaded, and one timed batch) the estimate is
 
-* every pass: parameters ``4P`` + activations kept for backward ``≈ 4·B·T·(16·d·n_layer + 2V)``
-  (``d`` hidden width, ``V`` vocabulary; the usual transformer rule of thumb) + captured
-  ``ā, s``: ``4·B·T·Σ_ℓ (in_ℓ + out_ℓ)``;
-* covariance: ``8·Σ_ℓ (in_ℓ² + out_ℓ²)`` (float64 sums);
-* eigenvalues: ``8·Σ_ℓ in_ℓ out_ℓ`` sums + ``4·B·Σ_ℓ in_ℓ out_ℓ`` rotated gradients of a batch;
-* factors on disk: ``8·Σ_ℓ (in_ℓ² + out_ℓ² + in_ℓ out_ℓ)``;
-* ``curvature="datainf"`` instead keeps every per-example gradient, ``4·N·Σ_ℓ in_ℓ out_ℓ`` in
-  memory and on disk (``N`` capped by ``max_examples``), plus a batch of gradients;
-  ``diagonal`` keeps ``8·Σ_ℓ in_ℓ out_ℓ`` sums and a batch of gradients; ``identity`` fits
-  nothing. Each curvature's rows come from its spec's ``estimate``
-  (:mod:`influscope.curvature.spec`);
-* scores: ``4·Q·Σ_ℓ in_ℓ out_ℓ`` query gradients + ``4·Q·N·L`` per-layer scores;
+* memory = ``resident`` (measured: runtime, the model's weights, tokenizer, data; no
+  parameter gradients are ever formed) + the stage's own tensors below, where a pass adds the
+  measured peak of one batch (activations kept for backward and the captured ``ā, s``);
+* time = the measured batch scaled by padded tokens ``Σ_b B_b T_b / (B_0 T_0)`` per pass,
+  plus the measured float64 eigendecompositions.
+
+Without it (library use) a pass is ``4P`` parameters + ``≈ 4·B·T·(16·d·n_layer + 2V)``
+activations (``d`` hidden width, ``V`` vocabulary; a transformer rule of thumb, within a factor
+of ~2) + ``4·B·T·Σ_ℓ (in_ℓ + out_ℓ)`` captures, and no time is given.
+
+Stage tensors, for ``L`` tracked layers of widths ``in_ℓ`` (bias column included) and
+``out_ℓ``, ``K = Σ_ℓ (in_ℓ² + out_ℓ²)``, ``P = Σ_ℓ in_ℓ out_ℓ``, batch ``B``, ``N`` training
+sequences and ``Q`` queries (4-byte floats unless stated):
+
+* K-FAC / EK-FAC (:func:`~influscope.curvature.kfac.kronecker_estimate`): covariance
+  ``2·8K`` float64 sums (the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 32·d_max²``
+  workspace); eigenvalues ``8K`` bases + ``16P`` + ``8·B·max in·out``; EK-FAC also keeps the
+  replay cache, ``4·Σ_b B_b T_b Σ_ℓ (in_ℓ + out_ℓ)`` capped at ``FitConfig.cache_mb``;
+  factors on disk ``8(K + P)``;
+* ``curvature="datainf"`` keeps every per-example gradient, ``4·N·P`` in memory and on disk
+  (``N`` capped by ``max_examples``), plus a batch of gradients; ``diagonal`` keeps ``8P``
+  sums and a batch of gradients; ``identity`` fits nothing. Each curvature's rows come from
+  its spec's ``estimate`` (:mod:`influscope.curvature.spec`);
+* scores: the factors ``8(K + P)`` + ``4·Q·P`` query gradients + ``4·Q·N·L`` per-layer scores;
 * index: ``N·D·bytes`` on disk with ``D = Σ_ℓ k_out,ℓ k_in,ℓ``, ``4·B·D`` per batch in memory;
   with ``init="eigen"`` also up to one full rotated gradient ``4·B·max_ℓ in_ℓ out_ℓ`` per batch
   and the used eigenvectors ``4·Σ_ℓ (in_ℓ² + out_ℓ²)`` (in memory and on disk).
 
-They are rough (within a factor of ~2 for activations), meant to tell 1 GiB from 100 GiB.
+Measured against peak RSS in docs/benchmarks.md ("dry-run estimates").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from influscope.costs import BatchCost
 from influscope.curvature.registry import CURVATURES
 from influscope.curvature.spec import FitFootprint
 from influscope.tasks.data import EncodedDataset
@@ -34,16 +47,27 @@ from influscope.tasks.data import EncodedDataset
 
 @dataclass
 class StageEstimate:
-    """Estimated peak memory and disk of one stage, in bytes."""
+    """Estimated peak memory and disk of one stage, in bytes, and its time in seconds
+    (``None`` when no batch was timed)."""
 
     stage: str
     memory: float
     disk: float
     note: str = ""
+    seconds: float | None = None
 
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.3f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
+
+
+def padded_tokens(data: EncodedDataset, batch_size: int) -> int:
+    """``Σ_b B_b T_b``: the tokens of every batch, each padded to its longest sequence."""
+    total = 0
+    for _, examples in data.batches(batch_size):
+        longest = max(int(ex["input_ids"].shape[-1]) for ex in examples)
+        total += len(examples) * longest
+    return total
 
 
 def estimate(
@@ -54,9 +78,13 @@ def estimate(
     index=None,
     curvature: str = "ekfac",
     max_examples: int | None = None,
+    cost: BatchCost | None = None,
+    cache_mb: float = 2048.0,
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
-    and (when ``index`` is an IndexConfig) indexing."""
+    and (when ``index`` is an IndexConfig) indexing; with ``cost`` (one measured batch, see
+    :func:`influscope.costs.measure_batch`) memory is anchored on measurements and fit stages
+    get a time."""
     tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
     model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -68,16 +96,32 @@ def estimate(
     t = train.max_length()
     n = len(train)
     dims = [(layer.in_dim, layer.out_dim) for layer in tracked.layers]
-    base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
-    captured = 4 * bsz * t * sum(i + o for i, o in dims)
     grad = sum(i * o for i, o in dims)
     n_fit = n if max_examples is None else min(n, max_examples)
-    footprint = FitFootprint(dims, n_fit, bsz, base + captured)
-    out = [StageEstimate(*row) for row in CURVATURES[curvature].estimate(footprint)]
+    fit_data = train.subset(list(range(n_fit)))
+    tokens = padded_tokens(fit_data, bsz)
+    if cost is not None:
+        resident = cost.resident
+        base = captured = 0.0
+        pass_bytes = cost.resident + cost.batch_peak
+    else:
+        base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
+        captured = 4 * bsz * t * sum(i + o for i, o in dims)
+        resident, pass_bytes = 4 * n_params, base + captured
+    spec = CURVATURES[curvature]
+    full_cache = 4 * tokens * sum(i + o for i, o in dims) + tokens  # a and s, plus the mask
+    cache = min(full_cache, cache_mb * 2**20) if spec.replays else 0.0
+    footprint = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, cache)
+    out = [StageEstimate(*row) for row in spec.estimate(footprint)]
+    if cost is not None:
+        _fit_times(out, cost, tokens, cache / full_cache if full_cache else 1.0)
     if n_queries:
+        factors = 8 * sum(i * i + o * o + i * o for i, o in dims)
         out.append(
             StageEstimate(
-                "score", base + captured + 4 * n_queries * grad + 4 * n_queries * n * len(dims), 0
+                "score",
+                pass_bytes + factors + 4 * n_queries * grad + 4 * n_queries * n * len(dims),
+                0,
             )
         )
     if index is not None:
@@ -90,7 +134,7 @@ def estimate(
         out.append(
             StageEstimate(
                 "index",
-                base + captured + (4 * bsz + 8) * d + extra_mem,
+                pass_bytes + (4 * bsz + 8) * d + extra_mem,
                 n * d * nbytes + extra_disk,
                 f"{n} rows × {d} dims × {nbytes} B",
             )
@@ -98,9 +142,53 @@ def estimate(
     return out
 
 
-def describe(estimates: list[StageEstimate]) -> str:
-    """A plain-text table of estimates."""
-    rows = [f"{'stage':<20} {'memory':>12} {'disk':>12}  note"]
+def _fit_times(rows: list[StageEstimate], cost: BatchCost, tokens: int, cached: float) -> None:
+    """Seconds of each fit row from the timed batch, scaled to ``tokens`` padded tokens;
+    ``cached`` is the fraction of the eigenvalue pass replayed from memory (no forward)."""
+    scale = tokens / max(cost.tokens, 1)
+    for row in rows:
+        if row.stage == "fit: covariance":
+            row.seconds = scale * (cost.seconds_pass + cost.seconds_cov)
+        elif row.stage == "fit: eigendecomposition":
+            row.seconds = cost.seconds_eigh
+        elif row.stage == "fit: eigenvalues":
+            row.seconds = scale * (cost.seconds_rot + (1 - cached) * cost.seconds_pass)
+        elif row.stage.startswith("fit"):  # one pass with per-example statistics
+            row.seconds = scale * (cost.seconds_pass + cost.seconds_rot)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, sec = divmod(math.ceil(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def describe(estimates: list[StageEstimate], cost: BatchCost | None = None) -> str:
+    """A plain-text table of estimates; with ``cost`` a time column, a total and what was
+    measured."""
+    timed = cost is not None or any(e.seconds is not None for e in estimates)
+    head = f"{'stage':<24} {'peak memory':>12} {'disk':>12}"
+    rows = [head + (f" {'time':>14}" if timed else "") + "  note"]
     for e in estimates:
-        rows.append(f"{e.stage:<20} {_gib(e.memory):>12} {_gib(e.disk):>12}  {e.note}")
+        line = f"{e.stage:<24} {_gib(e.memory):>12} {_gib(e.disk):>12}"
+        rows.append(line + (f" {_duration(e.seconds):>14}" if timed else "") + f"  {e.note}")
+    fit = [e for e in estimates if e.stage.startswith("fit")]
+    if fit:
+        peak = max(e.memory for e in fit)
+        total = sum(e.seconds for e in fit if e.seconds is not None)
+        rows.append(
+            f"fit peak ≈ {_gib(peak)}"
+            + (f", time ≈ {_duration(total)} (+ writing {_gib(fit[-1].disk)})" if timed else "")
+        )
+    if cost is not None:
+        rows.append(
+            f"measured on {cost.device}: {_gib(cost.resident)} held with the model loaded; one "
+            f"batch of {cost.batch_size} sequences ({cost.tokens} padded tokens): forward + "
+            f"backward {cost.seconds_pass:.2f} s, +{_gib(cost.batch_peak)} at its peak"
+        )
     return "\n".join(rows)

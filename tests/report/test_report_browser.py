@@ -219,3 +219,92 @@ def test_report_page_is_self_contained_and_escaped(report_page):
     body = html.split("<body>", 1)[1]
     assert "<script>window" not in html and "&lt;" in body  # tokens split the markup
     assert "http://" not in body and "https://" not in body and "<link" not in html
+
+
+#: Every ``<text>`` of every SVG chart inside its SVG (an SVG clips what lies outside it), and
+#: the page no wider than the window (the report's own ``.scroll`` boxes may scroll inside).
+CLIPPED_JS = """(() => {
+  const out = [];
+  for (const svg of document.querySelectorAll('svg')) {
+    const box = svg.getBoundingClientRect();
+    for (const t of svg.querySelectorAll('text')) {
+      const r = t.getBoundingClientRect();
+      if (r.width === 0) continue;
+      if (r.left < box.left - 1 || r.right > box.right + 1 ||
+          r.top < box.top - 1 || r.bottom > box.bottom + 1) {
+        out.push(svg.getAttribute('class') + ': ' + t.textContent);
+      }
+    }
+  }
+  for (const el of document.querySelectorAll('.legend, .card > h2, .qhead')) {
+    if (el.scrollWidth > el.clientWidth + 1) out.push('overflow: ' + el.className);
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth + 1) out.push('page overflow');
+  return out;
+})()"""
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless-browser check needs Debian's chromium (apt-get install -y chromium) or "
+    "CHROMIUM=/path/to/binary",
+)
+@pytest.mark.parametrize("width", [1400, 900])
+def test_report_reads_well_at_two_widths(report_page, tmp_path, width):
+    """The Queries table shows prompt → completion and the top proponent's text; no chart
+    text or legend is clipped; no ``None`` chips; layers summarised. Screenshot per width
+    (copied to ``$INFLUSCOPE_SCREENSHOTS`` when set)."""
+    browser = DevTools(CHROMIUM, tmp_path / "profile", tmp_path / "chromium.log")
+    try:
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Page.enable", session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            session,
+            width=width,
+            height=1000,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        browser.send("Page.navigate", session, url=report_page.resolve().as_uri())
+        browser.wait_for("Page.loadEventFired", timeout=60)
+
+        def js(expression: str):
+            result = browser.send(
+                "Runtime.evaluate", session, expression=expression, returnByValue=True
+            )
+            assert "exceptionDetails" not in result, result
+            return result["result"].get("value")
+
+        assert js("window.innerWidth") == width
+        table = js("document.querySelector('section.queries table').innerText")
+        assert "The capital of Velmora is Tarsk." in table  # prompt → completion, as text
+        assert "Now is the winter of our discontent." in table
+        rows = js(
+            "Array.from(document.querySelectorAll('section.queries tbody tr'),"
+            " r => Array.from(r.cells, c => c.innerText))"
+        )
+        assert [r[0] for r in rows] == ["0", "1"]  # numbered from 0, like the cards
+        for row in rows:  # the top proponent: its number and its text, not only "#342"
+            index, _, text = row[2].partition(" ")
+            assert index.startswith("#") and index[1:].isdigit() and len(text) > 10, row
+            assert text.rstrip("…") in "\n".join(TEXTS).replace("\n", " "), row
+        cards = js("Array.from(document.querySelectorAll('section.query h2'), h => h.innerText)")
+        assert cards[0].startswith("Query 0 · f0") and cards[1] == "Query 1", cards
+        chips = js("Array.from(document.querySelectorAll('.chip'), c => c.innerText)")
+        assert chips and not [c for c in chips if "None" in c], chips
+        overview = js("document.querySelector('table.kv').innerText")
+        assert "4 MLP projections in 2 blocks (mlp.c_fc, mlp.c_proj)" in overview
+        assert js(CLIPPED_JS) == []
+        shot = browser.send(
+            "Page.captureScreenshot", session, format="png", captureBeyondViewport=True
+        )
+        png = base64.b64decode(shot["data"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("INFLUSCOPE_SCREENSHOTS"):
+            out = Path(os.environ["INFLUSCOPE_SCREENSHOTS"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"report-{width}.png").write_bytes(png)
+    finally:
+        browser.close()

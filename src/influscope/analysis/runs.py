@@ -44,6 +44,7 @@ from influscope.analysis.tokens import token_study
 from influscope.analysis.word_order import word_order_study
 from influscope.errors import ConfigError, DataError, InfluscopeError
 from influscope.probes.base import stored_sections
+from influscope.report.summary import describe_layers, record_meta
 from influscope.report.views import QueryView, ReportView, SequenceView
 from influscope.scoring.pairwise import Scores
 from influscope.storage import atomic_write_json, read_json, read_tensors
@@ -202,8 +203,10 @@ def _plain_views(
 
     def seq(q: int, pos: int, score: float) -> SequenceView:
         rec = train_records[pos]
-        meta = {k: str(v) for k, v in rec.items() if k not in ("text", "prompt", "completion")}
-        return SequenceView(scores.train_indices[pos], score, [_text(rec)], [], meta)
+        text = _text(rec)
+        return SequenceView(
+            scores.train_indices[pos], score, [text], [], record_meta(rec), text=text
+        )
 
     views = []
     for q, rec in enumerate(query_records):
@@ -269,6 +272,12 @@ def _token_views(
     return named, view.layer_heatmap
 
 
+def _loadable(path: Path) -> bool:
+    """Whether ``path`` looks like a model :func:`influscope.loading.load_model` reads: a
+    ``.gguf`` file or a Hugging Face directory (``config.json``)."""
+    return (path.suffix == ".gguf" and path.is_file()) or (path / "config.json").is_file()
+
+
 def report_run(
     run: str | Path,
     *,
@@ -288,16 +297,30 @@ def report_run(
         factors_name: Name of the factors stage (for token-level colouring).
         train: Training records file (default: ``RUN/data.json`` or ``RUN/model/corpus.json``).
         queries: Query records file (same default).
-        model: Model directory for token-level colouring (default ``RUN/model`` when present;
-            ``"none"`` disables it).
+        model: Model for token-level colouring, a Hugging Face directory or a ``.gguf``
+            file as for every other command (default ``RUN/model`` when present; ``"none"``
+            disables it). A model given here that cannot be loaded is an error.
         config: Study settings.
         title: Page title.
 
     Returns:
         ``(report view, study results)``.
+
+    Raises:
+        DataError: No scores stage, records that do not match it, or a ``model`` that is
+            neither a model directory nor a ``.gguf`` file or that fails to load.
     """
     config = config or StudyConfig()
     run = Path(run)
+    explicit = model is not None and str(model) != "none"
+    model_path = Path(model) if explicit else run / "model"
+    if explicit and not _loadable(model_path):
+        raise DataError(
+            f"--model {str(model)!r}: expected a Hugging Face model directory (one holding "
+            "config.json) or a .gguf file, the same model given to `influscope fit` and "
+            f"`score`; {'it does not exist' if not model_path.exists() else 'found neither'}. "
+            "Pass that model, or --model none to show the text without token colouring."
+        )
     scores, meta = load_scores(run, scores_name)
     n_q, n = scores.pairwise.shape
     train_all, query_recs = _records(run, train, queries, n_q)
@@ -307,17 +330,18 @@ def report_run(
             f"{len(train_all)} records were found. Pass --train with the file that was scored."
         )
     train_recs = [train_all[i] for i in scores.train_indices]
-    model_path = Path(model) if model and str(model) != "none" else run / "model"
     heatmap = None
     views: list[QueryView] = []
     token_note = "no model found: text shown without token colouring"
-    if str(model) != "none" and (model_path / "config.json").is_file() and n == len(train_all):
+    if str(model) != "none" and _loadable(model_path) and n == len(train_all):
         try:
             views, heatmap = _token_views(
                 run, model_path, factors_name, scores, meta, train_all, query_recs, config.top_k
             )
             token_note = f"per-token influence from {model_path}"
         except InfluscopeError as exc:
+            if explicit:  # the model the user named must load, or the report says why not
+                raise
             logger.warning("token colouring skipped: %s", exc)
             token_note = f"token colouring skipped: {exc}"
     if not views:
@@ -326,7 +350,7 @@ def report_run(
             cols, values = [], []
             for q in range(n_q):
                 _, c, v = layer_heatmap(scores, q, 1)
-                cols.append(f"q{q} → {c[0]}")
+                cols.append(f"query {q} → {c[0]}")
                 values.append([r[0] for r in v])
             heatmap = (list(scores.layer_names), cols, np.asarray(values).T.tolist())
     studies = run_studies(scores, query_recs, train_recs, config, views)
@@ -336,7 +360,9 @@ def report_run(
         "training sequences": str(n),
         "queries": str(n_q),
         "curvature": str(meta.get("curvature", "?")),
-        "tracked layers": ", ".join(scores.layer_names) or "(not stored)",
+        "tracked layers": describe_layers(scores.layer_names)
+        if scores.layer_names
+        else "(not stored)",
         "token colouring": token_note,
         "studies": ", ".join(studies),
     }

@@ -141,7 +141,7 @@ class TokenResult:
             [
                 e.query,
                 e.kind,
-                e.index,
+                f"#{e.index}",
                 fmt(e.score),
                 fmt(e.concentration),
                 "yes" if e.concentrated else "no",
@@ -150,7 +150,7 @@ class TokenResult:
             for e in ranked
         ]
         table = html_table(
-            ["query", "kind", "train idx", "influence", "ℓ2/ℓ1", "> 2/3", "strongest tokens"],
+            ["query", "kind", "train #", "influence", "ℓ2/ℓ1", "> 2/3", "strongest tokens"],
             rows,
             caption="Most concentrated first.",
         )

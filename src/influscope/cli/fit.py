@@ -3,7 +3,7 @@
 Example::
 
     influscope fit --model runs/demo/model --train train.jsonl --run runs/x
-    influscope fit ... --dry-run          # estimated memory and disk, nothing runs
+    influscope fit ... --dry-run          # estimated memory, disk and time (one timed batch)
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--max-examples", type=int, default=None, help="Fit on the first N training records only."
     )
     fit.add_argument(
-        "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
+        "--dry-run",
+        action="store_true",
+        help="Print estimated peak memory, disk and time (from one timed batch), then stop.",
     )
     fit.set_defaults(func=run)
     return fit
@@ -71,16 +73,24 @@ def run(args: argparse.Namespace) -> int:
 
     inf, train = load_influence(args)
     if args.dry_run:
+        from influscope.costs import measure_batch
         from influscope.resources import describe, estimate
 
+        cost = measure_batch(
+            inf.tracked,
+            train,
+            args.batch_size,
+            sample_seed=args.seed if args.fisher == "true" else None,
+        )
         estimates = estimate(
             inf,
             train,
             batch_size=args.batch_size,
             curvature=args.curvature,
             max_examples=args.max_examples,
+            cost=cost,
         )
-        console.print(describe(estimates))
+        console.print(describe(estimates, cost), soft_wrap=True)
         return 0
     config = FitConfig(
         curvature=args.curvature,
@@ -103,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
             f"  resumed: {shards['loaded']} shard pass(es) read back from the interrupted run, "
             f"{shards['computed']} computed now"
         )
-    for layer, damping in op.damping.items():
-        console.print(f"  {layer}: damping {damping:.3g}")
+    from influscope.scoring.damping import damping_range
+
+    rule = (
+        f"absolute {config.damping:.3g}"
+        if config.damping is not None
+        else f"{config.damping_factor:.3g} × mean eigenvalue per layer"
+    )
+    console.print(f"  damping: {rule}; {damping_range(op)}")
     return 0

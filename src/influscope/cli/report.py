@@ -37,8 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     report.add_argument(
         "--model",
         default=None,
-        help="Model directory for per-token colouring (default: RUN/model if present; "
-        "'none' to skip).",
+        help="Model for per-token colouring: a Hugging Face model directory or a .gguf file, "
+        "as given to fit and score (default: RUN/model if present; 'none' to skip).",
     )
     report.add_argument(
         "--top-k", type=non_negative_int, default=5, help="Proponents/opponents per query."

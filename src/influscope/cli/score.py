@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.report import write_report
     from influscope.report.build import build_report
+    from influscope.report.summary import describe_layers
     from influscope.report.terminal import print_summary
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             "curvature": op.name,
             "training sequences": str(len(train)),
             "queries": str(len(queries)),
-            "tracked layers": str(len(inf.tracked.layers)),
+            "tracked layers": describe_layers(inf.layer_names),
             "query rank": str(config.query_rank or "full"),
             "damping": describe_damping(op, config),
             "normalization": "RelatIF: score / sqrt(self-influence)" if args.relatif else "none",

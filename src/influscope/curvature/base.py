@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from influscope.linalg import low_rank
+from influscope.modules.capture import LayerBatch
 
 
 class CurvatureOperator(ABC):
@@ -41,6 +42,20 @@ class CurvatureOperator(ABC):
         """Rank-``r`` factors ``U (B, r, out)``, ``V (B, r, in)`` of ``(G_ℓ + λ_ℓ I)^{-1} g``
         (:func:`influscope.linalg.low_rank` of the preconditioned matrix)."""
         return low_rank(self.precondition(layer, g), rank, method)
+
+    def precondition_batch(self, layer: str, batch: LayerBatch) -> torch.Tensor:
+        """``(G_ℓ + λ_ℓ I)^{-1} ∇_W`` of each example of a captured batch: ``(B, out, in)``.
+
+        The per-example gradient is ``Σ_t s_t ā_tᵀ``; an operator whose preconditioner can
+        use that factored form (a Kronecker eigenbasis) overrides this.
+        """
+        return self.precondition(layer, batch.gradient())
+
+    def precondition_low_rank_batch(
+        self, layer: str, batch: LayerBatch, rank: int, method: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`precondition_low_rank` of the per-example gradients of a captured batch."""
+        return self.precondition_low_rank(layer, batch.gradient(), rank, method)
 
     def quadratic(self, layer: str, g: torch.Tensor) -> torch.Tensor:
         """``gᵀ (G_ℓ + λ_ℓ I)^{-1} g`` for ``g`` of shape ``(B, out, in)``: ``(B,)``."""

@@ -18,6 +18,7 @@ from influscope.curvature.base import relative_damping
 from influscope.curvature.eigen import KroneckerEigenOperator
 from influscope.curvature.spec import CurvatureSpec, EstimateRow, FitFootprint, stats_dtype
 from influscope.curvature.statistics import covariances, eigendecompose
+from influscope.progress import track
 
 
 class KFACOperator(KroneckerEigenOperator):
@@ -30,7 +31,8 @@ def eigenbases(passes, layers, config) -> dict[str, tuple]:
     """``{layer: (λ_A, Q_A, λ_S, Q_S, T̄)}`` from one covariance pass (shared with EK-FAC)."""
     cov, n_seq = covariances(passes, layers, stats_dtype(config))
     bases = {}
-    for name, c in cov.items():
+    for name in track(list(cov), "eigendecomposition", unit="layer"):
+        c = cov.pop(name)  # each layer's sums are freed once decomposed
         n_tok = max(c.n_tokens, 1.0)
         lam_a, q_a = eigendecompose(c.a / n_tok, name, "activation")  # (in,), (in, in)
         lam_s, q_s = eigendecompose(c.s / n_tok, name, "output-gradient")  # (out,), (out, out)
@@ -49,13 +51,31 @@ def fit_kfac(passes, layers, config) -> KFACOperator:
 
 
 def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
-    """Covariance pass (float64 factor sums), then the eigenvalue pass and the stored factors."""
+    """Memory of each phase of a K-FAC / EK-FAC fit (bytes; ``K = Σ(in² + out²)``,
+    ``P = Σ in·out``, float64 statistics):
+
+    * covariance pass: a pass + ``2·8K`` (the running total and the shard's own sums, both
+      held while a shard is added, :func:`~influscope.engine.shards.reduce_shards`) + the
+      replay cache it fills;
+    * eigendecomposition, one layer at a time: ``8K`` (sums shrinking as bases grow) + one
+      factor's float64 workspace ``≈ 4·8·d_max²`` + the replay cache;
+    * eigenvalue refit: ``8K`` bases + ``16P`` sums and eigenvalues + the rotated gradients of
+      a batch ``2·4·B·max in·out`` + the replay cache (and a pass for batches not cached).
+    """
     cov = 8 * f.kronecker
+    resident = f.resident or f.pass_bytes  # without a measured resident size: a pass
+    widest_grad = max((i * o for i, o in f.dims), default=0)
     return [
-        ("fit: covariance", f.pass_bytes + cov, 0, ""),
+        ("fit: covariance", f.pass_bytes + 2 * cov + f.cache_bytes, 0, ""),
+        (
+            "fit: eigendecomposition",
+            resident + cov + 4 * 8 * f.widest**2 + f.cache_bytes,
+            0,
+            "float64, one layer at a time",
+        ),
         (
             "fit: eigenvalues",
-            f.pass_bytes + cov + (8 + 4 * f.batch_size) * f.params,
+            f.pass_bytes + cov + 16 * f.params + 8 * f.batch_size * widest_grad + f.cache_bytes,
             8 * (f.kronecker + f.params),
             "factors on disk",
         ),

@@ -44,17 +44,28 @@ class FitFootprint:
         batch_size: Sequences per forward/backward pass.
         pass_bytes: Memory of one pass: parameters, activations kept for backward and the
             captured ``ā, s`` of a batch.
+        resident: Memory held between batches (runtime, parameters, data); ``0`` when only
+            ``pass_bytes`` is known.
+        cache_bytes: The replay cache a replaying fit keeps (captures of the first pass, up to
+            ``FitConfig.cache_mb``).
     """
 
     dims: Sequence[tuple[int, int]]
     n_fit: int
     batch_size: int
     pass_bytes: float
+    resident: float = 0.0
+    cache_bytes: float = 0.0
 
     @property
     def params(self) -> int:
         """``Σ_ℓ in_ℓ out_ℓ``, the tracked parameters."""
         return sum(i * o for i, o in self.dims)
+
+    @property
+    def widest(self) -> int:
+        """``max_ℓ max(in_ℓ, out_ℓ)``, the largest factor's width."""
+        return max((max(i, o) for i, o in self.dims), default=0)
 
     @property
     def kronecker(self) -> int:

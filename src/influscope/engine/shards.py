@@ -36,6 +36,7 @@ import torch
 from influscope.engine.distributed import all_reduce_, barrier, rank_and_world
 from influscope.errors import DataError
 from influscope.modules.capture import LayerBatch
+from influscope.progress import tmp_bytes, track, watch
 from influscope.storage.atomic import (
     atomic_write_json,
     atomic_write_tensors,
@@ -91,7 +92,12 @@ class PartialSums:
         meta = self.directory / "meta.json"
         if not meta.is_file():  # created lazily: a fit failing in its first shard leaves nothing
             atomic_write_json(meta, self.expected)
-        atomic_write_tensors(self.path(phase, shard), sums)
+        path = self.path(phase, shard)
+        size = sum(t.numel() * t.element_size() for t in sums.values())
+        with watch(
+            f"saving {phase} shard {shard + 1}", size, lambda: tmp_bytes(path.parent, path.name)
+        ):
+            atomic_write_tensors(path, sums)
 
     def clear(self) -> None:
         """Delete every partial sum (after the stage has been saved; rank 0 only)."""
@@ -141,7 +147,8 @@ class ShardedPasses:
         """The batches of shard ``k``: replayed when cached, else computed (and cached if room)."""
         if k in self._cache:
             self.counts["replayed"] = self.counts.get("replayed", 0) + 1
-            yield from self._cache[k]
+            cached = self._cache[k]
+            yield from track(cached, f"{desc} (replayed from memory)", total=len(cached))
             return
         keep: list[Batch] | None = [] if self.cache_bytes > 0 and not self._cache_full else None
         kept = 0

@@ -24,6 +24,7 @@ import torch
 
 from influscope.engine.distributed import is_writer
 from influscope.engine.shards import PartialSums
+from influscope.progress import tmp_bytes, watch
 from influscope.storage import RunDirectory
 
 __all__ = ["StageSpec", "run_stage"]
@@ -89,7 +90,12 @@ class StageSpec(Generic[R]):
         """Save ``result`` (rank 0 only; no-op when nothing is stored)."""
         if self.stores and self.dump is not None and is_writer():
             tensors, extra = self.dump(result)
-            self.run.save(self.kind, self.name, tensors, {**self.expected, **extra})  # type: ignore[union-attr]
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            parent = self.run.stage_dir(self.kind, self.name).parent  # type: ignore[union-attr]
+            with watch(
+                f"saving {self.kind}/{self.name}", size, lambda: tmp_bytes(parent, self.name)
+            ):
+                self.run.save(self.kind, self.name, tensors, {**self.expected, **extra})  # type: ignore[union-attr]
 
 
 def run_stage(

@@ -14,6 +14,7 @@ import torch
 
 from influscope.analyzer import Influence
 from influscope.curvature import CurvatureOperator
+from influscope.report.summary import record_meta
 from influscope.report.views import QueryView, ReportView, Section, SequenceView
 from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
@@ -85,13 +86,14 @@ def build_report(
         ids = train.examples[pos]["input_ids"].tolist()
         ts = token_of[pos][q].tolist()
         rec = train.records[pos]
-        meta = {k: str(v) for k, v in rec.items() if k not in ("text", "prompt", "completion")}
+        meta = record_meta(rec)
         return SequenceView(
             index=train.indices[pos],
             score=score,
             tokens=decode_tokens(inf.tokenizer, ids)[: len(ts)],
             token_scores=ts,
             meta=meta,
+            text="".join(_record_text(rec)),
         )
 
     views = []
@@ -133,7 +135,7 @@ def build_report(
             if tops[q]:
                 i, _ = tops[q][0]
                 per = scores.per_layer[q, i]
-                cols.append(f"q{q} → #{train.indices[i]}")
+                cols.append(f"query {q} → #{train.indices[i]}")
                 values.append((per / per.abs().sum().clamp_min(1e-30)).tolist())
         if cols:
             rows = list(scores.layer_names)

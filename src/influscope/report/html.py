@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from influscope.report.summary import one_line
 from influscope.report.svg import (
     color_strength,
     diverging_color,
@@ -112,6 +113,11 @@ table.seqs td.tokcell { width: 62%; }
 .peak { font-size: 12px; color: var(--muted); margin-bottom: 3px; }
 .peak .tok { font-family: var(--mono); padding: 0 3px; margin-right: 4px;
   border: 1px solid var(--line); white-space: pre-wrap; }
+.queries td.qtext { font-family: var(--mono); font-size: 12.5px; min-width: 16em;
+  overflow-wrap: anywhere; }
+.queries td.qtext a { color: inherit; text-decoration: none; }
+.queries td.toptext { min-width: 16em; overflow-wrap: anywhere; }
+.queries .idx { color: var(--muted); font-variant-numeric: tabular-nums; }
 .empty-list { color: var(--muted); font-style: italic; margin: 6px 0; }
 footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
 svg text { user-select: none; }
@@ -267,7 +273,13 @@ def _sign_class(value: float) -> str:
     return "pos" if value > 0 else "neg" if value < 0 else ""
 
 
+def _blank(value: object) -> bool:
+    """Metadata that says nothing (``None``, ``""``, ``"None"``, ``"nan"``): shown as no chip."""
+    return value is None or str(value).strip() in ("", "None", "null", "nan", "NaN")
+
+
 def _chips(items: dict[str, str], *, judge: bool = False) -> str:
+    items = {k: v for k, v in items.items() if not _blank(v)}
     if not items:
         return ""
     out = []
@@ -311,29 +323,58 @@ def _legend() -> str:
         "inside a sequence, and use the numbers to compare sequences. Hover a token to see its "
         "value. Newlines are shown as ↵, tabs as ⇥, empty tokens as ∅ (also a token holding "
         "the first bytes of a character that the next token completes).</p>"
+        "<p><b>Numbering.</b> Queries and training sequences are numbered by their position "
+        "in the file they came from, counting from 0: <i>Query 2</i> is the third query, "
+        "<i>#342</i> the training record at position 342 (the <code>index</code> of "
+        "<code>RUN/NAME.json</code> and of the Python API).</p>"
         "</section>"
     )
+
+
+def query_title(q: QueryView, number: int) -> str:
+    """``"Query 3"``, with the query's name after it when it says more than its number."""
+    name = q.name.strip()
+    if not name or name.lower() == f"query {number}":
+        return f"Query {number}"
+    return f"Query {number} · {name}"
+
+
+def _query_text(q: QueryView, width: int = 90) -> str:
+    """``prompt → completion`` on one line: the prompt's end, the completion highlighted."""
+    completion = one_line(q.completion, width // 2) if q.completion.strip() else ""
+    if completion and q.completion[:1].isspace():
+        completion = " " + completion  # one_line strips it; the join shows it
+    room = max(width - len(completion), 20)
+    prompt = one_line(q.prompt, 10**9)
+    if len(prompt) > room:
+        prompt = "…" + prompt[-(room - 1) :].lstrip()
+    mark = f'<mark class="completion">{escape_text(completion)}</mark>' if completion else ""
+    return f"{escape_text(prompt)}{mark}"
 
 
 def _query_index(report: ReportView) -> str:
     if not report.queries:
         return ""
     rows = []
-    for i, q in enumerate(report.queries, 1):
+    for i, q in enumerate(report.queries):
         top = q.proponents[0] if q.proponents else None
         top_cell = (
-            f'<td class="num">#{top.index}</td>'
+            f'<td class="toptext"><span class="idx">#{top.index}</span> '
+            f"{escape_text(one_line(top.excerpt_text, 110))}</td>"
             f'<td class="num {_sign_class(top.score)}">{escape_text(format_score(top.score))}</td>'
             if top
-            else '<td class="num muted">–</td><td class="num muted">–</td>'
+            else '<td class="muted">–</td><td class="num muted">–</td>'
         )
+        title = query_title(q, i)
         rows.append(
-            f'<tr><td class="num">{i}</td><td><a href="#q-{i}">{escape_text(q.name)}</a></td>'
+            f'<tr><td class="num"><a href="#q-{i}" title="{escape_text(title)}">{i}</a></td>'
+            f'<td class="qtext"><a href="#q-{i}">{_query_text(q)}</a></td>'
             f"{top_cell}<td>{_chips(q.notes, judge=True)}</td></tr>"
         )
     return (
-        '<section class="card"><h2>Queries</h2><div class="scroll"><table>'
-        '<thead><tr><th class="num">#</th><th>query</th><th class="num">top proponent</th>'
+        '<section class="card queries"><h2>Queries</h2><div class="scroll"><table>'
+        '<thead><tr><th class="num">query</th><th>prompt → <mark class="completion">'
+        "completion</mark></th><th>top proponent (train # · text)</th>"
         '<th class="num">its influence</th><th>notes</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div></section>"
     )
@@ -357,7 +398,7 @@ def _sequence_table(seqs: Sequence[SequenceView], kind: str) -> str:
     for rank, seq in enumerate(seqs, 1):
         meta = _chips(seq.meta) or '<span class="muted">–</span>'
         rows.append(
-            f'<tr><td class="num">{rank}</td><td class="num">{seq.index}</td>'
+            f'<tr><td class="num">{rank}</td><td class="num">#{seq.index}</td>'
             f'<td class="num {_sign_class(seq.score)}">{escape_text(format_score(seq.score))}</td>'
             + (_ensemble_cells(seq) if ens else "")
             + f'<td><div class="chips">{meta}</div></td>'
@@ -366,7 +407,7 @@ def _sequence_table(seqs: Sequence[SequenceView], kind: str) -> str:
         )
     return (
         '<div class="scroll"><table class="seqs"><thead><tr><th class="num">rank</th>'
-        '<th class="num">train idx</th><th class="num">influence</th>'
+        '<th class="num">train #</th><th class="num">influence</th>'
         + ('<th class="num">± s.e.</th><th class="num">stable in x/M</th>' if ens else "")
         + "<th>metadata</th>"
         "<th>tokens (colour = per-token influence)</th></tr></thead>"
@@ -393,7 +434,7 @@ def _query_card(q: QueryView, number: int) -> str:
         layers = '<div><p class="label">per-layer influence</p><p class="empty-list">none</p></div>'
     return (
         f'<section class="card query" id="q-{number}"><div class="qhead">'
-        f'<h2><span class="qnum">Query {number} ·</span> {escape_text(q.name)}</h2></div>'
+        f"<h2>{escape_text(query_title(q, number))}</h2></div>"
         f'<div class="chips">{notes}</div>'
         f'<div class="grid2">{qa}{layers}</div>'
         f'<details open><summary>Top proponents <span class="muted">({len(q.proponents)}, '
@@ -454,7 +495,7 @@ def render_html(report: ReportView) -> str:
             _overview(report),
             _legend(),
             _query_index(report),
-            *(_query_card(q, i) for i, q in enumerate(report.queries, 1)),
+            *(_query_card(q, i) for i, q in enumerate(report.queries)),
             _heatmap(report),
             sections,
             "<footer>Generated by influscope.</footer>",

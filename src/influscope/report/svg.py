@@ -393,6 +393,7 @@ def svg_bar_chart(
 _MAX_COL_CHARS = 24  # column labels are shortened to this many characters
 _LEGEND_STEPS = 11  # colour swatches in the heatmap legend, from -vmax to +vmax
 _SWATCH_W = 16.0  # width of one swatch, px
+_LEGEND_CAPTION = "red: helps the completion · blue: hurts it"
 
 
 class _HeatLayout(NamedTuple):
@@ -450,7 +451,8 @@ def _heat_layout(
     top = (26.0 if title else 6.0) + 30.0  # title, then the legend band
     grid_w = cw * len(cols)
     grid_h = ch * len(rows)
-    width = max(label_w + grid_w + col_h + 8, label_w + 300)
+    legend_w = _LEGEND_STEPS * _SWATCH_W + 8 + _text_width(_LEGEND_CAPTION, 10) + 4
+    width = max(label_w + grid_w + col_h + 8, label_w + legend_w)  # the legend is never cut
     height = top + grid_h + col_h
     return _HeatLayout(
         width,
@@ -488,7 +490,7 @@ def _colour_bar(scale: float, lx: float, ly: float) -> list[str]:
         )
     parts.append(
         f'<text x="{_n(lx + steps * sw + 8)}" y="{_n(ly + 9)}" font-size="10" fill="#4b5563">'
-        "red: helps the completion · blue: hurts it</text>"
+        f"{_LEGEND_CAPTION}</text>"
     )
     return parts
 

@@ -48,7 +48,7 @@ def print_summary(report: ReportView, console: Console | None = None, per_query:
                 str(seq.index),
                 score,
                 *extra,
-                escape(_snippet(seq.tokens)),
+                escape(_snippet([seq.excerpt_text])),
             )
         table.add_section()
     console.print(table)

@@ -37,6 +37,8 @@ class SequenceView:
         stable: In how many of the ``n_members`` members' own top-k the sequence appears, or
             ``None``.
         n_members: Ensemble size ``M``, or ``None``.
+        text: The record's text as written in its file (``prompt + completion`` for a
+            pair), shown where a one-line excerpt is wanted; ``""`` falls back to the tokens.
 
     Raises:
         DataError: If ``token_scores`` is neither empty nor as long as ``tokens``.
@@ -50,6 +52,12 @@ class SequenceView:
     sem: float | None = None
     stable: int | None = None
     n_members: int | None = None
+    text: str = ""
+
+    @property
+    def excerpt_text(self) -> str:
+        """The record's text, or its tokens joined when the text was not given."""
+        return self.text or "".join(self.tokens)
 
     def __post_init__(self) -> None:
         if self.token_scores and len(self.token_scores) != len(self.tokens):

@@ -423,6 +423,17 @@ def score_damping(op: CurvatureOperator, config: ScoreConfig) -> CurvatureOperat
     return redamp(op, config.damping, config.damping_factor)
 
 
+def damping_range(op: CurvatureOperator) -> str:
+    """``λ`` over the layers in one phrase: ``"λ 1e-05 … 0.003 (mean 0.0004) over 90 layers"``."""
+    lam = list(op.damping.values())
+    if not lam:
+        return "no layers"
+    if min(lam) == max(lam):
+        return f"λ {min(lam):.3g} over {len(lam)} layers"
+    mean = sum(lam) / len(lam)
+    return f"λ {min(lam):.3g} … {max(lam):.3g} (mean {mean:.3g}) over {len(lam)} layers"
+
+
 def describe_damping(op: CurvatureOperator, config: ScoreConfig | None = None) -> str:
     """One line stating the damping used: its rule and the range of ``λ_ℓ`` over layers.
 
@@ -430,9 +441,7 @@ def describe_damping(op: CurvatureOperator, config: ScoreConfig | None = None) -
         op: The operator scores were computed with (already re-damped, if at all).
         config: The score settings, whose ``damping`` / ``damping_factor`` name the rule.
     """
-    lam = list(op.damping.values())
-    span = f"λ {min(lam):.3g}" if min(lam) == max(lam) else f"λ {min(lam):.3g} … {max(lam):.3g}"
-    span += f" over {len(lam)} layers"
+    span = damping_range(op)
     if config is not None and config.damping is not None:
         return f"absolute {config.damping:.3g} (score-time override); {span}"
     if config is not None and config.damping_factor is not None:

@@ -23,6 +23,7 @@ from influscope.engine.distributed import rank_and_world
 from influscope.errors import ConfigError
 from influscope.modules.passes import layer_passes
 from influscope.modules.tracked import TrackedModel
+from influscope.progress import track
 from influscope.tasks.data import EncodedDataset
 
 #: Above this many stored elements (all queries, all layers) low-rank queries stay factored.
@@ -125,12 +126,16 @@ def precondition_queries(
         desc="query gradients",
     ):
         values.append(f)
-        for name, lb in grads.items():
-            g = lb.gradient()  # (B, out, in)
-            if config.query_rank is None or config.query_rank >= min(g.shape[-2:]):
-                dense.setdefault(name, []).append(operator.precondition(name, g))
+        for name, lb in track(grads.items(), "query gradients: preconditioning", unit="layer"):
+            # the operator takes the captured rows, not Σ_t s_t ā_tᵀ: an eigenbasis operator
+            # rotates the T token rows, far cheaper than rotating an (out, in) gradient
+            full = min(lb.s.shape[-1], lb.a.shape[-1])
+            if config.query_rank is None or config.query_rank >= full:
+                dense.setdefault(name, []).append(operator.precondition_batch(name, lb))
             else:
-                u, v = operator.precondition_low_rank(name, g, config.query_rank, config.query_svd)
+                u, v = operator.precondition_low_rank_batch(
+                    name, lb, config.query_rank, config.query_svd
+                )
                 us.setdefault(name, []).append(u)
                 vs.setdefault(name, []).append(v)
     names = [layer.name for layer in layers]
