@@ -23,6 +23,7 @@ import argparse
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from influscope.cli import (
     bias,
@@ -86,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except InfluscopeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # the message verbatim: not read as markup (``[text]`` in a JSON excerpt would vanish)
+        # and not wrapped at the terminal's width (paths and JSON stay whole for copying)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         hint = ""

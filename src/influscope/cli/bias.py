@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
         baselines=tuple(args.baselines),
         damping_factor=args.damping_factor,
     )
-    model, tokenizer = load_reward_model(args.model)
-    train = load_records(args.train)
+    train = load_records(args.train)  # data files are checked before the model is loaded
     validation = load_records(args.validation)
+    model, tokenizer = load_reward_model(args.model)
     if args.select:
         validation = select_targeted(validation, args.select)
     if args.top_k < 0:

@@ -23,6 +23,8 @@ from influscope.cli.options import (
     add_curvature_option,
     add_damping_options,
     add_run_options,
+    check_writable,
+    data_file,
     damping_kwargs,
     non_negative_int,
     resolve_modules,
@@ -97,12 +99,19 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_model, load_records
     from influscope.storage import atomic_write_json
     from influscope.tasks import context_length, get_task
+    from influscope.tasks.base import quiet_length_warning
 
+    # data files and the run directory are checked before the model is loaded
+    train_records, query_records = load_records(args.train), load_records(args.queries)
+    check_writable(args.run)
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     task = get_task(args.task)
     limit = context_length(model)
-    train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
-    queries = task.encode(load_records(args.queries), tokenizer, limit, args.truncate)
+    with quiet_length_warning(tokenizer, args.truncate):
+        with data_file(args.train):
+            train = task.encode(train_records, tokenizer, limit, args.truncate)
+        with data_file(args.queries):
+            queries = task.encode(query_records, tokenizer, limit, args.truncate)
 
     def other(path: str):
         m, _ = load_model(path, args.task)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli.options import add_run_options, load_influence, non_negative_int
+from influscope.cli.options import (
+    add_run_options,
+    encode_records,
+    load_influence,
+    non_negative_int,
+)
 
 NAME = "query"
 
@@ -74,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
+    records = load_records(args.queries)  # before the model is loaded
     inf, train = load_influence(args)
-    records = load_records(args.queries)
-    queries = inf.encode(records, truncate=args.truncate)
+    queries = encode_records(inf, records, args.queries, args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)
     factors = inf.load_factors(train, args.factors) if args.rescore else None
     if factors is not None:

@@ -32,7 +32,9 @@ from influscope.cli.options import (
     add_modules_option,
     add_task_option,
     add_truncate_option,
+    check_writable,
     damping_kwargs,
+    encode_records,
     resolve_modules,
 )
 from influscope.errors import DataError
@@ -235,12 +237,14 @@ def run(args: argparse.Namespace) -> int:
         stop_retain_increase=args.stop_retain_increase,
         max_retain_increase=args.max_retain_increase,
     )
+    train_records = load_records(args.train)  # before the model is loaded
+    check_writable(out.parent, "directory of --out")
     model, tokenizer = load_model(args.model, args.task)
     modules = resolve_modules(args.modules)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )
-    train = inf.encode(load_records(args.train), truncate=args.truncate)
+    train = encode_records(inf, train_records, args.train, args.truncate)
     indices = parse_forget(args.forget, len(train))
     forget = (
         indices

@@ -103,7 +103,7 @@ def record_list(records) -> list[dict]:
                 else ""
             )
             raise DataError(
-                f"Record {i} is a {type(rec).__name__}, expected a dict such as {{'text': ...}} "
+                f"Record {i + 1} is a {type(rec).__name__}, expected a dict such as {{'text': ...}} "
                 f"or {{'prompt': ..., 'completion': ...}}.{hint}"
             )
     return [dict(rec) for rec in records]
@@ -114,7 +114,7 @@ def text_field(record: Mapping, i: int, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise DataError(
-            f"Record {i} field {key!r} must be a string, received {type(value).__name__} "
+            f"Record {i + 1} field {key!r} must be a string, received {type(value).__name__} "
             f"{value!r:.60}. Convert it to text (or drop the record) before encoding."
         )
     return value
