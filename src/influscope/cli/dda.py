@@ -24,8 +24,8 @@ from influscope.cli.options import (
     add_damping_options,
     add_run_options,
     check_writable,
-    data_file,
     damping_kwargs,
+    data_file,
     non_negative_int,
     resolve_modules,
 )

@@ -13,8 +13,8 @@ from influscope.cli.options import (
     add_damping_options,
     add_model_options,
     check_writable,
-    data_file,
     damping_kwargs,
+    data_file,
     resolve_modules,
 )
 from influscope.storage.atomic import atomic_write_text
