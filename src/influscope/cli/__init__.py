@@ -40,7 +40,9 @@ from influscope.cli import (
     trajectory,
     unlearn,
 )
+from influscope.cli.options import Parser
 from influscope.errors import InfluscopeError
+from influscope.version import __version__
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -69,11 +71,17 @@ console = Console(stderr=True)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``influscope`` parser: one sub-parser per module of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="influscope",
         description="Which training sequences made this language model produce this output? "
         "Influence functions with EK-FAC curvature. Positive influence = "
         "up-weighting the training sequence raises log p(completion | prompt).",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"influscope {__version__}",
+        help="Print the version.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

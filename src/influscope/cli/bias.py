@@ -60,7 +60,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--measurement",
         default="log_likelihood",
         choices=list(MEASUREMENTS),
-        help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
+        help="Per validation pair: log_likelihood, log σ(r_c − r_r) (minus its loss), or the "
+        "margin r_c − r_r (default: %(default)s).",
     )
     add_modules_option(p, default=None, help="Tracked modules (default: auto).")
     p.add_argument(

@@ -42,6 +42,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         NAME,
         help="Influence corrected for fitting error: debias (minus the base model's), denoise "
         "(smoothed over fine-tuning checkpoints), DDA (both), RelatIF.",
+        description="Influence corrected for the fitting error of a fine-tuned model: debias "
+        "subtracts the base model's scores, denoise smooths the scores over the fine-tuning "
+        "checkpoints, DDA does both, RelatIF divides by sqrt(self-influence). Fits and scores "
+        "every model given, then writes RUN/NAME/scores.safetensors (every variant) and "
+        "RUN/NAME.json (the top training sequences of each query under each variant).",
     )
     add_run_options(p)
     p.add_argument("--queries", required=True, help="Query records (.jsonl, prompt+completion).")

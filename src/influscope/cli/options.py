@@ -30,6 +30,8 @@ __all__ = [
     "CURVATURES",
     "DEFAULT_MODULES",
     "TASKS",
+    "HelpFormatter",
+    "Parser",
     "add_batch_size_option",
     "add_curvature_option",
     "add_damping_options",
@@ -47,6 +49,7 @@ __all__ = [
     "load_influence",
     "non_negative_int",
     "resolve_modules",
+    "shows_default",
 ]
 
 #: Values of ``--task``: how a batch becomes a loss and a measurement (the task registry).
@@ -73,6 +76,42 @@ TRUNCATE_HELP = (
 )
 DEVICE_HELP = "torch device (default: cuda if available)."
 BATCH_SIZE_HELP = "Sequences per forward/backward pass (default: 8)."
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows every option's default.
+
+    An option whose help text does not already say its default (``default``) gets
+    ``(default: VALUE)`` appended, unless its default is ``None`` or ``False`` (an absent value
+    or an off flag, which the help text explains). A list default is shown space-separated,
+    as it is typed.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and shows_default(action) and "default" not in text.lower():
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            shown = str(shown).replace("%", "%%").encode("unicode_escape").decode()
+            end = "." if text.endswith(".") else ""
+            text = f"{text.removesuffix('.')} (default: {shown}){end}"
+        return text
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` must state ``action``'s default: anything but ``None`` (no value),
+    ``False`` (a flag that is off) and suppressed ones (``0`` is shown)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS)
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``influscope`` parsers: :class:`HelpFormatter` by default, for every sub-command
+    (``add_subparsers`` makes its parsers of the parent's class, so nested kinds inherit it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def non_negative_int(text: str) -> int:

@@ -67,14 +67,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME,
         help="Generalisation probes (ID/OOD, length, prompting, representation) beside influence.",
-        description=__doc__.split("\n")[0].replace("``", ""),
+        description="Generalisation probes beside influence: representation (linear probes "
+        "of a record property per layer), length (accuracy and loss against input length), "
+        "prompting (zero-shot vs k-shot) and id-ood (loss and influence provenance per "
+        "evaluation set). Every kind prints a table, writes JSON (--out) and optionally its "
+        "plot (--svg); --influence adds influence columns from EK-FAC fitted on --train. See "
+        "`influscope probe KIND --help`.",
     )
     kinds = p.add_subparsers(
         dest="kind", required=True, help="Which probe to run (see `influscope probe KIND --help`)."
     )
 
     rep = kinds.add_parser(
-        "representation", help="Per-layer linear probes of a record property (scikit-learn)."
+        "representation",
+        help="Per-layer linear probes of a record property (scikit-learn).",
+        description="Per-layer linear-probe accuracy (scikit-learn LogisticRegression, "
+        "stratified k-fold) for every property named by --properties, with chance and a "
+        "permuted-label control: where in the model a property becomes linearly readable. "
+        "With --influence and --queries, the share of the queries' influence that passes "
+        "through each block's tracked layers.",
     )
     _common(rep)
     rep.add_argument("--data", required=True, help="Records with the text and the properties.")
@@ -93,7 +104,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(with --influence).",
     )
 
-    length = kinds.add_parser("length", help="Accuracy and loss against input length.")
+    length = kinds.add_parser(
+        "length",
+        help="Accuracy and loss against input length.",
+        description="Exact-match accuracy and loss per token of the completions against "
+        "input length (--length-key), for a model trained up to length L (--train-length): "
+        "how it extrapolates to longer inputs. With --influence, per length, whether the "
+        "top-1 proponent is the fact's own training sequence, or the mean length of the "
+        "top-k proponents.",
+    )
     _common(length)
     length.add_argument(
         "--data", required=True, help="Prompt/completion records, each with an integer length."
@@ -104,7 +123,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     length.add_argument("--length-key", default="length", help="Record key of the length.")
     length.add_argument("--top-k", type=int, default=10, help="k of the influence columns.")
 
-    prompt = kinds.add_parser("prompting", help="Zero-shot vs k-shot, with/without a prefix.")
+    prompt = kinds.add_parser(
+        "prompting",
+        help="Zero-shot vs k-shot, with/without a prefix.",
+        description="Accuracy (every completion token greedy), first-token accuracy and "
+        "mean log p of the queries with k demonstrations from --demos (--ks), with and "
+        "without a chain-of-thought style prefix (--cot-prefix). With --influence, per k, "
+        "whether the top-1 proponent of the k-shot prompt is still the fact's own training "
+        "sequence.",
+    )
     _common(prompt)
     prompt.add_argument("--queries", required=True, help="Prompt/completion queries.")
     prompt.add_argument("--demos", required=True, help="Pool of prompt/completion demonstrations.")
@@ -115,7 +142,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--cot-prefix", default=None, help="Chain-of-thought style lead-in before the query."
     )
     prompt.add_argument(
-        "--separator", default="\n", help="Text between demonstrations (default a newline)."
+        "--separator", default="\n", help="Text between demonstrations (default: a newline, \\n)."
     )
     prompt.add_argument(
         "--exclude-key",
@@ -129,7 +156,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     prompt.add_argument("--seed", type=int, default=0, help="Seed of the demonstration order.")
 
-    ood = kinds.add_parser("id-ood", help="Per-set loss, shift, and influence provenance.")
+    ood = kinds.add_parser(
+        "id-ood",
+        help="Per-set loss, shift, and influence provenance.",
+        description="Per evaluation set (--eval NAME=FILE): loss, accuracy and distribution "
+        "shift (domain-classifier AUC on the last hidden state, distance to the nearest "
+        "training-domain centroid). With --influence, for each example, whether its top "
+        "proponents come from its nearest training domain (--domain-key), against that "
+        "domain's share of the training set.",
+    )
     _common(ood, train_required=True)
     ood.add_argument(
         "--eval",

@@ -28,7 +28,14 @@ console = Console(stderr=True)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``query`` on ``sub`` (the main parser's sub-parsers)."""
-    query = sub.add_parser(NAME, help="Score new queries against a stored index.")
+    query = sub.add_parser(
+        NAME,
+        help="Score new queries against a stored index.",
+        description="Answer new queries from a gradient index written by `influscope index`: "
+        "the top training sequences of each query by projected influence, optionally after a "
+        "BM25 text filter (--bm25) and re-scored with the full EK-FAC factors (--rescore). "
+        "Writes RUN/<index>-query.json (or --out).",
+    )
     add_run_options(query)
     query.add_argument("--queries", required=True, help="Query records (.jsonl).")
     query.add_argument("--index", default="index", help="Name of the index.")

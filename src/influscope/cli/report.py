@@ -24,6 +24,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     report = sub.add_parser(
         NAME,
         help="Render a run directory (scores + studies) into one self-contained HTML file.",
+        description="Render a run directory into one self-contained HTML file: the stored "
+        "scores stage (top proponents and opponents of each query, their tokens coloured by "
+        "influence) and the studies run beside it (influence distribution and its power-law "
+        "fit, layers, probes). Reads only stored stages: nothing is recomputed.",
     )
     report.add_argument("run", help="Run directory holding scores/<name> (from score or demo).")
     report.add_argument("--scores", default="scores", help="Name of the scores stage.")

@@ -75,7 +75,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--refine-tol",
         type=float,
         default=0.0,
-        help="Stop a query once its relative residual is at most this (default 0: run all steps).",
+        help="Stop a query once its relative residual is at most this (default: %(default)s, "
+        "run all steps).",
     )
     score.add_argument(
         "--refine-examples",

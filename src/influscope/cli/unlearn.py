@@ -62,7 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Sequences to remove: a records file, or training indices like '3,17,40-45'.",
     )
     p.add_argument("--out", required=True, help="Directory for the edited model + unlearn.json.")
-    p.add_argument("--scale", type=float, default=1.0, help="Step scale s (default 1).")
+    p.add_argument("--scale", type=float, default=1.0, help="Step scale s (default: %(default)s).")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", nargs="+", default=None, help="Edit only these tracked layers.")
     group.add_argument(
@@ -108,7 +108,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="Iterative: weight β of the retain term, each round ascends mean forget loss − β "
-        "mean retain loss (default 0).",
+        "mean retain loss (default: %(default)s).",
     )
     p.add_argument(
         "--forget-target",

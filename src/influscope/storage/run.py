@@ -31,9 +31,9 @@ META = "meta.json"
 
 #: What a differing fingerprint means, for the stale-stage message.
 FINGERPRINTS = {
-    "model": "other model weights or architecture",
-    "data": "other training data (tokens or order)",
-    "queries": "other queries",
+    "model": "the model's weights or architecture differ",
+    "data": "the training data's tokens or order differ",
+    "queries": "the queries' tokens differ",
 }
 
 
@@ -65,7 +65,7 @@ def differences(stored: Any, now: Any, prefix: str = "") -> list[str]:
         return []
     key = prefix.rstrip(".") or "value"
     if key in FINGERPRINTS and isinstance(now, str):
-        return [f"{key}: fingerprint {stored!r} → {now!r}, i.e. {FINGERPRINTS[key]}"]
+        return [f"{key}: fingerprint {stored!r} → {now!r} ({FINGERPRINTS[key]})"]
     if _is_list(stored) and _is_list(now) and max(len(repr(stored)), len(repr(now))) > 80:
         gone = [x for x in stored if x not in now]
         new = [x for x in now if x not in stored]
