@@ -35,9 +35,9 @@ from influscope.modules.passes import compute_dtype, layer_passes, model_device
 from influscope.modules.tracked import TrackedModel
 from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
-from influscope.storage.run import check_writable, differences
 from influscope.storage.atomic import read_json, read_tensors
 from influscope.storage.fingerprint import operator_fingerprint
+from influscope.storage.run import check_writable, differences
 from influscope.tasks.data import EncodedDataset
 
 
