@@ -50,9 +50,11 @@ def atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, default_mode())  # mkstemp creates 0600; give the usual file mode
     try:
         write(tmp)
+        # mkstemp creates 0600 (and a writer such as safetensors may recreate the file): give
+        # the mode a plain open() would, under the umask
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
