@@ -45,7 +45,7 @@ def test_a_stale_stage_names_the_key_and_the_flags(tmp_path):
     run = RunDirectory(tmp_path)
     config = {"refine_steps": 0, "query_rank": 32, "batch_size": 8, "refine": "cg"}
     run.save("scores", "scores", {"x": torch.zeros(1)}, {"config": config, "data": "d"})
-    with pytest.raises(StaleArtifactError) as err:
+    with pytest.raises(StaleArtifactError, match="stored scores stage 'scores'") as err:
         run.check("scores", "scores", {"config": {**config, "refine_steps": 2}, "data": "d"})
     message = str(err.value)
     assert "computed with different config than now (config.refine_steps: 0 → 2)" in message
