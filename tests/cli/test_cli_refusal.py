@@ -155,3 +155,37 @@ def test_a_bad_record_names_the_file_and_its_1_based_number(scored, tmp_path, ca
     assert main(["fit", "--model", model, "--train", str(train), "--run", str(tmp_path)]) == 2
     err = _error(capsys)
     assert f"{train}: Record 2 has keys ['txt']" in err  # not "Record 1", and the file is named
+
+
+def _argv(command: str, d, empty) -> list[str]:
+    """``command``'s arguments with the empty file as the data file it reads last."""
+    model, train, queries = str(d / "model"), str(d / "train.jsonl"), str(empty)
+    run = ["--run", str(d / "run")]
+    return {
+        "query": ["query", "--model", model, "--train", train, *run, "--queries", queries],
+        "damping": ["damping", "--model", model, "--train", train, *run, "--queries", queries],
+        "dda": ["dda", "--model", model, "--train", train, *run, "--queries", queries],
+        "curate": [
+            "curate",
+            model,
+            "--train",
+            train,
+            "--benchmark",
+            queries,
+            "--out",
+            str(d / "c.json"),
+        ],
+        "unlearn": ["unlearn", model, "--train", queries, "--forget", "1", "--out", str(d / "u")],
+        "probe": ["probe", "length", "--model", model, "--data", queries, "--train-length", "4"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["query", "damping", "dda", "curate", "unlearn", "probe"])
+def test_every_command_reads_its_data_before_loading_the_model(
+    scored, tmp_path, command, loads, capsys
+):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(_argv(command, scored, empty)) == 2
+    assert f"{empty} holds no records" in _error(capsys)
+    assert loads == []

@@ -22,6 +22,7 @@ from influscope.cli.options import (
     add_curvature_option,
     add_device_option,
     add_modules_option,
+    check_writable,
     resolve_modules,
 )
 from influscope.errors import DataError
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     )
     train = load_records(args.train)  # data files are checked before the model is loaded
     validation = load_records(args.validation)
+    check_writable(Path(args.out).parent, "directory of --out")
     model, tokenizer = load_reward_model(args.model)
     if args.select:
         validation = select_targeted(validation, args.select)

@@ -22,6 +22,7 @@ from rich.table import Table
 from influscope.cli.options import (
     add_batch_size_option,
     add_run_options,
+    check_writable,
     encode_records,
     load_influence,
 )
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
-    records = load_records(args.queries)  # before the model is loaded
+    records = load_records(args.queries)  # data and outputs are checked before the model loads
+    if args.out:
+        check_writable(Path(args.out).parent, "directory of --out")
     inf, train = load_influence(args)
     queries = encode_records(inf, records, args.queries, args.truncate)
     op = inf.load_factors(train, args.factors)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from influscope.cli.options import add_device_option, add_model_argument
+from influscope.cli.options import add_device_option, add_model_argument, check_writable
 from influscope.errors import DataError
 
 NAME = "probe"
@@ -188,7 +188,36 @@ def _load(args):
     return model.to(args.device), tok
 
 
-def _influence(args, model, tok):
+def _data_paths(args) -> list[str]:
+    """Every data file the probe will read (validated before the model is loaded)."""
+    names = ("data", "queries", "demos", "train")
+    paths = [getattr(args, n) for n in names if getattr(args, n, None)]
+    return paths + [path for _, path in _eval_sets(args)]
+
+
+def _eval_sets(args) -> list[tuple[str, str]]:
+    """``--eval NAME=FILE`` as ``(name, path)`` pairs."""
+    pairs = []
+    for item in getattr(args, "eval", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DataError(f"--eval expects NAME=FILE, received {item!r}.")
+        pairs.append((name, path))
+    return pairs
+
+
+def _reader():
+    """``read(path)``: :func:`load_records`, each file parsed once (a fresh copy per call)."""
+    import copy
+    import functools
+
+    from influscope.loading import load_records
+
+    cached = functools.cache(load_records)
+    return lambda path: copy.deepcopy(cached(path))
+
+
+def _influence(args, model, tok, read):
     if not args.influence:
         return None
     if not args.train:
@@ -196,20 +225,16 @@ def _influence(args, model, tok):
             "--influence needs the training records: pass --train FILE (what the model was "
             "trained on)."
         )
-    from influscope.loading import load_records
     from influscope.probes.base import InfluenceSide
 
     normalize = "relatif" if args.relatif else None
-    return InfluenceSide(
-        model, tok, load_records(args.train), device=args.device, normalize=normalize
-    )
+    return InfluenceSide(model, tok, read(args.train), device=args.device, normalize=normalize)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope probe KIND``."""
     from rich.console import Console
 
-    from influscope.loading import load_records
     from influscope.probes import (
         IdOodConfig,
         PromptingConfig,
@@ -224,20 +249,26 @@ def run(args: argparse.Namespace) -> int:
     from influscope.storage import atomic_write_json
     from influscope.storage.atomic import atomic_write_text
 
+    read = _reader()
+    for path in _data_paths(args):  # data files and output directories before the model
+        read(path)
+    outputs = [Path(p).parent for p in (args.out, args.svg) if p]
+    for directory in outputs + ([Path(args.run) / "probes"] if args.run else []):
+        check_writable(directory, "output directory")
     model, tok = _load(args)
-    side = _influence(args, model, tok)
+    side = _influence(args, model, tok, read)
     if args.kind == "representation":
         share = None
         if side is not None and args.queries:
             from influscope.analysis.layers import layer_study
 
-            scores = side.scores(load_records(args.queries), per_layer=True)
+            scores = side.scores(read(args.queries), per_layer=True)
             study = layer_study(scores)
             share = block_influence_share(study.layer_names, study.abs_share)
         result = representation_probe(
             model,
             tok,
-            load_records(args.data),
+            read(args.data),
             args.properties,
             RepresentationConfig(pool=args.pool, folds=args.folds),
             text_key=args.text_key,
@@ -247,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         result = length_probe(
             model,
             tok,
-            load_records(args.data),
+            read(args.data),
             args.train_length,
             length_key=args.length_key,
             influence=side,
@@ -266,23 +297,18 @@ def run(args: argparse.Namespace) -> int:
         result = prompting_probe(
             model,
             tok,
-            load_records(args.queries),
-            load_records(args.demos),
+            read(args.queries),
+            read(args.demos),
             config,
             influence=side,
             batch_size=args.batch_size,
         )
     else:
-        sets = {}
-        for item in args.eval:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise DataError(f"--eval expects NAME=FILE, received {item!r}.")
-            sets[name] = load_records(path)
+        sets = {name: read(path) for name, path in _eval_sets(args)}
         result = id_ood_probe(
             model,
             tok,
-            load_records(args.train),
+            read(args.train),
             sets,
             IdOodConfig(domain_key=args.domain_key, top_k=args.top_k),
             influence=side,

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from influscope.cli.options import (
     add_run_options,
+    check_writable,
     encode_records,
     load_influence,
     non_negative_int,
@@ -86,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
-    records = load_records(args.queries)  # before the model is loaded
+    records = load_records(args.queries)  # data and outputs are checked before the model loads
+    if args.out:
+        check_writable(Path(args.out).parent, "directory of --out")
     inf, train = load_influence(args)
     queries = encode_records(inf, records, args.queries, args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)
