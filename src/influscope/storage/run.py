@@ -91,18 +91,25 @@ def _short(x: Any, limit: int = 120) -> str:
 
 
 def check_writable(directory: str | Path, what: str = "run directory") -> Path:
-    """Create ``directory`` if needed and prove a file can be written in it, before any work.
+    """Prove, before any work, that files can be written in ``directory``; create nothing.
 
-    A probe file is created and removed: permission bits alone do not say it (``root`` ignores
-    them; a read-only mount or a full quota refuses writes to a ``0777`` directory).
+    A probe file is created and removed in ``directory``, or, when it does not exist yet, in its
+    nearest existing ancestor (where it would be created): permission bits alone do not say it
+    (``root`` ignores them; a read-only mount refuses writes to a ``0777`` directory). A refused
+    command therefore leaves no empty run directory behind.
 
     Raises:
-        StorageError: The directory cannot be created or written; the message names it and why.
+        StorageError: The directory (or the ancestor it would be created in) cannot be
+            written, or a path on the way is a file; the message names it and why.
     """
     directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".influscope-write-check.", dir=directory)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{str(existing)!r} is a file, not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".influscope-write-check.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
