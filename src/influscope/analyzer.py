@@ -80,8 +80,9 @@ class Influence:
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
         #: replayed from the in-memory cache (EK-FAC's second pass).
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
-        #: The queries the last :meth:`score` preconditioned (``None`` when it loaded its
-        #: stored stage or was given preconditioned queries), for reports that show them.
+        #: The preconditioned queries the last :meth:`score` computed with (the ones it was
+        #: given, or those it preconditioned), ``None`` when it loaded its stored stage; the
+        #: ``score`` command's report reuses them instead of a second query pass.
         self.last_preconditioned: PreconditionedQueries | None = None
 
     @property

@@ -186,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
         # refinement keeps its finished query blocks, so a killed run resumes.
         scores = inf.score(queries, train, op, config, name=args.name, overwrite=args.overwrite)
         # the report's token colours need the preconditioned queries (recomputed when loaded)
-        pq = inf.last_preconditioned or inf.precondition(queries, op, config, train)
+        pq = inf.last_preconditioned
+        if pq is None:
+            pq = inf.precondition(queries, op, config, train)
     if pq.refine_residuals is not None:
         final = ", ".join(f"{float(r):.3g}" for r in pq.refine_residuals[:, -1])
         print(f"refinement ({config.refine}): final relative residual per query: {final}")

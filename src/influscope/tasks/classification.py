@@ -30,7 +30,9 @@ class ClassificationTask(Task):
         examples = []
         for i, rec in enumerate(records):
             if "text" not in rec or "label" not in rec:
-                raise DataError(f"Record {i + 1} has keys {sorted(rec)}; expected 'text' and 'label'.")
+                raise DataError(
+                    f"Record {i + 1} has keys {sorted(rec)}; expected 'text' and 'label'."
+                )
             ids = list(tokenizer(text_field(rec, i, "text"))["input_ids"])
             if max_length is not None and len(ids) > max_length:
                 if not truncate:
