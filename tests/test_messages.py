@@ -130,3 +130,16 @@ def test_truncate_silences_the_tokenizers_indexing_errors_warning(transformers_l
     )
     inf.tokenizer(long[0]["text"])
     assert [m for m in transformers_log if "indexing errors" in m]
+
+
+def test_a_field_of_the_wrong_type_is_shown_whole_as_json():
+    from influscope.tasks.data import text_field
+
+    chat = [{"role": "user", "content": "What is the capital of Velmora? " * 3}]
+    with pytest.raises(
+        DataError, match=r"Record 2 field 'text' must be a string, received list"
+    ) as err:
+        text_field({"text": chat}, 1, "text")
+    assert json.dumps(chat) in str(err.value)  # was cut at 60 characters of its repr
+    with pytest.raises(DataError, match=r" … \(4002 characters in all\)"):
+        text_field({"text": ["x" * 3998]}, 0, "text")  # 4002 characters of JSON
