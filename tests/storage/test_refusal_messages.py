@@ -36,9 +36,13 @@ def test_differences_explain_fingerprints_and_summarise_long_lists():
         "layers: removed ['model.layers.3.mlp.down_proj'], added ['model.layers.3.self_attn.o_proj']"
     ]
     assert differences({"seeds": [0, 1]}, {"seeds": (0, 1)}) == []  # JSON stores tuples as lists
-    # a key only one side has is a difference too
-    assert differences({"config": {"a": 1}}, {"config": {"a": 1, "b": None}}) == []
-    assert differences({"config": {"a": 1}}, {"config": {"a": 1, "b": 2}}) == ["config.b: None → 2"]
+    # a key only one side has is a difference too, even when the other side is None
+    assert differences({"config": {"a": 1}}, {"config": {"a": 1, "b": None}}) == [
+        "config.b: (absent) → None"
+    ]
+    assert differences({"config": {"a": 1, "b": 2}}, {"config": {"a": 1}}) == [
+        "config.b: 2 → (absent)"
+    ]
 
 
 def test_a_stale_stage_names_the_key_and_the_flags(tmp_path):

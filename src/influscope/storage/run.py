@@ -59,11 +59,13 @@ def differences(stored: Any, now: Any, prefix: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(now, dict):
         out = []
         for key in list(now) + [k for k in stored if k not in now]:
-            out += differences(stored.get(key), now.get(key), f"{prefix}{key}.")
+            out += differences(stored.get(key, ABSENT), now.get(key, ABSENT), f"{prefix}{key}.")
         return out
     if _same(stored, now):
         return []
     key = prefix.rstrip(".") or "value"
+    if stored is ABSENT or now is ABSENT:  # a key only one side has (not read as None)
+        return [f"{key}: {_short(stored)} → {_short(now)}"]
     if key in FINGERPRINTS and isinstance(now, str):
         return [f"{key}: fingerprint {stored!r} → {now!r} ({FINGERPRINTS[key]})"]
     if _is_list(stored) and _is_list(now) and max(len(repr(stored)), len(repr(now))) > 80:
@@ -72,6 +74,16 @@ def differences(stored: Any, now: Any, prefix: str = "") -> list[str]:
         what = [f"removed {_short(gone)}"] * bool(gone) + [f"added {_short(new)}"] * bool(new)
         return [f"{key}: {', '.join(what) or 'same entries in another order'}"]
     return [f"{key}: {_short(stored)} → {_short(now)}"]
+
+
+class _Absent:
+    """A key a stored or expected dictionary does not have (distinct from ``None``)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
 
 
 def _same(a: Any, b: Any) -> bool:
