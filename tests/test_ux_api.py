@@ -48,13 +48,13 @@ def _inf(**kw) -> Influence:
 
 def test_records_of_the_wrong_shape_say_what_to_pass():
     inf = _inf()
-    with pytest.raises(DataError, match=r"Record 0 is a str.*\[\{'text': s\} for s in texts\]"):
+    with pytest.raises(DataError, match=r"Record 1 is a str.*\[\{'text': s\} for s in texts\]"):
         inf.encode(["hello world"])  # listed its characters as "keys" before
     with pytest.raises(DataError, match=r"received a single dict. Wrap it in a list"):
         inf.encode({"text": "hello"})  # a TypeError before
     with pytest.raises(DataError, match="received a string"):
         inf.encode("hello")
-    with pytest.raises(DataError, match=r"Record 1 field 'text' must be a string, received int"):
+    with pytest.raises(DataError, match=r"Record 2 field 'text' must be a string, received int"):
         inf.encode([{"text": "ok"}, {"text": 5}])  # the tokenizer's ValueError before
     with pytest.raises(DataError, match="field 'completion' must be a string, received NoneType"):
         inf.encode([{"prompt": "a", "completion": None}])

@@ -30,6 +30,7 @@ from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass,
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory
 from influscope.tasks import EncodedDataset, Task, context_length
+from influscope.tasks.base import quiet_length_warning
 from influscope.tasks.data import record_list
 
 if TYPE_CHECKING:
@@ -80,6 +81,10 @@ class Influence:
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
         #: replayed from the in-memory cache (EK-FAC's second pass).
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
+        #: The preconditioned queries the last :meth:`score` computed with (the ones it was
+        #: given, or those it preconditioned), ``None`` when it loaded its stored stage; the
+        #: ``score`` command's report reuses them instead of a second query pass.
+        self.last_preconditioned: PreconditionedQueries | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -118,7 +123,8 @@ class Influence:
                 "Influence(...) (e.g. AutoTokenizer.from_pretrained(model_dir))."
             )
         records = record_list(records)
-        return self.task.encode(records, self.tokenizer, context_length(self.model), truncate)
+        with quiet_length_warning(self.tokenizer, truncate):  # cut to the context: no warning
+            return self.task.encode(records, self.tokenizer, context_length(self.model), truncate)
 
     def _check(self, data, what: str = "data") -> EncodedDataset:
         """``data`` as an :class:`EncodedDataset` that fits the model's context.
@@ -173,7 +179,24 @@ class Influence:
         refused with :class:`~influscope.errors.StaleArtifactError` when they do not.
         """
         config = _config(config, FitConfig)
-        train = self._check(train, "train")
+        stage, train = self._fit_stage(self._check(train, "train"), config, name)
+
+        def compute(store: PartialSums | None) -> CurvatureOperator:
+            operator, self.last_fit_shards = fit_curvature(
+                self.tracked,
+                train,
+                config,
+                store=store,  # per-shard partial sums: a killed fit resumes
+                amp_dtype=_amp(config.amp_dtype),
+            )
+            return operator.to("cpu") if self.offload else operator
+
+        return run_stage(stage, compute, overwrite)
+
+    def _fit_stage(
+        self, train: EncodedDataset, config: FitConfig, name: str
+    ) -> tuple[StageSpec[CurvatureOperator], EncodedDataset]:
+        """The ``factors`` stage of :meth:`fit`, and the training data it is fitted on."""
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
         # Fingerprints (a hash of every tracked weight) only matter when stages are stored.
@@ -198,18 +221,7 @@ class Influence:
             dump=lambda op: (op.tensors(), {"curvature": config.curvature, "damping": op.damping}),
             device=self._factor_device,  # CPU memory with offload=True
         )
-
-        def compute(store: PartialSums | None) -> CurvatureOperator:
-            operator, self.last_fit_shards = fit_curvature(
-                self.tracked,
-                train,
-                config,
-                store=store,  # per-shard partial sums: a killed fit resumes
-                amp_dtype=_amp(config.amp_dtype),
-            )
-            return operator.to("cpu") if self.offload else operator
-
-        return run_stage(stage, compute, overwrite)
+        return stage, train
 
     def load_factors(self, train: EncodedDataset, name: str = "factors") -> CurvatureOperator:
         """Load a stored curvature stage, checking it matches this model and training data.
@@ -363,10 +375,13 @@ class Influence:
                 if given
                 else self.precondition(queries, factors, config, train, refine_store=refine_store)
             )
+            self.last_preconditioned = pq
             want_self = self_influence or config.normalize == "relatif"
             return score_pass(self.tracked, pq, train, config, factors, want_self)
 
-        # a stored stage is loaded before any query pass
+        # a stored stage is loaded (or a stale one refused, or an unwritable run directory
+        # refused) before any query pass: encoded queries are preconditioned inside compute
+        self.last_preconditioned = None
         return run_stage(stage, compute, overwrite, before_load=unfingerprinted)
 
     def damping_sweep(
@@ -474,6 +489,10 @@ class Influence:
         )
 
         def compute(_: None) -> EnsembleScores:
+            # every member's factors stage is checked (stale? writable?) before the first fit
+            for s in seeds:
+                member = dataclasses.replace(fit_config, seed=s)
+                self._fit_stage(train, member, f"factors-seed{s}")[0].preflight()
             members = []
             for s in seeds:
                 factors = self.fit(

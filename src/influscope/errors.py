@@ -32,6 +32,10 @@ class StaleArtifactError(InfluscopeError, RuntimeError):
     """A stored stage was produced by a different model, data set or configuration."""
 
 
+class StorageError(InfluscopeError, OSError):
+    """A run directory or output file cannot be created or written."""
+
+
 class CollectionError(InfluscopeError, RuntimeError):
     """Gradients captured during training do not match the gradient the training step took."""
 

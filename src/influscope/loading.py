@@ -13,8 +13,10 @@ paragraphs separated by blank lines), or a Hugging Face dataset saved with ``sav
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ import torch
 from influscope.errors import DataError
 
 ADAPTER_CONFIG = "adapter_config.json"
+#: What a Hugging Face hub id looks like (``org/name``): refused with a hint, never fetched.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 #: Suffixes read as plain text, one record per paragraph.
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".text", ".md")
 
@@ -105,9 +109,17 @@ def _load_base(path: Path, task: str, dtype: torch.dtype):
     from influscope.tasks import TASKS
 
     if not path.exists():
+        if HUB_ID.fullmatch(str(path)):
+            raise DataError(
+                f"Model {str(path)!r} does not exist locally (working directory: {Path.cwd()}). "
+                "If it is a Hugging Face hub id: hub downloads are not supported, influscope "
+                "only reads local files. Download it first, e.g. `huggingface-cli download "
+                f"{path} --local-dir models/{path.name}`, then pass that directory "
+                f"(--model models/{path.name}) or a .gguf file (--model path/to/model.gguf)."
+            )
         raise DataError(
-            f"Model path {str(path)!r} does not exist. Give a local Hugging Face "
-            "model directory or a .gguf file."
+            f"Model path {str(path)!r} does not exist (working directory: {Path.cwd()}). Give "
+            "a local Hugging Face model directory or a .gguf file."
         )
     cls = getattr(transformers, lookup(TASKS, task, "task").auto_model)
     try:
@@ -122,11 +134,19 @@ def _load_base(path: Path, task: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def load_records(path: str | Path) -> list[dict]:
+def load_records(path: str | Path, errors: str = "strict") -> list[dict]:
     """Read records from a JSONL / JSON / text file or a saved Hugging Face dataset.
 
+    Args:
+        path: The file or dataset directory.
+        errors: How bytes that are not UTF-8 are decoded (Python's codec ``errors``):
+            ``"strict"`` refuses the file naming the line and byte offset; ``"replace"``
+            reads them as U+FFFD.
+
     Raises:
-        DataError: If the file is missing, malformed, or holds no records.
+        DataError: If the file is missing, not UTF-8 (with ``errors="strict"``), malformed,
+            or holds no records. Messages give the file, the 1-based line or record number
+            and, for JSON, the column.
     """
     path = Path(path)
     if not path.exists():
@@ -153,27 +173,74 @@ def load_records(path: str | Path) -> list[dict]:
         records = [dict(r) for r in datasets.load_from_disk(str(path))]
     elif path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for n, line in enumerate(read_text(path, errors).splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}).") from None
+                    raise DataError(
+                        f"{path}: line {n}, column {exc.colno} is not valid JSON: {exc.msg}. "
+                        f"The line reads: {_excerpt(line, exc.pos)}. Each line must be one "
+                        'JSON object, e.g. {"text": "..."}.'
+                    ) from None
     elif path.suffix.lower() == ".json":
+        text = read_text(path, errors)
         try:
-            records = json.loads(path.read_text(encoding="utf-8-sig"))
+            records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc.msg}).") from None
+            line = text.splitlines()[exc.lineno - 1] if text.strip() else ""
+            raise DataError(
+                f"{path}: line {exc.lineno}, column {exc.colno} is not valid JSON: {exc.msg}. "
+                f"The line reads: {_excerpt(line, exc.colno - 1)}. Expected a JSON list of "
+                "objects; for one object per line use a .jsonl file."
+            ) from None
         if not isinstance(records, list):
             raise DataError(
                 f"{path} must hold a JSON list of objects, found {type(records).__name__}."
             )
     else:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_text(path, errors)
         records = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     if not records:
-        raise DataError(f"{path} holds no records (expected at least one).")
-    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+        raise DataError(
+            f"{path} holds no records (expected at least one; the file is "
+            f"{'empty' if path.is_file() and path.stat().st_size == 0 else 'blank'})."
+        )
+    bad = [i + 1 for i, r in enumerate(records) if not isinstance(r, dict)]
     if bad:
-        raise DataError(f"{path}: records {bad[:5]} are not JSON objects.")
+        raise DataError(
+            f"{path}: records {bad[:5]} (numbered from 1) are not JSON objects; expected "
+            'objects such as {"text": "..."} or {"prompt": "...", "completion": "..."}.'
+        )
     return records
+
+
+def read_text(path: Path, errors: str = "strict") -> str:
+    """A UTF-8 file's text (a leading byte-order mark dropped).
+
+    Raises:
+        DataError: With ``errors="strict"``, for bytes that are not UTF-8: the message gives
+            the line, the byte offset and the bytes, and how to convert or replace them.
+    """
+    data = path.read_bytes()
+    start = 3 if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data[:offset].count(b"\n") + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        raise DataError(
+            f"{path} is not UTF-8: line {line}, byte offset {offset} (column {column}) holds "
+            f"{data[offset : offset + 4]!r} ({exc.reason}). Convert the file, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > {fixed}`, or (Python API) read it replacing "
+            "undecodable bytes with U+FFFD: load_records(path, errors='replace')."
+        ) from None
+
+
+def _excerpt(line: str, pos: int, width: int = 60) -> str:
+    """The part of ``line`` around character ``pos``, with a marker at ``pos``."""
+    lo = max(0, pos - width // 2)
+    head, tail = line[lo:pos], line[pos : pos + width // 2]
+    return f"{'…' * (lo > 0)}{head}⟨here⟩{tail}{'…' * (pos + width // 2 < len(line))}"

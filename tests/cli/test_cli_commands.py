@@ -15,6 +15,7 @@ from influscope.applications.reward_bias import MEASUREMENTS
 from influscope.applications.reward_data import SELECTORS
 from influscope.applications.unlearn import METHODS as UNLEARN_METHODS
 from influscope.cli import COMMANDS, build_parser, main
+from influscope.cli.options import shows_default
 from influscope.config import FitConfig, ScoreConfig
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
@@ -215,3 +216,61 @@ def test_python_dash_m_influscope_help_lists_every_command():
         assert out.returncode == 0, out.stderr
         for command in COMMANDS:
             assert command.NAME in out.stdout, (module, command.NAME)
+
+
+def _option_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """``action``'s help as ``--help`` prints it (defaults expanded, whitespace joined)."""
+    return " ".join(parser._get_formatter()._format_action(action).split())
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    missing = []
+    for path, parser in [("", build_parser()), *_walk("", build_parser())]:
+        for action in parser._actions:
+            if not action.option_strings or not shows_default(action):
+                continue
+            d = action.default
+            shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+            text = _option_help(parser, action)
+            escaped = shown.encode("unicode_escape").decode()  # '\n' is shown as \n
+            if "default" not in text or (shown not in text and escaped not in text):
+                missing.append(f"{path} {action.option_strings[-1]}: {text}")
+    assert not missing, "options whose --help does not show their default:\n" + "\n".join(missing)
+
+
+def test_defaults_that_say_nothing_are_not_shown():
+    parser = dict(_walk("", build_parser()))["score"]
+    by_dest = {a.dest: a for a in parser._actions}
+    assert "(default: 32)" in _option_help(parser, by_dest["rank"])
+    assert "(default: 0.0, run all steps)" in _option_help(parser, by_dest["refine_tol"])
+    assert "default: None" not in _option_help(parser, by_dest["damping"])
+    assert "default: False" not in _option_help(parser, by_dest["relatif"])  # a flag
+
+
+def test_every_command_and_probe_kind_has_a_description_paragraph():
+    short = {
+        path: parser.description
+        for path, parser in _walk("", build_parser())
+        if not parser.description or len(parser.description.split()) < 12
+    }
+    assert not short, f"commands without a description paragraph (12+ words): {short}"
+
+
+def test_version(capsys):
+    from influscope.version import __version__
+
+    with pytest.raises(SystemExit, match=r"^0$"):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"influscope {__version__}"
+
+
+def test_error_messages_are_printed_whole(monkeypatch, capsys):
+    # rich would read "[text]" as markup and drop it, and wrap a long line at 80 columns
+    message = 'bad.jsonl: line 3 reads {"text": "b", ⟨here⟩[text]} [bold]' + " x" * 80
+
+    def refused(args):
+        raise ConfigError(message)
+
+    monkeypatch.setattr(cli.report, "run", refused)
+    assert main(["report", "some-run"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -44,7 +44,9 @@ def test_it_computes_once_then_loads_and_refuses_stale_before_computing(tmp_path
     assert len(calls) == 1  # loaded, not recomputed
     torch.testing.assert_close(again[0], first[0])
     assert again[1] == "first"
-    with pytest.raises(StaleArtifactError, match="data: stored 'a', now 'b'"):
+    with pytest.raises(
+        StaleArtifactError, match=r"data: fingerprint 'a' → 'b' \(the training data's tokens"
+    ):
         run_stage(_spec(run, {"data": "b"}), compute)
     assert len(calls) == 1  # refused before any computation
     redone = run_stage(_spec(run, {"data": "b"}), lambda s: (torch.ones(1), "second"), True)

@@ -288,7 +288,9 @@ def select_targeted(records: Sequence[dict], rule: str = "shorter") -> list[dict
         raise DataError(f"Unknown selection rule {rule!r}. Known: {sorted(SELECTORS)}.")
     for i, rec in enumerate(records):
         if "chosen" not in rec or "rejected" not in rec:
-            raise DataError(f"Record {i} has keys {sorted(rec)}; expected 'chosen' and 'rejected'.")
+            raise DataError(
+                f"Record {i + 1} has keys {sorted(rec)}; expected 'chosen' and 'rejected'."
+            )
     kept = [r for r in records if SELECTORS[rule](r)]
     if not kept:
         raise DataError(f"No pair of the {len(records)} satisfies the rule {rule!r}.")

@@ -23,6 +23,7 @@ import argparse
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from influscope.cli import (
     bias,
@@ -41,7 +42,9 @@ from influscope.cli import (
     unlearn,
     validate,
 )
+from influscope.cli.options import Parser
 from influscope.errors import InfluscopeError
+from influscope.version import __version__
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -72,11 +75,17 @@ console = Console(stderr=True)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``influscope`` parser: one sub-parser per module of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="influscope",
         description="Which training sequences made this language model produce this output? "
         "Influence functions with EK-FAC curvature. Positive influence = "
         "up-weighting the training sequence raises log p(completion | prompt).",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"influscope {__version__}",
+        help="Print the version.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
@@ -90,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except InfluscopeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # the message verbatim: not read as markup (``[text]`` in a JSON excerpt would vanish)
+        # and not wrapped at the terminal's width (paths and JSON stay whole for copying)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         hint = ""

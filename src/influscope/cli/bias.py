@@ -22,6 +22,7 @@ from influscope.cli.options import (
     add_curvature_option,
     add_device_option,
     add_modules_option,
+    check_writable,
     resolve_modules,
 )
 from influscope.errors import DataError
@@ -60,7 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--measurement",
         default="log_likelihood",
         choices=list(MEASUREMENTS),
-        help="Per validation pair: log σ(r_c − r_r) (default, minus its loss) or r_c − r_r.",
+        help="Per validation pair: log_likelihood, log σ(r_c − r_r) (minus its loss), or the "
+        "margin r_c − r_r (default: %(default)s).",
     )
     add_modules_option(p, default=None, help="Tracked modules (default: auto).")
     p.add_argument(
@@ -103,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
         baselines=tuple(args.baselines),
         damping_factor=args.damping_factor,
     )
-    model, tokenizer = load_reward_model(args.model)
-    train = load_records(args.train)
+    train = load_records(args.train)  # data files are checked before the model is loaded
     validation = load_records(args.validation)
+    check_writable(Path(args.out).parent, "directory of --out")
+    model, tokenizer = load_reward_model(args.model)
     if args.select:
         validation = select_targeted(validation, args.select)
     if args.top_k < 0:

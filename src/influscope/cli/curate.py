@@ -26,7 +26,9 @@ from influscope.cli.options import (
     add_model_argument,
     add_modules_option,
     add_truncate_option,
+    check_writable,
     damping_kwargs,
+    encode_records,
 )
 from influscope.errors import DataError
 
@@ -86,14 +88,16 @@ def run(args: argparse.Namespace) -> int:
             f"--fraction must be between 0 and 1 (exclusive), received {args.fraction}."
         )
     console = Console(stderr=True)
+    # data files and the output's directory are checked before the model is loaded
+    records, bench_records = load_records(args.train), load_records(args.benchmark)
+    check_writable(Path(args.out).parent, "directory of --out")
     model, tokenizer = load_model(args.model)
     inf = Influence(
         model, "causal_lm", modules=args.modules, run_dir=args.run, tokenizer=tokenizer,
         device=args.device,
     )  # fmt: skip
-    records = load_records(args.train)
-    train = inf.encode(records, truncate=args.truncate)
-    bench = inf.encode(load_records(args.benchmark), truncate=args.truncate)
+    train = encode_records(inf, records, args.train, args.truncate)
+    bench = encode_records(inf, bench_records, args.benchmark, args.truncate)
     fit = FitConfig(curvature=args.curvature, batch_size=args.batch_size, **damping_kwargs(args))
     factors = inf.fit(train, fit)
     score = ScoreConfig(

@@ -19,7 +19,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from influscope.cli.options import add_batch_size_option, add_run_options, load_influence
+from influscope.cli.options import (
+    add_batch_size_option,
+    add_run_options,
+    check_writable,
+    encode_records,
+    load_influence,
+)
 
 NAME = "damping"
 
@@ -93,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
+    records = load_records(args.queries)  # data and outputs are checked before the model loads
+    if args.out:
+        check_writable(Path(args.out).parent, "directory of --out")
     inf, train = load_influence(args)
-    queries = inf.encode(load_records(args.queries), truncate=args.truncate)
+    queries = encode_records(inf, records, args.queries, args.truncate)
     op = inf.load_factors(train, args.factors)
     crit = json.loads(Path(args.check_file).read_text()) if args.check_file else {}
     lds = crit.get("lds")

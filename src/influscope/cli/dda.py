@@ -23,7 +23,9 @@ from influscope.cli.options import (
     add_curvature_option,
     add_damping_options,
     add_run_options,
+    check_writable,
     damping_kwargs,
+    data_file,
     non_negative_int,
     resolve_modules,
 )
@@ -40,6 +42,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         NAME,
         help="Influence corrected for fitting error: debias (minus the base model's), denoise "
         "(smoothed over fine-tuning checkpoints), DDA (both), RelatIF.",
+        description="Influence corrected for the fitting error of a fine-tuned model: debias "
+        "subtracts the base model's scores, denoise smooths the scores over the fine-tuning "
+        "checkpoints, DDA does both, RelatIF divides by sqrt(self-influence). Fits and scores "
+        "every model given, then writes RUN/NAME/scores.safetensors (every variant) and "
+        "RUN/NAME.json (the top training sequences of each query under each variant).",
     )
     add_run_options(p)
     p.add_argument("--queries", required=True, help="Query records (.jsonl, prompt+completion).")
@@ -97,12 +104,19 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_model, load_records
     from influscope.storage import atomic_write_json
     from influscope.tasks import context_length, get_task
+    from influscope.tasks.base import quiet_length_warning
 
+    # data files and the run directory are checked before the model is loaded
+    train_records, query_records = load_records(args.train), load_records(args.queries)
+    check_writable(args.run)
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     task = get_task(args.task)
     limit = context_length(model)
-    train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
-    queries = task.encode(load_records(args.queries), tokenizer, limit, args.truncate)
+    with quiet_length_warning(tokenizer, args.truncate):
+        with data_file(args.train):
+            train = task.encode(train_records, tokenizer, limit, args.truncate)
+        with data_file(args.queries):
+            queries = task.encode(query_records, tokenizer, limit, args.truncate)
 
     def other(path: str):
         m, _ = load_model(path, args.task)

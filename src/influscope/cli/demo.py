@@ -39,7 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope demo``."""
+    from influscope.cli.options import check_writable
     from influscope.demo.pipeline import run_demo
 
+    check_writable(args.out, "output directory")  # before the corpus is built and trained on
     run_demo(assets=args.assets, out=args.out, seed=args.seed, threads=args.threads or None)
     return 0

@@ -25,7 +25,14 @@ console = Console(stderr=True)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``index`` on ``sub`` (the main parser's sub-parsers)."""
-    index = sub.add_parser(NAME, help="Write projected training gradients to an index.")
+    index = sub.add_parser(
+        NAME,
+        help="Write projected training gradients to an index.",
+        description="Project every training sequence's gradient (LoGra: per-layer input and "
+        "output projections) and write the rows to RUN/index/NAME in shards, with the "
+        "projected curvature, so that `influscope query` answers new queries without a pass "
+        "over the training data. An interrupted build resumes from its finished shards.",
+    )
     add_run_options(index)
     index.add_argument("--name", default="index", help="Name of the index (RUN/index/<name>).")
     index.add_argument("--k-in", type=int, default=64, help="Input projection rows per layer.")
@@ -49,7 +56,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--fisher",
         default="true",
         choices=["true", "empirical"],
-        help="Labels of the projected curvature: sampled from the model (default) or the data.",
+        help="Labels of the projected curvature: sampled from the model (true) or the data "
+        "(empirical) (default: %(default)s).",
     )
     index.add_argument("--dtype", default="float16", choices=list(INDEX_DTYPES), help="Storage.")
     index.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")

@@ -19,7 +19,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 from influscope.curvature import CURVATURES as _CURVATURE_REGISTRY
 from influscope.errors import ConfigError
@@ -29,6 +30,8 @@ __all__ = [
     "CURVATURES",
     "DEFAULT_MODULES",
     "TASKS",
+    "HelpFormatter",
+    "Parser",
     "add_batch_size_option",
     "add_curvature_option",
     "add_damping_options",
@@ -39,10 +42,14 @@ __all__ = [
     "add_run_options",
     "add_task_option",
     "add_truncate_option",
+    "check_writable",
     "damping_kwargs",
+    "data_file",
+    "encode_records",
     "load_influence",
     "non_negative_int",
     "resolve_modules",
+    "shows_default",
 ]
 
 #: Values of ``--task``: how a batch becomes a loss and a measurement (the task registry).
@@ -69,6 +76,42 @@ TRUNCATE_HELP = (
 )
 DEVICE_HELP = "torch device (default: cuda if available)."
 BATCH_SIZE_HELP = "Sequences per forward/backward pass (default: 8)."
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows every option's default.
+
+    An option whose help text does not already say its default (``default``) gets
+    ``(default: VALUE)`` appended, unless its default is ``None`` or ``False`` (an absent value
+    or an off flag, which the help text explains). A list default is shown space-separated,
+    as it is typed.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and shows_default(action) and "default" not in text.lower():
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            shown = str(shown).replace("%", "%%").encode("unicode_escape").decode()
+            end = "." if text.endswith(".") else ""
+            text = f"{text.removesuffix('.')} (default: {shown}){end}"
+        return text
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` must state ``action``'s default: anything but ``None`` (no value),
+    ``False`` (a flag that is off) and suppressed ones (``0`` is shown)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS)
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``influscope`` parsers: :class:`HelpFormatter` by default, for every sub-command
+    (``add_subparsers`` makes its parsers of the parent's class, so nested kinds inherit it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def non_negative_int(text: str) -> int:
@@ -285,19 +328,59 @@ def damping_kwargs(args: argparse.Namespace) -> dict:
     return {}
 
 
+def check_writable(path, what: str = "run directory"):
+    """Create ``path`` (a directory) if needed and refuse it now unless a file can be written.
+
+    Commands call it for their output directories before loading the model, so that a
+    read-only ``--run`` or ``--out`` is refused in a second instead of after the forward passes.
+
+    Raises:
+        StorageError: The directory cannot be created or written.
+    """
+    from influscope.storage.run import check_writable as _check
+
+    return _check(path, what)
+
+
+@contextlib.contextmanager
+def data_file(path) -> Iterator[None]:
+    """Within the block, a :class:`DataError` (a bad record) is re-raised naming ``path``.
+
+    The tasks number records from 1 (``record 3``) but do not know the file they were read
+    from; this prefixes it, so that ``train.jsonl: record 3 has keys ['txt'] ...`` says where
+    to look.
+    """
+    from influscope.errors import DataError
+
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
+def encode_records(inf, records: list[dict], path, truncate: bool = False):
+    """``inf.encode(records, truncate)``, with the data file named in any :class:`DataError`."""
+    with data_file(path):
+        return inf.encode(records, truncate=truncate)
+
+
 def load_influence(args: argparse.Namespace):
     """``(Influence, encoded training set)`` from the common model / data / run options.
 
     Used by every command that takes ``--model --train --run`` (``fit``, ``score``,
-    ``damping``, ``index``, ``query``).
+    ``damping``, ``index``, ``query``). The training file is read and the run directory
+    proved writable before the model is loaded (seconds to minutes for a real LLM), so that
+    an empty or malformed file or a read-only ``--run`` is refused first.
     """
     from influscope.analyzer import Influence
     from influscope.loading import load_model, load_records
 
+    records = load_records(args.train)
+    check_writable(args.run)
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     modules = resolve_modules(args.modules, model)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )
-    train = inf.encode(load_records(args.train), truncate=args.truncate)
+    train = encode_records(inf, records, args.train, args.truncate)
     return inf, train

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from influscope.cli.options import add_device_option, add_model_argument
+from influscope.cli.options import add_device_option, add_model_argument, check_writable
 from influscope.errors import DataError
 
 NAME = "probe"
@@ -67,14 +67,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME,
         help="Generalisation probes (ID/OOD, length, prompting, representation) beside influence.",
-        description=__doc__.split("\n")[0].replace("``", ""),
+        description="Generalisation probes beside influence: representation (linear probes "
+        "of a record property per layer), length (accuracy and loss against input length), "
+        "prompting (zero-shot vs k-shot) and id-ood (loss and influence provenance per "
+        "evaluation set). Every kind prints a table, writes JSON (--out) and optionally its "
+        "plot (--svg); --influence adds influence columns from EK-FAC fitted on --train. See "
+        "`influscope probe KIND --help`.",
     )
     kinds = p.add_subparsers(
         dest="kind", required=True, help="Which probe to run (see `influscope probe KIND --help`)."
     )
 
     rep = kinds.add_parser(
-        "representation", help="Per-layer linear probes of a record property (scikit-learn)."
+        "representation",
+        help="Per-layer linear probes of a record property (scikit-learn).",
+        description="Per-layer linear-probe accuracy (scikit-learn LogisticRegression, "
+        "stratified k-fold) for every property named by --properties, with chance and a "
+        "permuted-label control: where in the model a property becomes linearly readable. "
+        "With --influence and --queries, the share of the queries' influence that passes "
+        "through each block's tracked layers.",
     )
     _common(rep)
     rep.add_argument("--data", required=True, help="Records with the text and the properties.")
@@ -93,7 +104,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(with --influence).",
     )
 
-    length = kinds.add_parser("length", help="Accuracy and loss against input length.")
+    length = kinds.add_parser(
+        "length",
+        help="Accuracy and loss against input length.",
+        description="Exact-match accuracy and loss per token of the completions against "
+        "input length (--length-key), for a model trained up to length L (--train-length): "
+        "how it extrapolates to longer inputs. With --influence, per length, whether the "
+        "top-1 proponent is the fact's own training sequence, or the mean length of the "
+        "top-k proponents.",
+    )
     _common(length)
     length.add_argument(
         "--data", required=True, help="Prompt/completion records, each with an integer length."
@@ -104,7 +123,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     length.add_argument("--length-key", default="length", help="Record key of the length.")
     length.add_argument("--top-k", type=int, default=10, help="k of the influence columns.")
 
-    prompt = kinds.add_parser("prompting", help="Zero-shot vs k-shot, with/without a prefix.")
+    prompt = kinds.add_parser(
+        "prompting",
+        help="Zero-shot vs k-shot, with/without a prefix.",
+        description="Accuracy (every completion token greedy), first-token accuracy and "
+        "mean log p of the queries with k demonstrations from --demos (--ks), with and "
+        "without a chain-of-thought style prefix (--cot-prefix). With --influence, per k, "
+        "whether the top-1 proponent of the k-shot prompt is still the fact's own training "
+        "sequence.",
+    )
     _common(prompt)
     prompt.add_argument("--queries", required=True, help="Prompt/completion queries.")
     prompt.add_argument("--demos", required=True, help="Pool of prompt/completion demonstrations.")
@@ -115,7 +142,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--cot-prefix", default=None, help="Chain-of-thought style lead-in before the query."
     )
     prompt.add_argument(
-        "--separator", default="\n", help="Text between demonstrations (default a newline)."
+        "--separator", default="\n", help="Text between demonstrations (default: a newline, \\n)."
     )
     prompt.add_argument(
         "--exclude-key",
@@ -129,7 +156,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     prompt.add_argument("--seed", type=int, default=0, help="Seed of the demonstration order.")
 
-    ood = kinds.add_parser("id-ood", help="Per-set loss, shift, and influence provenance.")
+    ood = kinds.add_parser(
+        "id-ood",
+        help="Per-set loss, shift, and influence provenance.",
+        description="Per evaluation set (--eval NAME=FILE): loss, accuracy and distribution "
+        "shift (domain-classifier AUC on the last hidden state, distance to the nearest "
+        "training-domain centroid). With --influence, for each example, whether its top "
+        "proponents come from its nearest training domain (--domain-key), against that "
+        "domain's share of the training set.",
+    )
     _common(ood, train_required=True)
     ood.add_argument(
         "--eval",
@@ -153,7 +188,36 @@ def _load(args):
     return model.to(args.device), tok
 
 
-def _influence(args, model, tok):
+def _data_paths(args) -> list[str]:
+    """Every data file the probe will read (validated before the model is loaded)."""
+    names = ("data", "queries", "demos", "train")
+    paths = [getattr(args, n) for n in names if getattr(args, n, None)]
+    return paths + [path for _, path in _eval_sets(args)]
+
+
+def _eval_sets(args) -> list[tuple[str, str]]:
+    """``--eval NAME=FILE`` as ``(name, path)`` pairs."""
+    pairs = []
+    for item in getattr(args, "eval", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DataError(f"--eval expects NAME=FILE, received {item!r}.")
+        pairs.append((name, path))
+    return pairs
+
+
+def _reader():
+    """``read(path)``: :func:`load_records`, each file parsed once (a fresh copy per call)."""
+    import copy
+    import functools
+
+    from influscope.loading import load_records
+
+    cached = functools.cache(load_records)
+    return lambda path: copy.deepcopy(cached(path))
+
+
+def _influence(args, model, tok, read):
     if not args.influence:
         return None
     if not args.train:
@@ -161,20 +225,16 @@ def _influence(args, model, tok):
             "--influence needs the training records: pass --train FILE (what the model was "
             "trained on)."
         )
-    from influscope.loading import load_records
     from influscope.probes.base import InfluenceSide
 
     normalize = "relatif" if args.relatif else None
-    return InfluenceSide(
-        model, tok, load_records(args.train), device=args.device, normalize=normalize
-    )
+    return InfluenceSide(model, tok, read(args.train), device=args.device, normalize=normalize)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope probe KIND``."""
     from rich.console import Console
 
-    from influscope.loading import load_records
     from influscope.probes import (
         IdOodConfig,
         PromptingConfig,
@@ -189,20 +249,26 @@ def run(args: argparse.Namespace) -> int:
     from influscope.storage import atomic_write_json
     from influscope.storage.atomic import atomic_write_text
 
+    read = _reader()
+    for path in _data_paths(args):  # data files and output directories before the model
+        read(path)
+    outputs = [Path(p).parent for p in (args.out, args.svg) if p]
+    for directory in outputs + ([Path(args.run) / "probes"] if args.run else []):
+        check_writable(directory, "output directory")
     model, tok = _load(args)
-    side = _influence(args, model, tok)
+    side = _influence(args, model, tok, read)
     if args.kind == "representation":
         share = None
         if side is not None and args.queries:
             from influscope.analysis.layers import layer_study
 
-            scores = side.scores(load_records(args.queries), per_layer=True)
+            scores = side.scores(read(args.queries), per_layer=True)
             study = layer_study(scores)
             share = block_influence_share(study.layer_names, study.abs_share)
         result = representation_probe(
             model,
             tok,
-            load_records(args.data),
+            read(args.data),
             args.properties,
             RepresentationConfig(pool=args.pool, folds=args.folds),
             text_key=args.text_key,
@@ -212,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         result = length_probe(
             model,
             tok,
-            load_records(args.data),
+            read(args.data),
             args.train_length,
             length_key=args.length_key,
             influence=side,
@@ -231,23 +297,18 @@ def run(args: argparse.Namespace) -> int:
         result = prompting_probe(
             model,
             tok,
-            load_records(args.queries),
-            load_records(args.demos),
+            read(args.queries),
+            read(args.demos),
             config,
             influence=side,
             batch_size=args.batch_size,
         )
     else:
-        sets = {}
-        for item in args.eval:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise DataError(f"--eval expects NAME=FILE, received {item!r}.")
-            sets[name] = load_records(path)
+        sets = {name: read(path) for name, path in _eval_sets(args)}
         result = id_ood_probe(
             model,
             tok,
-            load_records(args.train),
+            read(args.train),
             sets,
             IdOodConfig(domain_key=args.domain_key, top_k=args.top_k),
             influence=side,

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.cli.options import add_run_options, load_influence, non_negative_int
+from influscope.cli.options import (
+    add_run_options,
+    check_writable,
+    encode_records,
+    load_influence,
+    non_negative_int,
+)
 
 NAME = "query"
 
@@ -23,7 +29,14 @@ console = Console(stderr=True)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``query`` on ``sub`` (the main parser's sub-parsers)."""
-    query = sub.add_parser(NAME, help="Score new queries against a stored index.")
+    query = sub.add_parser(
+        NAME,
+        help="Score new queries against a stored index.",
+        description="Answer new queries from a gradient index written by `influscope index`: "
+        "the top training sequences of each query by projected influence, optionally after a "
+        "BM25 text filter (--bm25) and re-scored with the full EK-FAC factors (--rescore). "
+        "Writes RUN/<index>-query.json (or --out).",
+    )
     add_run_options(query)
     query.add_argument("--queries", required=True, help="Query records (.jsonl).")
     query.add_argument("--index", default="index", help="Name of the index.")
@@ -74,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     from influscope.loading import load_records
     from influscope.storage import atomic_write_json
 
+    records = load_records(args.queries)  # data and outputs are checked before the model loads
+    if args.out:
+        check_writable(Path(args.out).parent, "directory of --out")
     inf, train = load_influence(args)
-    records = load_records(args.queries)
-    queries = inf.encode(records, truncate=args.truncate)
+    queries = encode_records(inf, records, args.queries, args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)
     factors = inf.load_factors(train, args.factors) if args.rescore else None
     if factors is not None:

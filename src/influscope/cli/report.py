@@ -24,6 +24,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     report = sub.add_parser(
         NAME,
         help="Render a run directory (scores + studies) into one self-contained HTML file.",
+        description="Render a run directory into one self-contained HTML file: the stored "
+        "scores stage (top proponents and opponents of each query, their tokens coloured by "
+        "influence) and the studies run beside it (influence distribution and its power-law "
+        "fit, layers, probes). Reads only stored stages: nothing is recomputed.",
     )
     report.add_argument("run", help="Run directory holding scores/<name> (from score or demo).")
     report.add_argument("--scores", default="scores", help="Name of the scores stage.")
@@ -58,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``influscope report``: the studies of a stored run, as one page."""
     from influscope.analysis.runs import StudyConfig, report_run
     from influscope.analysis.sparsity import SparsityConfig
+    from influscope.cli.options import check_writable
     from influscope.report import write_report
 
+    out = Path(args.out or Path(args.run) / "studies.html")
+    check_writable(out.parent, "directory of the report")  # before the studies run
     config = StudyConfig(sparsity=SparsityConfig(n_bootstrap=args.bootstrap), top_k=args.top_k)
     view, studies = report_run(
         args.run,
@@ -70,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         config=config,
     )
-    path = write_report(view, Path(args.out or Path(args.run) / "studies.html"))
+    path = write_report(view, out)
     console.print(f"studies: {', '.join(studies)}; report → {path}")
     return 0

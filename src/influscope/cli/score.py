@@ -15,6 +15,8 @@ from rich.console import Console
 from influscope.cli.options import (
     add_batch_size_option,
     add_run_options,
+    check_writable,
+    encode_records,
     load_influence,
     non_negative_int,
 )
@@ -73,7 +75,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--refine-tol",
         type=float,
         default=0.0,
-        help="Stop a query once its relative residual is at most this (default 0: run all steps).",
+        help="Stop a query once its relative residual is at most this (default: %(default)s, "
+        "run all steps).",
     )
     score.add_argument(
         "--refine-examples",
@@ -134,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
+    # data files and output directories are checked before the model is loaded
+    query_records = load_records(args.queries)
+    if args.report is not None:
+        check_writable(Path(args.report).parent, "directory of --report")
     inf, train = load_influence(args)
-    queries = inf.encode(load_records(args.queries), truncate=args.truncate)
+    queries = encode_records(inf, query_records, args.queries, args.truncate)
     op = inf.load_factors(train, args.factors)
     config = ScoreConfig(
         query_rank=args.rank or None,
@@ -176,8 +183,13 @@ def run(args: argparse.Namespace) -> int:
             train_indices=ensemble.train_indices,
         )
     else:
-        pq = inf.precondition(queries, op, config, train)
-        scores = inf.score(pq, train, op, config, name=args.name, overwrite=args.overwrite)
+        # The stored stage is checked (reused, or refused as stale) before the query pass; a
+        # refinement keeps its finished query blocks, so a killed run resumes.
+        scores = inf.score(queries, train, op, config, name=args.name, overwrite=args.overwrite)
+        # the report's token colours need the preconditioned queries (recomputed when loaded)
+        pq = inf.last_preconditioned
+        if pq is None:
+            pq = inf.precondition(queries, op, config, train)
     if pq.refine_residuals is not None:
         final = ", ".join(f"{float(r):.3g}" for r in pq.refine_residuals[:, -1])
         print(f"refinement ({config.refine}): final relative residual per query: {final}")

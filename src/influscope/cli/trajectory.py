@@ -12,7 +12,9 @@ from influscope.cli.options import (
     add_batch_size_option,
     add_damping_options,
     add_model_options,
+    check_writable,
     damping_kwargs,
+    data_file,
     resolve_modules,
 )
 from influscope.storage.atomic import atomic_write_text
@@ -63,16 +65,23 @@ def run(args: argparse.Namespace) -> int:
     from influscope.config import FitConfig
     from influscope.loading import load_records
     from influscope.tasks import context_length, get_task
+    from influscope.tasks.base import quiet_length_warning
     from influscope.trajectory import from_directory, source_scores, tracin_scores
 
+    # data files and the output's directory are checked before any checkpoint is loaded
+    train_records, query_records = load_records(args.train), load_records(args.queries)
+    check_writable(Path(args.out).parent, "directory of --out")
     traj = from_directory(args.checkpoints, lr=args.lr)
     last = Path(args.checkpoints) / traj[-1].name
     tokenizer = AutoTokenizer.from_pretrained(last)
     model = traj[-1].load()
     task = get_task(args.task)
     limit = context_length(model)
-    train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
-    queries = task.encode(load_records(args.queries), tokenizer, limit, args.truncate)
+    with quiet_length_warning(tokenizer, args.truncate):
+        with data_file(args.train):
+            train = task.encode(train_records, tokenizer, limit, args.truncate)
+        with data_file(args.queries):
+            queries = task.encode(query_records, tokenizer, limit, args.truncate)
     modules = resolve_modules(args.modules, model)
     common = {"batch_size": args.batch_size, "device": args.device}
     if args.method == "tracin":

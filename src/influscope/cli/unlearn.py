@@ -32,7 +32,9 @@ from influscope.cli.options import (
     add_modules_option,
     add_task_option,
     add_truncate_option,
+    check_writable,
     damping_kwargs,
+    encode_records,
     resolve_modules,
 )
 from influscope.errors import DataError
@@ -60,7 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Sequences to remove: a records file, or training indices like '3,17,40-45'.",
     )
     p.add_argument("--out", required=True, help="Directory for the edited model + unlearn.json.")
-    p.add_argument("--scale", type=float, default=1.0, help="Step scale s (default 1).")
+    p.add_argument("--scale", type=float, default=1.0, help="Step scale s (default: %(default)s).")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", nargs="+", default=None, help="Edit only these tracked layers.")
     group.add_argument(
@@ -106,7 +108,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="Iterative: weight β of the retain term, each round ascends mean forget loss − β "
-        "mean retain loss (default 0).",
+        "mean retain loss (default: %(default)s).",
     )
     p.add_argument(
         "--forget-target",
@@ -235,12 +237,14 @@ def run(args: argparse.Namespace) -> int:
         stop_retain_increase=args.stop_retain_increase,
         max_retain_increase=args.max_retain_increase,
     )
+    train_records = load_records(args.train)  # before the model is loaded
+    check_writable(out.parent, "directory of --out")
     model, tokenizer = load_model(args.model, args.task)
     modules = resolve_modules(args.modules)
     inf = Influence(
         model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
     )
-    train = inf.encode(load_records(args.train), truncate=args.truncate)
+    train = encode_records(inf, train_records, args.train, args.truncate)
     indices = parse_forget(args.forget, len(train))
     forget = (
         indices

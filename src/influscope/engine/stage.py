@@ -5,7 +5,11 @@ unlearning store theirs through them) runs through :func:`run_stage`, the one pl
 
 1. compares the stored stage's fingerprints with ``expected`` and loads it when they match,
    or raises :class:`~influscope.errors.StaleArtifactError` naming what changed (unless
-   ``overwrite``) — before any computation;
+   ``overwrite``) — before any computation; a stage that will be computed and stored first
+   proves its run directory writable (:class:`~influscope.errors.StorageError` otherwise), so
+   neither a stale stage nor a read-only directory is found after the forward passes
+   (:meth:`StageSpec.preflight`; callers that run passes of their own before
+   :func:`run_stage`, such as the ``score`` command, call it first);
 2. gives the computation a :class:`~influscope.engine.shards.PartialSums` store beside the
    stage (``RUN/<kind>/.<name>.<partial>``) keyed by the same fingerprints, so a killed run
    resumes from the shards or query blocks it finished;
@@ -68,6 +72,24 @@ class StageSpec(Generic[R]):
         """Whether a complete stage is stored."""
         return self.stores and self.run.exists(self.kind, self.name)  # type: ignore[union-attr]
 
+    def preflight(self, overwrite: bool = False) -> bool:
+        """Refuse, before any computation, what :func:`run_stage` would refuse after it.
+
+        Returns:
+            Whether a stored stage will be loaded (it exists, matches and not ``overwrite``).
+
+        Raises:
+            StaleArtifactError: A stored stage differs from ``expected`` (and not ``overwrite``).
+            StorageError: The stage must be computed and stored, but ``RUN/<kind>`` cannot be
+                written.
+        """
+        if self.exists() and not overwrite:
+            self.run.check(self.kind, self.name, self.expected, self.fix)  # type: ignore[union-attr]
+            return True
+        if self.stores and self.dump is not None and is_writer():
+            self.run.check_writable(self.kind)  # type: ignore[union-attr]
+        return False
+
     def read(self) -> R:
         """The stored stage, after checking ``expected``.
 
@@ -119,10 +141,11 @@ def run_stage(
 
     Raises:
         StaleArtifactError: A stored stage differs from ``spec.expected`` and not ``overwrite``.
+        StorageError: The stage is to be stored but its run directory cannot be written.
     """
-    if spec.exists() and not overwrite:  # before any computation
-        if before_load is not None:
-            before_load()
+    if before_load is not None and spec.exists() and not overwrite:
+        before_load()
+    if spec.preflight(overwrite):  # stale or unwritable: refused before any computation
         return spec.read()
     store = spec.partial_sums()
     result = compute(store)

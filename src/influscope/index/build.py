@@ -37,6 +37,7 @@ from influscope.projection import EigenSelection, LograProjector, projector_from
 from influscope.storage import atomic_write_json, atomic_write_tensors, model_fingerprint
 from influscope.storage.atomic import read_json, read_tensors
 from influscope.storage.fingerprint import operator_fingerprint
+from influscope.storage.run import check_writable, differences
 from influscope.tasks.data import EncodedDataset
 
 
@@ -77,6 +78,7 @@ def build_index(
 
     Raises:
         StaleArtifactError: An index built from something else exists and ``overwrite`` is off.
+        StorageError: ``root`` cannot be written.
         ConfigError: ``init`` is ``"pca"`` or ``"eigen"`` and no ``factors`` are given.
     """
     model, task, layers = tracked.model, tracked.task, list(tracked.layers)
@@ -103,12 +105,16 @@ def build_index(
         meta = read_json(root / "meta.json")
         diffs = [k for k, v in expected.items() if meta.get(k) != v]
         if diffs and not overwrite:
+            changed = "; ".join(differences({k: meta.get(k) for k in diffs}, expected))
             raise StaleArtifactError(
-                f"The index in {root} was built with a different {', '.join(diffs)}. Refusing "
-                "to reuse it. Pass overwrite=True (CLI: --overwrite) or choose another name."
+                f"The index in {root} was built with a different {', '.join(diffs)} "
+                f"({changed}). Refusing to reuse it. Pass --overwrite (Python: overwrite=True) "
+                "to rebuild it, or --name OTHER to build a second index beside it."
             )
         if diffs and rank == 0:
             shutil.rmtree(root)
+    if rank == 0:
+        check_writable(root, "index directory")  # before any pass (StorageError)
     barrier()
 
     # 1. projections

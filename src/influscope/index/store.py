@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from influscope.errors import DataError
-from influscope.storage.atomic import read_json
+from influscope.storage.atomic import default_mode, read_json
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -54,6 +54,7 @@ def write_shard(path: Path, rows: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_mode())  # mkstemp creates 0600: honour the umask instead
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, rows)
             fh.flush()

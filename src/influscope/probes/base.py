@@ -81,7 +81,7 @@ def encode_completion(
     """
     if "prompt" not in record or "completion" not in record:
         raise DataError(
-            f"Record {index} has keys {sorted(record)}; this probe expected 'prompt' and "
+            f"Record {index + 1} has keys {sorted(record)}; this probe expected 'prompt' and "
             "'completion' (the completion is what is scored). Convert the record, e.g. split "
             "a 'text' before its last word."
         )
@@ -89,7 +89,7 @@ def encode_completion(
     completion = _ids(tokenizer, str(record["completion"]))
     if not completion or not prompt:
         raise DataError(
-            f"Record {index} has an empty prompt or completion after tokenisation "
+            f"Record {index + 1} has an empty prompt or completion after tokenisation "
             f"(prompt {record['prompt']!r}, completion {record['completion']!r}); give both "
             "at least one token."
         )
@@ -234,12 +234,12 @@ def _text_ids(tokenizer: Any, records: Sequence[dict[str, Any]], add_bos: bool) 
             ids = _prefix(tokenizer, add_bos) + _ids(tokenizer, f"{r['prompt']}{r['completion']}")
         else:
             raise DataError(
-                f"Record {i} has keys {sorted(r)}; expected 'text', or 'prompt' and "
+                f"Record {i + 1} has keys {sorted(r)}; expected 'text', or 'prompt' and "
                 "'completion'. Rename the field that holds the text."
             )
         if len(ids) < 2:
             raise DataError(
-                f"Record {i} has {len(ids)} token(s); a next-token loss needs at least 2. "
+                f"Record {i + 1} has {len(ids)} token(s); a next-token loss needs at least 2. "
                 "Drop it or give a longer text."
             )
         seqs.append(ids)

@@ -96,7 +96,7 @@ def check_format(
         if _text_of(r) is None:
             raise DataError(
                 f"Evaluation set {name!r} has no overlap in format with the training data: "
-                f"record {i} has keys {sorted(r)}, expected 'text' (as the training records) "
+                f"record {i + 1} has keys {sorted(r)}, expected 'text' (as the training records) "
                 "or 'prompt' and 'completion'. Rename its fields."
             )
     seen = set()

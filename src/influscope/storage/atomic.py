@@ -16,6 +16,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open`` / ``mkdir`` would give a new file / directory under the umask.
+
+    ``tempfile.mkstemp`` and ``mkdtemp`` create ``0600`` / ``0700`` whatever the umask; every
+    stored file and stage directory is given this mode instead (``0644`` / ``0755`` under the
+    usual umask ``022``, so the group can read a run; ``0600`` / ``0700`` under ``077``).
+    """
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary directory in ``parent`` with :func:`default_mode` (not ``0700``)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(tmp, default_mode(directory=True))
+    return tmp
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path``.
 
@@ -26,11 +50,11 @@ def atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
     try:
         write(tmp)
+        # mkstemp creates 0600 (and a writer such as safetensors may recreate the file): give
+        # the mode a plain open() would, under the umask
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

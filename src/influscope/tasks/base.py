@@ -18,7 +18,9 @@ dtype otherwise), so that a float64 model keeps float64 through the loss Hessian
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -161,3 +163,33 @@ def check_logits(task: str, logits: torch.Tensor, expected: tuple, shape_text: s
         f"Task {task!r} expects model logits of shape {shape_text} = {want}, received "
         f"{shape}. The task does not fit this model: {hint}."
     )
+
+
+#: transformers' key for its once-per-tokenizer "longer than the specified maximum sequence
+#: length ... will result in indexing errors" warning.
+LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+@contextlib.contextmanager
+def quiet_length_warning(tokenizer, quiet: bool = True) -> Iterator[None]:
+    """Within the block, ``tokenizer`` does not warn that a long text "will result in indexing
+    errors" (when ``quiet``).
+
+    With ``truncate=True`` (CLI ``--truncate``) an encoder tokenizes a long text whole and then
+    cuts it to the model's context, so the warning is false; without it, an over-long record
+    is refused by the task with a :class:`~influscope.errors.DataError`. The tokenizer's own
+    flag is restored afterwards (tokenizers without it are left alone).
+    """
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if not quiet or not isinstance(flags, dict):
+        yield
+        return
+    before = flags.get(LENGTH_WARNING)
+    flags[LENGTH_WARNING] = True  # transformers warns only while this is unset
+    try:
+        yield
+    finally:
+        if before is None:
+            flags.pop(LENGTH_WARNING, None)
+        else:
+            flags[LENGTH_WARNING] = before

@@ -75,7 +75,7 @@ class CausalLMTask(Task):
                 completion = _ids(tokenizer, text_field(rec, i, "completion"))
                 if not completion:
                     raise DataError(
-                        f"Record {i} has a completion with no tokens ({rec['completion']!r}). "
+                        f"Record {i + 1} has a completion with no tokens ({rec['completion']!r}). "
                         "The measurement log p(completion | prompt) needs at least one "
                         "completion token: give a non-empty completion."
                     )
@@ -86,13 +86,13 @@ class CausalLMTask(Task):
                 labels = list(ids)
             else:
                 raise DataError(
-                    f"Record {i} has keys {sorted(rec)}; expected 'text', or 'prompt' and "
+                    f"Record {i + 1} has keys {sorted(rec)}; expected 'text', or 'prompt' and "
                     "'completion'."
                 )
             if max_length is not None and len(ids) > max_length:
                 if not truncate:
                     raise DataError(
-                        f"Record {i} has {len(ids)} tokens, longer than the model's context of "
+                        f"Record {i + 1} has {len(ids)} tokens, longer than the model's context of "
                         f"{max_length}. Shorten or split it, or pass truncate=True "
                         "(CLI: --truncate)."
                     )
@@ -105,7 +105,7 @@ class CausalLMTask(Task):
                 ids, labels = ids[:max_length], labels[:max_length]
             if sum(lab != -100 for lab in labels[1:]) == 0:
                 raise DataError(
-                    f"Record {i} has no token to predict after truncation/masking "
+                    f"Record {i + 1} has no token to predict after truncation/masking "
                     f"({len(ids)} tokens). Give a longer text or a completion."
                 )
             examples.append(

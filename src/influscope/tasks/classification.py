@@ -30,12 +30,14 @@ class ClassificationTask(Task):
         examples = []
         for i, rec in enumerate(records):
             if "text" not in rec or "label" not in rec:
-                raise DataError(f"Record {i} has keys {sorted(rec)}; expected 'text' and 'label'.")
+                raise DataError(
+                    f"Record {i + 1} has keys {sorted(rec)}; expected 'text' and 'label'."
+                )
             ids = list(tokenizer(text_field(rec, i, "text"))["input_ids"])
             if max_length is not None and len(ids) > max_length:
                 if not truncate:
                     raise DataError(
-                        f"Record {i} has {len(ids)} tokens, longer than the model's context of "
+                        f"Record {i + 1} has {len(ids)} tokens, longer than the model's context of "
                         f"{max_length}. Shorten it or pass truncate=True."
                     )
                 ids = ids[:max_length]

@@ -103,7 +103,7 @@ def record_list(records) -> list[dict]:
                 else ""
             )
             raise DataError(
-                f"Record {i} is a {type(rec).__name__}, expected a dict such as {{'text': ...}} "
+                f"Record {i + 1} is a {type(rec).__name__}, expected a dict such as {{'text': ...}} "
                 f"or {{'prompt': ..., 'completion': ...}}.{hint}"
             )
     return [dict(rec) for rec in records]
@@ -114,10 +114,17 @@ def text_field(record: Mapping, i: int, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise DataError(
-            f"Record {i} field {key!r} must be a string, received {type(value).__name__} "
-            f"{value!r:.60}. Convert it to text (or drop the record) before encoding."
+            f"Record {i + 1} field {key!r} must be a string, received {type(value).__name__} "
+            f"{shown_json(value)}. Convert it to text (or drop the record) before encoding."
         )
     return value
+
+
+def shown_json(value, limit: int = 400) -> str:
+    """``value`` as JSON for a message: whole up to ``limit`` characters, else visibly cut
+    (``… (N characters in all)``), never silently."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text)} characters in all)"
 
 
 def pad_stack(tensors: Sequence[torch.Tensor], value: int | float, length: int | None = None):

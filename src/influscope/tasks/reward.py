@@ -41,7 +41,7 @@ class RewardTask(Task):
         for i, rec in enumerate(records):
             if "chosen" not in rec or "rejected" not in rec:
                 raise DataError(
-                    f"Record {i} has keys {sorted(rec)}; expected 'chosen' and 'rejected' "
+                    f"Record {i + 1} has keys {sorted(rec)}; expected 'chosen' and 'rejected' "
                     "(and optionally 'prompt')."
                 )
             ex = {}
@@ -51,7 +51,7 @@ class RewardTask(Task):
                 if max_length is not None and len(ids) > max_length:
                     if not truncate:
                         raise DataError(
-                            f"Record {i} ({side}) has {len(ids)} tokens, longer than the "
+                            f"Record {i + 1} ({side}) has {len(ids)} tokens, longer than the "
                             f"model's context of {max_length}. Shorten it or pass truncate=True."
                         )
                     ids = ids[:max_length]
