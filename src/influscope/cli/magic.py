@@ -72,7 +72,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_truncate_option(p)
     add_device_option(p)
     p.add_argument("--epochs", type=int, default=1, help="Fine-tune epochs (default: 1).")
-    p.add_argument("--lr", type=float, default=1e-4, help="Learning rate (default: 1e-4).")
+    p.add_argument("--lr", type=float, default=1e-4, help="Learning rate.")
     p.add_argument(
         "--batch-size", type=int, default=8, help="Training examples per step (default: 8)."
     )
@@ -89,11 +89,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--weight-decay",
         type=float,
         default=0.0,
-        help="AdamW's decoupled weight decay, or SGD's L2 term (default: 0).",
+        help="AdamW's decoupled weight decay, or SGD's L2 term.",
     )
-    p.add_argument(
-        "--momentum", type=float, default=0.0, help="SGD's heavy-ball momentum (default: 0)."
-    )
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD's heavy-ball momentum.")
     p.add_argument(
         "--schedule",
         default="constant",
@@ -126,7 +124,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=float,
         default=4096.0,
         help="Budget in MiB for REPLAY's checkpoints, segment states and adjoints; a run "
-        "needing more is refused before it starts (default: 4096).",
+        "needing more is refused before it starts.",
     )
     p.add_argument(
         "--top-k",

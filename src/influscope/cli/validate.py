@@ -69,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_truncate_option(g)
     add_device_option(g)
     g.add_argument("--epochs", type=int, default=1, help="Fine-tune epochs (default: 1).")
-    g.add_argument("--lr", type=float, default=1e-4, help="Learning rate (default: 1e-4).")
+    g.add_argument("--lr", type=float, default=1e-4, help="Learning rate.")
     g.add_argument(
         "--train-batch-size", type=int, default=8, help="Examples per step (default: 8)."
     )
@@ -79,7 +79,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument(
         "--optimizer", default="adamw", help="'adamw' (default) or 'sgd' (FinetuneConfig)."
     )
-    g.add_argument("--weight-decay", type=float, default=0.0, help="Weight decay (default: 0).")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Weight decay.")
     g.add_argument(
         "--parameters",
         default=None,
@@ -108,7 +108,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=0.0,
-        help="Allowed relative gap between two full runs (default: 0, bit-identical).",
+        help="Allowed relative gap between two full runs (0: bit-identical).",
     )
     b.add_argument(
         "--no-save-model",
