@@ -19,6 +19,7 @@ from influscope.config import FitConfig, ScoreConfig
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
 from influscope.errors import ConfigError
+from influscope.index.ann import FAISS_BACKENDS
 from influscope.index.config import INDEX_DTYPES, IndexConfig
 from influscope.probes import PROBES
 from influscope.projection.projector import INITS
@@ -34,6 +35,7 @@ REGISTRIES = {
     ("score", "refine_method"): REFINE_METHODS,
     ("index", "init"): INITS,
     ("index", "dtype"): INDEX_DTYPES,
+    ("ann", "backend"): FAISS_BACKENDS,
     ("dda", "variants"): CORRECTIONS,
     ("dda", "smoothing"): SMOOTHINGS,
     ("bias", "measurement"): MEASUREMENTS,

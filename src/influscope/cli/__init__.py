@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from influscope.cli import (
+    ann,
     bias,
     curate,
     damping,
@@ -50,6 +51,7 @@ COMMANDS = [
     demo,
     report,
     index,
+    ann,
     query,
     dda,
     damping,
