@@ -19,7 +19,7 @@ from influscope.config import FitConfig, ScoreConfig
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
 from influscope.errors import ConfigError
-from influscope.index.ann import FAISS_BACKENDS
+from influscope.index.ann import FAISS_BACKENDS, MIPS
 from influscope.index.config import INDEX_DTYPES, IndexConfig
 from influscope.probes import PROBES
 from influscope.projection.projector import INITS
@@ -36,6 +36,7 @@ REGISTRIES = {
     ("index", "init"): INITS,
     ("index", "dtype"): INDEX_DTYPES,
     ("ann", "backend"): FAISS_BACKENDS,
+    ("ann", "mips"): MIPS,
     ("dda", "variants"): CORRECTIONS,
     ("dda", "smoothing"): SMOOTHINGS,
     ("bias", "measurement"): MEASUREMENTS,

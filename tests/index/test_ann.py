@@ -68,20 +68,39 @@ def test_flat_equals_exhaustive_top_k(planted):
 
 
 @pytest.mark.parametrize(
-    ("backend", "floor"),
-    [("faiss-ivf", 0.95), ("faiss-pq", 0.9), ("faiss-ivfpq", 0.9)],
+    ("backend", "mips", "floor"),
+    [
+        ("faiss-ivf", "augment", 0.95),
+        ("faiss-ivf", "direct", 0.95),
+        ("faiss-pq", "augment", 0.9),
+        ("faiss-ivfpq", "augment", 0.9),
+        ("faiss-ivfpq", "direct", 0.9),
+    ],
 )
-def test_approximate_recall_at_10_after_reranking(planted, backend, floor):
+def test_approximate_recall_at_10_after_reranking(planted, backend, mips, floor):
     index, _, queries = planted
     exact = index.search(queries, k=10)
-    ann = build_ann(
-        index, AnnConfig(backend=backend, nlist=40, nprobe=4, m=16, nbits=6, chunk=1000)
-    )
+    cfg = AnnConfig(backend=backend, mips=mips, nlist=40, nprobe=4, m=16, nbits=6, chunk=1000)
+    ann = build_ann(index, cfg, name=f"{backend}-{mips}")
     cand = ann.search(queries, k=100)  # k' = 10 k candidates
     top = rerank(index, queries, cand.indices, k=10)
     assert _recall(top.indices, exact.indices) >= floor
     # the candidates' scores are now exact
     torch.testing.assert_close(top.scores, -(queries * index.rows(top.indices.flatten()).view(30, 10, -1).transpose(0, 1)).sum(-1).t(), rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
+def test_augmented_search_returns_inner_products(planted):
+    # IVF-Flat stores rows exactly: its scores, mapped back from ‖x' − q'‖², are ⟨-q̃, g̃⟩
+    index, rows, queries = planted
+    ann = build_ann(index, AnnConfig(backend="faiss-ivf", nlist=10, nprobe=10), name="all-lists")
+    top = ann.search(queries, k=10)
+    ref = -(queries.double() @ rows.double().t())  # (Q, N)
+    assert ann.max_norm == pytest.approx(float(rows.double().norm(dim=1).max()), rel=1e-6)
+    assert torch.equal(top.indices, ref.topk(10, dim=1).indices)  # every list scanned: exact
+    scale = ann.max_norm**2 + float(queries.double().norm(dim=1).max()) ** 2
+    torch.testing.assert_close(
+        top.scores.double(), ref.gather(1, top.indices), rtol=0, atol=1e-6 * scale
+    )
 
 
 def test_rerank_gives_the_exact_scores_of_the_candidates(planted):
@@ -141,7 +160,7 @@ def test_stale_ann_index_is_refused(tmp_path):
 def test_bad_ann_settings_are_refused_before_work(tmp_path):
     index = write_rows_index(tmp_path / "idx", [torch.randn(50, 12)])
     with pytest.raises(ConfigError, match="m must divide the row width D = 12; received m=5"):
-        build_ann(index, AnnConfig(backend="faiss-pq", m=5))
+        build_ann(index, AnnConfig(backend="faiss-pq", m=5, mips="direct"))
     with pytest.raises(ConfigError, match=r"nothing to build\. Choose a FAISS backend"):
         build_ann(index, AnnConfig(backend="exhaustive"))
     with pytest.raises(ConfigError, match="backend must be one of"):

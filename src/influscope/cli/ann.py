@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.index.ann import FAISS_BACKENDS
+from influscope.index.ann import FAISS_BACKENDS, MIPS
 
 NAME = "ann"
 
@@ -36,6 +36,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="faiss-ivf",
         choices=list(FAISS_BACKENDS),
         help="faiss-flat (exact), faiss-ivf (default), faiss-pq, faiss-ivfpq.",
+    )
+    ann.add_argument(
+        "--mips",
+        default="augment",
+        choices=list(MIPS),
+        help="augment (default): inner product as Euclidean search on rows padded to equal "
+        "norm; direct: FAISS inner-product metric (docs/scale.md).",
     )
     ann.add_argument("--name", default=None, help="File name under ann/ (default: the backend).")
     ann.add_argument(
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = AnnConfig(
         backend=args.backend,
+        mips=args.mips,
         nlist=args.nlist,
         nprobe=args.nprobe,
         m=args.m,

@@ -82,29 +82,36 @@ def _nlist(n_rows: int, config: AnnConfig) -> int:
     return max(1, min(want, min(config.train_rows, n_rows) // 39 or 1))
 
 
+def _quantizer(dim: int, config: AnnConfig):
+    faiss = _faiss()
+    return faiss.IndexFlatL2(dim) if config.mips == "augment" else faiss.IndexFlatIP(dim)
+
+
+def _metric(config: AnnConfig) -> int:
+    faiss = _faiss()
+    return faiss.METRIC_L2 if config.mips == "augment" else faiss.METRIC_INNER_PRODUCT
+
+
 def _flat(dim, n_rows, config):
     return _faiss().IndexFlatIP(dim)
 
 
 def _ivf(dim, n_rows, config):
-    faiss = _faiss()
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, _nlist(n_rows, config), faiss.METRIC_INNER_PRODUCT)
-    return index  # faiss's wrapper keeps a reference to the quantizer
+    # faiss's Python wrapper keeps a reference to the quantizer
+    return _faiss().IndexIVFFlat(
+        _quantizer(dim, config), dim, _nlist(n_rows, config), _metric(config)
+    )
 
 
 def _pq(dim, n_rows, config):
-    faiss = _faiss()
-    return faiss.IndexPQ(dim, config.m, config.nbits, faiss.METRIC_INNER_PRODUCT)
+    return _faiss().IndexPQ(dim, config.m, config.nbits, _metric(config))
 
 
 def _ivfpq(dim, n_rows, config):
-    faiss = _faiss()
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(
-        quantizer, dim, _nlist(n_rows, config), config.m, config.nbits, faiss.METRIC_INNER_PRODUCT
-    )
-    return index
+    return _faiss().IndexIVFPQ(
+        _quantizer(dim, config), dim, _nlist(n_rows, config), config.m, config.nbits,
+        _metric(config),
+    )  # fmt: skip
 
 
 #: Registry of ANN backends (add an entry to extend).
@@ -120,12 +127,24 @@ ANN_BACKENDS: dict[str, AnnBackend] = {
 FAISS_BACKENDS = {k: b for k, b in ANN_BACKENDS.items() if b.make is not None}
 
 
+#: Ways to search the maximum inner product (see :class:`AnnConfig`).
+MIPS = ("augment", "direct")
+
+
 @dataclass(frozen=True)
 class AnnConfig(Settings):
     """How an ANN index over a gradient index is built and searched.
 
     Attributes:
         backend: Key of :data:`ANN_BACKENDS`.
+        mips: How the approximate backends search the maximum inner product: ``"augment"``
+            (default) reduces it to a Euclidean nearest-neighbour search (Bachrach et al. 2014):
+            every row ``x`` gets an extra coordinate ``√(M² − ‖x‖²)`` (``M`` the largest row
+            norm) and the query a ``0``, so ``‖x' − q'‖² = M² + ‖q‖² − 2⟨x, q⟩`` — clustering
+            and quantisation then see rows of equal norm, which IVF needs: with rows of unequal
+            norms the lists chosen by centroid inner product miss large-norm rows.
+            ``"direct"``: FAISS's inner-product metric on the raw rows. ``faiss-flat`` is
+            always exact inner product.
         nlist: IVF lists (``faiss-ivf``, ``faiss-ivfpq``); 0 picks ``≈ 4√N`` (capped so each
             list gets ≥ 39 training rows, FAISS's minimum for k-means).
         nprobe: IVF lists scanned per query (can be overridden at search time).
@@ -137,6 +156,7 @@ class AnnConfig(Settings):
     """
 
     backend: str = "faiss-ivf"
+    mips: str = "augment"
     nlist: int = 0
     nprobe: int = 32
     m: int = 64
@@ -150,6 +170,7 @@ class AnnConfig(Settings):
             self.backend in ANN_BACKENDS,
             f"backend must be one of {sorted(ANN_BACKENDS)}, received {self.backend!r}.",
         )
+        require(self.mips in MIPS, f"mips must be one of {MIPS}, received {self.mips!r}.")
         require(self.nlist >= 0, f"nlist must be ≥ 0 (0: automatic), received {self.nlist}.")
         require(self.nprobe >= 1, f"nprobe must be ≥ 1, received {self.nprobe}.")
         require(self.m >= 1, f"m must be ≥ 1, received {self.m}.")
@@ -180,6 +201,27 @@ def index_fingerprint(index: GradientIndex) -> str:
 
 def _paths(index: GradientIndex, name: str) -> tuple[Path, Path]:
     return index.root / "ann" / f"{name}.faiss", index.root / "ann" / f"{name}.json"
+
+
+def _max_norm(index: GradientIndex, chunk: int) -> float:
+    """The largest row norm ``M`` (one chunked pass over the shards)."""
+    best = 0.0
+    for k, (s, e) in enumerate(index.meta["shards"]):
+        for lo in range(0, e - s, chunk):
+            rows = from_storage(index.shard(k)[lo : lo + chunk], index.dtype)  # (n, D)
+            best = max(best, float(rows.double().norm(dim=1).max()))
+    return best
+
+
+def _rows_in(x: np.ndarray, max_norm: float | None, width: int) -> np.ndarray:
+    """Rows as FAISS stores them: raw, or ``[x, √(M² − ‖x‖²), 0…]`` (``(n, width)`` float32)."""
+    if max_norm is None:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], width), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    sq = (x.astype(np.float64) ** 2).sum(axis=1)
+    out[:, x.shape[1]] = np.sqrt(np.maximum(max_norm**2 - sq, 0.0))
+    return out
 
 
 def _sample(index: GradientIndex, config: AnnConfig) -> np.ndarray:
@@ -219,11 +261,16 @@ def build_ann(
             + ", ".join(b for b in ANN_BACKENDS if b != "exhaustive")
         )
     dim, n_rows = int(index.meta["dim"]), index.n_rows
-    if "pq" in config.backend and dim % config.m:
+    augment = config.mips == "augment" and config.backend != "faiss-flat"
+    width = dim + 1 if augment else dim  # the augmented coordinate; PQ pads to a multiple of m
+    if "pq" in config.backend and augment:
+        width = -(-width // config.m) * config.m
+    if "pq" in config.backend and width % config.m:
         divisors = [d for d in range(1, min(dim, 256) + 1) if dim % d == 0]
         raise ConfigError(
             f"PQ splits each row into m sub-vectors, so m must divide the row width D = {dim}; "
-            f"received m={config.m}. Choose m from {divisors[-8:]} (CLI: --m)."
+            f"received m={config.m}. Choose m from {divisors[-8:]} (CLI: --m), or "
+            "mips='augment', which pads the rows."
         )
     name = name or config.backend
     path, meta_path = _paths(index, name)
@@ -232,7 +279,8 @@ def build_ann(
         meta = read_json(meta_path)
         same = {k: meta.get(k) for k in expected} == expected
         if same:
-            return AnnIndex(index, name, config, _faiss().read_index(str(path)))
+            ann = _faiss().read_index(str(path))
+            return AnnIndex(index, name, config, ann, meta.get("max_norm"), meta.get("width", dim))
         if not overwrite:
             what = "settings" if meta.get("index") == expected["index"] else "gradient index"
             raise StaleArtifactError(
@@ -241,9 +289,10 @@ def build_ann(
                 "overwrite=True (CLI: --overwrite) or another name (CLI: --name)."
             )
     faiss = _faiss()
-    ann = backend.make(dim, n_rows, config)
+    max_norm = _max_norm(index, config.chunk) if augment else None
+    ann = backend.make(width, n_rows, config)
     if not ann.is_trained:
-        sample = _sample(index, config)  # (n_train, D)
+        sample = _rows_in(_sample(index, config), max_norm, width)  # (n_train, width)
         for holder in (ann, getattr(ann, "pq", None)):  # k-means seeds (IVF lists, PQ codes)
             if holder is not None and hasattr(holder, "cp"):
                 holder.cp.seed = config.seed
@@ -257,14 +306,14 @@ def build_ann(
     )
     for k, lo in track(chunks, f"ann {config.backend}", total=n_chunks, unit="chunk"):
         rows = from_storage(index.shard(k)[lo : lo + config.chunk], index.dtype)  # (n, D)
-        ann.add(np.ascontiguousarray(rows.numpy(), dtype=np.float32))
+        ann.add(_rows_in(rows.numpy(), max_norm, width))  # (n, width)
     atomic_write(path, lambda tmp: faiss.write_index(ann, tmp))
     atomic_write_json(
         meta_path,
         {**expected, "backend": config.backend, "nprobe": config.nprobe, "n_rows": n_rows,
-         "dim": dim, "index_root": str(index.root)},
+         "dim": dim, "width": width, "max_norm": max_norm, "index_root": str(index.root)},
     )  # fmt: skip
-    return AnnIndex(index, name, config, ann)
+    return AnnIndex(index, name, config, ann, max_norm, width)
 
 
 def open_ann(index: GradientIndex, name: str, nprobe: int | None = None) -> AnnIndex:
@@ -293,14 +342,25 @@ def open_ann(index: GradientIndex, name: str, nprobe: int | None = None) -> AnnI
             f"{name} --overwrite` (Python: build_ann(index, config, name, overwrite=True))."
         )
     config = AnnConfig(**meta["config"], nprobe=nprobe or meta.get("nprobe", 32))
-    return AnnIndex(index, name, config, _faiss().read_index(str(path)))
+    ann = _faiss().read_index(str(path))
+    return AnnIndex(index, name, config, ann, meta.get("max_norm"), meta.get("width", meta["dim"]))
 
 
 class AnnIndex:
     """A FAISS index over a :class:`GradientIndex` (from :func:`build_ann` / :func:`open_ann`)."""
 
-    def __init__(self, index: GradientIndex, name: str, config: AnnConfig, faiss_index) -> None:
+    def __init__(
+        self,
+        index: GradientIndex,
+        name: str,
+        config: AnnConfig,
+        faiss_index,
+        max_norm: float | None = None,
+        width: int | None = None,
+    ) -> None:
         self.index, self.name, self.config, self.faiss_index = index, name, config, faiss_index
+        self.max_norm = max_norm  # M of the augmented search, None for a direct one
+        self.width = width or int(index.meta["dim"])
 
     def search(self, queries: torch.Tensor, k: int = 10, nprobe: int | None = None) -> TopK:
         """Approximate top-``k`` rows of ``-queries @ rows^⊤`` (approximate scores; see
@@ -317,8 +377,12 @@ class AnnIndex:
         """
         if hasattr(self.faiss_index, "nprobe"):
             self.faiss_index.nprobe = nprobe or self.config.nprobe
-        q = np.ascontiguousarray(-queries.float().cpu().numpy())  # (Q, D): max ⟨-q̃, g̃⟩
-        scores, rows = self.faiss_index.search(q, min(k, self.index.n_rows))
+        q = -queries.double().cpu().numpy()  # (Q, D): max ⟨-q̃, g̃⟩
+        wide = np.zeros((q.shape[0], self.width), dtype=np.float32)
+        wide[:, : q.shape[1]] = q  # the augmented coordinates of a query are 0
+        scores, rows = self.faiss_index.search(wide, min(k, self.index.n_rows))
+        if self.max_norm is not None:  # ‖x' − q'‖² = M² + ‖q‖² − 2⟨x, q⟩
+            scores = (self.max_norm**2 + (q**2).sum(axis=1, keepdims=True) - scores) / 2
         s = torch.from_numpy(scores).float()  # (Q, k)
         i = torch.from_numpy(rows).long()  # (Q, k)
         return TopK(i, s.masked_fill(i < 0, float("-inf")))
