@@ -20,7 +20,7 @@ from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
 from influscope.errors import ConfigError
 from influscope.index.ann import FAISS_BACKENDS, MIPS
-from influscope.index.config import INDEX_DTYPES, IndexConfig
+from influscope.index.config import INDEX_DTYPES, OPTIMIZERS, IndexConfig
 from influscope.probes import PROBES
 from influscope.projection.projector import INITS
 from influscope.solvers.refine import METHODS as REFINE_METHODS
@@ -35,6 +35,7 @@ REGISTRIES = {
     ("score", "refine_method"): REFINE_METHODS,
     ("index", "init"): INITS,
     ("index", "dtype"): INDEX_DTYPES,
+    ("index", "optimizer"): OPTIMIZERS,
     ("ann", "backend"): FAISS_BACKENDS,
     ("ann", "mips"): MIPS,
     ("dda", "variants"): CORRECTIONS,
