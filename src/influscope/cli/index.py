@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.optimizer == "adam":
         from influscope.index.trackstar import load_adam_moments
 
-        moments = load_adam_moments(args.optimizer_state, inf.model)
+        moments = load_adam_moments(args.optimizer_state, inf.tracked.model)
     factors = inf.load_factors(train, args.factors) if args.init in ("pca", "eigen") else None
     index = inf.build_index(
         train, config, factors, name=args.name, overwrite=args.overwrite, second_moments=moments
