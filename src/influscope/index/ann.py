@@ -248,7 +248,8 @@ def build_ann(
             gradient index (otherwise refused).
 
     Raises:
-        ConfigError: ``exhaustive`` (nothing to build), or PQ's ``m`` does not divide ``D``.
+        ConfigError: ``exhaustive`` (nothing to build), ``faiss-cpu`` missing, or (with
+            ``mips="direct"``) PQ's ``m`` does not divide ``D``.
         StaleArtifactError: An ANN index of that name exists for other settings or another
             gradient index, and ``overwrite`` is off.
     """
@@ -257,9 +258,9 @@ def build_ann(
     if backend.make is None:
         raise ConfigError(
             f"backend={config.backend!r} scans the gradient index itself; there is nothing to "
-            "build. Choose a FAISS backend: "
-            + ", ".join(b for b in ANN_BACKENDS if b != "exhaustive")
+            f"build. Choose a FAISS backend: {', '.join(FAISS_BACKENDS)}."
         )
+    faiss = _faiss()  # a missing package is reported before any work
     dim, n_rows = int(index.meta["dim"]), index.n_rows
     augment = config.mips == "augment" and config.backend != "faiss-flat"
     width = dim + 1 if augment else dim  # the augmented coordinate; PQ pads to a multiple of m
@@ -279,7 +280,7 @@ def build_ann(
         meta = read_json(meta_path)
         same = {k: meta.get(k) for k in expected} == expected
         if same:
-            ann = _faiss().read_index(str(path))
+            ann = faiss.read_index(str(path))
             return AnnIndex(index, name, config, ann, meta.get("max_norm"), meta.get("width", dim))
         if not overwrite:
             what = "settings" if meta.get("index") == expected["index"] else "gradient index"
@@ -288,7 +289,6 @@ def build_ann(
                 f"index fingerprint {meta.get('index')}). Refusing to replace it. Pass "
                 "overwrite=True (CLI: --overwrite) or another name (CLI: --name)."
             )
-    faiss = _faiss()
     max_norm = _max_norm(index, config.chunk) if augment else None
     ann = backend.make(width, n_rows, config)
     if not ann.is_trained:
