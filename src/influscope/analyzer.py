@@ -595,11 +595,13 @@ class Influence:
         name: str = "index",
         root: str | Path | None = None,
         overwrite: bool = False,
+        second_moments: dict[str, torch.Tensor] | None = None,
     ) -> GradientIndex:
         """Write, resume or reuse the projected gradient index of ``train``.
 
         Stored under ``RUN/index/<name>`` (or ``root``); see :func:`influscope.index.build_index`.
-        ``factors`` are needed for ``IndexConfig(init="pca")`` and ``init="eigen"``.
+        ``factors`` are needed for ``IndexConfig(init="pca")`` and ``init="eigen"``;
+        ``second_moments`` (Adam's, by parameter name) for ``IndexConfig(optimizer="adam")``.
 
         Raises:
             DataError: With neither a run directory nor ``root``.
@@ -613,7 +615,9 @@ class Influence:
                 "Influence with run_dir=..."
             )
         root = Path(root) if root is not None else self.run.root / "index" / name
-        return build_index(self.tracked, train, root, config, factors, overwrite)
+        return build_index(
+            self.tracked, train, root, config, factors, overwrite, second_moments=second_moments
+        )
 
     def query_index(
         self, queries: EncodedDataset, index: GradientIndex, k: int = 10, batch_size: int = 8

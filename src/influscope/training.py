@@ -170,6 +170,7 @@ class TrainResult:
         steps: Optimizer steps taken.
         stopped_early: Whether ``time_budget_s`` ended training before ``epochs``.
         checkpoints: Parameter copies every ``checkpoint_every`` steps (empty by default).
+        optimizer: The AdamW optimizer after training, when ``keep_optimizer`` is set.
     """
 
     model: GPT2LMHeadModel
@@ -179,6 +180,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def _encode(records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int) -> list[list[int]]:
@@ -234,6 +236,7 @@ def train_lm(
     init: GPT2LMHeadModel | None = None,
     on_epoch_end: Callable[[int, GPT2LMHeadModel], None] | None = None,
     checkpoint_every: int | None = None,
+    keep_optimizer: bool = False,
 ) -> TrainResult:
     """Train ``GPT2LMHeadModel(config)`` (fresh, or a copy of ``init``) on the records' ``text``.
 
@@ -265,6 +268,8 @@ def train_lm(
         checkpoint_every: Keep a :class:`Checkpoint` (a copy of every parameter and the
             step's learning rate) after every ``checkpoint_every`` optimizer steps, e.g. for
             TracIn. Copying changes neither the random streams nor the trained model.
+        keep_optimizer: Return the AdamW optimizer in :attr:`TrainResult.optimizer` (its
+            second moments are what TrackStar's index scaling reads).
 
     Returns:
         The trained model (eval mode) with its loss history (and checkpoints, if asked).
@@ -325,6 +330,7 @@ def train_lm(
             break
     result.seconds = time.perf_counter() - start
     result.cpu_seconds = time.process_time() - cpu_start
+    result.optimizer = optimizer if keep_optimizer else None
     model.eval()
     return result
 

@@ -20,7 +20,9 @@ from influscope.config import FitConfig, ScoreConfig
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 from influscope.curvature import CURVATURES
 from influscope.errors import ConfigError
+from influscope.index.ann import FAISS_BACKENDS, MIPS
 from influscope.index.config import INDEX_DTYPES, IndexConfig
+from influscope.index.config import OPTIMIZERS as INDEX_OPTIMIZERS
 from influscope.metagrad.recipe import OPTIMIZERS, SCHEDULES
 from influscope.probes import PROBES
 from influscope.projection.projector import INITS
@@ -36,6 +38,9 @@ REGISTRIES = {
     ("score", "refine_method"): REFINE_METHODS,
     ("index", "init"): INITS,
     ("index", "dtype"): INDEX_DTYPES,
+    ("index", "optimizer"): INDEX_OPTIMIZERS,
+    ("ann", "backend"): FAISS_BACKENDS,
+    ("ann", "mips"): MIPS,
     ("dda", "variants"): CORRECTIONS,
     ("dda", "smoothing"): SMOOTHINGS,
     ("bias", "measurement"): MEASUREMENTS,

@@ -59,3 +59,50 @@ def test_eigen_index_from_fitted_factors(workdir, capsys):
     assert main(["query", *args, *queries, "--index", "eig", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["stage"] == "index" and len(result["queries"][0]["top"]) == 6
+
+
+def test_trackstar_index_then_ann_query(workdir, capsys):
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("faiss")
+    args = _args(workdir)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    moments = workdir / "moments.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({n: torch.rand(p.shape) + 0.1 for n, p in model.named_parameters()}, str(moments))
+    ts = ["index", *args, "--name", "ts", "--k-in", "8", "--k-out", "8", "--curvature", "identity"]
+    capsys.readouterr()
+    assert main([*ts, "--optimizer", "adam"]) == 2  # refused before the model loads
+    err = " ".join(capsys.readouterr().err.split())
+    assert "needs Adam's second moments: pass --optimizer-state" in err and "Loading" not in err
+    assert main([*ts, "--optimizer", "adam", "--optimizer-state", str(moments), "--normalize"]) == 0
+    meta = json.loads((workdir / "run" / "index" / "ts" / "meta.json").read_text())
+    assert meta["config"]["optimizer"] == "adam" and meta["config"]["normalize"] is True
+    run = ["--run", str(workdir / "run"), "--index", "ts"]
+    assert main(["ann", *run, "--backend", "faiss-flat"]) == 0
+    queries = ["--queries", str(workdir / "queries.jsonl")]
+    exact, via = workdir / "exact.json", workdir / "via.json"
+    assert main(["query", *args, *queries, "--index", "ts", "--out", str(exact)]) == 0
+    cmd = ["query", *args, *queries, "--index", "ts", "--ann", "faiss-flat", "--ann-k", "4"]
+    assert main([*cmd, "--out", str(via)]) == 0
+    a, b = json.loads(exact.read_text()), json.loads(via.read_text())
+    assert b["candidates"]["ann"] == 4
+    for qa, qb in zip(a["queries"], b["queries"]):
+        assert [h["index"] for h in qa["top"][:4]] == [h["index"] for h in qb["top"]]
+        assert all(-1 - 1e-5 <= h["score"] <= 1 + 1e-5 for h in qa["top"])  # cosines
+    # a FAISS index copied beside another gradient index (other moments) is refused
+    import shutil
+
+    save_file({n: torch.rand(p.shape) + 0.1 for n, p in model.named_parameters()}, str(moments))
+    other = [*ts, "--optimizer", "adam", "--optimizer-state", str(moments), "--normalize"]
+    assert main([*other[:-1], "--name", "ts2", "--normalize"]) == 0
+    idx = workdir / "run" / "index"
+    shutil.copytree(idx / "ts" / "ann", idx / "ts2" / "ann")
+    capsys.readouterr()
+    stale = ["query", *args, *queries, "--index", "ts2", "--ann", "faiss-flat", "--out", str(via)]
+    assert main(stale) == 2  # the CLI names the fix and exits with status 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "built for another gradient index" in err and "influscope ann --index ts2" in err

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from influscope.cli import (
+    ann,
     bias,
     curate,
     damping,
@@ -55,6 +56,7 @@ COMMANDS = [
     demo,
     report,
     index,
+    ann,
     query,
     dda,
     damping,

@@ -6,6 +6,8 @@ Examples::
 
     influscope index --model runs/demo/model --train train.jsonl --run runs/x --dtype float16
     influscope index ... --dry-run          # estimated memory and disk, nothing runs
+    influscope index ... --curvature identity --optimizer adam \
+        --optimizer-state ckpt/checkpoint-500/optimizer.pt --normalize   # TrackStar rows
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 from rich.console import Console
 
 from influscope.cli.options import add_run_options, load_influence
-from influscope.index.config import INDEX_DTYPES
+from influscope.index.config import INDEX_DTYPES, OPTIMIZERS
 from influscope.projection.projector import INITS
 
 NAME = "index"
@@ -70,6 +72,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="MiB for replaying the projected curvature's first pass (0: off; same results).",
     )
     index.add_argument(
+        "--optimizer",
+        default="none",
+        choices=list(OPTIMIZERS),
+        help="'adam': scale gradients by Adam's second moments before projecting (TrackStar; "
+        "needs --optimizer-state and --curvature identity). Default: none.",
+    )
+    index.add_argument(
+        "--optimizer-state",
+        default=None,
+        help="Adam state for --optimizer adam: a Trainer checkpoint's optimizer.pt (read with "
+        "torch.load(weights_only=True), nothing unpickled) or a .safetensors by parameter name.",
+    )
+    index.add_argument(
+        "--adam-eps", type=float, default=1e-8, help="ε of the (v + ε)^(-1/2) scaling (1e-8)."
+    )
+    index.add_argument(
+        "--normalize",
+        action="store_true",
+        help="Unit-normalise rows and queries (TrackStar; scores become cosines). Default: off.",
+    )
+    index.add_argument(
         "--dry-run", action="store_true", help="Print estimated memory and disk, then stop."
     )
     index.set_defaults(func=run)
@@ -78,10 +101,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope index`` (or, with ``--dry-run``, print its estimates)."""
+    from influscope.errors import ConfigError
     from influscope.index import IndexConfig
     from influscope.resources import describe, estimate
 
-    inf, train = load_influence(args)
+    if args.optimizer == "adam" and args.optimizer_state is None:
+        raise ConfigError(
+            "--optimizer adam needs Adam's second moments: pass --optimizer-state "
+            "<checkpoint>/optimizer.pt (or a .safetensors by parameter name)."
+        )
+    if args.optimizer_state is not None and args.optimizer != "adam":
+        raise ConfigError(
+            f"--optimizer-state is only read with --optimizer adam (got --optimizer "
+            f"{args.optimizer}). Add --optimizer adam --curvature identity, or drop it."
+        )
     config = IndexConfig(
         k_in=args.k_in,
         k_out=args.k_out,
@@ -93,12 +126,23 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         cache_mb=args.cache_mb,
-    )
+        optimizer=args.optimizer,
+        adam_eps=args.adam_eps,
+        normalize=args.normalize,
+    )  # validated before the model loads
+    inf, train = load_influence(args)
     if args.dry_run:
         console.print(describe(estimate(inf, train, index=config)))
         return 0
+    moments = None
+    if args.optimizer == "adam":
+        from influscope.index.trackstar import load_adam_moments
+
+        moments = load_adam_moments(args.optimizer_state, inf.tracked.model)
     factors = inf.load_factors(train, args.factors) if args.init in ("pca", "eigen") else None
-    index = inf.build_index(train, config, factors, name=args.name, overwrite=args.overwrite)
+    index = inf.build_index(
+        train, config, factors, name=args.name, overwrite=args.overwrite, second_moments=moments
+    )
     root = index.root
     size = sum(p.stat().st_size for p in (root / "shards").glob("*.npy"))
     console.print(

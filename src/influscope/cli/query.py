@@ -5,6 +5,7 @@ Example::
 
     influscope query --model runs/demo/model --train train.jsonl --queries q.jsonl --run runs/x \\
         --bm25 10000 --top-k 10 --rescore --factors factors
+    influscope query ... --ann faiss-ivf --ann-k 1000 --top-k 10   # FAISS candidates (`influscope ann`)
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--index-k", type=int, default=100, help="Candidates the index passes to --rescore."
     )
     query.add_argument(
+        "--ann",
+        default=None,
+        help="ANN index under the index's ann/ (`influscope ann`) whose candidates the index "
+        "re-ranks exactly (default: none, the exact scan).",
+    )
+    query.add_argument(
+        "--ann-k", type=int, default=1000, help="Candidates the --ann index passes on (1000)."
+    )
+    query.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists scanned by --ann (default: its own)."
+    )
+    query.add_argument(
         "--rescore", action="store_true", help="Re-score the index's candidates with EK-FAC."
     )
     query.add_argument("--factors", default="factors", help="Factors stage for --rescore.")
@@ -93,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     inf, train = load_influence(args)
     queries = encode_records(inf, records, args.queries, args.truncate)
     index = GradientIndex(inf.run.root / "index" / args.index)
+    ann = None
+    if args.ann is not None:
+        from influscope.index.ann import open_ann
+
+        ann = open_ann(index, args.ann, nprobe=args.nprobe)  # refused if built for another index
     factors = inf.load_factors(train, args.factors) if args.rescore else None
     if factors is not None:
         from influscope.config import ScoreConfig
@@ -113,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         factors=factors,
         top_k=args.top_k,
         batch_size=args.batch_size,
+        ann=ann,
+        ann_k=args.ann_k,
     )
     out = Path(args.out or inf.run.root / f"{args.index}-query.json")
     payload = {

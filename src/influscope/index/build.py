@@ -31,6 +31,13 @@ from influscope.engine.shards import PartialSums
 from influscope.errors import ConfigError, StaleArtifactError
 from influscope.index.config import IndexConfig
 from influscope.index.store import GradientIndex, TopK, shard_path, to_storage, write_shard
+from influscope.index.trackstar import (
+    SCALE_FILE,
+    adam_scales,
+    scaled_gradients,
+    scales_fingerprint,
+    unit_rows,
+)
 from influscope.modules.passes import compute_dtype, layer_passes, model_device
 from influscope.modules.tracked import TrackedModel
 from influscope.projection import EigenSelection, LograProjector, projector_from_tensors
@@ -65,6 +72,7 @@ def build_index(
     config: IndexConfig | None = None,
     factors: CurvatureOperator | None = None,
     overwrite: bool = False,
+    second_moments: dict[str, torch.Tensor] | None = None,
 ) -> GradientIndex:
     """Write (or resume, or reuse) the projected gradient index of ``train`` under ``root``.
 
@@ -75,11 +83,15 @@ def build_index(
         config: Projection, curvature and storage settings.
         factors: A fitted K-FAC/EK-FAC operator (only for ``init="pca"`` and ``"eigen"``).
         overwrite: Discard an existing index built from a different model/data/config.
+        second_moments: Adam's ``exp_avg_sq`` by parameter name, for ``optimizer="adam"``
+            (:func:`influscope.index.trackstar.load_adam_moments`).
 
     Raises:
         StaleArtifactError: An index built from something else exists and ``overwrite`` is off.
         StorageError: ``root`` cannot be written.
-        ConfigError: ``init`` is ``"pca"`` or ``"eigen"`` and no ``factors`` are given.
+        ConfigError: ``init`` is ``"pca"`` or ``"eigen"`` and no ``factors`` are given, or
+            ``optimizer="adam"`` and no ``second_moments``.
+        DataError: ``second_moments`` lacks a tracked layer's weight or bias.
     """
     model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     config = config or IndexConfig()
@@ -101,6 +113,16 @@ def build_index(
                 f"{config.init} --factors <stage>`), or use init='orthogonal'."
             )
         expected["factors"] = operator_fingerprint(factors)
+    scales = None
+    if config.optimizer == "adam":
+        if second_moments is None:
+            raise ConfigError(
+                "optimizer='adam' scales gradients by Adam's second moments, but none were "
+                "given. Pass second_moments=load_adam_moments('checkpoint/optimizer.pt', model) "
+                "(CLI: --optimizer-state PATH), or use optimizer='none'."
+            )
+        scales = adam_scales(layers, second_moments, config.adam_eps)  # {layer: (out, in)}
+        expected["optimizer_scale"] = scales_fingerprint(scales)
     if (root / "meta.json").is_file():  # every rank checks before rank 0 writes anything
         meta = read_json(root / "meta.json")
         diffs = [k for k, v in expected.items() if meta.get(k) != v]
@@ -137,6 +159,8 @@ def build_index(
     ]
     if rank == 0 and not (root / "meta.json").is_file():
         atomic_write_tensors(root / "projector.safetensors", projector.tensors())
+        if scales is not None:
+            atomic_write_tensors(root / SCALE_FILE, scales)
         dim = layout[-1]["offset"] + layout[-1]["size"]
         meta = {**expected, "layout": layout, "dim": dim, "shards": shards}
         atomic_write_json(root / "meta.json", {**meta, "n_examples": len(train)})
@@ -160,8 +184,15 @@ def build_index(
             objective="loss",
             desc=f"index shard {k + 1}/{len(shards)}",
         ):
-            rows.append(flatten(projector.gradients(grads), layout).float().cpu())  # (B, D)
-        write_shard(shard_path(root, k), to_storage(torch.cat(rows), config.dtype))
+            g = (
+                scaled_gradients(projector, grads, scales)
+                if scales is not None
+                else projector.gradients(grads)
+            )  # {layer: (B, k_out, k_in) or (B, K_ℓ)}
+            rows.append(flatten(g, layout).float().cpu())  # (B, D)
+        rows = torch.cat(rows)  # (n_k, D)
+        rows = unit_rows(rows) if config.normalize else rows
+        write_shard(shard_path(root, k), to_storage(rows, config.dtype))
     barrier()
     del operator
     return GradientIndex(root)
@@ -247,15 +278,23 @@ def preconditioned_queries(
     ).to(model_device(model))
     operator = load_curvature(index.root)
     layout = index.meta["layout"]
+    scales = None
+    if index.meta["config"].get("optimizer", "none") == "adam":
+        scales = read_tensors(index.root / SCALE_FILE)  # {layer: (out, in)}
     out = []
     for _, grads, _ in layer_passes(
         model, task, layers, queries, batch_size=batch_size, objective="measurement",
         desc="query gradients",
     ):  # fmt: skip
-        g = projector.gradients(grads)  # {layer: (B, k_out, k_in) or (B, K_ℓ)}
+        g = (
+            scaled_gradients(projector, grads, scales)
+            if scales is not None
+            else projector.gradients(grads)
+        )  # {layer: (B, k_out, k_in) or (B, K_ℓ)}
         pre = {n: operator.precondition(n, v.to(_dtype(operator, n, v))) for n, v in g.items()}
         out.append(flatten(pre, layout).float().cpu())
-    return torch.cat(out)  # (Q, D)
+    q = torch.cat(out)  # (Q, D)
+    return unit_rows(q) if index.meta["config"].get("normalize", False) else q
 
 
 def _dtype(operator: CurvatureOperator, name: str, g: torch.Tensor) -> torch.dtype:

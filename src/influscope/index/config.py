@@ -10,6 +10,9 @@ from influscope.projection.projector import INITS
 #: Storage dtypes of index shards.
 INDEX_DTYPES = ("float32", "float16", "bfloat16")
 
+#: Optimizer-aware scalings of index rows (TrackStar): none, or Adam's second moments.
+OPTIMIZERS = ("none", "adam")
+
 
 @dataclass(frozen=True)
 class IndexConfig(Settings):
@@ -35,6 +38,16 @@ class IndexConfig(Settings):
         cache_mb: Memory (MiB) for replaying the projected curvature's first statistics pass
             in its eigenvalue refit (see :class:`influscope.FitConfig`); ``0`` disables it.
             Not part of the stored fingerprint, since it does not change the index.
+        optimizer: ``"none"`` (default) or ``"adam"``: TrackStar's optimizer-aware rows — each
+            per-sequence gradient is scaled elementwise by ``(v + adam_eps)^{-1/2}`` with Adam's
+            second moments ``v`` (given to :func:`~influscope.index.build_index` as
+            ``second_moments``) before it is projected, for train rows and queries alike
+            (:mod:`influscope.index.trackstar`). Needs a LoGra projection and
+            ``curvature="identity"`` (the projected EK-FAC is fitted on unscaled Kronecker
+            factors, which the elementwise scaling does not preserve).
+        adam_eps: ``ε`` of that scaling.
+        normalize: Divide every stored row, and every preconditioned query, by its Euclidean
+            norm (TrackStar's unit normalisation; scores become cosines).
     """
 
     k_in: int = 64
@@ -48,11 +61,20 @@ class IndexConfig(Settings):
     batch_size: int = 8
     shard_size: int = 1024
     cache_mb: float = 2048.0
+    optimizer: str = "none"
+    adam_eps: float = 1e-8
+    normalize: bool = False
 
     def fingerprint_dict(self) -> dict:
-        """The settings that determine the index (``to_dict`` without ``cache_mb``)."""
+        """The settings that determine the index (``to_dict`` without ``cache_mb``; the
+        TrackStar fields only when used, so indexes built before they existed stay valid)."""
         out = self.to_dict()
         out.pop("cache_mb")
+        if self.optimizer == "none":
+            out.pop("optimizer")
+            out.pop("adam_eps")
+        if not self.normalize:
+            out.pop("normalize")
         return out
 
     def __post_init__(self) -> None:
@@ -79,3 +101,15 @@ class IndexConfig(Settings):
         require(self.batch_size >= 1, f"batch_size must be ≥ 1, received {self.batch_size}.")
         require(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
         require(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
+        require(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer must be one of {OPTIMIZERS}, received {self.optimizer!r}.",
+        )
+        require(self.adam_eps > 0, f"adam_eps must be > 0, received {self.adam_eps}.")
+        require(
+            self.optimizer == "none" or (self.init != "eigen" and self.curvature == "identity"),
+            "optimizer='adam' scales full per-sequence gradients before a LoGra projection and "
+            "compares them without the projected EK-FAC (fitted on unscaled factors): use "
+            "init='orthogonal'/'gaussian'/'pca' and curvature='identity'; received "
+            f"init={self.init!r}, curvature={self.curvature!r}.",
+        )

@@ -1,11 +1,15 @@
 """Two-stage (three-stage) retrieval of influential training sequences.
 
-    training texts ─▶ [BM25 top K] ─▶ [projected index: top k₁] ─▶ [EK-FAC exact re-score: top k]
+    training texts ─▶ [BM25 top K] ─┐
+                                     ├▶ [projected index: top k₁] ─▶ [EK-FAC exact re-score: top k]
+    ANN index (FAISS) ─▶ [top K'] ──┘
 
-Each stage is optional: without BM25 the index ranks the whole training set; without an index
-the BM25 candidates go straight to EK-FAC; without factors the index ranking is final. The
-EK-FAC stage scores the *union* of the queries' candidates in one pass over the training data,
-then keeps each query's own candidates.
+Each stage is optional: without a candidate source (BM25 or an ANN index) the index scans the
+whole training set; with one, the index re-ranks only the candidates by their exact index scores
+(:func:`influscope.index.rerank.rerank`, reading only those rows); without an index the BM25
+candidates go straight to EK-FAC; without factors the index ranking is final. The EK-FAC stage
+scores the *union* of the queries' candidates in one pass over the training data, then keeps
+each query's own candidates.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 from influscope.config import ScoreConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.errors import ConfigError, StaleArtifactError
+from influscope.index.ann import AnnIndex
 from influscope.index.build import preconditioned_queries
+from influscope.index.rerank import rerank
 from influscope.index.store import GradientIndex
 from influscope.tasks.data import EncodedDataset
 
@@ -54,6 +60,8 @@ def retrieve(
     factors: CurvatureOperator | None = None,
     top_k: int = 10,
     batch_size: int = 8,
+    ann: AnnIndex | None = None,
+    ann_k: int = 1000,
 ) -> Retrieval:
     """Rank training sequences for each query through the enabled stages.
 
@@ -69,11 +77,28 @@ def retrieve(
         factors: EK-FAC (or other) factors for exact re-scoring (``None``: skip).
         top_k: Final number per query.
         batch_size: Sequences per pass.
+        ann: An ANN index over ``index`` (:func:`influscope.index.open_ann`) whose top
+            ``ann_k`` rows per query are the candidates the index re-ranks exactly (``index``
+            defaults to ``ann.index``).
+        ann_k: Candidates the ANN index passes on (e.g. ``10 × index_k``).
 
     Raises:
-        ConfigError: If every stage is disabled, or BM25 lacks texts.
+        ConfigError: If every stage is disabled, BM25 lacks texts, both BM25 and an ANN index
+            are given, or the ANN index belongs to another index.
     """
     use_bm25 = bm25_k is not None and query_texts is not None
+    if ann is not None:
+        if use_bm25:
+            raise ConfigError(
+                "BM25 and an ANN index are both candidate sources; give one (BM25 candidates are "
+                "already re-ranked exactly, reading only their rows)."
+            )
+        index = index or ann.index
+        if ann.index.root.resolve() != index.root.resolve():
+            raise ConfigError(
+                f"The ANN index {ann.name!r} belongs to {ann.index.root}, not to the index "
+                f"given, {index.root}. Open the ANN index of the index you query (open_ann)."
+            )
     if bm25_k is not None and query_texts is not None and train_texts is None:
         raise ConfigError("BM25 needs train_texts (one per training sequence).")
     if not (use_bm25 or index is not None or factors is not None):
@@ -100,10 +125,16 @@ def retrieve(
     if index is not None:
         q = preconditioned_queries(inf.tracked, queries, index, batch_size)
         k = index_k if factors is not None else top_k
-        hits = index.search(q, k=k, candidates=ranked)
+        if ann is not None:
+            ranked = ann.search(q, k=ann_k).indices.tolist()  # approximate: candidates only
+            counts["ann"] = ann_k
+        if ranked is not None:
+            hits = rerank(index, q, ranked, k=k)  # exact scores of the candidates
+        else:
+            hits = index.search(q, k=k)
         ranked, scores = [], []
         for row_i, row_s in zip(hits.indices.tolist(), hits.scores.tolist()):
-            keep = [(i, s) for i, s in zip(row_i, row_s) if s != float("-inf")]
+            keep = [(i, s) for i, s in zip(row_i, row_s) if s != float("-inf") and i >= 0]
             ranked.append([i for i, _ in keep])
             scores.append([s for _, s in keep])
         stage, counts["index"] = "index", k

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from influscope.errors import DataError
-from influscope.storage.atomic import default_mode, read_json
+from influscope.storage.atomic import atomic_write_json, default_mode, read_json
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -180,3 +180,34 @@ class GradientIndex:
                 best_i = best_i.gather(1, top)
         result = TopK(best_i, best_s)
         return (result, full) if return_all else result
+
+
+def write_rows_index(
+    root: str | Path, shards: list[torch.Tensor | np.ndarray], dtype: str = "float32", **meta
+) -> GradientIndex:
+    """An index directory holding given rows, shard by shard (synthetic benchmarks, tests, rows
+    computed elsewhere); it has no projector or curvature, so it is searched with queries that
+    are already preconditioned.
+
+    Args:
+        root: Directory to write (``meta.json`` and ``shards/``).
+        shards: ``(n_k, D)`` rows of each shard, in order (generated lazily if an iterator).
+        dtype: Storage dtype (one of :data:`NUMPY_DTYPES`).
+        **meta: Extra ``meta.json`` entries (e.g. a ``data`` fingerprint).
+    """
+    root = Path(root)
+    ranges, start, dim = [], 0, None
+    for k, rows in enumerate(shards):
+        rows = torch.as_tensor(rows)
+        dim = rows.shape[1] if dim is None else dim
+        if rows.ndim != 2 or rows.shape[1] != dim:
+            raise DataError(f"Shard {k} has shape {tuple(rows.shape)}; expected (n, {dim}).")
+        write_shard(shard_path(root, k), to_storage(rows, dtype))
+        ranges.append([start, start + rows.shape[0]])
+        start += rows.shape[0]
+    atomic_write_json(
+        root / "meta.json",
+        {"config": {"dtype": dtype}, "n_examples": start, "dim": int(dim or 0),
+         "shards": ranges, **meta},
+    )  # fmt: skip
+    return GradientIndex(root)
