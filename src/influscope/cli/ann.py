@@ -26,7 +26,14 @@ console = Console(stderr=True)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``ann`` on ``sub`` (the main parser's sub-parsers)."""
-    ann = sub.add_parser(NAME, help="Build a FAISS index over a stored gradient index.")
+    ann = sub.add_parser(
+        NAME,
+        help="Build a FAISS index over a stored gradient index.",
+        description="Build an approximate nearest-neighbour (FAISS) index over the rows of a "
+        "stored gradient index (influscope index), so that `influscope query --ann` scans a "
+        "few IVF lists instead of every row; its candidates are then re-ranked with the exact "
+        "index scores. Flat (exact), IVF, PQ and IVF-PQ; needs faiss-cpu (the `ann` extra).",
+    )
     ann.add_argument("--run", required=True, help="Run directory holding index/<name>/.")
     ann.add_argument(
         "--index", default="index", help="Name of the gradient index (default: index)."

@@ -76,7 +76,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="none",
         choices=list(OPTIMIZERS),
         help="'adam': scale gradients by Adam's second moments before projecting (TrackStar; "
-        "needs --optimizer-state and --curvature identity). Default: none.",
+        "needs --optimizer-state and --curvature identity).",
     )
     index.add_argument(
         "--optimizer-state",
