@@ -153,9 +153,10 @@ def load_scores(run: str | Path, name: str = "scores") -> tuple[Scores, dict[str
         )
     meta = read_json(stage / "meta.json")
     tensors = read_tensors(stage / "tensors.safetensors", "cpu")
-    known = {"pairwise", "per_layer", "self_influence", "measurements"}
+    known = {"pairwise", "per_layer", "self_influence", "measurements", "per_head"}
     scores = Scores(
         layer_names=list(meta.get("layers", [])),
+        head_names=meta.get("heads"),
         train_indices=list(meta.get("train_indices", range(tensors["pairwise"].shape[1]))),
         **{k: v for k, v in tensors.items() if k in known},
     )

@@ -6,6 +6,9 @@ Patterns are regular expressions searched in the module's qualified name
 * ``"mlp"`` (default, as Grosse et al. 2023): the MLP / feed-forward projections of GPT-2
   (``mlp.c_fc``, ``mlp.c_proj``), Llama (``mlp.gate_proj/up_proj/down_proj``) and BERT
   (``intermediate.dense``, ``layer.N.output.dense``).
+* ``"attn"``: the attention projections that ``ScoreConfig(per_head=True)`` splits by head:
+  GPT-2 ``attn.c_attn`` / ``attn.c_proj`` and Llama-style ``self_attn.{q,k,v,o}_proj``
+  (:mod:`influscope.modules.heads`).
 * ``"all"``: every trackable linear layer except the output head (``lm_head``), whose weight
   is usually tied to the input embedding.
 * ``"lora"``: the LoRA adapter matrices of a PEFT model (``….lora_A.default``,
@@ -62,6 +65,7 @@ PRESETS: dict[str, Preset] = {
             r"\.layer\.\d+\.output\.dense$",
         )
     ),
+    "attn": Preset((r"\.attn\.c_(attn|proj)$", r"\.(self_attn|attention)\.[qkvo]_proj$")),
     "all": Preset((r"^(?!.*lm_head).*$",)),
     "lora": Preset((LORA_PATTERN,)),
     "trainable": Preset((r"^(?!.*lm_head).*$",), trainable_only=True),
