@@ -161,7 +161,7 @@ def _looks_like_experts(module: nn.Module) -> bool:
     return any(p.dim() == 3 for p in own) or ("Expert" in type(module).__name__ and bool(own))
 
 
-_LIST_EXPERT = re.compile(r"\.experts\.\d+(\.|$)")
+_LIST_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
 
 
 def expert_layers(name: str, module: nn.Module) -> Iterator[tuple[str, ExpertAdapter]]:

@@ -1,0 +1,251 @@
+"""Mixture-of-experts: per-expert gradients, routed-token statistics and scores (float64).
+
+Tiny Mixtral / Qwen2-MoE / OLMoE models built from configs (transformers 5.x fused experts,
+eager attention and experts so that float64 runs). The routers' softmax and the RMSNorms run in
+float32 inside transformers, so a padded batch agrees with the same examples run alone only to
+~1e-9 relative: exact comparisons against the one-example
+autograd loop use ``batch_size=1``; batched passes are compared against autograd on the same
+batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+from influscope import FitConfig, Influence, ScoreConfig
+from influscope.curvature import IdentityOperator
+from influscope.errors import ModuleMatchError
+from influscope.modules.passes import layer_passes
+from influscope.reference import ekfac_eigenvalues, per_example_gradients
+from influscope.toy import random_lm_data
+
+COMMON = dict(
+    vocab_size=32,
+    hidden_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+    num_experts_per_tok=2,
+)
+
+
+def tiny_moe(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "mixtral":
+        cfg = MixtralConfig(intermediate_size=6, num_local_experts=4, **COMMON)
+        cls = MixtralForCausalLM
+    elif arch == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            intermediate_size=6,
+            moe_intermediate_size=6,
+            shared_expert_intermediate_size=6,
+            num_experts=4,
+            **COMMON,
+        )
+        cls = Qwen2MoeForCausalLM
+    else:
+        cfg = OlmoeConfig(intermediate_size=6, num_experts=4, **COMMON)
+        cls = OlmoeForCausalLM
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = cls(cfg).double().eval()
+    with torch.no_grad():  # Qwen2-MoE / OLMoE routers start at zero: give them a routing
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)
+    return model
+
+
+ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
+
+
+def hooked_gradients(inf, data, batch_size):
+    got = {n: [] for n in inf.layer_names}
+    for _, grads, _ in layer_passes(
+        inf.model, inf.task, list(inf.layers), data, batch_size=batch_size
+    ):
+        for n, lb in grads.items():
+            got[n].append(lb.gradient())
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_preset_tracks_every_expert_and_the_router(arch):
+    inf = Influence(tiny_moe(arch), "causal_lm", modules="mlp")
+    block = "model.layers.1.mlp"
+    names = inf.layer_names
+    assert f"{block}.gate" in names  # the router
+    for e in range(4):
+        assert f"{block}.experts.gate_up_proj.{e}" in names
+        assert f"{block}.experts.down_proj.{e}" in names
+    shapes = {t.name: (t.out_dim, t.in_dim) for t in inf.layers}
+    assert shapes[f"{block}.experts.gate_up_proj.2"] == (12, 8)
+    assert shapes[f"{block}.experts.down_proj.2"] == (8, 6)
+    assert shapes[f"{block}.gate"] == (4, 8)
+    if arch == "qwen2_moe":
+        assert f"{block}.shared_expert.up_proj" in names and f"{block}.shared_expert_gate" in names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooked_expert_gradients_equal_autograd(arch):
+    model = tiny_moe(arch)
+    inf = Influence(model, "causal_lm", modules="mlp")
+    data = random_lm_data(4, seed=1)
+    ref = per_example_gradients(model, inf.task, list(inf.layers), data)
+    got = hooked_gradients(inf, data, batch_size=1)
+    for name in inf.layer_names:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-15)
+    assert all(ref[n].abs().sum() > 0 for n in inf.layer_names if ".experts." in n)
+    # batched (padded) pass: the batch's summed gradient equals autograd on that same batch
+    batch = inf.task.collate(data.examples)
+    params = [
+        model.model.layers[1].mlp.experts.gate_up_proj,
+        model.model.layers[1].mlp.experts.down_proj,
+    ]
+    total = inf.task.training_loss(model, batch, None).sum()
+    whole = torch.autograd.grad(total, params)
+    batched = hooked_gradients(inf, data, batch_size=4)
+    for param, g in zip(("gate_up_proj", "down_proj"), whole):
+        for e in range(4):
+            summed = batched[f"model.layers.1.mlp.experts.{param}.{e}"].sum(0)
+            torch.testing.assert_close(summed, g[e], rtol=1e-10, atol=1e-15)
+
+
+def routed_inputs(model, data, layer: int) -> dict[int, torch.Tensor]:
+    """Reference: the block inputs of the tokens routed to each expert (one example at a time)."""
+    block = model.model.layers[layer].mlp
+    seen = []
+    hook = block.gate.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o[2])))
+    with torch.no_grad():
+        for ex in data.examples:
+            model(input_ids=ex["input_ids"][None])
+    hook.remove()
+    x = torch.cat([h for h, _ in seen])  # (N_tok, H)
+    idx = torch.cat([i for _, i in seen])  # (N_tok, k)
+    return {e: x[(idx == e).any(-1)] for e in range(4)}
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_expert_token_statistics_use_only_the_routed_tokens(batch_size):
+    model = tiny_moe("mixtral")
+    inf = Influence(model, "causal_lm", modules="mlp")
+    data = random_lm_data(5, seed=2)
+    ref = routed_inputs(model, data, 0)
+    rows = {e: [] for e in range(4)}
+    passes = layer_passes(model, inf.task, list(inf.layers), data, batch_size=batch_size)
+    for _, grads, _ in passes:
+        for e in range(4):
+            a, _ = grads[f"model.layers.0.mlp.experts.gate_up_proj.{e}"].masked_tokens()
+            rows[e].append(a)
+    n_tok = sum(len(ex["input_ids"]) for ex in data.examples)
+    assert sum(len(r) for r in ref.values()) == 2 * n_tok  # top-2 routing
+    # padded batches: RMSNorm runs in float32 inside transformers, so ~1e-9 relative
+    tol = 1e-10 if batch_size == 1 else 1e-7
+    for e in range(4):
+        a = torch.cat(rows[e])
+        assert a.shape == ref[e].shape  # the routed tokens, padding excluded
+        # the sum K-FAC's activation covariance takes
+        torch.testing.assert_close(a.t() @ a, ref[e].t() @ ref[e], rtol=tol, atol=1e-13)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_identity_scores_per_expert_sum_to_the_block(arch):
+    """Per-expert identity terms = -∇f·∇L on each slice; summed = the whole 3-D parameters'."""
+    model = tiny_moe(arch)
+    inf = Influence(model, "causal_lm", modules=r"layers\.1\.mlp\.experts\.")
+    train, queries = random_lm_data(4, seed=3), random_lm_data(2, seed=4)
+    op = IdentityOperator({n: 0.0 for n in inf.layer_names})
+    config = ScoreConfig(query_rank=None, per_layer=True, batch_size=1)
+    scores = inf.score(queries, train, op, config)
+    experts = model.model.layers[1].mlp.experts
+    params = [experts.gate_up_proj, experts.down_proj]
+
+    def grads(data, objective):
+        out = []
+        for ex in data.examples:
+            batch = inf.task.collate([ex])
+            value = (
+                inf.task.training_loss(model, batch, None)
+                if objective == "loss"
+                else inf.task.measurement(model, batch)
+            ).sum()
+            out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+        return torch.stack(out)  # (n, P_block)
+
+    block = -grads(queries, "measurement") @ grads(train, "loss").t()  # (Q, N)
+    torch.testing.assert_close(scores.per_layer.sum(-1), block, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(scores.pairwise, block, rtol=1e-10, atol=1e-15)
+    assert scores.per_layer.shape[-1] == 8
+    assert (scores.per_layer.abs().sum((0, 1)) > 0).all()  # every expert carries a share
+
+
+def test_ekfac_expert_scores_equal_the_dense_reference():
+    model = tiny_moe("mixtral")
+    inf = Influence(model, "causal_lm", modules=r"layers\.0\.mlp\.")  # router + experts
+    train, queries = random_lm_data(6, seed=5), random_lm_data(2, seed=6)
+    fit = FitConfig(curvature="ekfac", batch_size=1, seed=3)
+    op = inf.fit(train, fit)
+    scores = inf.score(queries, train, op, ScoreConfig(query_rank=None, batch_size=1))
+    layers = list(inf.layers)
+    q = per_example_gradients(model, inf.task, layers, queries, "measurement")
+    t = per_example_gradients(model, inf.task, layers, train, "loss")
+    t_fit = per_example_gradients(model, inf.task, layers, train, "loss", sample_seed=fit.seed)
+    expected = torch.zeros(2, 6, dtype=torch.float64)
+    for layer in layers:
+        n = layer.name
+        qa, qs = op.q_a[n].double(), op.q_s[n].double()
+        lam = ekfac_eigenvalues(t_fit[n], qa, qs)  # (out, in) from autograd gradients
+        torch.testing.assert_close(op.eigenvalues[n].double(), lam, rtol=1e-8, atol=1e-20)
+        basis = torch.kron(qs, qa)  # (P, P)
+        inv = basis @ torch.diag(1.0 / (lam.reshape(-1) + op.damping[n])) @ basis.t()
+        expected -= q[n].flatten(1) @ inv @ t[n].flatten(1).t()
+    torch.testing.assert_close(scores.pairwise, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_transposed_expert_layout_is_refused_with_the_module_name():
+    model = tiny_moe("mixtral")
+    model.model.layers[0].mlp.experts.is_transposed = True
+    with pytest.raises(
+        ModuleMatchError,
+        match=r"model\.layers\.0\.mlp\.experts.*is_transposed.*Supported: transformers 5\.x fused experts",
+    ):
+        Influence(model, "causal_lm", modules="mlp")
+
+
+class ListMoE(nn.Module):
+    """A custom MoE whose experts are a ModuleList of nn.Linear (not supported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.gate = nn.Linear(4, 2)
+
+
+def test_per_expert_linear_module_list_is_refused_with_the_module_name():
+    with pytest.raises(
+        ModuleMatchError, match=r"'experts\.0' is a per-expert nn\.Linear.*Supported:"
+    ):
+        Influence(ListMoE(), "causal_lm", modules="all")
+
+
+def test_router_alone_is_trackable():
+    model = tiny_moe("olmoe")
+    inf = Influence(model, "causal_lm", modules=r"\.mlp\.gate$")
+    assert inf.layer_names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    data = random_lm_data(3, seed=7)
+    ref = per_example_gradients(model, inf.task, list(inf.layers), data)
+    got = hooked_gradients(inf, data, batch_size=1)
+    for n in inf.layer_names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-15)
+        assert ref[n].abs().sum() > 0
