@@ -279,6 +279,8 @@ class Influence:
             )
         self._check_factors(factors)
         config = _config(config, ScoreConfig)
+        if config.per_head:  # refuse non-attention layers before the query pass
+            head_splits(self.tracked.model, self.tracked.layers)
         train = None if train is None else self._check(train, "train")
         return precondition_queries(
             self.tracked,

@@ -249,3 +249,31 @@ def test_router_alone_is_trackable():
     for n in inf.layer_names:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-15)
         assert ref[n].abs().sum() > 0
+
+
+def test_expert_study_reports_which_experts_carry_a_query():
+    from influscope.analysis import expert_study
+    from influscope.analysis.components import expert_groups
+
+    model = tiny_moe("mixtral")
+    inf = Influence(model, "causal_lm", modules="mlp")
+    train, queries = random_lm_data(6, seed=10), random_lm_data(2, seed=11)
+    op = IdentityOperator({n: 0.0 for n in inf.layer_names})
+    scores = inf.score(queries, train, op, ScoreConfig(query_rank=None, per_layer=True))
+    groups = expert_groups(scores.layer_names)
+    assert list(groups)[:5] == [f"model.layers.0.mlp.experts.{e}" for e in range(4)] + [
+        "model.layers.1.mlp.experts.0"
+    ]
+    assert "model.layers.0.mlp.gate" in groups
+    assert len(groups["model.layers.0.mlp.experts.2"]) == 2  # gate_up_proj.2 + down_proj.2
+    result = expert_study(scores, ["q0", "q1"], top_k=3)
+    assert len(result.components) == 10  # 2 blocks × (4 experts + router)
+    torch.testing.assert_close(
+        torch.tensor(result.abs_share, dtype=torch.float64).sum(-1),
+        torch.ones(2, dtype=torch.float64),
+    )
+    # the leader is the expert with the largest Σ_m |gate_up_e + down_e| term
+    per = scores.per_layer[0]  # (N, L)
+    mass = {g: per[:, idx].sum(-1).abs().sum().item() for g, idx in groups.items()}
+    assert result.leaders(0)[0][0] == max(mass, key=mass.get)
+    assert "Experts: which" in result.to_section().title

@@ -139,3 +139,24 @@ def test_per_head_scores_are_stored_and_reloaded(tmp_path):
     again = inf.score(queries, train, op, config, name="s")  # loaded from the stage
     assert again.head_names == first.head_names
     torch.testing.assert_close(again.per_head, first.per_head)
+
+
+def test_head_study_names_the_heads_that_carry_each_query():
+    from influscope.analysis import head_study
+
+    model = tiny_gpt2()
+    inf = Influence(model, "causal_lm", modules="attn")
+    train, queries = random_lm_data(6, seed=8), random_lm_data(2, seed=9)
+    op = IdentityOperator({n: 0.0 for n in inf.layer_names})
+    scores = inf.score(queries, train, op, ScoreConfig(query_rank=None, per_head=True))
+    result = head_study(scores, ["a", "b"], top_k=3)
+    abs_share = torch.tensor(result.abs_share, dtype=torch.float64)
+    torch.testing.assert_close(abs_share.sum(-1), torch.ones(2, dtype=torch.float64))
+    mass = scores.per_head.abs().sum(1)  # (Q, H)
+    assert result.leaders(0)[0][0] == scores.head_names[int(mass[0].argmax())]
+    top = torch.tensor(result.top_share, dtype=torch.float64)
+    torch.testing.assert_close(top.sum(-1), torch.ones(2, dtype=torch.float64))
+    html = result.to_section().html
+    assert "Heads: which attention heads carry the influence" in result.to_section().title
+    assert "transformer.h.0.attn.c_attn:q.h0" in html
+    assert result.to_dict()["queries"][1]["query"] == "b"

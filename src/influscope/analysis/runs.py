@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from influscope.analysis.base import StudyResult
+from influscope.analysis.components import expert_groups, expert_study, head_study
 from influscope.analysis.languages import language_study
 from influscope.analysis.layers import layer_heatmap, layer_study
 from influscope.analysis.overlap import OverlapConfig, overlap_study
@@ -116,6 +117,10 @@ def run_studies(
     out: dict[str, StudyResult] = {"sparsity": sparsity_study(scores, config.sparsity, names)}
     if scores.per_layer is not None:
         out["layers"] = layer_study(scores, names, config.layer_top_k)
+        if expert_groups(scores.layer_names):
+            out["experts"] = expert_study(scores, names, config.layer_top_k)
+    if scores.per_head is not None and scores.head_names:
+        out["heads"] = head_study(scores, names, config.layer_top_k)
     train_texts = [_text(r) for r in train_records]
     if any(train_texts):
         out["overlap"] = overlap_study(
