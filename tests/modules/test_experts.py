@@ -277,3 +277,21 @@ def test_expert_study_reports_which_experts_carry_a_query():
     mass = {g: per[:, idx].sum(-1).abs().sum().item() for g, idx in groups.items()}
     assert result.leaders(0)[0][0] == max(mass, key=mass.get)
     assert "Experts: which" in result.to_section().title
+
+
+def test_functional_reference_places_every_expert_slice():
+    """The flat-θ function behind the Gauss-Newton references (and refine, PBRF) puts each
+    expert's chunk into its slice of the shared 3-D parameter: its gradient = autograd's."""
+    from influscope.reference import flatten, functional_outputs
+
+    model = tiny_moe("mixtral")
+    inf = Influence(model, "causal_lm", modules=r"layers\.0\.mlp\.experts\.")
+    data = random_lm_data(1, seed=12)
+    batch = inf.task.collate(data.examples)
+    fn, theta = functional_outputs(model, inf.task, list(inf.layers), batch)
+    theta = theta.clone().requires_grad_(True)
+    out = fn(theta)
+    torch.testing.assert_close(out, inf.task.outputs(model, batch), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(inf.task.loss_from_outputs(out, batch).sum(), theta)
+    ref = flatten(per_example_gradients(model, inf.task, list(inf.layers), data), list(inf.layers))
+    torch.testing.assert_close(g, ref[0], rtol=1e-10, atol=1e-15)
