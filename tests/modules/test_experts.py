@@ -24,7 +24,7 @@ from transformers import (
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
-from influscope.errors import ModuleMatchError
+from influscope.errors import ConfigError, ModuleMatchError
 from influscope.modules.passes import layer_passes
 from influscope.reference import ekfac_eigenvalues, per_example_gradients
 from influscope.toy import random_lm_data
@@ -295,3 +295,12 @@ def test_functional_reference_places_every_expert_slice():
     (g,) = torch.autograd.grad(inf.task.loss_from_outputs(out, batch).sum(), theta)
     ref = flatten(per_example_gradients(model, inf.task, list(inf.layers), data), list(inf.layers))
     torch.testing.assert_close(g, ref[0], rtol=1e-10, atol=1e-15)
+
+
+def test_training_time_collection_refuses_experts(tmp_path):
+    from influscope.collect import CollectConfig, GradientCollector
+
+    with pytest.raises(ConfigError, match=r"cannot track MoE experts or routers.*mlp\.gate"):
+        GradientCollector(
+            tiny_moe("mixtral"), tmp_path, CollectConfig(modules="mlp", k_in=4, k_out=4)
+        )

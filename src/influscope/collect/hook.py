@@ -91,6 +91,14 @@ class GradientCollector:
                 "PreTrainedModel or set checkpoint_every=None."
             )
         self.layers: list[TrackedLayer] = select_layers(model, self.config.modules)
+        moe = [t.name for t in self.layers if t.adapter.name in ("expert", "router")]
+        if moe:
+            raise ConfigError(
+                f"Training-time collection cannot track MoE experts or routers ({moe[0]!r}"
+                f"{' …' if len(moe) > 1 else ''}): their per-token rows are read only by the "
+                "offline passes (influscope fit/score/index). Collect with modules that leave "
+                "them out, or build the index offline."
+            )
         self.dtype = compute_dtype(model)
         self.step = int(start_step)
         self.lr_log: list[dict] = []
