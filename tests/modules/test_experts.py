@@ -304,3 +304,28 @@ def test_training_time_collection_refuses_experts(tmp_path):
         GradientCollector(
             tiny_moe("mixtral"), tmp_path, CollectConfig(modules="mlp", k_in=4, k_out=4)
         )
+
+
+def test_an_expert_never_routed_while_fitting_gets_finite_zero_terms():
+    model = tiny_moe("mixtral")
+    gate = model.model.layers[0].mlp.gate
+
+    def never_expert_3(module, inputs, output):  # route as usual among experts 0-2
+        logits = output[0]
+        probs = torch.softmax(logits.float().masked_fill(torch.arange(4) == 3, -torch.inf), -1)
+        top, idx = torch.topk(probs, 2, dim=-1)
+        return logits, (top / top.sum(-1, keepdim=True)).to(logits.dtype), idx
+
+    handle = gate.register_forward_hook(never_expert_3)
+    inf = Influence(model, "causal_lm", modules=r"layers\.0\.mlp\.experts\.")
+    train = random_lm_data(4, seed=13)
+    op = inf.fit(train, FitConfig(curvature="ekfac", batch_size=2))
+    assert op.damping["model.layers.0.mlp.experts.down_proj.3"] == 1.0
+    assert float(op.eigenvalues["model.layers.0.mlp.experts.down_proj.3"].abs().max()) == 0.0
+    config = ScoreConfig(query_rank=None, per_layer=True)
+    scores = inf.score(random_lm_data(2, seed=14), train, op, config)
+    handle.remove()
+    assert torch.isfinite(scores.per_layer).all()  # λ = 0 would give 0 / 0 for expert 3
+    idx = [i for i, n in enumerate(scores.layer_names) if n.endswith(".3")]
+    assert float(scores.per_layer[..., idx].abs().max()) == 0.0
+    assert float(scores.per_layer.abs().max()) > 0

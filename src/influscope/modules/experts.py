@@ -152,6 +152,7 @@ def _is_fused_experts(module: nn.Module) -> bool:
         and getattr(module, "has_gate", True)
         and not getattr(module, "has_post_expert_norm", False)
         and set(params) == {"gate_up_proj", "down_proj"}
+        and (hasattr(module, "_apply_gate") or hasattr(module, "act_fn"))
     )
 
 
@@ -225,6 +226,15 @@ def router_adapter(module: nn.Module):
     return None
 
 
+def _gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """``act(g) ⊙ u`` for ``[g; u] = gate_up`` (the module's ``_apply_gate`` when it has one)."""
+    apply = getattr(module, "_apply_gate", None)
+    if apply is not None:
+        return apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)  # (n, I), (n, I)
+    return module.act_fn(gate) * up
+
+
 @dataclass
 class RoutedCall:
     """What one tracked expert saw in one call of its experts module.
@@ -269,7 +279,7 @@ def routed_forward(
             slot, tok = torch.where(mask[e])  # (n_e,), (n_e,)
             x = hidden_states[tok]  # (n_e, H)
             gu = F.linear(x, module.gate_up_proj[e]) if tok.numel() else None  # (n_e, 2I)
-            h = module._apply_gate(gu) if gu is not None else None  # (n_e, I)
+            h = _gate(module, gu) if gu is not None else None  # (n_e, I)
             y = F.linear(h, module.down_proj[e]) if h is not None else None  # (n_e, H)
             for param, a, z, d_in in (
                 ("gate_up_proj", x, gu, x.shape[-1]),
