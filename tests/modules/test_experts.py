@@ -13,59 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-)
 
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.curvature import IdentityOperator
 from influscope.errors import ConfigError, ModuleMatchError
 from influscope.modules.passes import layer_passes
 from influscope.reference import ekfac_eigenvalues, per_example_gradients
-from influscope.toy import random_lm_data
-
-COMMON = dict(
-    vocab_size=32,
-    hidden_size=8,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=32,
-    num_experts_per_tok=2,
-)
-
-
-def tiny_moe(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    if arch == "mixtral":
-        cfg = MixtralConfig(intermediate_size=6, num_local_experts=4, **COMMON)
-        cls = MixtralForCausalLM
-    elif arch == "qwen2_moe":
-        cfg = Qwen2MoeConfig(
-            intermediate_size=6,
-            moe_intermediate_size=6,
-            shared_expert_intermediate_size=6,
-            num_experts=4,
-            **COMMON,
-        )
-        cls = Qwen2MoeForCausalLM
-    else:
-        cfg = OlmoeConfig(intermediate_size=6, num_experts=4, **COMMON)
-        cls = OlmoeForCausalLM
-    cfg._attn_implementation = "eager"
-    cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
-    model = cls(cfg).double().eval()
-    with torch.no_grad():  # Qwen2-MoE / OLMoE routers start at zero: give them a routing
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(0, 1.0)
-    return model
-
+from influscope.toy import random_lm_data, tiny_moe
 
 ARCHS = ["mixtral", "qwen2_moe", "olmoe"]
 

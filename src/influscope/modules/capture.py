@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from influscope.errors import DataError, NumericalError
+from influscope.modules.expert_lists import ListExpertAdapter, RoutingRecorder
 from influscope.modules.experts import ExpertAdapter, RoutedCall, routed_forward
 from influscope.modules.selection import TrackedLayer
 
@@ -88,6 +89,7 @@ class Capture:
         self._routed: dict[str, list[RoutedCall]] = {}
         self._handles: list = []
         self._patched: list[torch.nn.Module] = []
+        self._routing = RoutingRecorder()
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
 
     def __enter__(self) -> Capture:
@@ -103,6 +105,8 @@ class Capture:
             else:
                 hook = self._hook(layer.name, layer.adapter.output_index)
                 self._handles.append(layer.module.register_forward_hook(hook))
+                if isinstance(layer.adapter, ListExpertAdapter):  # ModuleList MoE experts
+                    self._routing.attach(layer.adapter.block)
         for module, tracked in experts.values():  # fused MoE experts: record routed rows
             module.forward = routed_forward(module, tracked, self._record)
             self._patched.append(module)
@@ -113,6 +117,7 @@ class Capture:
             h.remove()
         for module in self._patched:
             del module.forward  # back to the class's forward
+        self._routing.detach()
         for w, flag in self._saved_requires_grad:
             w.requires_grad_(flag)
         self._handles.clear()
@@ -125,6 +130,7 @@ class Capture:
         self._inputs.clear()
         self._outputs.clear()
         self._routed.clear()
+        self._routing.clear()
 
     def _hook(self, name: str, output_index: int | None = None):
         def hook(module: torch.nn.Module, inputs: tuple, output) -> None:
@@ -168,6 +174,10 @@ class Capture:
                 "loss masks leave at least one token per sequence."
             )
         names = [layer.name for layer in self.layers]
+        for layer in self.layers:  # a list expert no token was routed to is not called
+            if isinstance(layer.adapter, ListExpertAdapter):
+                self._outputs.setdefault(layer.name, [])
+                self._inputs.setdefault(layer.name, [])
         missing = [n for n in names if n not in self._outputs]
         if missing:
             raise DataError(
@@ -185,12 +195,32 @@ class Capture:
                 for o, g in zip(self._outputs[layer.name], grads[i : i + k])
             ]
             i += k
-            if layer.name in self._routed:
+            if isinstance(layer.adapter, ListExpertAdapter):
+                calls = self._list_calls(layer, gs)
+                inputs, gs, routed = _scatter(calls, gs, layer.out_dim)
+            elif layer.name in self._routed:
                 inputs, gs, routed = _scatter(self._routed[layer.name], gs, layer.out_dim)
             else:
                 inputs, routed = self._inputs[layer.name], None
             result[layer.name] = self._regroup(layer, inputs, gs, token_mask, n_examples, routed)
         return result
+
+    def _list_calls(self, layer: TrackedLayer, grads: list[torch.Tensor]) -> list[RoutedCall]:
+        """The rows of a ``ModuleList`` expert's linear as one routed call, tokens recomputed."""
+        block = id(layer.adapter.block)
+        n_calls = len(self._routing.x.get(block, []))
+        if n_calls != 1 or len(self._inputs[layer.name]) > 1:
+            raise DataError(
+                f"The MoE block of {layer.name!r} ran {n_calls} times in one forward pass "
+                "(expected once); its experts cannot be tracked."
+            )
+        tok, n = self._routing.tokens(layer.name, layer.adapter, 0)
+        inputs = self._inputs[layer.name]
+        a = inputs[0].reshape(-1, inputs[0].shape[-1]) if inputs else None
+        if a is None:  # no token routed to this expert: the bias column is added by _regroup
+            a = self._routing.x[block][0].new_zeros(0, layer.in_dim - int(layer.has_bias))
+        y = self._outputs[layer.name][0] if self._outputs[layer.name] else None
+        return [RoutedCall(a, y, tok, n)]
 
     def _regroup(
         self,

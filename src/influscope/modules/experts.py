@@ -29,10 +29,11 @@ The router (``<block>.gate``, a ``*TopKRouter`` with a ``(E, H)`` weight returni
 ``(logits, weights, indices)``) is a plain linear layer on the flattened tokens; it is
 tracked with the logits as its output.
 
-Layouts that are not recognised (a 3-D expert parameter under other names, transposed or
-interleaved storage, expert biases, or per-expert ``nn.Linear`` modules in a ``ModuleList``,
-whose routed token positions a hook cannot know) raise :class:`~influscope.errors.ModuleMatchError`
-when selected.
+Per-expert ``nn.Linear`` modules in a ``ModuleList`` are handled by
+:mod:`influscope.modules.expert_lists` when their block has a linear router. Layouts that are
+not recognised (a 3-D expert parameter under other names, transposed or interleaved storage,
+expert biases, list experts without a recognisable router) raise
+:class:`~influscope.errors.ModuleMatchError` when selected.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 SUPPORTED = (
     "transformers 5.x fused experts: a module with 3-D parameters gate_up_proj (E, 2I, H) and "
     "down_proj (E, H, I), concatenated [gate; up], not transposed, without expert biases "
-    "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and *TopKRouter gates with a (E, H) weight"
+    "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and *TopKRouter gates with a (E, H) weight; "
+    "or a block with an nn.Linear router `gate` (E logits), `top_k` and `experts`, a "
+    "ModuleList of per-expert modules of nn.Linear (transformers 4.x Mixtral)"
 )
 
 
@@ -180,8 +183,9 @@ def unsupported_experts(name: str, module: nn.Module) -> str | None:
         return None
     if _LIST_EXPERT.search(name) and isinstance(module, nn.Linear):
         return (
-            f"{name!r} is a per-expert nn.Linear in a ModuleList; its hook sees only the rows "
-            "routed to it, not which tokens they are"
+            f"{name!r} is a per-expert nn.Linear in a ModuleList whose block has no nn.Linear "
+            "router `gate` (one logit per expert) and `top_k`, so which tokens its rows are "
+            "cannot be recomputed"
         )
     if _looks_like_experts(module):
         shapes = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}

@@ -39,6 +39,7 @@ from torch import nn
 
 from influscope.errors import ModuleMatchError
 from influscope.modules.adapters import ModuleAdapter, adapter_for
+from influscope.modules.expert_lists import list_expert_adapter
 from influscope.modules.experts import ExpertAdapter, check_experts, expert_layers
 
 #: A PEFT LoRA adapter matrix: ``….lora_A.<adapter name>`` or ``….lora_B.<adapter name>``.
@@ -164,9 +165,16 @@ def select_layers(model: nn.Module, modules: str | Sequence[str] = "mlp") -> lis
         if not name:
             continue
         if (adapter := adapter_for(mod)) is not None:
+            adapter = list_expert_adapter(name, mod, model) or adapter  # ModuleList MoE experts
             trackable.append((name, mod, adapter))
         trackable.extend((sub, mod, ad) for sub, ad in expert_layers(name, mod))  # MoE experts
-    check_experts([(n, m) for n, m in model.named_modules() if n and wanted(n)])
+    check_experts(
+        [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and wanted(n) and list_expert_adapter(n, m, model) is None
+        ]
+    )
     chosen = [
         TrackedLayer(name, mod, adapter)
         for name, mod, adapter in trackable
