@@ -78,13 +78,7 @@ def split_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 
 
 def relative_damping(values: torch.Tensor, factor: float, absolute: float | None) -> float:
-    """``absolute`` when given, else ``factor × mean(values)``.
-
-    A layer whose curvature is all zero (an MoE expert no fitting token was routed to) gets
-    ``λ = 1`` instead of 0, so that its preconditioned query stays finite; every training
-    gradient of such a layer is zero, so its score terms are 0 whatever ``λ``.
-    """
+    """``absolute`` when given, else ``factor × mean(values)``."""
     if absolute is not None:
         return float(absolute)
-    mean = float(values.double().mean())
-    return float(factor * mean) if mean > 0 else 1.0
+    return float(factor * values.double().mean())

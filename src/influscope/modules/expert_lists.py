@@ -41,6 +41,25 @@ class ListExpertAdapter(ModuleAdapter):
     expert: int = 0
 
 
+def damp_unrouted_experts(operator, layers, absolute: float | None) -> list[str]:
+    """Give ``λ = 1`` to MoE experts whose relative damping came out 0 (returns their names).
+
+    An expert no fitting token was routed to has all-zero curvature, so ``factor × mean`` gives
+    ``λ = 0`` and its preconditioned query ``0 / 0``. Every training gradient of such an expert
+    is zero as well, so its score terms are 0 whatever ``λ``; 1 keeps them finite. An absolute
+    damping (``absolute`` not ``None``) is left as given.
+    """
+    if absolute is not None:
+        return []
+    fixed = []
+    for t in layers:
+        routed = t.adapter.name == "expert" or isinstance(t.adapter, ListExpertAdapter)
+        if routed and operator.damping.get(t.name) == 0.0:
+            operator.damping[t.name] = 1.0
+            fixed.append(t.name)
+    return fixed
+
+
 def _top_k(block: nn.Module) -> int | None:
     k = getattr(block, "top_k", None) or getattr(block, "num_experts_per_tok", None)
     return int(k) if k else None
