@@ -22,6 +22,7 @@ from influscope.curvature.run import fit_curvature
 from influscope.engine.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
+from influscope.modules.heads import head_splits
 from influscope.modules.selection import TrackedLayer
 from influscope.modules.tracked import TrackedModel
 from influscope.scoring.damping import DampingSweep, damping_sweep, score_damping
@@ -291,6 +292,8 @@ class Influence:
             )
         self._check_factors(factors)
         config = _config(config, ScoreConfig)
+        if config.per_head:  # refuse non-attention layers before the query pass
+            head_splits(self.tracked.model, self.tracked.layers)
         train = None if train is None else self._check(train, "train")
         return precondition_queries(
             self.tracked,
@@ -320,6 +323,8 @@ class Influence:
         config = _config(config, ScoreConfig)
         train = self._check(train, "train")
         self._check_factors(factors)
+        if config.per_head:  # a layer that is not an attention projection: refuse before work
+            head_splits(self.tracked.model, self.tracked.layers)
         # score-time damping override (ScoreConfig.damping / damping_factor); preconditioned
         # queries passed in keep the damping they were built with
         factors = score_damping(factors, config)
@@ -358,11 +363,15 @@ class Influence:
             name,
             expected,
             load=lambda tensors, meta: Scores(
-                layer_names=meta["layers"], train_indices=meta["train_indices"], **tensors
+                layer_names=meta["layers"],
+                train_indices=meta["train_indices"],
+                head_names=meta.get("heads"),
+                **tensors,
             ),
             dump=lambda s: (
                 s.tensors(),
-                {"layers": s.layer_names, "train_indices": s.train_indices},
+                {"layers": s.layer_names, "train_indices": s.train_indices}
+                | ({"heads": s.head_names} if s.head_names else {}),
             ),
             device=self.device,  # like computed scores (they live where the model runs)
             # refined query blocks are kept until the stage is saved: a killed run resumes

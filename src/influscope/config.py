@@ -179,6 +179,9 @@ class ScoreConfig(Settings):
             rank 32, exact on small layers); see :mod:`influscope.linalg`.
         batch_size: Training examples per pass.
         per_layer: Also return the per-layer terms ``(Q, N, L)``.
+        per_head: Also return per-attention-head terms ``(Q, N, H)`` (``Scores.per_head``,
+            labelled by ``Scores.head_names``); every tracked layer must be an attention
+            projection (``modules="attn"``). See docs/heads_experts.md.
         normalize: ``None``, or ``"relatif"`` to divide by ``sqrt(self-influence)`` of each
             training example.
         amp_dtype: Autocast dtype for forward/backward passes, or ``None``.
@@ -201,6 +204,7 @@ class ScoreConfig(Settings):
     query_svd: str = "auto"
     batch_size: int = 8
     per_layer: bool = False
+    per_head: bool = False
     normalize: str | None = None
     amp_dtype: str | None = None
     damping: float | None = None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from influscope.modules.experts import tracked_values
 from influscope.modules.passes import eval_mode
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
@@ -58,20 +59,17 @@ def per_example_gradients(
                 value = task.training_loss(model, batch, seeds).sum()
             else:
                 value = task.measurement(model, batch).sum()
-            params = [
-                p
-                for layer in layers
-                for p, _ in layer.adapter.split(
-                    layer.module, layer.adapter.weight_out_in(layer.module)
-                )
+            params = [layer.adapter.weight(layer.module) for layer in layers] + [
+                layer.module.bias for layer in layers if layer.has_bias
             ]
-            grads = torch.autograd.grad(value, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            k = 0
+            unique = list({id(p): p for p in params}.values())  # experts share a 3-D parameter
+            grads = torch.autograd.grad(value, unique, allow_unused=True)
+            by_id = {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(unique, grads)}
             for layer in layers:
-                n = 1 + int(layer.has_bias)
-                out[layer.name].append(layer.adapter.join(layer.module, list(grads[k : k + n])))
-                k += n
+                parts = [by_id[id(layer.adapter.weight(layer.module))]]
+                if layer.has_bias:
+                    parts.append(by_id[id(layer.module.bias)])
+                out[layer.name].append(layer.adapter.join(layer.module, parts))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -102,10 +100,8 @@ def functional_outputs(model: nn.Module, task: Task, layers: Sequence[TrackedLay
     sizes = [o * i for o, i in shapes]
 
     def fn(flat: torch.Tensor) -> torch.Tensor:
-        params = {}
-        for layer, chunk, shape in zip(layers, flat.split(sizes), shapes):
-            for p, value in layer.adapter.split(layer.module, chunk.view(shape)):
-                params[names[id(p)]] = value
+        chunks = [c.view(shape) for c, shape in zip(flat.split(sizes), shapes)]
+        params = {names[id(p)]: value for p, value in tracked_values(layers, chunks)}
         return functional_call(wrapper, params, (batch,))
 
     theta = torch.cat([layer.adapter.weight_out_in(layer.module).reshape(-1) for layer in layers])

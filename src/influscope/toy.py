@@ -222,3 +222,53 @@ def random_lm_data(
             {"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long), "labels": labels}
         )
     return EncodedDataset(examples)
+
+
+_MOE_COMMON = dict(
+    vocab_size=32,
+    hidden_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+    num_experts_per_tok=2,
+)
+
+
+def tiny_moe(arch: str = "mixtral", seed: int = 0) -> nn.Module:
+    """A float64 two-layer MoE LM (4 experts, top-2, hidden 8) with fused transformers 5.x
+    experts: ``arch`` is ``"mixtral"``, ``"qwen2_moe"`` (with a shared expert) or ``"olmoe"``.
+    Eager attention and experts (``grouped_mm`` has no float64 kernel); routers randomised."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if arch == "mixtral":
+        cfg = MixtralConfig(intermediate_size=6, num_local_experts=4, **_MOE_COMMON)
+        cls = MixtralForCausalLM
+    elif arch == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            intermediate_size=6,
+            moe_intermediate_size=6,
+            shared_expert_intermediate_size=6,
+            num_experts=4,
+            **_MOE_COMMON,
+        )
+        cls = Qwen2MoeForCausalLM
+    else:
+        cfg = OlmoeConfig(intermediate_size=6, num_experts=4, **_MOE_COMMON)
+        cls = OlmoeForCausalLM
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = cls(cfg).double().eval()
+    with torch.no_grad():  # Qwen2-MoE / OLMoE routers start at zero: give them a routing
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)
+    return model

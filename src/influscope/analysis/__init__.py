@@ -27,6 +27,7 @@ Example:
 """
 
 from influscope.analysis.base import StudyResult, pearson, spearman
+from influscope.analysis.components import ComponentResult, expert_study, head_study
 from influscope.analysis.languages import LanguageResult, language_study
 from influscope.analysis.layers import (
     LayerResult,
@@ -60,6 +61,7 @@ from influscope.analysis.word_order import WordOrderResult, word_order_study
 
 __all__ = [
     "CONCENTRATION_THRESHOLD",
+    "ComponentResult",
     "LanguageResult",
     "LayerResult",
     "OverlapConfig",
@@ -72,7 +74,9 @@ __all__ = [
     "TokenResult",
     "WordOrderResult",
     "content_tokens",
+    "expert_study",
     "fit_power_law",
+    "head_study",
     "language_study",
     "layer_heatmap",
     "layer_study",

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from influscope.analysis.base import StudyResult
+from influscope.analysis.components import expert_groups, expert_study, head_study
 from influscope.analysis.languages import language_study
 from influscope.analysis.layers import layer_heatmap, layer_study
 from influscope.analysis.overlap import OverlapConfig, overlap_study
@@ -117,6 +118,10 @@ def run_studies(
     out: dict[str, StudyResult] = {"sparsity": sparsity_study(scores, config.sparsity, names)}
     if scores.per_layer is not None:
         out["layers"] = layer_study(scores, names, config.layer_top_k)
+        if expert_groups(scores.layer_names):
+            out["experts"] = expert_study(scores, names, config.layer_top_k)
+    if scores.per_head is not None and scores.head_names:
+        out["heads"] = head_study(scores, names, config.layer_top_k)
     train_texts = [_text(r) for r in train_records]
     if any(train_texts):
         out["overlap"] = overlap_study(
@@ -154,9 +159,10 @@ def load_scores(run: str | Path, name: str = "scores") -> tuple[Scores, dict[str
         )
     meta = read_json(stage / "meta.json")
     tensors = read_tensors(stage / "tensors.safetensors", "cpu")
-    known = {"pairwise", "per_layer", "self_influence", "measurements"}
+    known = {"pairwise", "per_layer", "self_influence", "measurements", "per_head"}
     scores = Scores(
         layer_names=list(meta.get("layers", [])),
+        head_names=meta.get("heads"),
         train_indices=list(meta.get("train_indices", range(tensors["pairwise"].shape[1]))),
         **{k: v for k, v in tensors.items() if k in known},
     )

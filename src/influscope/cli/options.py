@@ -66,8 +66,9 @@ ADAPTER_HELP = (
 )
 TASK_HELP = "How a batch becomes a loss and a measurement (default: causal_lm)."
 MODULES_HELP = (
-    "Modules to track: a preset ('mlp', 'all', 'lora', 'trainable') or regexes / names "
-    "(default: 'lora' for a model with LoRA adapters, else 'mlp')."
+    "Modules to track: a preset ('mlp', 'attn', 'all', 'lora', 'trainable') or regexes / "
+    "names (default: 'lora' for a model with LoRA adapters, else 'mlp'; on an MoE model "
+    "'mlp' tracks every expert and the router)."
 )
 CURVATURE_HELP = "Curvature approximation (default: ekfac)."
 TRUNCATE_HELP = (

@@ -91,6 +91,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--relatif", action="store_true", help="Divide scores by sqrt(self-influence) (RelatIF)."
     )
     score.add_argument(
+        "--per-head",
+        action="store_true",
+        help="Also store per-attention-head terms (default off; needs --modules attn: every "
+        "tracked layer an attention projection). See docs/heads_experts.md.",
+    )
+    score.add_argument(
         "--damping",
         type=float,
         default=None,
@@ -149,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         query_svd=args.svd,
         batch_size=args.batch_size,
         per_layer=True,
+        per_head=args.per_head,
         normalize="relatif" if args.relatif else None,
         damping=args.damping,
         damping_factor=args.damping_factor,

@@ -52,6 +52,7 @@ from influscope.collect.store import save_checkpoint, write_meta, write_step
 from influscope.errors import CollectionError, ConfigError, DataError
 from influscope.index.build import gradient_layout
 from influscope.modules.capture import LayerBatch
+from influscope.modules.expert_lists import ListExpertAdapter
 from influscope.modules.passes import compute_dtype, model_device
 from influscope.modules.selection import TrackedLayer, select_layers
 from influscope.projection import LograProjector
@@ -91,6 +92,18 @@ class GradientCollector:
                 "PreTrainedModel or set checkpoint_every=None."
             )
         self.layers: list[TrackedLayer] = select_layers(model, self.config.modules)
+        moe = [
+            t.name
+            for t in self.layers
+            if t.adapter.name in ("expert", "router") or isinstance(t.adapter, ListExpertAdapter)
+        ]
+        if moe:
+            raise ConfigError(
+                f"Training-time collection cannot track MoE experts or routers ({moe[0]!r}"
+                f"{' …' if len(moe) > 1 else ''}): their per-token rows are read only by the "
+                "offline passes (influscope fit/score/index). Collect with modules that leave "
+                "them out, or build the index offline."
+            )
         self.dtype = compute_dtype(model)
         self.step = int(start_step)
         self.lr_log: list[dict] = []

@@ -129,7 +129,7 @@ def gradient_bytes(n: int, layers: list[TrackedLayer], itemsize: int) -> int:
 def _storage_dtype(layers: list[TrackedLayer], config: FitConfig) -> torch.dtype:
     """The stats dtype, but never wider than the captured gradients (float64 only for float64
     models)."""
-    model_f64 = layers[0].module.weight.dtype == torch.float64
+    model_f64 = layers[0].adapter.weight(layers[0].module).dtype == torch.float64
     return torch.float64 if model_f64 and config.stats_dtype == "float64" else torch.float32
 
 
@@ -158,7 +158,7 @@ def fit_datainf(passes, layers: list[TrackedLayer], config: FitConfig) -> DataIn
     """One pass storing each sequence's training-loss gradient per layer (true or empirical
     Fisher labels as ``config.fisher`` says); damping ``factor × (n d_ℓ)^{-1} Σ_i ‖g_i‖²``."""
     dtype = _storage_dtype(layers, config)
-    dev = layers[0].module.weight.device
+    dev = layers[0].adapter.weight(layers[0].module).device
     if isinstance(passes, ShardedPasses):
         check_budget(passes.n_examples, layers, config)
 

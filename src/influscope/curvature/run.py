@@ -23,6 +23,7 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 from influscope.engine.shards import PartialSums, ShardedPasses
+from influscope.modules.expert_lists import damp_unrouted_experts
 from influscope.modules.passes import layer_passes
 from influscope.modules.tracked import TrackedModel
 from influscope.tasks.data import EncodedDataset
@@ -84,6 +85,8 @@ def fit_curvature(
     operator = spec.fit(
         passes, list(fit_layers) if fit_layers is not None else list(layers), config
     )
+    if hasattr(operator, "damping"):  # MoE experts no fitting token reached: λ = 1, not 0
+        damp_unrouted_experts(operator, layers, config.damping)
     counts = {
         "loaded": store.loaded if store else 0,
         "computed": store.computed if store else 0,

@@ -43,7 +43,7 @@ class Covariances:
 
 
 def _device(layers: list[TrackedLayer]) -> torch.device:
-    return layers[0].module.weight.device
+    return next(layers[0].module.parameters()).device
 
 
 def covariances(

@@ -35,6 +35,7 @@ from torch import nn
 
 from influscope.errors import NumericalError
 from influscope.evaluation.config import PBRFConfig
+from influscope.modules.experts import tracked_values
 from influscope.modules.selection import TrackedLayer
 from influscope.reference import damping_vector, exact_gauss_newton, functional_outputs
 from influscope.tasks.base import Task
@@ -66,13 +67,11 @@ def _batch(task: Task, data: EncodedDataset, positions: Sequence[int], device):
 
 def _assign(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> None:
     """Write a flat tracked-parameter vector into the model (in place)."""
-    offset = 0
+    sizes = [layer.numel for layer in layers]
+    chunks = [c.view(t.out_dim, t.in_dim) for c, t in zip(flat.split(sizes), layers)]
     with torch.no_grad():
-        for layer in layers:
-            chunk = flat[offset : offset + layer.numel].view(layer.out_dim, layer.in_dim)
-            for param, value in layer.adapter.split(layer.module, chunk):
-                param.copy_(value.to(param.dtype))
-            offset += layer.numel
+        for param, value in tracked_values(layers, chunks):
+            param.copy_(value.to(param.dtype))
 
 
 def _newton_direction(

@@ -9,6 +9,9 @@ for the homogeneous input ``ā = [a; 1]`` the per-sequence gradient is
 Implementations:
     * ``LinearAdapter``: ``torch.nn.Linear`` (weight stored ``(out, in)``).
     * ``Conv1DAdapter``: transformers' GPT-2 ``Conv1D`` (weight stored ``(in, out)``).
+    * a router adapter for MoE ``*TopKRouter`` gates (their output is a tuple, logits first),
+      and :class:`~influscope.modules.experts.ExpertAdapter` for each expert of a fused
+      experts module (:mod:`influscope.modules.experts`).
 
 New module types are added with :func:`register_adapter`.
 """
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from influscope.modules.experts import router_adapter
+
 
 @dataclass(frozen=True)
 class ModuleAdapter:
@@ -28,10 +33,18 @@ class ModuleAdapter:
     Attributes:
         name: Short name of the module kind (``"linear"``, ``"conv1d"``).
         weight_is_out_in: True when ``module.weight`` is stored as ``(out, in)``.
+        output_index: When the module returns a tuple, the position of ``y`` in it
+            (``None``: the output is ``y``).
     """
 
     name: str
     weight_is_out_in: bool
+    output_index: int | None = None
+
+    @staticmethod
+    def weight(module: nn.Module) -> nn.Parameter:
+        """The parameter holding ``W``."""
+        return module.weight
 
     def in_features(self, module: nn.Module) -> int:
         """Number of input features ``in`` (without the bias column)."""
@@ -96,5 +109,5 @@ def register_adapter(module_type: type, adapter: ModuleAdapter) -> None:
 
 
 def adapter_for(module: nn.Module) -> ModuleAdapter | None:
-    """The adapter for ``module``'s exact type, or ``None`` if it is not trackable."""
-    return ADAPTERS.get(type(module))
+    """The adapter for ``module``'s exact type (or an MoE router), or ``None``."""
+    return ADAPTERS.get(type(module)) or router_adapter(module)

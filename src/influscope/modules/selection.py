@@ -6,6 +6,12 @@ Patterns are regular expressions searched in the module's qualified name
 * ``"mlp"`` (default, as Grosse et al. 2023): the MLP / feed-forward projections of GPT-2
   (``mlp.c_fc``, ``mlp.c_proj``), Llama (``mlp.gate_proj/up_proj/down_proj``) and BERT
   (``intermediate.dense``, ``layer.N.output.dense``).
+* ``"attn"``: the attention projections that ``ScoreConfig(per_head=True)`` splits by head:
+  GPT-2 ``attn.c_attn`` / ``attn.c_proj`` and Llama-style ``self_attn.{q,k,v,o}_proj``
+  (:mod:`influscope.modules.heads`).
+* MoE models (transformers 5.x fused experts): each expert's ``gate_up_proj`` / ``down_proj``
+  slice is trackable as ``<block>.experts.<param>.<e>`` and the router as ``<block>.gate``, so
+  ``"mlp"`` tracks every expert and the router (:mod:`influscope.modules.experts`).
 * ``"all"``: every trackable linear layer except the output head (``lm_head``), whose weight
   is usually tied to the input embedding.
 * ``"lora"``: the LoRA adapter matrices of a PEFT model (``….lora_A.default``,
@@ -33,6 +39,8 @@ from torch import nn
 
 from influscope.errors import ModuleMatchError
 from influscope.modules.adapters import ModuleAdapter, adapter_for
+from influscope.modules.expert_lists import list_expert_adapter
+from influscope.modules.experts import ExpertAdapter, check_experts, expert_layers
 
 #: A PEFT LoRA adapter matrix: ``….lora_A.<adapter name>`` or ``….lora_B.<adapter name>``.
 LORA_PATTERN = r"\.lora_[AB]\.[^.]+$"
@@ -62,6 +70,7 @@ PRESETS: dict[str, Preset] = {
             r"\.layer\.\d+\.output\.dense$",
         )
     ),
+    "attn": Preset((r"\.attn\.c_(attn|proj)$", r"\.(self_attn|attention)\.[qkvo]_proj$")),
     "all": Preset((r"^(?!.*lm_head).*$",)),
     "lora": Preset((LORA_PATTERN,)),
     "trainable": Preset((r"^(?!.*lm_head).*$",), trainable_only=True),
@@ -90,14 +99,15 @@ class TrackedLayer:
     Attributes:
         name: Qualified module name.
         module: The module itself.
-        adapter: How its weight maps onto the ``(out, in)`` layout.
+        adapter: How its weight maps onto the ``(out, in)`` layout (for an MoE expert, the
+            slice ``param[e]`` of the experts module, :mod:`influscope.modules.experts`).
         in_dim: Input features, plus one when the bias is folded in.
         out_dim: Output features.
     """
 
     name: str
     module: nn.Module
-    adapter: ModuleAdapter
+    adapter: ModuleAdapter | ExpertAdapter
 
     @property
     def has_bias(self) -> bool:
@@ -146,16 +156,29 @@ def select_layers(model: nn.Module, modules: str | Sequence[str] = "mlp") -> lis
             compiled.append(re.compile(p))
         except re.error as exc:
             raise ModuleMatchError(f"Module pattern {p!r} is not a valid regex: {exc}.") from None
-    trackable = [
-        (name, mod, adapter)
-        for name, mod in model.named_modules()
-        if name and (adapter := adapter_for(mod)) is not None
-    ]
+
+    def wanted(name: str) -> bool:
+        return any(name == p or c.search(name) for p, c in zip(patterns, compiled))
+
+    trackable = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if (adapter := adapter_for(mod)) is not None:
+            adapter = list_expert_adapter(name, mod, model) or adapter  # ModuleList MoE experts
+            trackable.append((name, mod, adapter))
+        trackable.extend((sub, mod, ad) for sub, ad in expert_layers(name, mod))  # MoE experts
+    check_experts(
+        [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and wanted(n) and list_expert_adapter(n, m, model) is None
+        ]
+    )
     chosen = [
         TrackedLayer(name, mod, adapter)
         for name, mod, adapter in trackable
-        if any(name == p or c.search(name) for p, c in zip(patterns, compiled))
-        and (not preset.trainable_only or mod.weight.requires_grad)
+        if wanted(name) and (not preset.trainable_only or adapter.weight(mod).requires_grad)
     ]
     if not chosen:
         names = [n for n, _, _ in trackable]

@@ -140,7 +140,7 @@ class LograProjector:
         """Project one layer's activations and output gradients: ``(B, T, k_in)``, ``(B, T, k_out)``."""
         p_in = self.p_in[name].to(lb.a.device, lb.a.dtype)
         p_out = self.p_out[name].to(lb.s.device, lb.s.dtype)
-        return LayerBatch(a=lb.a @ p_in.t(), s=lb.s @ p_out.t(), mask=lb.mask)
+        return LayerBatch(a=lb.a @ p_in.t(), s=lb.s @ p_out.t(), mask=lb.mask, routed=lb.routed)
 
     def gradients(self, grads: dict[str, LayerBatch]) -> dict[str, torch.Tensor]:
         """Projected per-example gradients ``{layer: (B, k_out, k_in)}``."""

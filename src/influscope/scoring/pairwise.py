@@ -26,8 +26,10 @@ from influscope.curvature.base import CurvatureOperator
 from influscope.engine.distributed import all_reduce_, rank_and_world
 from influscope.errors import ConfigError
 from influscope.modules.capture import LayerBatch
+from influscope.modules.heads import head_splits
 from influscope.modules.passes import layer_passes
 from influscope.modules.tracked import TrackedModel
+from influscope.scoring.heads import head_terms
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks.data import EncodedDataset
 
@@ -65,6 +67,9 @@ class Scores:
         per_layer: ``(Q, N, L)`` layer terms, or ``None``.
         self_influence: ``(N,)`` ``∇L^⊤ (G + λI)^{-1} ∇L``, when computed.
         measurements: ``(Q,)`` the queries' measurements at θ.
+        per_head: ``(Q, N, H)`` per-attention-head terms (``ScoreConfig(per_head=True)``), or
+            ``None``; they sum to ``per_layer`` over each layer's heads.
+        head_names: ``"<layer>:<head>"`` label of each of the ``H`` columns of ``per_head``.
     """
 
     pairwise: torch.Tensor
@@ -73,6 +78,8 @@ class Scores:
     per_layer: torch.Tensor | None = None
     self_influence: torch.Tensor | None = None
     measurements: torch.Tensor | None = None
+    per_head: torch.Tensor | None = None
+    head_names: list[str] | None = None
 
     def top(self, query: int, k: int = 10, opponents: bool = False) -> list[tuple[int, float]]:
         """The ``k`` most positive (or most negative) training sequences for a query.
@@ -103,7 +110,7 @@ class Scores:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"pairwise": self.pairwise.contiguous()}
-        for key in ("per_layer", "self_influence", "measurements"):
+        for key in ("per_layer", "self_influence", "measurements", "per_head"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.contiguous()
@@ -134,9 +141,14 @@ def score_pass(
     operator: CurvatureOperator | None = None,
     want_self: bool = False,
 ) -> Scores:
-    """One pass over the training data computing pairwise (and per-layer / self) scores."""
+    """One pass over the training data computing pairwise (and per-layer / head / self) scores."""
     model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     names = [layer.name for layer in layers]
+    splits = head_splits(model, layers) if config.per_head else []  # validates before the pass
+    head_names = [h for split in splits for h in split.names]
+    per_head = (
+        torch.zeros(pq.n_queries, len(train), len(head_names), **_like(pq)) if splits else None
+    )  # (Q, N, H)
     # Under torch.distributed each rank scores its own batches into a zero-filled (Q, N, L)
     # tensor; an all-reduce then assembles the full matrix on every rank.
     per_layer = torch.zeros(pq.n_queries, len(train), len(names), **_like(pq))  # (Q, N, L)
@@ -156,11 +168,16 @@ def score_pass(
     ):
         block = torch.stack([layer_terms(pq, n, grads[n]) for n in names], dim=-1)  # (Q, B, L)
         per_layer[:, pos] = block.to(per_layer)
+        if per_head is not None:
+            heads = [head_terms(pq, split, grads[split.layer]) for split in splits]
+            per_head[:, pos] = torch.cat(heads, dim=-1).to(per_head)  # (Q, B, H)
         if self_inf is not None:
             quad = sum(operator.quadratic(n, grads[n].gradient()) for n in names)  # (B,)
             self_inf[pos] = quad.to(self_inf)
     if rank_and_world()[1] > 1:
         all_reduce_(per_layer)
+        if per_head is not None:
+            all_reduce_(per_head)
         if self_inf is not None:
             all_reduce_(self_inf)
     pairwise = per_layer.sum(-1)
@@ -169,6 +186,8 @@ def score_pass(
             raise ValueError("RelatIF normalisation needs self-influence (want_self=True).")
         pairwise = pairwise / self_inf.clamp_min(1e-30).sqrt()
         per_layer = per_layer / self_inf.clamp_min(1e-30).sqrt()[None, :, None]
+        if per_head is not None:
+            per_head = per_head / self_inf.clamp_min(1e-30).sqrt()[None, :, None]
     return Scores(
         pairwise=pairwise,
         layer_names=names,
@@ -176,6 +195,8 @@ def score_pass(
         per_layer=per_layer if config.per_layer else None,
         self_influence=self_inf,
         measurements=pq.measurements,
+        per_head=per_head,
+        head_names=head_names or None,
     )
 
 

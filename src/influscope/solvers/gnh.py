@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influscope.engine.distributed import all_reduce_, rank_and_world
+from influscope.modules.experts import tracked_values
 from influscope.modules.passes import eval_mode
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
@@ -93,10 +94,8 @@ class GaussNewtonProduct:
 
     def _function(self, batch):
         def fn(flat: torch.Tensor) -> torch.Tensor:
-            params = {}
-            for layer, chunk, shape in zip(self.layers, flat.split(self.sizes), self.shapes):
-                for p, value in layer.adapter.split(layer.module, chunk.view(shape)):
-                    params[self._names[id(p)]] = value
+            chunks = [c.view(shape) for c, shape in zip(flat.split(self.sizes), self.shapes)]
+            params = {self._names[id(p)]: value for p, value in tracked_values(self.layers, chunks)}
             return functional_call(self._wrapper, params, (batch,))
 
         theta = torch.cat(

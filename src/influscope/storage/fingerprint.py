@@ -45,8 +45,9 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     for layer in layers:
         h.update(layer.name.encode())
         for p in layer.module.parameters(recurse=False):
-            tracked.add(id(p))
-            h.update(_bytes(p))
+            if id(p) not in tracked:  # MoE experts of one 3-D parameter: hashed once
+                tracked.add(id(p))
+                h.update(_bytes(p))
     for name, p in model.named_parameters():
         if id(p) not in tracked:
             flat = p.detach().reshape(-1)  # (numel,)
