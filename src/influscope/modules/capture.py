@@ -110,6 +110,7 @@ class Capture:
         token_mask: torch.Tensor | None,
         n_examples: int,
         retain_graph: bool = False,
+        rows_per_example: int | None = None,
     ) -> dict[str, LayerBatch]:
         """Differentiate ``total`` (the batch objective, summed over examples).
 
@@ -118,6 +119,8 @@ class Capture:
             token_mask: ``(R, T)`` bool over model rows, or ``None``.
             n_examples: ``B``; the model saw ``R = rows_per_example × B`` rows.
             retain_graph: Keep the graph (to differentiate a second objective).
+            rows_per_example: Model rows per example in this batch (default: the one given
+                at construction; :meth:`influscope.tasks.Task.batch_rows` of the batch).
 
         Returns:
             ``{layer name: LayerBatch}`` with rows regrouped per example.
@@ -150,7 +153,7 @@ class Capture:
             ]
             i += k
             result[layer.name] = self._regroup(
-                layer, self._inputs[layer.name], gs, token_mask, n_examples
+                layer, self._inputs[layer.name], gs, token_mask, n_examples, rows_per_example
             )
         return result
 
@@ -161,6 +164,7 @@ class Capture:
         grads: list[torch.Tensor],
         token_mask: torch.Tensor | None,
         n_examples: int,
+        rows_per_example: int | None = None,
     ) -> LayerBatch:
         try:
             a = _stack_calls(inputs)  # (R, T, in)
@@ -174,7 +178,7 @@ class Capture:
         if layer.has_bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (R, T, in + 1)
         rows, t = a.shape[0], a.shape[1]
-        k = self.rows_per_example
+        k = rows_per_example or self.rows_per_example
         if rows != k * n_examples:
             raise DataError(
                 f"Layer {layer.name!r} saw {rows} rows for {n_examples} examples; expected "
