@@ -26,6 +26,7 @@ from influscope.cli.options import (
     damping_kwargs,
     non_negative_int,
     resolve_modules,
+    task_from_args,
 )
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from influscope.tasks import context_length, get_task
 
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
-    task = get_task(args.task)
+    task = get_task(task_from_args(args))
     limit = context_length(model)
     train = task.encode(load_records(args.train), tokenizer, limit, args.truncate)
     queries = task.encode(load_records(args.queries), tokenizer, limit, args.truncate)

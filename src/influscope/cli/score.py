@@ -15,6 +15,7 @@ from rich.console import Console
 from influscope.cli.options import (
     add_batch_size_option,
     add_run_options,
+    apply_contrast,
     load_influence,
     non_negative_int,
 )
@@ -38,7 +39,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     score.add_argument(
         "--queries",
         required=True,
-        help="Query records (.jsonl with 'prompt'+'completion', or 'text').",
+        help="Query records (.jsonl with 'prompt'+'completion', or 'text'; chat 'messages' "
+        "or prompt/completion message lists).",
+    )
+    score.add_argument(
+        "--contrast",
+        default=None,
+        help="Contrastive queries, f = log p(completion | prompt) − log p(contrast | prompt): a "
+        "column of the queries holding the alternative answer, or a file of contrasts aligned "
+        "with the queries (.txt one per line, or .jsonl with 'contrast'). Default: the "
+        "'contrast' column when the queries have one.",
     )
     score.add_argument("--factors", default="factors", help="Name of the fitted factors stage.")
     score.add_argument("--name", default="scores", help="Name of the scores stage.")
@@ -134,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from influscope.storage import atomic_write_json
 
     inf, train = load_influence(args)
-    queries = inf.encode(load_records(args.queries), truncate=args.truncate)
+    records = apply_contrast(load_records(args.queries), args.contrast)
+    queries = inf.encode(records, truncate=args.truncate)
     op = inf.load_factors(train, args.factors)
     config = ScoreConfig(
         query_rank=args.rank or None,
@@ -219,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "prompt": q.prompt,
                     "completion": q.completion,
+                    **({"contrast": q.contrast} if q.contrast else {}),
                     "proponents": [_top_json(s) for s in q.proponents],
                     "opponents": [_top_json(s) for s in q.opponents],
                 }

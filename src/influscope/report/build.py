@@ -19,6 +19,7 @@ from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks import EncodedDataset
+from influscope.tasks.chat import contents, display_texts, is_conversational
 
 
 def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -45,6 +46,8 @@ def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def _record_text(record: dict) -> tuple[str, str]:
+    if is_conversational(record):
+        return display_texts(record)
     if "prompt" in record and "completion" in record:
         return str(record["prompt"]), str(record["completion"])
     return str(record.get("text", "")), ""
@@ -85,7 +88,8 @@ def build_report(
         ids = train.examples[pos]["input_ids"].tolist()
         ts = token_of[pos][q].tolist()
         rec = train.records[pos]
-        meta = {k: str(v) for k, v in rec.items() if k not in ("text", "prompt", "completion")}
+        text_keys = ("text", "prompt", "completion", "messages", "contrast")
+        meta = {k: str(v) for k, v in rec.items() if k not in text_keys}
         return SequenceView(
             index=train.indices[pos],
             score=score,
@@ -120,6 +124,7 @@ def build_report(
                 name=f"query {q}",
                 prompt=prompt,
                 completion=completion,
+                contrast=contents(queries.records[q].get("contrast", "")),
                 proponents=proponents,
                 opponents=opponents,
                 layer_scores=layer_scores,
