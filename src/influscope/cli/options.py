@@ -337,9 +337,10 @@ def apply_contrast(records: list[dict], contrast: str | None) -> list[dict]:
     """Query records with their ``contrast`` taken from ``--contrast``.
 
     ``--contrast`` names a column of the query records (its values become ``contrast``) or a
-    file of contrasts aligned with the queries: ``.txt`` with one contrast per line, or
-    ``.jsonl`` / ``.json`` records with a ``contrast`` (or ``completion``) field. Without
-    ``--contrast``, a ``contrast`` column is used as is when present.
+    file of contrasts aligned with the queries: ``.txt`` with one contrast per line (an empty
+    line: that query has none), or ``.jsonl`` / ``.json`` records with a ``contrast`` (or
+    ``completion``) field (``null``: none). Without ``--contrast``, a ``contrast`` column is
+    used as is when present.
 
     Raises:
         DataError: A column that no record has, a file whose count differs from the queries,
@@ -353,11 +354,8 @@ def apply_contrast(records: list[dict], contrast: str | None) -> list[dict]:
         return records
     path = Path(contrast)
     if path.is_file():
-        if path.suffix.lower() == ".txt":
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-            while lines and not lines[-1].strip():
-                lines.pop()
-            values = lines
+        if path.suffix.lower() == ".txt":  # one per line; an empty line: no contrast
+            values = [line or None for line in path.read_text(encoding="utf-8-sig").splitlines()]
         else:
             from influscope.loading import load_records
 
@@ -375,7 +373,7 @@ def apply_contrast(records: list[dict], contrast: str | None) -> list[dict]:
                 f"--contrast {path} holds {len(values)} contrasts for {len(records)} queries; "
                 "give one per query, in the queries' order (one line each in a .txt file)."
             )
-        return [{**r, "contrast": v} for r, v in zip(records, values)]
+        return [r if v is None else {**r, "contrast": v} for r, v in zip(records, values)]
     have = [i for i, r in enumerate(records) if contrast in r]
     if not have:
         columns = sorted({k for r in records for k in r})

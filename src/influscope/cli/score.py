@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
+    records = apply_contrast(load_records(args.queries), args.contrast)  # before the model loads
     inf, train = load_influence(args)
-    records = apply_contrast(load_records(args.queries), args.contrast)
     queries = inf.encode(records, truncate=args.truncate)
     op = inf.load_factors(train, args.factors)
     config = ScoreConfig(
