@@ -135,7 +135,7 @@ class CausalLMTask(Task):
             if "prompt" in rec:
                 droppable = (int(bool(ids) and ids[0] == bos), n_prompt)
         elif "prompt" in rec and key in rec:
-            if not isinstance(rec[key], str):
+            if isinstance(rec[key], (list, tuple, dict)):
                 raise DataError(
                     f"Record {i} field {key!r} is a {type(rec[key]).__name__} but its 'prompt' "
                     "is a string; give both as strings, or both as message lists "
