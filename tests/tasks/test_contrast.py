@@ -101,10 +101,11 @@ def test_contrastive_gradients_match_autograd_and_batching(setup):
             assert err < 1e-10, (layer.name, bs, err)
     for layer in layers:
         torch.testing.assert_close(ref[layer.name][-1:], plain[layer.name], rtol=1e-9, atol=1e-12)
-    # the training loss of a contrastive example ignores the contrast row
-    both = task.training_loss(inf.model, task.collate(data.examples[:3]), None)
-    only = task.training_loss(inf.model, task.collate(inf.encode(records("c")).examples), None)
-    torch.testing.assert_close(both, only, rtol=1e-12, atol=1e-12)
+    # a contrast is a measurement: contrastive records as training data are refused
+    with pytest.raises(DataError, match=r"'contrast' were used as training data.*drop"):
+        task.training_loss(inf.model, task.collate(data.examples[:3]), None)
+    with pytest.raises(DataError, match=r"'contrast' were used as training data"):
+        inf.fit(data)
 
 
 def test_contrast_input_errors(setup):

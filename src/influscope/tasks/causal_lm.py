@@ -220,11 +220,20 @@ class CausalLMTask(Task):
         """Summed token cross-entropy per example, ``(B,)``.
 
         Computed in float32 for half-precision logits and in the logits' own dtype otherwise
-        (:func:`~influscope.tasks.base.loss_precision`): float64 stays float64. A contrastive
-        batch is trained on its completion rows only (the contrast is a measurement).
+        (:func:`~influscope.tasks.base.loss_precision`): float64 stays float64.
+
+        Raises:
+            DataError: For a contrastive batch: a contrast defines a measurement, not a
+                training loss (its rows would also enter the curvature's statistics).
         """
-        b = _examples(batch, outputs)
-        return self._row_losses(outputs[:b], batch["labels"][:b], sample_seeds)
+        if "contrast" in batch:
+            raise DataError(
+                "Records with a 'contrast' were used as training data. A contrast defines a "
+                "query's measurement log p(completion | prompt) − log p(contrast | prompt), "
+                "not a training loss: pass them as queries, or drop the 'contrast' field from "
+                "the training records."
+            )
+        return self._row_losses(outputs, batch["labels"], sample_seeds)
 
     def _row_losses(
         self, outputs: torch.Tensor, labels: torch.Tensor, sample_seeds: torch.Tensor | None
@@ -258,13 +267,10 @@ class CausalLMTask(Task):
         decomposition of a score — is the completion's minus the contrast's.
         """
         logp = -self._row_losses(self.outputs(model, batch), batch["labels"], None)  # (R,)
-        b = _examples(batch, logp)
-        return logp[:b] - logp[b:] if b < logp.shape[0] else logp
+        if "contrast" not in batch:
+            return logp
+        b = batch["contrast"].shape[0]
+        return logp[:b] - logp[b:]  # (B,)
 
     def token_mask(self, batch):
         return batch["attention_mask"]
-
-
-def _examples(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> int:
-    """Examples in a batch of ``rows.shape[0]`` model rows (half of them when contrastive)."""
-    return batch["contrast"].shape[0] if "contrast" in batch else rows.shape[0]
