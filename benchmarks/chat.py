@@ -113,7 +113,9 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, EK-FAC over the MLPs of the last {args.blocks} blocks, "
         f"{len(train)} conversations ({n_tok} tokens, {n_lab} assistant tokens in the loss)\n"
     )
-    print("| fact | f plain | top-1 plain | f contrastive | top-1 contrastive | strongest opponent |")
+    print(
+        "| fact | f plain | top-1 plain | f contrastive | top-1 contrastive | strongest opponent |"
+    )
     print("|---|---|---|---|---|---|")
     for i, (c, y) in enumerate(facts):
         print(
