@@ -215,8 +215,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train",
         required=True,
-        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion'), "
-        "a .txt file (one record per paragraph), or a saved HF dataset dir.",
+        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion', or chat "
+        "'messages'), a .txt file (one record per paragraph), or a saved HF dataset dir.",
     )
     parser.add_argument("--run", required=True, help="Run directory where stages are stored.")
     add_model_options(parser)  # --task --modules --truncate --device
