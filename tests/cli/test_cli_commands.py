@@ -28,6 +28,7 @@ from influscope.probes import PROBES
 from influscope.projection.projector import INITS
 from influscope.solvers.refine import METHODS as REFINE_METHODS
 from influscope.tasks import TASKS
+from influscope.tasks.chat import CHAT_LOSSES
 
 #: Files of the ``cli`` package that are not commands.
 NOT_COMMANDS = {"__init__", "__main__", "options"}
@@ -48,6 +49,7 @@ REGISTRIES = {
     ("unlearn", "method"): UNLEARN_METHODS,
     ("magic", "optimizer"): OPTIMIZERS,
     ("magic", "schedule"): SCHEDULES,
+    **{(c, "chat_loss"): CHAT_LOSSES for c in ("fit", "score", "index", "query", "dda", "damping")},
 }
 
 

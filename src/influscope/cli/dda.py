@@ -28,6 +28,7 @@ from influscope.cli.options import (
     data_file,
     non_negative_int,
     resolve_modules,
+    task_from_args,
 )
 from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     train_records, query_records = load_records(args.train), load_records(args.queries)
     check_writable(args.run)
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
-    task = get_task(args.task)
+    task = get_task(task_from_args(args))
     limit = context_length(model)
     with quiet_length_warning(tokenizer, args.truncate):
         with data_file(args.train):

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from influscope.curvature import CURVATURES as _CURVATURE_REGISTRY
 from influscope.errors import ConfigError
 from influscope.tasks import TASKS as _TASK_REGISTRY
+from influscope.tasks.chat import CHAT_LOSSES
 
 __all__ = [
     "CURVATURES",
@@ -42,6 +43,7 @@ __all__ = [
     "add_run_options",
     "add_task_option",
     "add_truncate_option",
+    "apply_contrast",
     "check_writable",
     "damping_kwargs",
     "data_file",
@@ -50,6 +52,7 @@ __all__ = [
     "non_negative_int",
     "resolve_modules",
     "shows_default",
+    "task_from_args",
 ]
 
 #: Values of ``--task``: how a batch becomes a loss and a measurement (the task registry).
@@ -74,6 +77,10 @@ CURVATURE_HELP = "Curvature approximation (default: ekfac)."
 TRUNCATE_HELP = (
     "Cut sequences longer than the model's context instead of failing (texts lose their end, "
     "prompts their start: completions are kept)."
+)
+CHAT_LOSS_HELP = (
+    "Tokens of chat ('messages') records that are trained on and measured: 'assistant' "
+    "(the assistant turns and their end-of-turn tokens) or 'all' (default: assistant)."
 )
 DEVICE_HELP = "torch device (default: cuda if available)."
 BATCH_SIZE_HELP = "Sequences per forward/backward pass (default: 8)."
@@ -240,7 +247,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Add the options of every run-directory command: model, data, run, how the model loads.
 
     ``--model`` (required), ``--adapter``, ``--train`` (required), ``--run`` (required), then
-    :func:`add_model_options` (``--task --modules --truncate --device``) and ``--overwrite``.
+    :func:`add_model_options` (``--task --modules --truncate --device``), ``--chat-loss`` and
+    ``--overwrite``.
     Used by ``fit``, ``score``, ``index``, ``query``, ``dda`` and ``damping``, whose arguments
     :func:`load_influence` then reads.
 
@@ -251,11 +259,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train",
         required=True,
-        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion'), "
-        "a .txt file (one record per paragraph), or a saved HF dataset dir.",
+        help="Training records: .jsonl/.json with 'text' (or 'prompt'+'completion', or chat "
+        "'messages'), a .txt file (one record per paragraph), or a saved HF dataset dir.",
     )
     parser.add_argument("--run", required=True, help="Run directory where stages are stored.")
     add_model_options(parser)  # --task --modules --truncate --device
+    parser.add_argument(
+        "--chat-loss", default="assistant", choices=list(CHAT_LOSSES), help=CHAT_LOSS_HELP
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -381,7 +392,83 @@ def load_influence(args: argparse.Namespace):
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     modules = resolve_modules(args.modules, model)
     inf = Influence(
-        model, args.task, modules=modules, run_dir=args.run, tokenizer=tokenizer, device=args.device
+        model,
+        task_from_args(args),
+        modules=modules,
+        run_dir=args.run,
+        tokenizer=tokenizer,
+        device=args.device,
     )
     train = encode_records(inf, records, args.train, args.truncate)
     return inf, train
+
+
+def task_from_args(args: argparse.Namespace):
+    """The task of ``--task``, with ``--chat-loss`` applied to a causal LM.
+
+    Returns:
+        A :class:`~influscope.tasks.CausalLMTask` built with ``chat_loss`` for ``causal_lm``,
+        else the task's name.
+    """
+    if args.task == "causal_lm":
+        from influscope.tasks import CausalLMTask
+
+        return CausalLMTask(chat_loss=getattr(args, "chat_loss", "assistant"))
+    return args.task
+
+
+def apply_contrast(records: list[dict], contrast: str | None) -> list[dict]:
+    """Query records with their ``contrast`` taken from ``--contrast``.
+
+    ``--contrast`` names a column of the query records (its values become ``contrast``) or a
+    file of contrasts aligned with the queries: ``.txt`` with one contrast per line (an empty
+    line: that query has none), or ``.jsonl`` / ``.json`` records with a ``contrast`` (or
+    ``completion``) field (``null``: none). Without ``--contrast``, a ``contrast`` column is
+    used as is when present.
+
+    Raises:
+        DataError: A column that no record has, a file whose count differs from the queries,
+            or a contrast file record with neither field.
+    """
+    from pathlib import Path
+
+    from influscope.errors import DataError
+
+    if contrast is None:
+        return records
+    path = Path(contrast)
+    if path.is_file():
+        if path.suffix.lower() == ".txt":  # one per line; an empty line: no contrast
+            values = [line or None for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        else:
+            from influscope.loading import load_records
+
+            values = []
+            for n, rec in enumerate(load_records(path)):
+                key = "contrast" if "contrast" in rec else "completion"
+                if key not in rec:
+                    raise DataError(
+                        f"{path} record {n} has keys {sorted(rec)}; expected a 'contrast' (or "
+                        "'completion') field holding the answer to contrast with."
+                    )
+                values.append(rec[key])
+        if len(values) != len(records):
+            raise DataError(
+                f"--contrast {path} holds {len(values)} contrasts for {len(records)} queries; "
+                "give one per query, in the queries' order (one line each in a .txt file)."
+            )
+        return [r if v is None else {**r, "contrast": v} for r, v in zip(records, values)]
+    have = [i for i, r in enumerate(records) if contrast in r]
+    if not have:
+        columns = sorted({k for r in records for k in r})
+        raise DataError(
+            f"--contrast {contrast!r} is neither a file nor a column of the queries (columns: "
+            f"{columns}). Name the column holding each query's alternative answer, or a .txt "
+            "file with one contrast per line."
+        )
+    return [
+        {**{k: v for k, v in r.items() if k != contrast}, "contrast": r[contrast]}
+        if contrast in r
+        else r
+        for r in records
+    ]

@@ -22,6 +22,7 @@ from influscope.cli.options import (
     load_influence,
     non_negative_int,
 )
+from influscope.tasks.chat import display_texts, is_conversational
 
 NAME = "query"
 
@@ -88,6 +89,8 @@ def _text(record: dict) -> str:
     """A record's text; prompt and completion joined by one space unless one already has it."""
     if "text" in record:
         return str(record["text"])
+    if is_conversational(record):  # chat turns as "role: content" lines
+        return "".join(display_texts(record)).strip()
     prompt, completion = str(record.get("prompt", "")), str(record.get("completion", ""))
     gap = "" if prompt[-1:].isspace() or completion[:1].isspace() else " "
     return f"{prompt}{gap}{completion}".strip()

@@ -15,6 +15,7 @@ from rich.console import Console
 from influscope.cli.options import (
     add_batch_size_option,
     add_run_options,
+    apply_contrast,
     check_writable,
     encode_records,
     load_influence,
@@ -40,7 +41,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     score.add_argument(
         "--queries",
         required=True,
-        help="Query records (.jsonl with 'prompt'+'completion', or 'text').",
+        help="Query records (.jsonl with 'prompt'+'completion', or 'text'; chat 'messages' "
+        "or prompt/completion message lists).",
+    )
+    score.add_argument(
+        "--contrast",
+        default=None,
+        help="Contrastive queries, f = log p(completion | prompt) − log p(contrast | prompt): a "
+        "column of the queries holding the alternative answer, or a file of contrasts aligned "
+        "with the queries (.txt one per line, or .jsonl with 'contrast'). Default: the "
+        "'contrast' column when the queries have one.",
     )
     score.add_argument("--factors", default="factors", help="Name of the fitted factors stage.")
     score.add_argument("--name", default="scores", help="Name of the scores stage.")
@@ -144,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from influscope.storage import atomic_write_json
 
     # data files and output directories are checked before the model is loaded
-    query_records = load_records(args.queries)
+    query_records = apply_contrast(load_records(args.queries), args.contrast)
     if args.report is not None:
         check_writable(Path(args.report).parent, "directory of --report")
     inf, train = load_influence(args)
@@ -239,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "prompt": q.prompt,
                     "completion": q.completion,
+                    **({"contrast": q.contrast} if q.contrast else {}),
                     "proponents": [_top_json(s) for s in q.proponents],
                     "opponents": [_top_json(s) for s in q.opponents],
                 }

@@ -152,6 +152,7 @@ class Capture:
         token_mask: torch.Tensor | None,
         n_examples: int,
         retain_graph: bool = False,
+        rows_per_example: int | None = None,
     ) -> dict[str, LayerBatch]:
         """Differentiate ``total`` (the batch objective, summed over examples).
 
@@ -160,6 +161,8 @@ class Capture:
             token_mask: ``(R, T)`` bool over model rows, or ``None``.
             n_examples: ``B``; the model saw ``R = rows_per_example × B`` rows.
             retain_graph: Keep the graph (to differentiate a second objective).
+            rows_per_example: Model rows per example in this batch (default: the one given
+                at construction; :meth:`influscope.tasks.Task.batch_rows` of the batch).
 
         Returns:
             ``{layer name: LayerBatch}`` with rows regrouped per example.
@@ -202,7 +205,9 @@ class Capture:
                 inputs, gs, routed = _scatter(self._routed[layer.name], gs, layer.out_dim)
             else:
                 inputs, routed = self._inputs[layer.name], None
-            result[layer.name] = self._regroup(layer, inputs, gs, token_mask, n_examples, routed)
+            result[layer.name] = self._regroup(
+                layer, inputs, gs, token_mask, n_examples, routed, rows_per_example
+            )
         return result
 
     def _list_calls(self, layer: TrackedLayer, grads: list[torch.Tensor]) -> list[RoutedCall]:
@@ -230,8 +235,9 @@ class Capture:
         token_mask: torch.Tensor | None,
         n_examples: int,
         routed: list[torch.Tensor] | None = None,
+        rows_per_example: int | None = None,
     ) -> LayerBatch:
-        rows_seen = self.rows_per_example * n_examples
+        rows_seen = (rows_per_example or self.rows_per_example) * n_examples
         if inputs[0].dim() == 2:  # flattened tokens (MoE router, experts): (R·T, d) → (R, T, d)
             inputs = [x.reshape(rows_seen, -1, x.shape[-1]) for x in inputs]
             grads = [g.reshape(rows_seen, -1, g.shape[-1]) for g in grads]
@@ -249,7 +255,7 @@ class Capture:
         if layer.has_bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (R, T, in + 1)
         rows, t = a.shape[0], a.shape[1]
-        k = self.rows_per_example
+        k = rows_per_example or self.rows_per_example
         if rows != k * n_examples:
             raise DataError(
                 f"Layer {layer.name!r} saw {rows} rows for {n_examples} examples; expected "

@@ -110,7 +110,12 @@ def layer_passes(
                     "values). Check those inputs, the model weights, and that the loss "
                     "masks leave at least one token."
                 )
-            grads = cap.backward(values.sum(), task.token_mask(batch), len(pos))
+            grads = cap.backward(
+                values.sum(),
+                task.token_mask(batch),
+                len(pos),
+                rows_per_example=task.batch_rows(batch),
+            )
             cap.clear()
             yield pos, grads, values.detach()
 

@@ -138,7 +138,9 @@ class EigenSelection:
         for name, lb in grads.items():
             p_in = self.p_in[name].to(lb.a.device, lb.a.dtype)
             p_out = self.p_out[name].to(lb.s.device, lb.s.dtype)
-            rotated = LayerBatch(a=lb.a @ p_in.t(), s=lb.s @ p_out.t(), mask=lb.mask, routed=lb.routed)
+            rotated = LayerBatch(
+                a=lb.a @ p_in.t(), s=lb.s @ p_out.t(), mask=lb.mask, routed=lb.routed
+            )
             g = rotated.gradient().flatten(1)  # (B, r_out·r_in)
             out[name] = g[:, self.select[name].to(g.device)]  # (B, K_ℓ)
         return out

@@ -20,6 +20,7 @@ from influscope.scoring.ensemble import EnsembleScores
 from influscope.scoring.pairwise import Scores
 from influscope.scoring.queries import PreconditionedQueries
 from influscope.tasks import EncodedDataset
+from influscope.tasks.chat import contents, display_texts, is_conversational
 
 
 def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -46,6 +47,8 @@ def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def _record_text(record: dict) -> tuple[str, str]:
+    if is_conversational(record):
+        return display_texts(record)
     if "prompt" in record and "completion" in record:
         return str(record["prompt"]), str(record["completion"])
     return str(record.get("text", "")), ""
@@ -122,6 +125,7 @@ def build_report(
                 name=f"query {q}",
                 prompt=prompt,
                 completion=completion,
+                contrast=contents(queries.records[q].get("contrast", "")),
                 proponents=proponents,
                 opponents=opponents,
                 layer_scores=layer_scores,

@@ -368,7 +368,8 @@ def _query_index(report: ReportView) -> str:
         title = query_title(q, i)
         rows.append(
             f'<tr><td class="num"><a href="#q-{i}" title="{escape_text(title)}">{i}</a></td>'
-            f'<td class="qtext"><a href="#q-{i}">{_query_text(q)}</a></td>'
+            f'<td class="qtext"><a href="#q-{i}">{_query_text(q)}</a>'
+            f"{_contrast_note(q, short=True)}</td>"
             f"{top_cell}<td>{_chips(q.notes, judge=True)}</td></tr>"
         )
     return (
@@ -415,12 +416,25 @@ def _sequence_table(seqs: Sequence[SequenceView], kind: str) -> str:
     )
 
 
+def _contrast_note(q: QueryView, short: bool = False) -> str:
+    """For a contrastive query: what its completion is measured against (else nothing)."""
+    if not q.contrast:
+        return ""
+    if short:
+        return f' <span class="muted">rather than “{escape_text(q.contrast)}”</span>'
+    return (
+        '<p class="muted">contrastive: f = log p(completion | prompt) − log p(contrast | '
+        f"prompt), rather than <mark>{escape_text(q.contrast)}</mark></p>"
+    )
+
+
 def _query_card(q: QueryView, number: int) -> str:
     notes = _chips(q.notes, judge=True)
     qa = (
         '<div><p class="label">prompt → <mark class="completion">completion</mark></p>'
         f'<div class="qa">{escape_text(q.prompt)}'
-        f'<mark class="completion">{escape_text(q.completion)}</mark></div></div>'
+        f'<mark class="completion">{escape_text(q.completion)}</mark></div>{_contrast_note(q)}'
+        "</div>"
     )
     if q.layer_scores:
         chart = svg_bar_chart(

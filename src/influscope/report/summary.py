@@ -113,5 +113,7 @@ def record_meta(record: dict) -> dict[str, str]:
     return {
         k: str(v)
         for k, v in record.items()
-        if k not in ("text", "prompt", "completion") and v is not None and str(v).strip() != ""
+        if k not in ("text", "prompt", "completion", "messages", "contrast")
+        and v is not None
+        and str(v).strip() != ""
     }

@@ -32,6 +32,8 @@ def print_summary(report: ReportView, console: Console | None = None, per_query:
     table.add_column("training sequence", overflow="fold")
     for q in report.queries:
         label = f"{escape(q.prompt)}[bold]{escape(q.completion)}[/bold]"
+        if q.contrast:
+            label += f" [dim]rather than[/dim] [bold]{escape(q.contrast)}[/bold]"
         for r, seq in enumerate(q.proponents[:per_query]):
             score = f"{seq.score:+.3g}"
             extra = []

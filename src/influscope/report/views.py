@@ -77,6 +77,8 @@ class QueryView:
         name: Short name of the query (shown as the card title).
         prompt: The prompt text.
         completion: The completion whose log-probability is measured.
+        contrast: For a contrastive query, the alternative answer: the measurement is then
+            ``log p(completion | prompt) − log p(contrast | prompt)`` (else empty).
         proponents: Sequences with the highest scores, highest first.
         opponents: Sequences with the most negative scores, most negative first.
         layer_scores: Total influence of the top proponents split by layer name, in layer
@@ -91,6 +93,7 @@ class QueryView:
     opponents: list[SequenceView] = field(default_factory=list)
     layer_scores: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    contrast: str = ""
 
 
 @dataclass(frozen=True)

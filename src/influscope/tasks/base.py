@@ -62,6 +62,11 @@ class Task(ABC):
             for k in keys
         }
 
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> int:
+        """Model rows per example in this collated batch (:attr:`rows_per_example` unless the
+        task varies it per batch, as contrastive causal-LM queries do)."""
+        return self.rows_per_example
+
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``(R, T)`` positions counted in token statistics (defaults to the attention mask)."""
         return batch.get("attention_mask")
