@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument(
         "--precond-factors", type=float, nargs="*", default=[1.0], help="P damping factors"
     )
+    p.add_argument("--power-steps", type=int, default=4, help="power iterations for μ̂")
     p.add_argument("--old-refine", default=None, help="path of the former solvers/refine.py")
     p.add_argument("--variants", nargs="*", default=None, help="run only these variants")
     p.add_argument("--out", type=Path, default=Path("runs/refine_smollm2.json"))
@@ -92,6 +93,7 @@ def main() -> None:
     results = {"setting": vars(args) | {"out": str(args.out), "P": n_params}, "rows": []}
     start = start_of(op)
     results["ekfac_full_residual"] = full_residual(start)
+    start_residual = {id(op): results["ekfac_full_residual"]}
     flat_b = product.flatten(b)
     r0 = flat_b - product.damped(product.flatten(start), train)
 
@@ -100,7 +102,7 @@ def main() -> None:
             {k: pre.precondition(k, x) for k, x in product.unflatten(r).items()}
         )
 
-    mu = 1 / power_alpha(product, apply_with(op), r0, train, 8)
+    mu = 1 / power_alpha(product, apply_with(op), r0, train, args.power_steps)
     results["mu_max_estimate"] = mu.tolist()
     print(f"EK-FAC full residual {results['ekfac_full_residual']}; μ̂_max {mu.tolist()}")
 
@@ -127,6 +129,8 @@ def main() -> None:
         old = kw.pop("old", None)
         t = time.time()
         x0 = start_of(pre)
+        if id(pre) not in start_residual:
+            start_residual[id(pre)] = full_residual(x0)
         try:
             if old is not None:
                 v, hist = old.refine_queries(
@@ -137,7 +141,7 @@ def main() -> None:
             row = {
                 "variant": name,
                 "history": hist.tolist(),
-                "full_residual_start": full_residual(x0),
+                "full_residual_start": start_residual[id(pre)],
                 "full_residual_end": full_residual(v),
                 "seconds": time.time() - t,
             }
