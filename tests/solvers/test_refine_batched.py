@@ -73,9 +73,9 @@ def test_query_block_follows_the_memory_budget():
     for budget, want in ((1, 1), (per, 1), (3 * per + 1, 3), (100 * per, 7)):
         product = GaussNewtonProduct(model, TASK, inf.layers, {}, memory_budget=budget)
         assert product.query_block(outputs, 7, torch.float64) == want
-    # the solver's blocks: half of refine_memory_gb over 6 vectors of P numbers, ≤ batch_size
+    # the solver's blocks: half of refine_memory_gb over 8 vectors of P numbers, ≤ batch_size
     gib = 2**30
-    cfg = ScoreConfig(refine_steps=1, batch_size=8, refine_memory_gb=3 * 6 * 8 * 1000 * 2 / gib)
+    cfg = ScoreConfig(refine_steps=1, batch_size=8, refine_memory_gb=3 * 8 * 8 * 1000 * 2 / gib)
     assert refine_block_size(cfg, 1000, torch.float64, 100) == 3
     assert refine_block_size(cfg, 10**9, torch.float64, 100) == 1
     assert refine_block_size(ScoreConfig(refine_steps=1, batch_size=8), 10, torch.float64, 5) == 5

@@ -8,8 +8,9 @@ extrapolates::
     seconds ≈ t(first mini-batch) × mini-batches per product × products × query blocks
 
 with ``products = steps + 1`` (the starting residual), plus the power iterations of an
-automatic step. Its memory estimate is the solver's vectors, ``6 × Q × P`` numbers per block
-(``b``, ``v``, ``r``, ``z``, the search direction and its product), plus at most the product's
+automatic step. Its memory estimate is the solver's vectors, ``8 × Q × P`` numbers per block
+(the query gradients and their ``P^{-1}`` images as handed in, then ``b``, ``v``, ``r``,
+``z``, the search direction and its product), plus at most the product's
 tangent budget (:attr:`GaussNewtonProduct.memory_budget`); the model and its activations come
 on top. The estimate goes to the ``influscope.solvers`` logger and, while progress bars are on
 (:func:`influscope.progress.progress_enabled`), to stderr; a progress bar over the iterations
@@ -29,7 +30,7 @@ from influscope.progress import progress_enabled
 logger = logging.getLogger("influscope.solvers")
 
 #: Vectors of ``Q × P`` numbers a solver block holds at once.
-STATE_VECTORS = 6
+STATE_VECTORS = 8
 
 
 def state_bytes(n_queries: int, n_params: int, dtype: torch.dtype) -> int:
