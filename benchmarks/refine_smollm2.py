@@ -111,6 +111,16 @@ def main() -> None:
         ("cg all windows", dict(method="cg", examples=None), op),
         ("neumann auto α, fixed subset", dict(method="neumann", examples=args.examples), op),
         ("astra auto α", dict(method="astra", examples=args.examples), op),
+        (
+            "cg fixed subset, scaled start",
+            dict(method="cg", examples=args.examples, scale_start=True),
+            op,
+        ),
+        (
+            "astra auto α, scaled start",
+            dict(method="astra", examples=args.examples, scale_start=True),
+            op,
+        ),
     ]
     for f in args.precond_factors:  # the fit's damping factor is 0.1
         pre = redamp(op, damping_factor=f)

@@ -200,6 +200,10 @@ class ScoreConfig(Settings):
         refine_seed: Seed of those subsets.
         refine_alpha: Step of Neumann / ASTRA; ``None`` (default) estimates ``1/μ_max`` of
             ``P^{-1}(G + Λ)`` per query by power iteration (a few extra products).
+        refine_start: ``"ekfac"`` (default): iterate from EK-FAC's ``P^{-1}∇f``; ``"scaled"``:
+            from its multiple ``c P^{-1}∇f`` that minimises the ``(G+Λ)``-norm error (no extra
+            cost; for CG, ``k`` steps then equal ``k + 1`` CG steps from zero). A per-query
+            positive scale, so zero steps are plain EK-FAC either way.
         refine_memory_gb: Memory budget (GiB) for the refinement's per-query vectors and
             Gauss-Newton tangents (default 2): queries are refined in blocks that fit, so
             memory does not grow with their number; results do not depend on it.
@@ -219,6 +223,7 @@ class ScoreConfig(Settings):
     refine_examples: int | None = None
     refine_seed: int = 0
     refine_alpha: float | None = None
+    refine_start: str = "ekfac"
     refine_memory_gb: float = 2.0
 
     def __post_init__(self) -> None:
@@ -250,6 +255,10 @@ class ScoreConfig(Settings):
             or (isinstance(self.refine_alpha, (int, float)) and 0 < self.refine_alpha < math.inf),
             f"refine_alpha must be None (automatic step) or a finite number > 0, received "
             f"{self.refine_alpha!r}.",
+        )
+        require(
+            self.refine_start in ("ekfac", "scaled"),
+            f"refine_start must be 'ekfac' or 'scaled', received {self.refine_start!r}.",
         )
         require(
             isinstance(self.refine_memory_gb, (int, float))

@@ -155,6 +155,38 @@ def test_astra_is_seeded_and_reproducible(mlp):
     assert _rel_err(v1, exact, inf) < 0.5 * _rel_err(start, exact, inf)
 
 
+def test_scaled_start_is_one_cg_step_from_zero(mlp):
+    # textbook preconditioned CG from v = 0 with the dense A = G + Λ and block-diagonal P:
+    # k + 1 of its steps equal k steps of ours from the scaled start c·P⁻¹b
+    inf, train, _, factors, product, b, start, _, _ = mlp
+    gnh = exact_gauss_newton(inf.model, inf.task, inf.layers, train, chunk=len(train))
+    a = gnh + torch.diag(damping_vector(inf.layers, factors.damping))  # (P, P)
+    blocks = scipy.linalg.block_diag(*[factors.dense(n).numpy() for n in inf.layer_names])
+    pinv = torch.linalg.inv(torch.from_numpy(blocks))  # (P, P)
+    rhs = flatten(b, inf.layers)  # (Q, P)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = r @ pinv
+    p = z.clone()
+    for _ in range(4):
+        ap = p @ a
+        step = (r * z).sum(1) / (p * ap).sum(1)
+        x, r_new = x + step[:, None] * p, r - step[:, None] * ap
+        z_new = r_new @ pinv
+        p = z_new + ((r_new * z_new).sum(1) / (r * z).sum(1))[:, None] * p
+        r, z = r_new, z_new
+    refined, history = refine_queries(
+        product, factors, b, start, train, steps=3, method="cg", scale_start=True
+    )
+    got = flatten(refined, inf.layers)
+    assert float(((got - x).norm(dim=1) / x.norm(dim=1)).max()) < 1e-9
+    torch.testing.assert_close(history[:, -1], r.norm(dim=1) / rhs.norm(dim=1), rtol=1e-7, atol=0)
+    # zero steps are plain EK-FAC with or without the scaling
+    zero, _ = refine_queries(product, factors, b, start, train, steps=0, scale_start=True)
+    for n in zero:
+        assert torch.equal(zero[n], start[n])
+
+
 def test_unknown_method_and_bad_step_refused(mlp):
     _, train, _, factors, product, b, start, _, _ = mlp
     with pytest.raises(ConfigError, match=r"refine must be one of .*received 'lbfgs'"):

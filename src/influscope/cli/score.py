@@ -92,6 +92,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "subset per step). Use all sequences for an exact solve on small training sets.",
     )
     score.add_argument(
+        "--refine-start",
+        default="ekfac",
+        choices=["ekfac", "scaled"],
+        help="Start the refinement from EK-FAC's answer (ekfac, default) or from its multiple "
+        "that minimises the Gauss-Newton-norm error (scaled: no extra cost; helps when EK-FAC "
+        "over- or under-shoots the joint system's scale, as on SmolLM2).",
+    )
+    score.add_argument(
         "--refine-alpha",
         type=float,
         default=None,
@@ -166,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         refine_tol=args.refine_tol,
         refine_examples=args.refine_examples,
         refine_alpha=args.refine_alpha,
+        refine_start=args.refine_start,
     )
     op = score_damping(op, config)  # the report's self-influence uses the same λ
     ensemble = None

@@ -229,6 +229,7 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
                 examples=config.refine_examples,
                 seed=config.refine_seed,
                 alpha=config.refine_alpha,
+                scale_start=config.refine_start == "scaled",
                 meter=meter,
             )
             if store is not None and rank_and_world()[0] == 0:

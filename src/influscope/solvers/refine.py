@@ -3,7 +3,8 @@
 Block-diagonal EK-FAC ``P`` ignores the cross-layer blocks of the Gauss-Newton matrix. Here
 the true system ``A v = b`` with ``A = G + Λ`` and ``b = ∇f_q`` (all tracked layers jointly,
 ``Λ`` the per-layer damping of the factors) is solved iteratively with ``P^{-1}`` as
-preconditioner, every method starting from ``v_0 = P^{-1} b`` (so zero steps are plain EK-FAC):
+preconditioner, every method starting from ``v_0 = P^{-1} b`` (so zero steps are plain EK-FAC;
+``scale_start`` starts from its ``A``-norm-optimal multiple instead, see :func:`refine_queries`):
 
 * ``"cg"``: preconditioned conjugate gradient (default);
 * ``"neumann"``: preconditioned Richardson ``v_{k+1} = v_k + α P^{-1}(b − A v_k)``
@@ -73,6 +74,7 @@ def refine_queries(
     seed: int = 0,
     alpha: float | None = None,
     power_steps: int = POWER_STEPS,
+    scale_start: bool = False,
     meter: RefineMeter | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Refine ``P^{-1} b`` towards ``(G + Λ)^{-1} b`` for a block of ``Q`` queries.
@@ -87,6 +89,12 @@ def refine_queries(
         alpha: Neumann / ASTRA step size; ``None`` estimates ``1/μ_max`` per query by power
             iteration (ignored by CG).
         power_steps: Power iterations for that estimate.
+        scale_start: Start from ``c_q P^{-1} b`` instead of ``P^{-1} b``, with
+            ``c_q = bᵀP^{-1}b / (P^{-1}b)ᵀ A P^{-1}b`` the multiple that minimises the
+            ``A``-norm error (free: ``A P^{-1} b`` is the starting residual's product). For CG
+            this is exactly one CG step from ``v = 0`` and the next search direction is kept
+            conjugate to ``P^{-1} b``, so ``k`` steps from the scaled start are ``k + 1``
+            steps of CG from zero, at the cost of ``k`` from ``P^{-1} b``.
         meter: Reports the estimated cost before the first iteration and shows progress
             (a fresh one when ``None``).
 
@@ -117,7 +125,16 @@ def refine_queries(
         return product.flatten({n: operator.precondition(n, parts[n]) for n in names})
 
     fixed = subset(train, examples, seed, 0)  # CG / Neumann: one subset for every step
-    r = b - product.damped(x, fixed, on_batch=meter.first_product(products))
+    w = product.damped(x, fixed, on_batch=meter.first_product(products))  # A P⁻¹b
+    first = None  # CG's first direction P⁻¹b and bᵀP⁻¹b, when the start is its step
+    if scale_start and steps > 0:  # zero steps stay plain EK-FAC
+        bz = (b * x).sum(1)  # (Q,) bᵀP⁻¹b
+        c = bz / (x * w).sum(1)  # (Q,) argmin_c ‖c P⁻¹b − A⁻¹b‖_A: CG's first step from 0
+        c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+        first = (x, bz)
+        x, w = c[:, None] * x, c[:, None] * w
+    r = b - w
+    del w
     history = [r.norm(dim=1) / bnorm]
     _check(history[0], history[0], r, product, 0)  # a NaN/Inf start (preconditioner, data)
     active = history[0] > tol
@@ -127,8 +144,11 @@ def refine_queries(
         meter.note_alpha(step_size)
     else:
         step_size = torch.full_like(bnorm, 1.0 if alpha is None else alpha)
-    p = z.clone()
     rz = (r * z).sum(1)
+    p = z.clone()
+    if method == "cg" and first is not None:  # keep conjugacy with the first direction
+        p = z + (rz / first[1])[:, None] * first[0]
+    del first
     bar = meter.bar(steps)
     for k in range(steps):
         if not bool(active.any()):
