@@ -261,3 +261,22 @@ def test_cli_refine_without_fitted_factors(workdir, capsys):
     assert "No factors named 'factors'" in err and "influscope fit" in err
     assert not (workdir / "run" / "scores").exists()
     assert not list((workdir / "run").glob("*.html"))
+
+
+def test_cli_refine_astra_scaled_announces_cost(workdir, capsys, caplog):
+    import logging
+
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    args += ["--run", str(workdir / "run-astra")]
+    assert main(["fit", *args, "--curvature", "ekfac"]) == 0
+    args += ["--queries", str(workdir / "queries.jsonl")]
+    refine = ["--refine", "2", "--refine-method", "astra", "--refine-start", "scaled"]
+    with caplog.at_level(logging.INFO, logger="influscope.solvers"):
+        assert main(["score", *args, *refine, "--refine-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "refinement (astra): final relative residual per query:" in out
+    assert any(
+        "refine (astra)" in r.getMessage() and "estimated" in r.getMessage() for r in caplog.records
+    )
