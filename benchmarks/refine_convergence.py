@@ -8,7 +8,8 @@ For tiny float64 problems where ``G + Λ`` over all tracked parameters fits dens
   dense) for three preconditioners: EK-FAC (the one refinement uses), the exact
   block-diagonal ``G_ℓℓ + λ_ℓ I`` (what a perfect per-layer curvature would give: only the
   cross-layer blocks are missing) and damping alone (``λ_ℓ I``);
-* CG and Neumann (step 1 and the optimal ``2/(μ_min + μ_max)``) with EK-FAC as preconditioner
+* CG, Neumann (step 1, the optimal ``2/(μ_min + μ_max)`` and the automatic ``1/μ̂`` from
+  power iteration) and ASTRA (automatic step, all examples per step) with EK-FAC as preconditioner
   and the product over *all* training examples: steps to a relative residual of 1e-10 and the
   relative error ``‖v − (G+Λ)⁻¹∇f‖/‖(G+Λ)⁻¹∇f‖`` reached, and the time per step.
 
@@ -16,7 +17,7 @@ The problems are those of tests/solvers/test_refine.py: an untrained GPT-2 (widt
 linear layers tracked, 6 sequences), the same with width 4 and the MLP layers only, and the
 tanh MLP of influscope.toy (64 examples) at damping factors 0.1 and 10.
 
-Run:  OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.refine_convergence [--steps 600]
+Run:  OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.refine_convergence [--steps 600] [--only MLP]
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def _cond(a: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     return float(mu.max() / mu.min()), float(mu.min()), float(mu.max())
 
 
-def run(steps: int) -> list[dict]:
+def run(steps: int, only: str | None = None) -> list[dict]:
     rows = []
     for label, model, task, modules, train, queries, factor in problems():
+        if only is not None and only not in label:
+            continue
         inf = Influence(model, task, modules=modules, device="cpu")
         factors = inf.fit(
             train, FitConfig(curvature="ekfac", batch_size=len(train), damping_factor=factor)
@@ -109,6 +112,8 @@ def run(steps: int) -> list[dict]:
             ("cg", "cg", 1.0),
             ("neumann α=1", "neumann", 1.0),
             ("neumann α*", "neumann", 2.0 / (mu_min + mu_max)),
+            ("neumann auto α", "neumann", None),
+            ("astra auto α, all examples", "astra", None),
         ):
             t0 = time.perf_counter()
             try:
@@ -181,9 +186,10 @@ def markdown(rows: list[dict], steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="Iteration budget per solve.")
+    parser.add_argument("--only", default=None, help="Run the problems whose label has this.")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(markdown(run(args.steps), args.steps))
+    print(markdown(run(args.steps, args.only), args.steps))
 
 
 if __name__ == "__main__":

@@ -192,12 +192,24 @@ class ScoreConfig(Settings):
         refine_steps: Iterations refining EK-FAC's block-diagonal ``P^{-1}∇f`` towards the
             full ``(G + Λ)^{-1}∇f`` over all tracked layers jointly (:mod:`influscope.solvers`);
             ``0`` (default) keeps plain preconditioning. Needs the training data.
-        refine: ``"cg"`` (preconditioned conjugate gradient, default) or ``"neumann"``
-            (preconditioned Richardson iteration, step 1).
+        refine: ``"cg"`` (preconditioned conjugate gradient, default), ``"neumann"``
+            (preconditioned Richardson iteration) or ``"astra"`` (ASTRA's stochastic
+            preconditioned Neumann iteration, a fresh mini-batch per step); see
+            :mod:`influscope.solvers.refine`.
         refine_tol: Stop a query once its relative residual is ≤ this (``0``: run all steps).
         refine_examples: Gauss-Newton products over a seeded random subset of this many
-            training examples per iteration (stochastic), or ``None`` for all of them.
+            training examples, or ``None`` (default) for all of them: CG and Neumann keep one
+            subset for all steps, ASTRA draws one per step. Cost per step scales with it.
         refine_seed: Seed of those subsets.
+        refine_alpha: Step of Neumann / ASTRA; ``None`` (default) estimates ``1/μ_max`` of
+            ``P^{-1}(G + Λ)`` per query by power iteration (a few extra products).
+        refine_start: ``"ekfac"`` (default): iterate from EK-FAC's ``P^{-1}∇f``; ``"scaled"``:
+            from its multiple ``c P^{-1}∇f`` that minimises the ``(G+Λ)``-norm error (no extra
+            cost; for CG, ``k`` steps then equal ``k + 1`` CG steps from zero). A per-query
+            positive scale, so zero steps are plain EK-FAC either way.
+        refine_memory_gb: Memory budget (GiB) for the refinement's per-query vectors and
+            Gauss-Newton tangents (default 2): queries are refined in blocks that fit, so
+            memory does not grow with their number; results do not depend on it.
     """
 
     query_rank: int | None = 32
@@ -214,6 +226,9 @@ class ScoreConfig(Settings):
     refine_tol: float = 0.0
     refine_examples: int | None = None
     refine_seed: int = 0
+    refine_alpha: float | None = None
+    refine_start: str = "ekfac"
+    refine_memory_gb: float = 2.0
 
     def __post_init__(self) -> None:
         for key in ("damping", "damping_factor"):
@@ -232,9 +247,28 @@ class ScoreConfig(Settings):
             self.refine_steps >= 0,
             f"refine_steps must be ≥ 0 (0 = no refinement), received {self.refine_steps}.",
         )
+        from influscope.solvers.refine import METHODS as refine_methods
+
         require(
-            self.refine in ("cg", "neumann"),
-            f"refine must be 'cg' or 'neumann', received {self.refine!r}.",
+            self.refine in refine_methods,
+            f"refine must be one of {', '.join(map(repr, refine_methods))}, received "
+            f"{self.refine!r}.",
+        )
+        require(
+            self.refine_alpha is None
+            or (isinstance(self.refine_alpha, (int, float)) and 0 < self.refine_alpha < math.inf),
+            f"refine_alpha must be None (automatic step) or a finite number > 0, received "
+            f"{self.refine_alpha!r}.",
+        )
+        require(
+            self.refine_start in ("ekfac", "scaled"),
+            f"refine_start must be 'ekfac' or 'scaled', received {self.refine_start!r}.",
+        )
+        require(
+            isinstance(self.refine_memory_gb, (int, float))
+            and 0 < self.refine_memory_gb < math.inf,
+            f"refine_memory_gb must be a finite number of GiB > 0, received "
+            f"{self.refine_memory_gb!r}.",
         )
         require(self.refine_tol >= 0, f"refine_tol must be ≥ 0, received {self.refine_tol}.")
         require(

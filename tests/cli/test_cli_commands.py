@@ -69,6 +69,10 @@ def _score_svd(value):
     return ScoreConfig(query_svd=value)
 
 
+def _score_refine_start(value):
+    return ScoreConfig(refine_start=value)
+
+
 def _pool(value):
     from influscope.probes import RepresentationConfig
 
@@ -82,6 +86,7 @@ VALIDATED = {
     ("index", "curvature"): _index_curvature,
     ("index", "fisher"): _index_fisher,
     ("score", "svd"): _score_svd,
+    ("score", "refine_start"): _score_refine_start,
     ("probe representation", "pool"): _pool,
 }
 

@@ -87,7 +87,9 @@ def test_bad_input(setup):
     model, train, queries, inf, factors, _ = setup
     with pytest.raises(ConfigError, match="refine_steps must be ≥ 0"):
         ScoreConfig(refine_steps=-1)
-    with pytest.raises(ConfigError, match="refine must be 'cg' or 'neumann'"):
+    with pytest.raises(
+        ConfigError, match="refine must be one of 'cg', 'neumann', 'astra', received 'lbfgs'"
+    ):
         ScoreConfig(refine="lbfgs")
     with pytest.raises(ConfigError, match="needs the training data"):
         inf.precondition(queries, factors, ScoreConfig(refine_steps=2))
@@ -218,8 +220,8 @@ def test_nan_or_growing_residual_names_query_step_and_layer(setup):
     poisoned = inf.layers[2].name
     exact_product = product.gauss_newton
 
-    def nan_product(flat, data):
-        parts = product.unflatten(exact_product(flat, data))
+    def nan_product(flat, data, **kwargs):
+        parts = product.unflatten(exact_product(flat, data, **kwargs))
         parts[poisoned] = torch.full_like(parts[poisoned], float("nan"))
         return product.flatten(parts)
 
@@ -234,7 +236,8 @@ def test_diverging_refinement_stores_no_scores_stage(setup, tmp_path):
     model, train, queries, _, _, _ = setup
     inf = Influence(model, TASK, modules="all", run_dir=tmp_path / "run")
     factors = inf.fit(train, FitConfig(curvature="ekfac", batch_size=4, damping_factor=0.1))
-    cfg = ScoreConfig(query_rank=None, refine="neumann", refine_steps=30)  # α = 1 diverges here
+    # α = 1 diverges here (the automatic step would not)
+    cfg = ScoreConfig(query_rank=None, refine="neumann", refine_steps=30, refine_alpha=1.0)
     with pytest.raises(NumericalError, match=r"Refinement diverged .*Nothing was stored"):
         inf.score(queries, train, factors, cfg, name="refined")
     assert not inf.run.exists("scores", "refined")
@@ -258,3 +261,22 @@ def test_cli_refine_without_fitted_factors(workdir, capsys):
     assert "No factors named 'factors'" in err and "influscope fit" in err
     assert not (workdir / "run" / "scores").exists()
     assert not list((workdir / "run").glob("*.html"))
+
+
+def test_cli_refine_astra_scaled_announces_cost(workdir, capsys, caplog):
+    import logging
+
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    args += ["--run", str(workdir / "run-astra")]
+    assert main(["fit", *args, "--curvature", "ekfac"]) == 0
+    args += ["--queries", str(workdir / "queries.jsonl")]
+    refine = ["--refine", "2", "--refine-method", "astra", "--refine-start", "scaled"]
+    with caplog.at_level(logging.INFO, logger="influscope.solvers"):
+        assert main(["score", *args, *refine, "--refine-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "refinement (astra): final relative residual per query:" in out
+    assert any(
+        "refine (astra)" in r.getMessage() and "estimated" in r.getMessage() for r in caplog.records
+    )

@@ -100,11 +100,14 @@ def precondition_queries(
     commute with the solve, which it does not (the refined vector's top singular directions
     differ from those of ``P^{-1}∇f``).
 
-    With a ``refine_store`` (a :class:`~influscope.engine.shards.PartialSums`, which
-    :meth:`influscope.Influence.score` passes when it stores its stage) the queries are refined
-    in blocks of ``config.batch_size``, each block saved when done, so a killed refinement
-    resumes at the first unfinished block. CG and Neumann keep per-query step sizes, so blocks
-    give the same result as one solve over every query.
+    The queries are refined in blocks of at most ``config.batch_size`` that fit half of
+    ``config.refine_memory_gb`` (:func:`refine_block_size`), one block after the other, so
+    memory does not grow with the number of queries. With a ``refine_store`` (a
+    :class:`~influscope.engine.shards.PartialSums`, which :meth:`influscope.Influence.score`
+    passes when it stores its stage) each block is saved when done, so a killed refinement
+    resumes at the first unfinished block. Every method keeps per-query step sizes (and
+    ASTRA's mini-batches depend only on the seed and the step), so blocks give the same
+    result as one solve over every query.
     """
     model, task, layers = tracked.model, tracked.task, list(tracked.layers)
     if config.refine_steps > 0:
@@ -156,15 +159,121 @@ def precondition_queries(
     return pq
 
 
+def refine_block_size(
+    config: ScoreConfig, n_params: int, dtype: torch.dtype, n_queries: int
+) -> int:
+    """Queries refined together: as many as half of ``config.refine_memory_gb`` holds.
+
+    Each query of a block holds :data:`influscope.solvers.cost.STATE_VECTORS` vectors of
+    ``n_params`` numbers; the other half of the budget is the Gauss-Newton product's tangents
+    (:meth:`~influscope.solvers.GaussNewtonProduct.query_block`). At most ``config.batch_size``
+    (the resumable unit), at least 1.
+    """
+    from influscope.solvers.cost import state_bytes
+
+    half = config.refine_memory_gb * 2**30 / 2
+    fit = int(half // max(1, state_bytes(1, n_params, dtype)))
+    return max(1, min(fit, config.batch_size, n_queries))
+
+
 def _refined(model, task, layers, operator, queries, config, dense_budget, train, store=None):
+    """Refine the queries block by block (see :func:`precondition_queries`).
+
+    Each block's query gradients are computed, preconditioned, refined and (when low-rank
+    queries are stored factored) truncated before the next block starts, so the solver's
+    memory is one block's whatever the number of queries.
+    """
     from influscope.linalg import low_rank
     from influscope.solvers import GaussNewtonProduct, refine_queries
+    from influscope.solvers.cost import RefineMeter
 
     if train is None:
         raise ConfigError(
             f"refine_steps={config.refine_steps} needs the training data (the Gauss-Newton "
             "products run over it): pass train= to Influence.precondition, or refine_steps=0."
         )
+    names = [layer.name for layer in layers]
+    n_q, n_params = len(queries), sum(layer.numel for layer in layers)
+    dtype = next(model.parameters()).dtype
+    block = refine_block_size(config, n_params, dtype, n_q)
+    product = GaussNewtonProduct(
+        model,
+        task,
+        layers,
+        operator.damping,
+        config.batch_size,
+        memory_budget=config.refine_memory_gb * 2**30 / 2,
+    )
+    rank = config.query_rank
+    factored = rank is not None and n_q * n_params > dense_budget
+    meter = RefineMeter(blocks=-(-n_q // block))
+    dense: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    values, histories = [], []
+    for i, lo in enumerate(range(0, n_q, block)):
+        rows = list(range(lo, min(lo + block, n_q)))
+        grads, start, f = _block_gradients(
+            model, task, layers, operator, queries.subset(rows), config
+        )
+        values.append(f)
+        done = store.get("refine", i) if store is not None else None
+        if done is not None:  # refined before an interruption
+            ref = next(iter(start.values()))
+            hist = done.pop("__residuals__").to(ref.device)
+            part = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in done.items()}
+        else:
+            part, hist = refine_queries(
+                product,
+                operator,
+                grads,
+                start,
+                train,
+                steps=config.refine_steps,
+                method=config.refine,
+                tol=config.refine_tol,
+                examples=config.refine_examples,
+                seed=config.refine_seed,
+                alpha=config.refine_alpha,
+                scale_start=config.refine_start == "scaled",
+                meter=meter,
+            )
+            if store is not None and rank_and_world()[0] == 0:
+                store.put(
+                    "refine",
+                    i,
+                    {**{k: v.cpu() for k, v in part.items()}, "__residuals__": hist.cpu()},
+                )
+        del grads, start
+        histories.append(hist)
+        for layer in layers:
+            m = part.pop(layer.name)  # (q, out, in)
+            if rank is not None and rank < min(layer.out_dim, layer.in_dim):
+                u, v = low_rank(m, rank, config.query_svd)
+                if factored:
+                    factors.setdefault(layer.name, []).append((u, v))
+                    continue
+                m = torch.einsum("qro,qri->qoi", u, v)
+            dense[layer.name].append(m)
+    # blocks may stop at different steps: converged queries repeat their last residual
+    width = max(h.shape[1] for h in histories)
+    residuals = torch.cat(
+        [torch.cat([h, h[:, -1:].expand(-1, width - h.shape[1])], 1) for h in histories]
+    )
+    return PreconditionedQueries(
+        names,
+        {k: torch.cat(v) for k, v in dense.items() if v},
+        {
+            k: (torch.cat([u for u, _ in v]), torch.cat([w for _, w in v]))
+            for k, v in factors.items()
+        },
+        torch.cat(values),
+        queries.fingerprint(),
+        residuals,
+    )
+
+
+def _block_gradients(model, task, layers, operator, queries, config):
+    """``({layer: (q, out, in)} gradients, their P^{-1} images, (q,) measurements)``."""
     grads: dict[str, list[torch.Tensor]] = {}
     start: dict[str, list[torch.Tensor]] = {}
     values = []
@@ -183,59 +292,5 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
             g = lb.gradient()  # (B, out, in)
             grads.setdefault(name, []).append(g)
             start.setdefault(name, []).append(operator.precondition(name, g))
-    product = GaussNewtonProduct(model, task, layers, operator.damping, config.batch_size)
-    grads = {k: torch.cat(v) for k, v in grads.items()}  # {layer: (Q, out, in)}
-    start = {k: torch.cat(v) for k, v in start.items()}
-    n_q = next(iter(grads.values())).shape[0]
-    block = config.batch_size if store is not None else n_q
-    parts, histories = [], []
-    for i, lo in enumerate(range(0, n_q, block)):
-        rows = slice(lo, min(lo + block, n_q))
-        done = store.get("refine", i) if store is not None else None
-        if done is not None:  # refined before an interruption
-            ref = next(iter(start.values()))
-            hist = done.pop("__residuals__").to(ref.device)
-            part = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in done.items()}
-        else:
-            part, hist = refine_queries(
-                product,
-                operator,
-                {k: v[rows] for k, v in grads.items()},
-                {k: v[rows] for k, v in start.items()},
-                train,
-                steps=config.refine_steps,
-                method=config.refine,
-                tol=config.refine_tol,
-                examples=config.refine_examples,
-                seed=config.refine_seed,
-            )
-            if store is not None and rank_and_world()[0] == 0:
-                store.put(
-                    "refine",
-                    i,
-                    {**{k: v.cpu() for k, v in part.items()}, "__residuals__": hist.cpu()},
-                )
-        parts.append(part)
-        histories.append(hist)
-    refined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    # blocks may stop at different steps: converged queries repeat their last residual
-    width = max(h.shape[1] for h in histories)
-    residuals = torch.cat(
-        [torch.cat([h, h[:, -1:].expand(-1, width - h.shape[1])], 1) for h in histories]
-    )
-    names = [layer.name for layer in layers]
-    pq = PreconditionedQueries(
-        names, refined, {}, torch.cat(values), queries.fingerprint(), residuals
-    )
-    rank = config.query_rank
-    total = sum(pq.n_queries * layer.numel for layer in layers)
-    if rank is not None and total > dense_budget:
-        for layer in layers:
-            if rank < min(layer.out_dim, layer.in_dim):
-                pq.factors[layer.name] = low_rank(pq.dense.pop(layer.name), rank, config.query_svd)
-    elif rank is not None:
-        for layer in layers:
-            if rank < min(layer.out_dim, layer.in_dim):
-                u, v = low_rank(pq.dense[layer.name], rank, config.query_svd)
-                pq.dense[layer.name] = torch.einsum("qro,qri->qoi", u, v)
-    return pq
+    cat = {k: torch.cat(v) for k, v in grads.items()}
+    return cat, {k: torch.cat(v) for k, v in start.items()}, torch.cat(values)

@@ -9,8 +9,11 @@ with ``J_n = ∂o_n/∂θ`` over the flat tracked parameters (each layer's ``(ou
 row-major, layer after layer — the layout of :mod:`influscope.reference`), ``H_n = ∂²ℓ/∂o²``
 and ``Λ`` the per-layer damping ``λ_ℓ``. ``J v`` is a ``torch.func.jvp`` of the outputs,
 ``H (J v)`` a ``jvp`` of the gradient of the loss w.r.t. the outputs, and ``J^⊤ u`` a ``vjp``
-(its forward pass is shared by all ``Q`` query vectors of a mini-batch). Cross-layer blocks
-of ``G`` are included, unlike in block-diagonal EK-FAC.
+(its forward pass is shared by all ``Q`` query vectors of a mini-batch). The ``Q`` vectors
+go through ``torch.func.vmap`` of these three maps in blocks sized from a memory budget (one
+forward with batched tangents per block instead of one per vector); the per-vector loop is
+kept as the slow reference (``vectorize=False``). Cross-layer blocks of ``G`` are included,
+unlike in block-diagonal EK-FAC.
 
 Forward-mode AD is not implemented for the fused scaled-dot-product-attention kernels (flash /
 memory-efficient, on CPU and CUDA), which Hugging Face models use by default
@@ -21,11 +24,12 @@ memory-efficient, on CPU and CUDA), which Hugging Face models use by default
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influscope.engine.distributed import all_reduce_, rank_and_world
@@ -55,6 +59,11 @@ class GaussNewtonProduct:
         layers: Tracked layers (all of them form one joint system).
         damping: ``{layer: λ_ℓ}`` (``CurvatureOperator.damping``).
         batch_size: Training examples per mini-batch.
+        memory_budget: Bytes for the per-vector tangents of one vmapped block
+            (:meth:`query_block`); more vectors than fit are processed in several blocks, so
+            memory does not grow with their number. Results do not depend on it (up to
+            rounding).
+        vectorize: ``vmap`` the vectors (default) or loop over them (the slow reference).
 
     Under ``torch.distributed`` each rank takes every ``world``-th example and the partial
     sums are added with ``all_reduce``.
@@ -67,10 +76,14 @@ class GaussNewtonProduct:
         layers: Sequence[TrackedLayer],
         damping: dict[str, float],
         batch_size: int = 8,
+        memory_budget: float = 2**30,
+        vectorize: bool = True,
     ) -> None:
         self.model, self.task, self.layers = model, task, list(layers)
         self.damping = damping
         self.batch_size = batch_size
+        self.memory_budget = memory_budget
+        self.vectorize = vectorize
         self.device = next(model.parameters()).device
         self.shapes = [(layer.out_dim, layer.in_dim) for layer in self.layers]
         self.sizes = [o * i for o, i in self.shapes]
@@ -107,13 +120,39 @@ class GaussNewtonProduct:
         return fn, theta
 
     # --- products --------------------------------------------------------------------------
-    def gauss_newton(self, flat: torch.Tensor, data: EncodedDataset) -> torch.Tensor:
-        """``G V`` without damping: ``(Q, P)`` → ``(Q, P)``, ``G = (1/N) Σ_n J_n^⊤ H_n J_n``."""
+    def query_block(self, outputs: torch.Tensor, n_vectors: int, dtype: torch.dtype) -> int:
+        """How many vectors one vmapped jvp/vjp takes, from :attr:`memory_budget` (bytes).
+
+        Cost model per vector: the output tangents ``J v``, ``H J v`` and their cotangent
+        intermediates (≈ ``6 ×`` the mini-batch's output size, e.g. ``B·T·vocab`` logits) plus
+        the vjp's result and its accumulator (``2 × P``), in ``dtype``. The model's own
+        activations are shared by the block and not counted. At least 1, at most ``n_vectors``.
+        """
+        item = torch.empty((), dtype=dtype).element_size()
+        per = item * (6 * outputs.numel() + 2 * sum(self.sizes))
+        return max(1, min(n_vectors, int(self.memory_budget // per)))
+
+    def gauss_newton(self, flat: torch.Tensor, data: EncodedDataset, on_batch=None) -> torch.Tensor:
+        """``G V`` without damping: ``(Q, P)`` → ``(Q, P)``, ``G = (1/N) Σ_n J_n^⊤ H_n J_n``.
+
+        Per mini-batch: one forward for the vjp (its pullback serves every vector), then the
+        ``Q`` vectors in blocks of :meth:`query_block`, each block one ``vmap`` of
+        ``jvp`` (a forward with batched tangents), of the loss-Hessian ``jvp`` and of the
+        pullback. ``vectorize=False`` loops over the vectors instead (the slow reference).
+
+        Args:
+            flat: ``(Q, P)`` vectors.
+            data: Training examples.
+            on_batch: Called as ``on_batch(done, total, seconds)`` after each mini-batch of
+                this rank (``seconds`` since the product started); used for time estimates.
+        """
         rank, world = rank_and_world()
         total = torch.zeros_like(flat)
         mine = list(range(rank, len(data), world))
+        starts = list(range(0, len(mine), self.batch_size))
+        began = time.perf_counter()
         with eval_mode(self.model), sdpa_kernel([SDPBackend.MATH]):
-            for start in range(0, len(mine), self.batch_size):
+            for done, start in enumerate(starts, 1):
                 examples = [data.examples[i] for i in mine[start : start + self.batch_size]]
                 batch = {k: v.to(self.device) for k, v in self.task.collate(examples).items()}
                 fn, theta = self._function(batch)
@@ -125,15 +164,41 @@ class GaussNewtonProduct:
                     return self.task.loss_from_outputs(o, batch).sum()
 
                 grad_loss = grad(loss_of)
-                for q in range(flat.shape[0]):
-                    _, jv = jvp(fn, (theta,), (flat[q],))  # (B, ..., out)
-                    _, hjv = jvp(grad_loss, (outputs,), (jv.to(outputs.dtype),))
-                    total[q] += pullback(hjv.to(outputs.dtype))[0].detach()
+                if self.vectorize:
+                    self._vectorized(fn, theta, outputs, grad_loss, pullback, flat, total)
+                else:
+                    self._looped(fn, theta, outputs, grad_loss, pullback, flat, total)
+                if on_batch is not None:
+                    on_batch(done, len(starts), time.perf_counter() - began)
         all_reduce_(total)
         return total / len(data)
 
-    def damped(self, flat: torch.Tensor, data: EncodedDataset) -> torch.Tensor:
-        """``(G + Λ) V``: ``(Q, P)`` → ``(Q, P)``."""
+    def _looped(self, fn, theta, outputs, grad_loss, pullback, flat, total) -> None:
+        """Reference: one jvp, Hessian jvp and pullback per vector."""
+        for q in range(flat.shape[0]):
+            _, jv = jvp(fn, (theta,), (flat[q],))  # (B, ..., out)
+            _, hjv = jvp(grad_loss, (outputs,), (jv.to(outputs.dtype),))
+            total[q] += pullback(hjv.to(outputs.dtype))[0].detach()
+
+    def _vectorized(self, fn, theta, outputs, grad_loss, pullback, flat, total) -> None:
+        """The same with the vectors batched by ``vmap`` in blocks of :meth:`query_block`."""
+
+        def j(t: torch.Tensor) -> torch.Tensor:
+            return jvp(fn, (theta,), (t,))[1].to(outputs.dtype)
+
+        def h(u: torch.Tensor) -> torch.Tensor:
+            return jvp(grad_loss, (outputs,), (u,))[1].to(outputs.dtype)
+
+        block = self.query_block(outputs, flat.shape[0], flat.dtype)
+        for lo in range(0, flat.shape[0], block):
+            rows = slice(lo, lo + block)
+            jv = vmap(j)(flat[rows])  # (q, B, ..., out)
+            hjv = vmap(h)(jv)  # (q, B, ..., out)
+            del jv
+            total[rows] += vmap(pullback)(hjv)[0].detach()  # (q, P)
+
+    def damped(self, flat: torch.Tensor, data: EncodedDataset, on_batch=None) -> torch.Tensor:
+        """``(G + Λ) V``: ``(Q, P)`` → ``(Q, P)`` (``on_batch``: see :meth:`gauss_newton`)."""
         lam = torch.cat(
             [
                 torch.full(
@@ -142,4 +207,5 @@ class GaussNewtonProduct:
                 for layer, size in zip(self.layers, self.sizes)
             ]
         )
-        return self.gauss_newton(flat, data) + lam * flat
+        kwargs = {} if on_batch is None else {"on_batch": on_batch}
+        return self.gauss_newton(flat, data, **kwargs) + lam * flat

@@ -1,18 +1,38 @@
 """EK-FAC-preconditioned refinement of ``(G + Λ)^{-1} ∇f`` (ASTRA, Wang et al. 2025).
 
 Block-diagonal EK-FAC ``P`` ignores the cross-layer blocks of the Gauss-Newton matrix. Here
-the true system ``(G + Λ) v = b`` with ``b = ∇f_q`` (all tracked layers jointly, ``Λ`` the
-per-layer damping of the factors) is solved iteratively with ``P^{-1}`` as preconditioner:
+the true system ``A v = b`` with ``A = G + Λ`` and ``b = ∇f_q`` (all tracked layers jointly,
+``Λ`` the per-layer damping of the factors) is solved iteratively with ``P^{-1}`` as
+preconditioner, every method starting from ``v_0 = P^{-1} b`` (so zero steps are plain EK-FAC;
+``scale_start`` starts from its ``A``-norm-optimal multiple instead, see :func:`refine_queries`):
 
-* ``"cg"``: preconditioned conjugate gradient from ``x_0 = P^{-1} b``;
-* ``"neumann"``: preconditioned Richardson ``v_{k+1} = v_k + α P^{-1}(b − (G + Λ) v_k)``
-  from ``v_0 = P^{-1} b`` (step ``α``, default 1; converges when the spectral radius of
-  ``I − α P^{-1}(G + Λ)`` is below 1).
+* ``"cg"``: preconditioned conjugate gradient (default);
+* ``"neumann"``: preconditioned Richardson ``v_{k+1} = v_k + α P^{-1}(b − A v_k)``
+  (a truncated Neumann series of ``(αP^{-1}A)^{-1}``), the residual updated recursively;
+* ``"astra"``: ASTRA's stochastic preconditioned Neumann iteration (Wang, Nguyen, Yang, Bae,
+  McIlraith, Grosse 2025, "Better Training Data Attribution via Better Inverse
+  Hessian-Vector Products"): the same update, but each step's residual ``b − A_{B_k} v_k`` is
+  computed afresh on its own seeded random mini-batch ``B_k`` of ``examples`` training
+  sequences — stochastic gradient descent on ``½ vᵀ A v − bᵀ v`` preconditioned by ``P``.
 
-Each step costs one Gauss-Newton product over the training examples (all of them, or a
-seeded random subset of ``examples`` drawn afresh each iteration: stochastic, so CG then
-only approximately keeps its conjugacy). Zero steps return ``P^{-1} b`` untouched. Each
-query stops once its relative residual ``‖b − (G+Λ)v‖/‖b‖`` reaches ``tol``.
+With ``examples`` (``ScoreConfig.refine_examples``) CG and Neumann solve the sub-sampled system
+``A_S = G_S + Λ`` over one seeded random subset ``S`` kept for all their steps (a consistent
+linear system, so CG keeps its conjugacy); ASTRA draws a new subset every step and so
+averages over the whole training set, at the price of a noise floor (it does not converge
+exactly unless ``examples`` covers all the data).
+
+**Step size** ``α`` (Neumann, ASTRA): given, or automatic (``alpha=None``): ``α = 1/μ̂`` with
+``μ̂`` the largest eigenvalue of ``P^{-1}A`` estimated per query by ``power_steps`` power
+iterations started from the query's own ``P^{-1} r_0`` (which is dominated by the large-μ
+directions, since ``r_0 = (I − A P^{-1}) b``). The Rayleigh quotient never exceeds
+``μ_max``, and the iteration converges for ``α μ_max < 2``, so ``α = 1/μ̂`` is safe once the
+estimate is above ``μ_max / 2``. It is not ``2/(μ_min + μ_max)`` (the optimal step): ``μ_min``
+needs many more iterations than ``μ_max``. Each power iteration costs one Gauss-Newton product.
+
+Each step costs one Gauss-Newton product; each query stops once its relative residual
+``‖b − A v‖/‖b‖`` reaches ``tol``. Before the first iteration the estimated time (from the
+first mini-batch) and memory are reported (:mod:`influscope.solvers.cost`), and a progress
+bar shows the largest residual.
 """
 
 from __future__ import annotations
@@ -20,14 +40,19 @@ from __future__ import annotations
 import torch
 
 from influscope.errors import ConfigError, NumericalError
-from influscope.progress import track
+from influscope.solvers.cost import RefineMeter
 from influscope.solvers.gnh import GaussNewtonProduct
 from influscope.tasks.data import EncodedDataset
 
-METHODS = ("cg", "neumann")
+#: Refinement methods (``ScoreConfig.refine``, CLI ``--refine-method``).
+METHODS = ("cg", "neumann", "astra")
+
+#: Power iterations for the automatic step of Neumann and ASTRA.
+POWER_STEPS = 4
 
 
-def _subset(data: EncodedDataset, examples: int | None, seed: int, step: int) -> EncodedDataset:
+def subset(data: EncodedDataset, examples: int | None, seed: int, step: int) -> EncodedDataset:
+    """The seeded random subset of ``examples`` sequences for ``step`` (all when ``None``)."""
     if examples is None or examples >= len(data):
         return data
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -47,7 +72,10 @@ def refine_queries(
     tol: float = 0.0,
     examples: int | None = None,
     seed: int = 0,
-    alpha: float = 1.0,
+    alpha: float | None = None,
+    power_steps: int = POWER_STEPS,
+    scale_start: bool = False,
+    meter: RefineMeter | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Refine ``P^{-1} b`` towards ``(G + Λ)^{-1} b`` for a block of ``Q`` queries.
 
@@ -58,41 +86,76 @@ def refine_queries(
         start: ``P^{-1} b`` (the plain preconditioned queries), same layout.
         train: Training examples defining ``G``.
         steps, method, tol, examples, seed: See ``ScoreConfig.refine_*``.
-        alpha: Neumann step size.
+        alpha: Neumann / ASTRA step size; ``None`` estimates ``1/μ_max`` per query by power
+            iteration (ignored by CG).
+        power_steps: Power iterations for that estimate.
+        scale_start: Start from ``c_q P^{-1} b`` instead of ``P^{-1} b``, with
+            ``c_q = bᵀP^{-1}b / (P^{-1}b)ᵀ A P^{-1}b`` the multiple that minimises the
+            ``A``-norm error (free: ``A P^{-1} b`` is the starting residual's product). For CG
+            this is exactly one CG step from ``v = 0`` and the next search direction is kept
+            conjugate to ``P^{-1} b``, so ``k`` steps from the scaled start are ``k + 1``
+            steps of CG from zero, at the cost of ``k`` from ``P^{-1} b``.
+        meter: Reports the estimated cost before the first iteration and shows progress
+            (a fresh one when ``None``).
 
     Returns:
         The refined ``{layer: (Q, out, in)}`` and the relative residuals ``(Q, k+1)``
         (``k ≤ steps`` iterations run; converged queries repeat their last value).
 
     Raises:
+        ConfigError: Unknown method or a step size that is not positive.
         NumericalError: A residual became NaN/Inf or grew over 10× its start (the message
             names the query, the step and the layer, and suggests more damping).
     """
     if method not in METHODS:
         raise ConfigError(f"refine must be one of {METHODS}, received {method!r}.")
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"The refinement step alpha must be > 0 or None (auto), got {alpha}.")
     names = [layer.name for layer in product.layers]
     b = product.flatten({n: grads[n] for n in names}).to(start[names[0]].dtype)
     x = product.flatten(start)
     bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)  # (Q,)
+    auto = method != "cg" and alpha is None
+    meter = meter or RefineMeter()
+    products = steps + 1 + (power_steps if auto else 0)
+    meter.begin(method, x, product, train if examples is None else min(examples, len(train)))
 
     def apply_p(r: torch.Tensor) -> torch.Tensor:
         parts = product.unflatten(r)
         return product.flatten({n: operator.precondition(n, parts[n]) for n in names})
 
-    r = b - product.damped(x, _subset(train, examples, seed, 0))
+    fixed = subset(train, examples, seed, 0)  # CG / Neumann: one subset for every step
+    w = product.damped(x, fixed, on_batch=meter.first_product(products))  # A P⁻¹b
+    first = None  # CG's first direction P⁻¹b and bᵀP⁻¹b, when the start is its step
+    if scale_start and steps > 0:  # zero steps stay plain EK-FAC
+        bz = (b * x).sum(1)  # (Q,) bᵀP⁻¹b
+        c = bz / (x * w).sum(1)  # (Q,) argmin_c ‖c P⁻¹b − A⁻¹b‖_A: CG's first step from 0
+        c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+        first = (x, bz)
+        x, w = c[:, None] * x, c[:, None] * w
+    r = b - w
+    del w
     history = [r.norm(dim=1) / bnorm]
     _check(history[0], history[0], r, product, 0)  # a NaN/Inf start (preconditioner, data)
     active = history[0] > tol
     z = apply_p(r)
-    p = z.clone()
+    if auto:
+        step_size = power_alpha(product, apply_p, r, fixed, power_steps)  # (Q,)
+        meter.note_alpha(step_size)
+    else:
+        step_size = torch.full_like(bnorm, 1.0 if alpha is None else alpha)
     rz = (r * z).sum(1)
-    for k in track(range(steps), desc=f"refine ({method})", total=steps, unit="step"):
+    p = z.clone()
+    if method == "cg" and first is not None:  # keep conjugacy with the first direction
+        p = z + (rz / first[1])[:, None] * first[0]
+    del first
+    bar = meter.bar(steps)
+    for k in range(steps):
         if not bool(active.any()):
             break
-        data = _subset(train, examples, seed, k + 1)
         m = active[:, None]
         if method == "cg":
-            ap = product.damped(p, data)
+            ap = product.damped(p, fixed)
             step = rz / (p * ap).sum(1)
             step = torch.where(active, step, torch.zeros_like(step))
             x = x + step[:, None] * p
@@ -102,16 +165,50 @@ def refine_queries(
             beta = rz_new / rz
             p = torch.where(m, z + beta[:, None] * p, p)
             rz = torch.where(active, rz_new, rz)
-        else:
-            az = product.damped(z, data)
-            x = torch.where(m, x + alpha * z, x)
-            r = torch.where(m, r - alpha * az, r)
+        elif method == "neumann":
+            az = product.damped(z, fixed)
+            x = torch.where(m, x + step_size[:, None] * z, x)
+            r = torch.where(m, r - step_size[:, None] * az, r)
+            z = apply_p(r)
+        else:  # astra: a fresh residual on a fresh mini-batch
+            x = torch.where(m, x + step_size[:, None] * z, x)
+            r = torch.where(m, b - product.damped(x, subset(train, examples, seed, k + 1)), r)
             z = apply_p(r)
         res = r.norm(dim=1) / bnorm
         history.append(res)
         _check(res, history[0], r, product, k + 1)
         active = active & (res > tol)
+        meter.step(bar, res)
+    meter.close(bar)
     return product.unflatten(x), torch.stack(history, 1)
+
+
+def power_alpha(product, apply_p, r0: torch.Tensor, data, iterations: int) -> torch.Tensor:
+    """``1/μ̂`` per query, ``μ̂`` the power-iteration estimate of ``μ_max(P^{-1}A)``.
+
+    Iterates ``u ← A P^{-1} u / ‖·‖`` from ``u_0 = r_0`` (the same spectrum as ``P^{-1}A``)
+    and returns the inverse of the Rayleigh quotient ``yᵀ A y / yᵀ P y`` with ``y = P^{-1}u``
+    (``P y = u``, so ``P`` itself is never applied). The quotient increases towards
+    ``μ_max`` and never exceeds it.
+
+    Args:
+        product: The ``(G + Λ)`` product.
+        apply_p: ``r ↦ P^{-1} r`` on ``(Q, P)``.
+        r0: ``(Q, P)`` starting residuals.
+        data: The examples of the product.
+        iterations: Number of products (≥ 1).
+
+    Returns:
+        ``(Q,)`` step sizes.
+    """
+    u = r0 / r0.norm(dim=1, keepdim=True).clamp_min(torch.finfo(r0.dtype).tiny)
+    mu = torch.zeros(r0.shape[0], dtype=r0.dtype, device=r0.device)
+    for _ in range(max(1, iterations)):
+        y = apply_p(u)
+        w = product.damped(y, data)
+        mu = torch.maximum(mu, (y * w).sum(1) / (y * u).sum(1))  # Rayleigh quotient ≤ μ_max
+        u = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return 1.0 / mu.clamp_min(torch.finfo(mu.dtype).tiny)
 
 
 def _check(res: torch.Tensor, first: torch.Tensor, r: torch.Tensor, product, step: int) -> None:
@@ -144,5 +241,5 @@ def _check(res: torch.Tensor, first: torch.Tensor, r: torch.Tensor, product, ste
         f"{where} is in layer {worst!r}. Nothing was stored. Increase the damping (score "
         "time: ScoreConfig(damping_factor=...), CLI --damping-factor; or refit with "
         "FitConfig.damping / damping_factor), use refine='cg' (CLI --refine-method cg), or, "
-        "for Neumann, a smaller step alpha."
+        "for Neumann / ASTRA, a smaller step alpha (default: automatic)."
     )

@@ -1,0 +1,133 @@
+"""What a refinement will cost, said before its first iteration, and its progress bar.
+
+The cost of a refinement is a number of Gauss-Newton products, each a pass over the training
+sequences (or ``refine_examples`` of them) with a forward, a vmapped jvp and a vmapped vjp per
+mini-batch. :class:`RefineMeter` times the first mini-batch of the first product and
+extrapolates::
+
+    seconds ≈ t(first mini-batch) × mini-batches per product × products × query blocks
+
+with ``products = steps + 1`` (the starting residual), plus the power iterations of an
+automatic step. Its memory estimate is the solver's vectors, ``8 × Q × P`` numbers per block
+(the query gradients and their ``P^{-1}`` images as handed in, then ``b``, ``v``, ``r``,
+``z``, the search direction and its product), plus at most the product's
+tangent budget (:attr:`GaussNewtonProduct.memory_budget`); the model and its activations come
+on top. The estimate goes to the ``influscope.solvers`` logger and, while progress bars are on
+(:func:`influscope.progress.progress_enabled`), to stderr; a progress bar over the iterations
+shows the largest relative residual of the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+
+from influscope.progress import progress_enabled
+
+logger = logging.getLogger("influscope.solvers")
+
+#: Vectors of ``Q × P`` numbers a solver block holds at once.
+STATE_VECTORS = 8
+
+
+def state_bytes(n_queries: int, n_params: int, dtype: torch.dtype) -> int:
+    """Bytes of the solver's vectors for ``n_queries`` queries of ``n_params`` parameters."""
+    return STATE_VECTORS * n_queries * n_params * torch.empty((), dtype=dtype).element_size()
+
+
+def _say(text: str) -> None:
+    logger.info(text)
+    if progress_enabled():
+        print(text, file=sys.stderr, flush=True)
+
+
+class RefineMeter:
+    """Announces the estimated time and memory of a refinement and shows its progress.
+
+    Args:
+        blocks: Query blocks the refinement is run in (the estimate covers all of them).
+    """
+
+    def __init__(self, blocks: int = 1) -> None:
+        self.blocks = blocks
+        self.announced = False
+        self.method = "cg"
+        self.what = ""
+        self.memory = ""
+
+    def begin(self, method: str, x: torch.Tensor, product, n_examples: int) -> None:
+        """Record the block's size before its first product."""
+        self.method = method
+        q, p = x.shape
+        gib = state_bytes(q, p, x.dtype) / 2**30
+        budget = product.memory_budget / 2**30
+        self.what = (
+            f"{self.blocks} block(s) of ≤ {q} queries × {p:,} parameters, Gauss-Newton "
+            f"products over {n_examples} training sequences"
+        )
+        self.memory = (
+            f"memory ≈ {gib:.2f} GiB of solver vectors + ≤ {budget:.2f} GiB of product "
+            "tangents (model and activations not included)"
+        )
+
+    def first_product(self, products: int):
+        """The ``on_batch`` callback of the first product: announces the estimate once."""
+
+        def on_batch(done: int, total: int, seconds: float) -> None:
+            if self.announced or done != 1:
+                return
+            self.announced = True
+            eta = seconds * total * products * self.blocks
+            _say(
+                f"refine ({self.method}): {self.what}; {products} products per block, "
+                f"{total} mini-batch(es) each; estimated {_duration(eta)} "
+                f"(first mini-batch {seconds:.2f} s); {self.memory}."
+            )
+
+        return on_batch
+
+    def note_alpha(self, alpha: torch.Tensor) -> None:
+        """Report the automatic step sizes."""
+        logger.info(
+            "refine (%s): automatic step α = 1/μ̂ per query: %s",
+            self.method,
+            ", ".join(f"{float(a):.3g}" for a in alpha),
+        )
+
+    def bar(self, steps: int):
+        """A progress bar over ``steps`` iterations (``None`` when bars are off)."""
+        if not progress_enabled() or steps == 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=steps,
+            desc=f"refine ({self.method})",
+            unit="step",
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    def step(self, bar, residuals: torch.Tensor) -> None:
+        """Advance the bar, showing the block's largest relative residual."""
+        if bar is not None:
+            bar.set_postfix(residual=f"{float(residuals.max()):.3g}", refresh=False)
+            bar.update(1)
+
+    def close(self, bar) -> None:
+        """Close the bar."""
+        if bar is not None:
+            bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown time"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
