@@ -336,7 +336,7 @@ class Influence:
         stores = self.run is not None and name is not None
         expected = (
             {
-                "config": config.to_dict(),
+                "config": config.fingerprint_dict(),
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),
                 "queries": source,
@@ -476,7 +476,7 @@ class Influence:
         expected = (
             {
                 "fit_config": {**fit_config.fingerprint_dict(), "seed": None},
-                "config": score_config.to_dict(),
+                "config": score_config.fingerprint_dict(),
                 "seeds": seeds,
                 "model": self.fingerprint(),
                 "data": train.fingerprint(),

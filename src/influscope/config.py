@@ -230,6 +230,25 @@ class ScoreConfig(Settings):
     refine_start: str = "ekfac"
     refine_memory_gb: float = 2.0
 
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The settings that determine the scores, as stored and compared with a scores stage.
+
+        ``to_dict`` without the memory budget ``refine_memory_gb`` (it sizes the query blocks,
+        which give identical results), without ``per_head`` when off, and without
+        ``refine_alpha`` / ``refine_start`` when nothing is refined: these fields came after
+        stages were stored, and a stage that does not use them must still load. A refined
+        stage stored before them is refused as stale, which is right: the solver changed
+        (fixed subsets, automatic Neumann step).
+        """
+        out = self.to_dict()
+        out.pop("refine_memory_gb")
+        if not out["per_head"]:
+            out.pop("per_head")
+        if out["refine_steps"] == 0:
+            out.pop("refine_alpha")
+            out.pop("refine_start")
+        return out
+
     def __post_init__(self) -> None:
         for key in ("damping", "damping_factor"):
             v = getattr(self, key)

@@ -1,0 +1,59 @@
+"""Scores stages stored before a ScoreConfig field existed still load (issue 21/24 fields).
+
+``ScoreConfig.fingerprint_dict`` is what a scores stage stores and compares: fields added
+later are left out while they cannot change the scores, so older stages keep matching.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from influscope import Influence
+from influscope.config import FitConfig, ScoreConfig
+from influscope.errors import StaleArtifactError
+from influscope.toy import random_lm_data, tiny_gpt2
+
+#: The ScoreConfig keys of scores stages stored before per-head and the refinement options.
+OLD_KEYS = {
+    "query_rank", "query_svd", "batch_size", "per_layer", "normalize", "amp_dtype", "damping",
+    "damping_factor", "refine_steps", "refine", "refine_tol", "refine_examples", "refine_seed",
+}  # fmt: skip
+NEW = ("per_head", "refine_alpha", "refine_start", "refine_memory_gb")
+
+
+def test_fingerprint_dict_keeps_the_old_keys_while_the_new_ones_do_nothing():
+    assert set(ScoreConfig().fingerprint_dict()) == OLD_KEYS
+    assert "refine_memory_gb" not in ScoreConfig(refine_steps=2).fingerprint_dict()
+    assert {"refine_alpha", "refine_start"} <= set(ScoreConfig(refine_steps=2).fingerprint_dict())
+    assert ScoreConfig(per_head=True).fingerprint_dict()["per_head"] is True
+
+
+def _stored_as_before(tmp_path, refine_steps: int):
+    model = tiny_gpt2(n_layer=1)
+    train, queries = random_lm_data(6, seed=1), random_lm_data(2, seed=2)
+    inf = Influence(model, "causal_lm", run_dir=tmp_path, device="cpu")
+    factors = inf.fit(train, FitConfig(batch_size=3))
+    config = ScoreConfig(query_rank=None, batch_size=3, refine_steps=refine_steps)
+    first = inf.score(queries, train, factors, config, name="s")
+    meta_path = tmp_path / "scores" / "s" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in NEW}  # the old layout
+    meta_path.write_text(json.dumps(meta))
+    return inf, train, queries, factors, config, first
+
+
+def test_a_scores_stage_stored_before_the_new_fields_is_loaded_not_recomputed(tmp_path):
+    inf, train, queries, factors, config, first = _stored_as_before(tmp_path, 0)
+    computed = []
+    inf.precondition = lambda *a, **k: computed.append(1)  # any recomputation would call it
+    again = inf.score(queries, train, factors, config, name="s")
+    assert computed == []
+    assert again.pairwise.equal(first.pairwise)
+
+
+def test_a_refined_stage_stored_before_the_solver_changed_is_refused(tmp_path):
+    inf, train, queries, factors, config, _ = _stored_as_before(tmp_path, 1)
+    with pytest.raises(StaleArtifactError, match=r"refine_alpha"):
+        inf.score(queries, train, factors, config, name="s")
