@@ -234,19 +234,21 @@ class ScoreConfig(Settings):
         """The settings that determine the scores, as stored and compared with a scores stage.
 
         ``to_dict`` without the memory budget ``refine_memory_gb`` (it sizes the query blocks,
-        which give identical results), without ``per_head`` when off, and without
-        ``refine_alpha`` / ``refine_start`` when nothing is refined: these fields came after
-        stages were stored, and a stage that does not use them must still load. A refined
-        stage stored before them is refused as stale, which is right: the solver changed
-        (fixed subsets, automatic Neumann step).
+        which give identical results), and without ``per_head``, ``refine_alpha`` and
+        ``refine_start`` while they are at their defaults: these fields came after stages were
+        stored, and such a stage must still load. (A refined stage stored before them with
+        ``refine_examples`` set drew a new subset at every step; the solver now keeps one:
+        recompute it with ``overwrite=True`` to get the new behaviour.)
         """
         out = self.to_dict()
         out.pop("refine_memory_gb")
-        if not out["per_head"]:
-            out.pop("per_head")
-        if out["refine_steps"] == 0:
-            out.pop("refine_alpha")
-            out.pop("refine_start")
+        for key, default in (
+            ("per_head", False),
+            ("refine_alpha", None),
+            ("refine_start", "ekfac"),
+        ):
+            if out[key] == default:
+                out.pop(key)
         return out
 
     def __post_init__(self) -> None:

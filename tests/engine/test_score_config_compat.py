@@ -26,7 +26,9 @@ NEW = ("per_head", "refine_alpha", "refine_start", "refine_memory_gb")
 def test_fingerprint_dict_keeps_the_old_keys_while_the_new_ones_do_nothing():
     assert set(ScoreConfig().fingerprint_dict()) == OLD_KEYS
     assert "refine_memory_gb" not in ScoreConfig(refine_steps=2).fingerprint_dict()
-    assert {"refine_alpha", "refine_start"} <= set(ScoreConfig(refine_steps=2).fingerprint_dict())
+    assert set(ScoreConfig(refine_steps=2).fingerprint_dict()) == OLD_KEYS
+    changed = ScoreConfig(refine_steps=2, refine_start="scaled", refine_alpha=0.5)
+    assert set(changed.fingerprint_dict()) == OLD_KEYS | {"refine_alpha", "refine_start"}
     assert ScoreConfig(per_head=True).fingerprint_dict()["per_head"] is True
 
 
@@ -53,7 +55,8 @@ def test_a_scores_stage_stored_before_the_new_fields_is_loaded_not_recomputed(tm
     assert again.pairwise.equal(first.pairwise)
 
 
-def test_a_refined_stage_stored_before_the_solver_changed_is_refused(tmp_path):
-    inf, train, queries, factors, config, _ = _stored_as_before(tmp_path, 1)
-    with pytest.raises(StaleArtifactError, match=r"refine_alpha"):
-        inf.score(queries, train, factors, config, name="s")
+def test_a_stored_refined_stage_is_refused_when_a_new_solver_option_is_set(tmp_path):
+    inf, train, queries, factors, _, _ = _stored_as_before(tmp_path, 1)
+    scaled = ScoreConfig(query_rank=None, batch_size=3, refine_steps=1, refine_start="scaled")
+    with pytest.raises(StaleArtifactError, match=r"config\.refine_start: \(absent\) → 'scaled'"):
+        inf.score(queries, train, factors, scaled, name="s")
