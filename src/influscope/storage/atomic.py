@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 def current_umask() -> int:
@@ -86,12 +87,66 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(Path(path), write)
 
 
+#: torch dtype → safetensors dtype name.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as a safetensors file, one tensor at a time.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object
+    and only then writes, so saving holds the tensors twice: +2.4 GiB at the end of a SmolLM2
+    EK-FAC fit, its peak. This writes the same format (8-byte little-endian header length, a
+    JSON header padded with spaces to a multiple of 8, then the raw little-endian bytes in
+    header order, tensors ordered by decreasing element size for alignment) streaming from
+    each tensor's own memory, so the only extra memory is one tensor's contiguous CPU copy
+    when it is not already contiguous on the CPU. ``safetensors.torch.load_file`` reads it
+    (tested for every dtype).
+    """
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"Tensor {name!r} has dtype {t.dtype}, which safetensors cannot store.")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+            if t.numel():
+                fh.write(memoryview(t.view(torch.uint8).numpy()))
+
+
 def atomic_write_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write tensors to a safetensors file, atomically (tensors are made contiguous on CPU)."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    """Write tensors to a safetensors file, atomically, streaming one tensor at a time
+    (:func:`write_safetensors`: no second copy of the whole set in memory)."""
+    return atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
 def read_json(path: str | Path) -> Any:
