@@ -328,6 +328,16 @@ def test_write_report_is_atomic(tmp_path: Path, report: ReportView) -> None:
     assert sorted(p.name for p in dest.parent.iterdir()) == ["report.html"]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_report_honours_the_umask(tmp_path: Path, report: ReportView, umask, mode) -> None:
+    old = os.umask(umask)
+    try:
+        dest = write_report(report, tmp_path / f"r{umask:o}.html")
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == mode
+
+
 def test_write_report_failure_keeps_old_file(
     tmp_path: Path, report: ReportView, monkeypatch: pytest.MonkeyPatch
 ) -> None:

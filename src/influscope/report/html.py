@@ -34,6 +34,7 @@ from influscope.report.svg import (
     svg_heatmap,
 )
 from influscope.report.views import QueryView, ReportView, SequenceView
+from influscope.storage.atomic import default_mode
 
 __all__ = [
     "html_figure",
@@ -548,7 +549,7 @@ def write_report(report: ReportView, path: str | os.PathLike[str]) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        mode = dest.stat().st_mode & 0o777 if dest.exists() else 0o644
+        mode = dest.stat().st_mode & 0o777 if dest.exists() else default_mode()
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
