@@ -78,6 +78,28 @@ def prepare(run: Path, tok, n_train: int, n_queries: int, window: int) -> None:
             fh.write(json.dumps(rec) + "\n")
 
 
+def prefix_view(root: Path, n_shards: int) -> Path:
+    """An index of the first ``n_shards`` finished shards of the (unfinished) build in ``root``:
+    ``root``'s ``meta.json`` with the shard list and row count cut, beside links to its
+    projector, curvature and shards (the rows, projection and curvature are unchanged)."""
+    from influscope.index.store import shard_path
+
+    view = root.parent / f"first-{n_shards}-shards"
+    shutil.rmtree(view, ignore_errors=True)
+    (view / "shards").mkdir(parents=True)
+    meta = json.loads((root / "meta.json").read_text())
+    meta["shards"] = meta["shards"][:n_shards]
+    meta["n_examples"] = meta["shards"][-1][1]
+    meta["data"] = f"first {meta['n_examples']} rows of {meta['data']}"
+    (view / "meta.json").write_text(json.dumps(meta))
+    for name in ("projector.safetensors", "curvature.safetensors"):
+        if (root / name).is_file():
+            (view / name).symlink_to(root / name)
+    for k in range(n_shards):
+        shard_path(view, k).symlink_to(shard_path(root, k))
+    return view
+
+
 def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
     return hits / exact.numel()
@@ -151,6 +173,10 @@ def main() -> None:
     parser.add_argument("--curvature", default="identity", choices=["identity", "ekfac"])
     parser.add_argument("--ekfac-rows", type=int, default=0, help="Also EK-FAC queries (0: no).")
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument(
+        "--use-shards", type=int, default=0,
+        help="Measure on the first N finished shards of an unfinished build (0: build all).",
+    )  # fmt: skip
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rerank-k", type=int, default=100, help="k' candidates re-ranked.")
     parser.add_argument("--n-single", type=int, default=10)
@@ -165,7 +191,12 @@ def main() -> None:
 
     from influscope import Influence
     from influscope.assets import smollm2_gguf
-    from influscope.index import IndexConfig, build_index, preconditioned_queries
+    from influscope.index import (
+        GradientIndex,
+        IndexConfig,
+        build_index,
+        preconditioned_queries,
+    )
     from influscope.loading import load_model, load_records
     from influscope.tasks import CausalLMTask
 
@@ -186,13 +217,18 @@ def main() -> None:
                       shard_size=SHARD, batch_size=8)  # fmt: skip
     root = run / "index" / "index"
     timing = run / "build_seconds.json"
-    done_before = timing.is_file()
-    t0 = time.perf_counter()
-    index = build_index(inf.tracked, train, root, cfg)
-    if not done_before:  # seconds of the invocation that finished the build (resumed or not)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - t0,
-                                      "load_average": load_average()}))  # fmt: skip
-    build = json.loads(timing.read_text())
+    if args.use_shards:  # the finished shards of an unfinished build, as an index of their own
+        root, build = prefix_view(root, args.use_shards), {"seconds": float("nan"),
+                                                           "load_average": "n/a"}  # fmt: skip
+        index = GradientIndex(root)
+    else:
+        done_before = timing.is_file()
+        t0 = time.perf_counter()
+        index = build_index(inf.tracked, train, root, cfg)
+        if not done_before:  # seconds of the invocation that finished the build (resumed or not)
+            timing.write_text(json.dumps({"seconds": time.perf_counter() - t0,
+                                          "load_average": load_average()}))  # fmt: skip
+        build = json.loads(timing.read_text())
     print(f"index: {index.n_rows} rows × {index.meta['dim']}; {build}", flush=True)
     if args.build_only:
         return
@@ -226,8 +262,13 @@ def main() -> None:
             f"SmolLM2-135M-Instruct (GGUF, float32), {len(inf.layers)} MLP layers, LoGra "
             f"{args.k_lora} × {args.k_lora} per layer (D = {index.meta['dim']:,}), "
             f"{index.n_rows:,} Shakespeare windows of {args.window} tokens, float16 index "
-            f"({shard_mib:.0f} MiB); index curvature {args.curvature}; built in "
-            f"{build['seconds']:.0f} s (one thread, load average {build['load_average']})"
+            f"({shard_mib:.0f} MiB); index curvature {args.curvature}; "
+            + (
+                f"the first {args.use_shards} shards of an unfinished build of {len(train):,}"
+                if args.use_shards
+                else f"built in {build['seconds']:.0f} s (one thread, load average "
+                f"{build['load_average']})"
+            )
             + (f"; EK-FAC on {args.ekfac_rows} windows: {ek_seconds:.0f} s" if ek_seconds else "")
             + f". {len(queries)} held-out windows as queries (prompt = first half, measured on "
             f"the second), k = {args.k}, re-ranked k' = {args.rerank_k}; one thread for torch "
