@@ -78,26 +78,49 @@ def prepare(run: Path, tok, n_train: int, n_queries: int, window: int) -> None:
             fh.write(json.dumps(rec) + "\n")
 
 
-def prefix_view(root: Path, n_shards: int) -> Path:
-    """An index of the first ``n_shards`` finished shards of the (unfinished) build in ``root``:
-    ``root``'s ``meta.json`` with the shard list and row count cut, beside links to its
-    projector, curvature and shards (the rows, projection and curvature are unchanged)."""
-    from influscope.index.store import shard_path
+def prefix_run(inf, run: Path, n_shards: int, cfg) -> tuple[Path, object, float]:
+    """The first ``n_shards`` finished shards of an unfinished build in ``run``, as a run of
+    their own, ``<run>-first<n_shards>``: its ``train.jsonl`` is the first ``n`` windows, its
+    ``index/index`` the same projection, curvature and shard files with ``meta.json``'s shard
+    list, row count and data fingerprint cut to those ``n`` windows — what ``build_index``
+    writes for them, since a row depends only on its own window (checked here on the first 8
+    windows, rebuilt from scratch), so ``influscope index`` on that run reuses it.
 
-    view = root.parent / f"first-{n_shards}-shards"
-    shutil.rmtree(view, ignore_errors=True)
-    (view / "shards").mkdir(parents=True)
-    meta = json.loads((root / "meta.json").read_text())
+    Returns:
+        ``(run directory, encoded first-n training set, seconds the build took for them)``.
+    """
+    from influscope.index import GradientIndex, build_index
+    from influscope.index.store import shard_path
+    from influscope.loading import load_records
+
+    src = run / "index" / "index"
+    meta = json.loads((src / "meta.json").read_text())
     meta["shards"] = meta["shards"][:n_shards]
-    meta["n_examples"] = meta["shards"][-1][1]
-    meta["data"] = f"first {meta['n_examples']} rows of {meta['data']}"
-    (view / "meta.json").write_text(json.dumps(meta))
+    n = meta["n_examples"] = meta["shards"][-1][1]
+    out = run.parent / f"{run.name}-first{n_shards}"
+    root = out / "index" / "index"
+    shutil.rmtree(out, ignore_errors=True)
+    (root / "shards").mkdir(parents=True)
+    lines = (run / "train.jsonl").read_text().splitlines(keepends=True)[:n]
+    (out / "train.jsonl").write_text("".join(lines))
+    shutil.copy(run / "queries.jsonl", out / "queries.jsonl")
+    train = inf.encode(load_records(out / "train.jsonl"))
+    meta["data"] = train.fingerprint()
     for name in ("projector.safetensors", "curvature.safetensors"):
-        if (root / name).is_file():
-            (view / name).symlink_to(root / name)
+        shutil.copy(src / name, root / name)
     for k in range(n_shards):
-        shard_path(view, k).symlink_to(shard_path(root, k))
-    return view
+        shutil.copy(shard_path(src, k), shard_path(root, k))
+    (root / "meta.json").write_text(json.dumps(meta))
+    first = build_index(inf.tracked, train.subset(range(8)), out / "check", cfg)
+    a, b = first.rows(torch.arange(8)), GradientIndex(root).rows(torch.arange(8))
+    print(f"first 8 rows rebuilt from scratch: max |Δ| {float((a - b).abs().max()):.2e}")
+    assert torch.equal(a, b), "rows depend on more than their own window"
+    shutil.rmtree(out / "check")
+    spent = (
+        shard_path(src, n_shards - 1).stat().st_mtime
+        - (src / "projector.safetensors").stat().st_mtime
+    )
+    return out, train, spent
 
 
 def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
@@ -126,7 +149,7 @@ def measure(index, queries: torch.Tensor, args, label: str) -> tuple[list[str], 
     t_exact1 /= n_single
     rows = []
     for backend in args.backends:
-        cfg = AnnConfig(backend=backend, m=args.m, train_rows=args.train_rows)
+        cfg = AnnConfig(backend=backend, m=args.m, nbits=args.nbits, train_rows=args.train_rows)
         ann, t_build = _timed(build_ann, index, cfg, f"{backend}-bench", True)
         nlist = _nlist(index.n_rows, cfg)
         for nprobe in [p for p in args.nprobe if p <= nlist] + [nlist]:
@@ -183,6 +206,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["faiss-ivf", "faiss-ivfpq"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--m", type=int, default=64)
+    parser.add_argument("--nbits", type=int, default=8)
     parser.add_argument("--train-rows", type=int, default=65_536)
     parser.add_argument("--report", default=None, help="Markdown file to update.")
     args = parser.parse_args()
@@ -217,10 +241,11 @@ def main() -> None:
                       shard_size=SHARD, batch_size=8)  # fmt: skip
     root = run / "index" / "index"
     timing = run / "build_seconds.json"
-    if args.use_shards:  # the finished shards of an unfinished build, as an index of their own
-        root, build = prefix_view(root, args.use_shards), {"seconds": float("nan"),
-                                                           "load_average": "n/a"}  # fmt: skip
+    if args.use_shards:  # the finished shards of an unfinished build, as a run of their own
+        run, train, spent = prefix_run(inf, run, args.use_shards, cfg)
+        root = run / "index" / "index"
         index = GradientIndex(root)
+        build = {"seconds": spent, "load_average": "(see the text)"}
     else:
         done_before = timing.is_file()
         t0 = time.perf_counter()
@@ -264,7 +289,8 @@ def main() -> None:
             f"{index.n_rows:,} Shakespeare windows of {args.window} tokens, float16 index "
             f"({shard_mib:.0f} MiB); index curvature {args.curvature}; "
             + (
-                f"the first {args.use_shards} shards of an unfinished build of {len(train):,}"
+                f"the first {args.use_shards} shards (written in {build['seconds']:.0f} s, one "
+                f"thread) of an unfinished build of {args.n_train:,}, as run `{run}`"
                 if args.use_shards
                 else f"built in {build['seconds']:.0f} s (one thread, load average "
                 f"{build['load_average']})"
@@ -273,7 +299,7 @@ def main() -> None:
             + f". {len(queries)} held-out windows as queries (prompt = first half, measured on "
             f"the second), k = {args.k}, re-ranked k' = {args.rerank_k}; one thread for torch "
             f"and FAISS; nlist = FAISS default of the library (≈ 4√N, capped at N/39); PQ m = "
-            f"{args.m} × 8 bits; peak RSS {peak:.0f} MiB; load average at the end "
+            f"{args.m} × {args.nbits} bits; peak RSS {peak:.0f} MiB; load average at the end "
             f"{load_average()}. Row norms: max / median {norm['norm_max_over_p50']:.1f}, "
             f"99th percentile / median {norm['norm_p99_over_p50']:.2f}.",
             "",
