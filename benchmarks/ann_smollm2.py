@@ -260,7 +260,7 @@ def main() -> None:
     sets = {f"{args.curvature}": preconditioned_queries(inf.tracked, queries, index)}  # (Q, D)
     ek_seconds = None
     if args.ekfac_rows and args.curvature != "ekfac":
-        sub_root = run / "index" / f"ekfac-{args.ekfac_rows}"
+        sub_root = Path(args.run) / "index" / f"ekfac-{args.ekfac_rows}"  # the full run's
         sub_cfg = IndexConfig(k_in=args.k_lora, k_out=args.k_lora, curvature="ekfac",
                               shard_size=SHARD, batch_size=8)  # fmt: skip
         t0 = time.perf_counter()
