@@ -148,8 +148,10 @@ def measure(index, queries: torch.Tensor, args, label: str) -> tuple[list[str], 
     t_exact1 = sum(_timed(index.search, queries[i : i + 1], k)[1] for i in range(n_single))
     t_exact1 /= n_single
     rows = []
-    for backend in args.backends:
-        cfg = AnnConfig(backend=backend, m=args.m, nbits=args.nbits, train_rows=args.train_rows)
+    pairs = [(b, m) for b in args.backends for m in args.mips if m == "augment" or "pq" not in b]
+    for backend, mips in pairs:  # IVF-PQ with the default augment only
+        cfg = AnnConfig(backend=backend, mips=mips, m=args.m, nbits=args.nbits,
+                        train_rows=args.train_rows)  # fmt: skip
         ann, t_build = _timed(build_ann, index, cfg, f"{backend}-bench", True)
         nlist = _nlist(index.n_rows, cfg)
         for nprobe in [p for p in args.nprobe if p <= nlist] + [nlist]:
@@ -161,25 +163,27 @@ def measure(index, queries: torch.Tensor, args, label: str) -> tuple[list[str], 
             top, t_batch = _timed(query, queries)
             t1 = sum(_timed(query, queries[i : i + 1])[1] for i in range(n_single)) / n_single
             raw = ann.search(queries, k=k, nprobe=nprobe)
-            row = dict(backend=backend, nlist=nlist, nprobe=nprobe, build_s=t_build,
+            row = dict(backend=backend, mips=mips, nlist=nlist, nprobe=nprobe, build_s=t_build,
                        recall_raw=_recall(raw.indices, exact.indices),
                        recall=_recall(top.indices, exact.indices), t_batch=t_batch, t_single=t1)  # fmt: skip
             rows.append(row)
             print(label, row, flush=True)
     norms = index.rows(torch.arange(index.n_rows)).norm(dim=1)  # (N,)
+    big = norms >= norms.quantile(0.95)  # the 5 % largest rows
     stats = {
         "t_exact": t_exact,
         "t_exact1": t_exact1,
         "norm_p50": float(norms.median()),
         "norm_max_over_p50": float(norms.max() / norms.median()),
         "norm_p99_over_p50": float(norms.quantile(0.99) / norms.median()),
+        "top10_in_top5pct_norm": float(big[exact.indices.clamp(min=0)].float().mean()),
     }
     lines = [
         f"| {label} | exhaustive scan | – | 1 | 1 | {t_exact:.3f} | {t_exact1:.4f} |",
     ]
     for r in rows:
         lines.append(
-            f"| {label} | `{r['backend']}` | {r['nprobe']} / {r['nlist']} | {r['recall_raw']:.3f} "
+            f"| {label} | `{r['backend']}` {r['mips']} | {r['nprobe']} / {r['nlist']} | {r['recall_raw']:.3f} "
             f"| {r['recall']:.3f} | {r['t_batch']:.3f} ({t_exact / r['t_batch']:.1f}×) | "
             f"{r['t_single']:.4f} ({t_exact1 / r['t_single']:.1f}×) |"
         )
@@ -205,6 +209,10 @@ def main() -> None:
     parser.add_argument("--n-single", type=int, default=10)
     parser.add_argument("--backends", nargs="+", default=["faiss-ivf", "faiss-ivfpq"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--mips", nargs="+", default=["augment", "direct"])
+    parser.add_argument(
+        "--unit", action="store_true", help="Also unit rows and queries (normalize=True)."
+    )
     parser.add_argument("--m", type=int, default=64)
     parser.add_argument("--nbits", type=int, default=8)
     parser.add_argument("--train-rows", type=int, default=65_536)
@@ -265,7 +273,9 @@ def main() -> None:
                               shard_size=SHARD, batch_size=8)  # fmt: skip
         t0 = time.perf_counter()
         sub = build_index(inf.tracked, train.subset(range(args.ekfac_rows)), sub_root, sub_cfg)
-        ek_seconds = time.perf_counter() - t0
+        if not (sub_root / "build_seconds.json").is_file():  # the invocation that built it
+            (sub_root / "build_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
+        ek_seconds = json.loads((sub_root / "build_seconds.json").read_text())
         a = (root / "projector.safetensors").read_bytes()
         assert a == (sub_root / "projector.safetensors").read_bytes(), "projections differ"
         sets[f"ekfac ({args.ekfac_rows} rows)"] = preconditioned_queries(inf.tracked, queries, sub)
@@ -274,6 +284,17 @@ def main() -> None:
         lines, st = measure(index, q, args, label)
         table += lines
         stats[label] = st
+    if args.unit:  # what IndexConfig(normalize=True) stores and asks: cosines
+        from influscope.index import write_rows_index
+        from influscope.index.trackstar import unit_rows
+
+        unit = write_rows_index(run / "index" / "unit-bench",
+                                [unit_rows(index.rows(torch.arange(index.n_rows)))], "float16")  # fmt: skip
+        for label, q in list(sets.items()):
+            lines, st = measure(unit, unit_rows(q), args, f"{label}, unit rows")
+            table += lines
+            stats[f"{label}, unit rows"] = st
+        shutil.rmtree(unit.root)
     shutil.rmtree(root / "ann", ignore_errors=True)  # the *-bench FAISS files
     peak = _peak_mib()
     shard_mib = sum(p.stat().st_size for p in (root / "shards").glob("*.npy")) / 2**20
@@ -301,9 +322,14 @@ def main() -> None:
             f"and FAISS; nlist = FAISS default of the library (≈ 4√N, capped at N/39); PQ m = "
             f"{args.m} × {args.nbits} bits; peak RSS {peak:.0f} MiB; load average at the end "
             f"{load_average()}. Row norms: max / median {norm['norm_max_over_p50']:.1f}, "
-            f"99th percentile / median {norm['norm_p99_over_p50']:.2f}.",
+            f"99th percentile / median {norm['norm_p99_over_p50']:.2f}; "
+            + ", ".join(
+                f"{v['top10_in_top5pct_norm']:.0%} of the exact top-10 ({k})"
+                for k, v in stats.items()
+            )
+            + " are among the 5 % largest rows.",
             "",
-            "| queries | backend | nprobe / nlist | recall@10 (ANN) | recall@10 (re-ranked) "
+            "| queries | backend, mips | nprobe / nlist | recall@10 (ANN) | recall@10 (re-ranked) "
             "| batch s (× faster) | single-query s (× faster) |",
             "|---|---|---|---|---|---|---|",
             *table,
