@@ -26,9 +26,15 @@ are preconditioned with it too: the stored rows ``g̃_m`` of a projected index d
 its curvature, only the queries ``(F̃ + λI)^{-1} g̃_q`` do, so this measures the geometry an
 EK-FAC index of the same rows would search (with curvature fitted on ``S`` windows).
 
-    .venv/bin/python -m benchmarks.ann_smollm2 --run /tmp/ann_smol --n-train 4096 --build-only
-    .venv/bin/python -m benchmarks.ann_smollm2 --run /tmp/ann_smol --n-train 4096 \
-        --ekfac-rows 256 --report docs/benchmarks.md
+``--unit`` adds unit-normalised rows and queries (what ``IndexConfig(normalize=True)`` stores and
+asks: cosines); ``--mips`` the ways the IVF search handles inner products. ``--use-shards K``
+measures the first ``K`` finished shards of an unfinished build as a run of their own,
+``RUN-firstK`` (:func:`prefix_run`). The CLI path on such a run:
+``benchmarks/ann_smollm2_cli.sh RUN-firstK``.
+
+    .venv/bin/python -m benchmarks.ann_smollm2 --run /tmp/ann_smol/run --n-train 4096 --build-only
+    .venv/bin/python -m benchmarks.ann_smollm2 --run /tmp/ann_smol/run --n-train 4096 \
+        --use-shards 6 --ekfac-rows 128 --unit --report docs/benchmarks.md
 """
 
 from __future__ import annotations
