@@ -183,3 +183,6 @@ def test_retrieve_through_an_ann_index_equals_the_exact_scan(tmp_path):
     assert q.shape == (3, index.meta["dim"])
     with pytest.raises(ConfigError, match="both candidate sources"):
         retrieve(inf, queries, train, query_texts=["a"] * 3, train_texts=["b"] * 20, ann=ann)
+    other = build_index(inf.tracked, train, tmp_path / "other", cfg)  # same rows, another index
+    with pytest.raises(ConfigError, match=r"belongs to .*idx, not to the index given.*open_ann"):
+        retrieve(inf, queries, train, index=other, ann=ann)
