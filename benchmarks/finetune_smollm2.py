@@ -22,10 +22,16 @@ cost as a multiple of one fine-tune run (timed in the same process). Results are
 ``--out`` after every stage (a rerun skips finished stages) and, with ``--report``, to the
 ``finetune_smollm2`` section of that Markdown file.
 
-Run (one thread; about an hour on a shared 2-core machine)::
+Run (one thread each; MAGIC needs no bank, so it can run in a second process beside it, and
+``--only report`` then scores everything stored in ``--out`` without loading the model)::
 
-    OMP_NUM_THREADS=1 INFLUSCOPE_ASSETS=.cache/assets \\
-        python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --report docs/accuracy.md
+    export OMP_NUM_THREADS=1 INFLUSCOPE_ASSETS=.cache/assets
+    python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only magic &
+    python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only bank ekfac cg
+    wait; python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only report \\
+        --report docs/accuracy.md
+
+or all stages in one process: ``python -m benchmarks.finetune_smollm2 --report docs/accuracy.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 from benchmarks.common import Stages, load_average, write_section
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.assets import smollm2_gguf, vader_movie_reviews
-from influscope.evaluation import BankConfig, build_bank, finetune_recipe, score_bank
+from influscope.evaluation import BankConfig, build_bank, finetune_recipe, load_bank, score_bank
 from influscope.loading import load_model
 from influscope.metagrad import MagicConfig
 from influscope.metagrad.recipe import FinetuneConfig
@@ -51,8 +57,11 @@ from influscope.storage.atomic import atomic_write_json
 from influscope.tasks import EncodedDataset
 
 COMMAND = (
-    "OMP_NUM_THREADS=1 INFLUSCOPE_ASSETS=.cache/assets python -m benchmarks.finetune_smollm2 "
-    "--out runs/finetune_smollm2 --report docs/accuracy.md"
+    "export OMP_NUM_THREADS=1 INFLUSCOPE_ASSETS=.cache/assets\n"
+    "python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only magic &\n"
+    "python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only bank ekfac cg\n"
+    "wait; python -m benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --only report "
+    "--report docs/accuracy.md"
 )
 
 
@@ -74,7 +83,7 @@ def snippets(tok, n: int, tokens: int) -> list[dict]:
     return rows
 
 
-def table(results: dict, run_s: float, args) -> str:
+def table(results: dict, args) -> str:
     """The Markdown section."""
     rows = [
         ("EK-FAC", "ekfac"),
@@ -83,6 +92,7 @@ def table(results: dict, run_s: float, args) -> str:
         ("EK-FAC, training columns shuffled (control)", "shuffled"),
     ]
     setting = results["setting"]
+    run_s = results["finetune"]["seconds"]
     lines = [
         "## (b) SmolLM2-135M fine-tune, leave-5 %-out",
         "",
@@ -93,31 +103,41 @@ def table(results: dict, run_s: float, args) -> str:
         f"movie-review snippets of {args.tokens} tokens; Q = {args.queries} held-out snippets, "
         f"measurement log p(text). Bank: m = {args.subsets} leave-{args.fraction:.0%}-out "
         f"retrains ({setting['n_dropped']} rows dropped each). LDS = Spearman over the "
-        "subsets per query, mean ± s.e.m. over queries. Cost = wall time ÷ one fine-tune run "
-        f"({run_s:.0f} s, timed in the same process); peak RSS is the process's during the "
-        "stage (the model, ≈ 0.6 GiB of float32 weights, included).",
+        "subsets per query, mean ± s.e.m. over queries. Cost = wall time ÷ one full fine-tune "
+        "run timed in the same process (MAGIC needs no bank and ran in a second process "
+        "beside the bank, which timed its own run: both units are given); peak RSS is the "
+        "process's during the stage (the model, ≈ 0.6 GiB of float32 weights, included).",
         "",
-        "| estimator | LDS (5 %-out) | wall | × one fine-tune | peak RSS |",
-        "|---|---|---|---|---|",
+        "| estimator | LDS (5 %-out) | wall | one fine-tune (same process) | × one fine-tune "
+        "| peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for label, key in rows:
         r = results.get(key)
         if r is None:
-            lines.append(f"| {label} | not run | | | |")
+            lines.append(f"| {label} | not run | | | | |")
             continue
         lds = r["lds"]
         cost = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "—"
-        mult = f"{r['seconds'] / run_s:.1f}×" if r.get("seconds") is not None else "—"
+        unit = r.get("unit_seconds", run_s)
+        mult = f"{r['seconds'] / unit:.1f}×" if r.get("seconds") is not None else "—"
+        unit_text = f"{unit:.0f} s" if r.get("seconds") is not None else "—"
         peak = f"{r['peak_mib'] / 1024:.2f} GiB" if r.get("peak_mib") else "—"
         lines.append(
             f"| {label} | {lds['mean']:+.3f} ± {lds['sem']:.3f} (n = {lds['n']}) "
-            f"| {cost} | {mult} | {peak} |"
+            f"| {cost} | {unit_text} | {mult} | {peak} |"
         )
     bank = results["bank"]
     lines += [
         "",
-        f"Bank build: 2 full runs (determinism check) + {args.subsets} retrains in "
-        f"{bank['seconds']:.0f} s ({bank['seconds'] / run_s:.1f}× one fine-tune); mean "
+        f"Bank: 2 full runs (determinism check) + {args.subsets} retrains"
+        + (
+            f", {bank['seconds']:.0f} s for the part built after a restart "
+            f"({bank['seconds'] / run_s:.1f}× one fine-tune)"
+            if bank.get("resumed")
+            else f" in {bank['seconds']:.0f} s ({bank['seconds'] / run_s:.1f}× one fine-tune)"
+        )
+        + "; mean "
         f"|Δ measurement| of a retrain {bank['mean_abs_change']:.4f} nats. EK-FAC's cost "
         "includes its fit; EK-FAC + CG's is its scoring on top of that fit. Load average "
         f"{results['load']} (2 shared cores): ratios were measured in one process; wall "
@@ -125,6 +145,8 @@ def table(results: dict, run_s: float, args) -> str:
         "",
         "```bash",
         COMMAND,
+        "# or all in one process (about 1.5× the wall time): python -m "
+        "benchmarks.finetune_smollm2 --out runs/finetune_smollm2 --report docs/accuracy.md",
         "```",
     ]
     return "\n".join(lines)
@@ -144,7 +166,16 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=20, help="retrains m (20)")
     p.add_argument("--cg-steps", type=int, default=3, help="CG steps (3)")
     p.add_argument("--cg-examples", type=int, default=32, help="sequences per GN product (32)")
-    p.add_argument("--skip", nargs="*", default=[], help="skip estimators: ekfac cg magic")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        choices=["bank", "ekfac", "cg", "magic", "report"],
+        default=["bank", "ekfac", "cg", "magic"],
+        help="stages this process runs (default: all but report). MAGIC needs no bank, so "
+        "`--only magic` can run beside `--only bank ekfac cg` (each process times its own "
+        "fine-tune run as the cost unit); `--only report` scores the stored estimators "
+        "against the stored bank and writes the table without loading the model.",
+    )
     p.add_argument("--report", type=Path, default=None, help="Markdown file to update")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -159,6 +190,9 @@ def main() -> None:
 
     stages = Stages()
     t0 = time.perf_counter()
+    if args.only == ["report"]:
+        report(args, load_bank(out), results, save)
+        return
     base, tok = load_model(smollm2_gguf())
     n = base.config.num_hidden_layers
     blocks = "|".join(str(b) for b in range(n - args.blocks, n))
@@ -179,9 +213,29 @@ def main() -> None:
     with stages.stage("finetune"):
         full = made.recipe(torch.ones(made.n_train, dtype=torch.float64))
     run_s = stages.seconds["finetune"]
+    unit = {"unit_seconds": run_s, "load": load_average()}
     trained = sum(p.numel() for p in full.parameters() if p.requires_grad)
     steps = ft.steps(args.n_train)
-    config = BankConfig(fractions=(args.fraction,), subsets=args.subsets)
+    print(f"one fine-tune: {run_s:.0f} s ({steps} steps, {trained:,} parameters)", flush=True)
+
+    def keep(key: str, scores, seconds: float, peak: float, extra=None) -> None:
+        """Store an estimator's scores and cost (scored against the bank by ``report``)."""
+        tensors = {"pairwise": scores.pairwise.cpu()}
+        if scores.measurements is not None:
+            tensors["measurements"] = scores.measurements.cpu()
+        torch.save(tensors, out / f"{key}.pt")
+        atomic_write_json(
+            out / f"{key}.json", {"seconds": seconds, "peak_mib": peak, **unit, **(extra or {})}
+        )
+        print(f"{key}: {seconds:.0f} s ({seconds / run_s:.1f}× one fine-tune)", flush=True)
+
+    if "magic" in args.only and not (out / "magic.json").is_file():
+        magic_inf = Influence(base, "causal_lm", modules=modules, tokenizer=tok, device="cpu")
+        with stages.stage("magic"):
+            scores = magic_inf.magic(qs, train, MagicConfig(recipe=ft, memory_mb=8192))
+        keep("magic", scores, stages.seconds["magic"], stages.peak_mib["magic"])
+    if "bank" not in args.only:
+        return
     results["setting"] = vars(args) | {
         "out": str(out),
         "report": str(args.report),
@@ -191,61 +245,37 @@ def main() -> None:
         "finetune": ft.to_dict(),
     }
     results["finetune"] = {"seconds": run_s, "peak_mib": stages.peak_mib["finetune"]}
-    print(f"one fine-tune: {run_s:.0f} s ({steps} steps, {trained:,} parameters)", flush=True)
     save()
-
+    config = BankConfig(fractions=(args.fraction,), subsets=args.subsets)
+    resumed = (out / "bank" / ".bank.partial").is_dir()
     with stages.stage("bank"):
         bank = build_bank(made.recipe, made.measure, made.n_train, made.fingerprints, config, out)
-    if "bank" not in results:  # a resumed build's time is not the whole build's
+    if "bank" not in results:
         change = float((bank.of_fraction(0)[1] - bank.full).abs().mean())
         results["bank"] = {
             "seconds": stages.seconds["bank"],
             "peak_mib": stages.peak_mib["bank"],
             "mean_abs_change": change,
+            "resumed": resumed,  # then seconds are the rest of the build only
         }
     print(f"bank: {stages.seconds['bank']:.0f} s", flush=True)
     save()
 
-    def record(key: str, scores, seconds: float, peak: float, extra=None) -> None:
-        r = score_bank(bank, scores, name=key)
-        lds = r.lds[0]
-        results[key] = {
-            "lds": {"mean": lds.mean, "sem": lds.sem, "n": lds.n, "subset_se": lds.subset_se},
-            "per_query": [None if x != x else x for x in lds.per_query],
-            "seconds": seconds,
-            "peak_mib": peak,
-            **(extra or {}),
-        }
-        took = "" if seconds is None else f", {seconds:.0f} s"
-        print(f"{key}: LDS {lds.mean:+.3f} ± {lds.sem:.3f}{took}", flush=True)
-        save()
-
     inf = Influence(full, "causal_lm", modules=modules, tokenizer=tok, device="cpu")
-    need_fit = ("ekfac" not in results and "ekfac" not in args.skip) or (
-        "cg" not in results and "cg" not in args.skip
-    )
-    if need_fit:
+    todo = [k for k in ("ekfac", "cg") if k in args.only and not (out / f"{k}.json").is_file()]
+    if todo:
         with stages.stage("fit"):
             factors = inf.fit(train, FitConfig(curvature="ekfac", batch_size=args.batch_size))
-    if "ekfac" not in results and "ekfac" not in args.skip:
+        fit_s, fit_peak = stages.seconds["fit"], stages.peak_mib["fit"]
+    if "ekfac" in todo:
         with stages.stage("score"):
             scores = inf.score(
                 qs, train, factors, ScoreConfig(query_rank=None, batch_size=args.batch_size)
             )
-        s = stages.seconds["fit"] + stages.seconds["score"]
-        peak = max(stages.peak_mib["fit"], stages.peak_mib["score"])
-        extra = {"fit_seconds": stages.seconds["fit"], "score_seconds": stages.seconds["score"]}
-        perm = torch.randperm(made.n_train, generator=torch.Generator().manual_seed(0))
-        torch.save(scores.pairwise, out / "ekfac.pt")
-        record("ekfac", scores, s, peak, extra)
-        record("shuffled", scores.pairwise[:, perm], None, None)
-    if "magic" not in results and "magic" not in args.skip:
-        magic_inf = Influence(base, "causal_lm", modules=modules, tokenizer=tok, device="cpu")
-        with stages.stage("magic"):
-            scores = magic_inf.magic(qs, train, MagicConfig(recipe=ft, memory_mb=8192))
-        torch.save(scores.pairwise, out / "magic.pt")
-        record("magic", scores, stages.seconds["magic"], stages.peak_mib["magic"])
-    if "cg" not in results and "cg" not in args.skip:
+        extra = {"fit_seconds": fit_s, "score_seconds": stages.seconds["score"]}
+        peak = max(fit_peak, stages.peak_mib["score"])
+        keep("ekfac", scores, fit_s + stages.seconds["score"], peak, extra)
+    if "cg" in todo:
         cfg = ScoreConfig(
             query_rank=None,
             batch_size=args.batch_size,
@@ -255,12 +285,36 @@ def main() -> None:
         )
         with stages.stage("cg"):
             scores = inf.score(qs, train, factors, cfg)
-        torch.save(scores.pairwise, out / "cg.pt")
-        extra = {"fit_seconds": stages.seconds["fit"]}
-        record("cg", scores, stages.seconds["cg"], stages.peak_mib["cg"], extra)
+        keep("cg", scores, stages.seconds["cg"], stages.peak_mib["cg"], {"fit_seconds": fit_s})
     results["total_seconds_this_process"] = time.perf_counter() - t0
+    report(args, bank, results, save)
+
+
+def report(args, bank, results: dict, save) -> None:
+    """Score every stored estimator against the bank; print and write the table."""
+    out = args.out
+    for key in ("ekfac", "cg", "magic"):
+        if not (out / f"{key}.json").is_file():
+            continue
+        stored = torch.load(out / f"{key}.pt")
+        cost = json.loads((out / f"{key}.json").read_text())
+        got = stored.get("measurements")
+        gap = None if got is None else float((got.double() - bank.full).abs().max())
+        rows = {key: stored["pairwise"]}
+        if key == "ekfac":  # the control: the same scores, training columns shuffled
+            perm = torch.randperm(bank.n_train, generator=torch.Generator().manual_seed(0))
+            rows["shuffled"] = stored["pairwise"][:, perm]
+        for name, tau in rows.items():
+            lds = score_bank(bank, tau, name=name).lds[0]
+            results[name] = {
+                "lds": {"mean": lds.mean, "sem": lds.sem, "n": lds.n, "subset_se": lds.subset_se},
+                "per_query": [None if x != x else x for x in lds.per_query],
+                "measurement_gap": gap,  # |f at its θ_T − the bank's full run|, max over queries
+                **(cost if name == key else {}),
+            }
+            print(f"{name}: LDS {lds.mean:+.3f} ± {lds.sem:.3f}", flush=True)
     save()
-    text = table(results, results["finetune"]["seconds"], args)
+    text = table(results, args)
     print(text)
     if args.report is not None:
         write_section(args.report, "finetune_smollm2", text)
