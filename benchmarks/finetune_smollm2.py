@@ -128,6 +128,15 @@ def table(results: dict, args) -> str:
             f"| {cost} | {unit_text} | {mult} | {peak} |"
         )
     bank = results["bank"]
+    lin = results.get("magic_linearity")
+    if lin:
+        lines += [
+            "",
+            "MAGIC's first-order prediction of a retrain's change, −Σ_{i∈D} ∂f/∂w_i, against "
+            f"the retrained change: Pearson {lin['pearson_mean']:.2f} (mean over queries), "
+            f"least-squares slope {lin['slope_median']:.2f} (median), s.d. over subsets "
+            f"{lin['pred_sd']:.3f} predicted vs {lin['actual_sd']:.3f} retrained.",
+        ]
     lines += [
         "",
         f"Bank: 2 full runs (determinism check) + {args.subsets} retrains"
@@ -313,6 +322,20 @@ def report(args, bank, results: dict, save) -> None:
                 **(cost if name == key else {}),
             }
             print(f"{name}: LDS {lds.mean:+.3f} ± {lds.sem:.3f}", flush=True)
+    if "magic" in results:  # is the retrained change linear in the weights?
+        dropped, measured = bank.of_fraction(0)  # (m, N), (m, Q)
+        actual = (measured - bank.full).double()  # (m, Q)
+        tau = torch.load(out / "magic.pt")["pairwise"].double()  # (Q, N)
+        pred = -(dropped.double() @ tau.T)  # first-order change: −Σ_{i∈D} d f / d w_i
+        pearson = [float(torch.corrcoef(torch.stack([pred[:, q], actual[:, q]]))[0, 1])
+                   for q in range(actual.shape[1])]  # fmt: skip
+        slope = (pred * actual).sum(0) / (pred * pred).sum(0)  # (Q,) least squares
+        results["magic_linearity"] = {
+            "pearson_mean": sum(pearson) / len(pearson),
+            "slope_median": float(slope.median()),
+            "pred_sd": float(pred.std(0).mean()),
+            "actual_sd": float(actual.std(0).mean()),
+        }
     save()
     text = table(results, args)
     print(text)
