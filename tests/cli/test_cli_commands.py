@@ -49,6 +49,8 @@ REGISTRIES = {
     ("unlearn", "method"): UNLEARN_METHODS,
     ("magic", "optimizer"): OPTIMIZERS,
     ("magic", "schedule"): SCHEDULES,
+    ("validate", "optimizer"): OPTIMIZERS,
+    ("validate", "schedule"): SCHEDULES,
     **{(c, "chat_loss"): CHAT_LOSSES for c in ("fit", "score", "index", "query", "dda", "damping")},
 }
 

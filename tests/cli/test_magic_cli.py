@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from influscope.cli import main
@@ -21,7 +22,7 @@ def _args(d):
         "--run", str(d / "run"),
         "--device", "cpu",
         "--epochs", "1",
-        "--batch-size", "4",
+        "--train-batch-size", "4",
         "--lr", "1e-3",
         "--top-k", "2",
     ]  # fmt: skip
@@ -54,18 +55,32 @@ def test_memory_budget_refusal_is_a_clean_error(workdir, capsys):
 
 def test_option_defaults_are_the_library_defaults():
     from influscope.cli import build_parser
-    from influscope.cli.magic import _parameters
+    from influscope.cli.options import recipe_from_args
     from influscope.metagrad import FinetuneConfig, MagicConfig
 
     args = build_parser().parse_args(
         ["magic", "--model", "m", "--train", "t", "--queries", "q", "--run", "r"]
     )
-    recipe, magic = FinetuneConfig(), MagicConfig()
-    for key in ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum",
-                "schedule"):  # fmt: skip
-        assert getattr(args, key) == getattr(recipe, key), key
-    assert _parameters(args) == recipe.parameters
+    magic = MagicConfig()
+    assert recipe_from_args(args) == FinetuneConfig()
     args.adapter = "some/adapter"  # loaded for inference: its matrices do not require grad
-    assert _parameters(args) == "lora"
+    assert recipe_from_args(args).parameters == "lora"
     for key in ("replay_every", "query_batch", "memory_mb"):
         assert getattr(args, key) == getattr(magic, key), key
+
+
+def test_old_option_names_still_work_and_are_hidden(capsys):
+    from influscope.cli import build_parser
+    from influscope.cli.options import recipe_from_args
+
+    base = ["magic", "--model", "m", "--train", "t", "--queries", "q", "--run", "r"]
+    old = build_parser().parse_args([*base, "--batch-size", "3", "--seed", "7"])
+    new = build_parser().parse_args([*base, "--train-batch-size", "3", "--train-seed", "7"])
+    assert recipe_from_args(old) == recipe_from_args(new)
+    assert (recipe_from_args(old).batch_size, recipe_from_args(old).seed) == (3, 7)
+    with pytest.raises(SystemExit, match=r"^0$"):
+        build_parser().parse_args(["magic", "--help"])
+    out = capsys.readouterr().out
+    assert "--train-batch-size" in out and "--train-seed" in out
+    assert "--batch-size" not in out.replace("--train-batch-size", "")
+    assert "--seed" not in out.replace("--train-seed", "")

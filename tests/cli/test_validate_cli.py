@@ -72,6 +72,28 @@ def test_validate_build_needs_model_train_and_queries(tmp_path, capsys, action):
     assert "needs --model, --train, --queries" in capsys.readouterr().err
 
 
+def test_validate_and_magic_share_the_recipe_options(tmp_path, capsys):
+    from influscope.cli import build_parser
+    from influscope.cli.options import recipe_from_args
+
+    recipe = ["--epochs", "2", "--lr", "3e-3", "--train-batch-size", "5", "--train-seed", "4",
+              "--optimizer", "sgd", "--momentum", "0.9", "--schedule", "linear",
+              "--weight-decay", "0.01", "--parameters", "h\\.1\\."]  # fmt: skip
+    validate = build_parser().parse_args(["validate", "build", "--bank", "b", *recipe])
+    magic = build_parser().parse_args(
+        ["magic", "--model", "m", "--train", "t", "--queries", "q", "--run", "r", *recipe]
+    )
+    got = recipe_from_args(validate)
+    assert got == recipe_from_args(magic)
+    assert (got.batch_size, got.seed, got.momentum, got.schedule) == (5, 4, 0.9, "linear")
+    assert validate.seed == 0  # validate's own --seed (the subsets) is not the recipe's
+    # a recipe the library refuses is refused before the model loads (there is none here)
+    code = main(["validate", "build", "--bank", str(tmp_path / "b"), "--model", "missing",
+                 "--train", "t", "--queries", "q", "--momentum", "0.9"])  # fmt: skip
+    assert code == 2 and "momentum is SGD's setting" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 USER_RECIPES = """
 import torch
 from influscope.metagrad.recipe import FinetuneConfig, finetune

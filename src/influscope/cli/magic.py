@@ -9,7 +9,7 @@ prints a one-screen summary.
 Example::
 
     influscope magic --model runs/demo/model --train train.jsonl --queries q.jsonl \\
-        --run runs/x --epochs 1 --lr 1e-4 --batch-size 8
+        --run runs/x --epochs 1 --lr 1e-4 --train-batch-size 8
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from rich.table import Table
 from influscope.cli.options import (
     add_device_option,
     add_model_argument,
+    add_recipe_options,
     add_task_option,
     add_truncate_option,
     non_negative_int,
+    recipe_parameters,
 )
-from influscope.metagrad.recipe import OPTIMIZERS, SCHEDULES
 
 NAME = "magic"
 
@@ -71,40 +72,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_task_option(p)
     add_truncate_option(p)
     add_device_option(p)
-    p.add_argument("--epochs", type=int, default=1, help="Fine-tune epochs (default: 1).")
-    p.add_argument("--lr", type=float, default=1e-4, help="Learning rate.")
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="Training examples per step (default: 8)."
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="Seed of the per-epoch data order (default: 0)."
-    )
-    p.add_argument(
-        "--optimizer",
-        default="adamw",
-        choices=list(OPTIMIZERS),
-        help="adamw (default; betas 0.9, 0.999, eps 1e-8) or sgd (see --momentum).",
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.0,
-        help="AdamW's decoupled weight decay, or SGD's L2 term.",
-    )
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD's heavy-ball momentum.")
-    p.add_argument(
-        "--schedule",
-        default="constant",
-        choices=list(SCHEDULES),
-        help="Learning-rate schedule: constant (default) or linear decay lr·(1 - t/T).",
-    )
-    p.add_argument(
-        "--parameters",
-        default=None,
-        help="Parameters the fine-tune trains: trainable (those with requires_grad), all, "
-        "lora (PEFT adapter matrices), or a regex searched in parameter names (default: lora "
-        "with --adapter, else trainable).",
-    )
+    add_recipe_options(p, old_names=True)  # --epochs --lr --train-batch-size … --parameters
     p.add_argument(
         "--replay-every",
         type=int,
@@ -144,24 +112,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope magic``: fine-tune, reverse pass, write the top-k, print a summary."""
-    from influscope.cli.options import load_influence
+    from influscope.cli.options import load_influence, recipe_from_args
     from influscope.engine.distributed import is_writer
     from influscope.loading import load_records
-    from influscope.metagrad import FinetuneConfig, MagicConfig
+    from influscope.metagrad import MagicConfig
     from influscope.storage import atomic_write_json
 
     config = MagicConfig(
-        recipe=FinetuneConfig(
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            optimizer=args.optimizer,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            schedule=args.schedule,
-            parameters=_parameters(args),
-        ),
+        recipe=recipe_from_args(args),
         replay_every=args.replay_every,
         query_batch=args.query_batch,
         memory_mb=args.memory_mb,
@@ -194,14 +152,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parameters(args: argparse.Namespace) -> str:
-    """``--parameters``, or its default: the adapters of an ``--adapter`` model, else the
-    trainable parameters (an adapter loaded for inference has ``requires_grad`` off)."""
-    if args.parameters is not None:
-        return args.parameters
-    return "lora" if args.adapter else "trainable"
-
-
 def _row(index: int, score: float) -> dict:
     return {"index": index, "score": score}
 
@@ -218,8 +168,9 @@ def _summary(out: Console, args, scores, records, query_records, steps: int, k: 
     for key, value in {
         "model": str(args.model) + (f" + adapter {args.adapter}" if args.adapter else ""),
         "fine-tune": f"{args.optimizer}, lr {args.lr:g} ({args.schedule}), {args.epochs} "
-        f"epoch(s), batch {args.batch_size}, seed {args.seed}, weight decay {args.weight_decay:g}",
-        "trained parameters": f"{len(scores.layer_names)} tensors ({_parameters(args)})",
+        f"epoch(s), batch {args.train_batch_size}, seed {args.train_seed}, weight decay "
+        f"{args.weight_decay:g}",
+        "trained parameters": f"{len(scores.layer_names)} tensors ({recipe_parameters(args)})",
         "steps T / replay k": f"{steps} / {k}",
         "training sequences": str(len(records)),
         "queries": str(len(query_records)),

@@ -40,6 +40,7 @@ __all__ = [
     "add_model_argument",
     "add_model_options",
     "add_modules_option",
+    "add_recipe_options",
     "add_run_options",
     "add_task_option",
     "add_truncate_option",
@@ -50,6 +51,8 @@ __all__ = [
     "encode_records",
     "load_influence",
     "non_negative_int",
+    "recipe_from_args",
+    "recipe_parameters",
     "resolve_modules",
     "shows_default",
     "task_from_args",
@@ -272,6 +275,108 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Recompute a stored stage even if it exists (else it is reused when it "
         "matches, refused when model/data/config differ).",
+    )
+
+
+def add_recipe_options(parser, *, old_names: bool = False) -> None:
+    """Add the deterministic fine-tune's options (:class:`~influscope.metagrad.FinetuneConfig`).
+
+    ``--epochs --lr --train-batch-size --train-seed --optimizer --weight-decay --momentum
+    --schedule --parameters``, each defaulting to the library's default, read back by
+    :func:`recipe_from_args`. Used by ``magic`` and ``validate``, so both commands spell and
+    default the recipe the same way. The ``train-`` prefix keeps the recipe's batch size and
+    seed apart from a command's own (``validate --seed`` draws the subsets, ``validate
+    --measure-batch-size`` batches the queries).
+
+    Args:
+        parser: The sub-command's parser (or an argument group of it).
+        old_names: Also accept ``--batch-size`` and ``--seed`` for ``--train-batch-size`` and
+            ``--train-seed``, hidden from ``--help`` (``magic``'s spellings before they were
+            shared; commands written with them keep working).
+    """
+    from influscope.metagrad.recipe import OPTIMIZERS, SCHEDULES, FinetuneConfig
+
+    d = FinetuneConfig()
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="Fine-tune epochs.")
+    parser.add_argument("--lr", type=float, default=d.lr, help="Peak learning rate.")
+    parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=d.batch_size,
+        help="Training examples per optimizer step of the fine-tune.",
+    )
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=d.seed,
+        help="Seed of the fine-tune's per-epoch data order (its only randomness).",
+    )
+    if old_names:  # hidden aliases; SUPPRESS leaves the default to the option above
+        for old, dest in (("--batch-size", "train_batch_size"), ("--seed", "train_seed")):
+            parser.add_argument(
+                old, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
+    parser.add_argument(
+        "--optimizer",
+        default=d.optimizer,
+        choices=list(OPTIMIZERS),
+        help=f"adamw (betas {d.betas[0]:g}, {d.betas[1]:g}, eps {d.eps:g}) or sgd (see "
+        "--momentum).",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW's decoupled weight decay, or SGD's L2 term.",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=d.momentum,
+        help="SGD's heavy-ball momentum (0: plain SGD; AdamW takes 0).",
+    )
+    parser.add_argument(
+        "--schedule",
+        default=d.schedule,
+        choices=list(SCHEDULES),
+        help="Learning-rate schedule: constant, or linear decay lr·(1 - t/T).",
+    )
+    parser.add_argument(
+        "--parameters",
+        default=None,
+        help="Parameters the fine-tune trains: trainable (those with requires_grad), all, "
+        "lora (PEFT adapter matrices), or a regex searched in parameter names (default: lora "
+        "with --adapter, else trainable).",
+    )
+
+
+def recipe_parameters(args: argparse.Namespace) -> str:
+    """``--parameters``, or its default: the adapters of an ``--adapter`` model, else the
+    trainable parameters (an adapter loaded for inference has ``requires_grad`` off)."""
+    if args.parameters is not None:
+        return args.parameters
+    return "lora" if getattr(args, "adapter", None) else "trainable"
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The :class:`~influscope.metagrad.FinetuneConfig` of :func:`add_recipe_options`' options.
+
+    Raises:
+        ConfigError: A value the recipe refuses (e.g. ``--momentum`` with AdamW), before any
+            model is loaded.
+    """
+    from influscope.metagrad.recipe import FinetuneConfig
+
+    return FinetuneConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.train_batch_size,
+        seed=args.train_seed,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        parameters=recipe_parameters(args),
     )
 
 

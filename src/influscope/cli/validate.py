@@ -26,8 +26,10 @@ from rich.table import Table
 
 from influscope.cli.options import (
     add_device_option,
+    add_recipe_options,
     add_task_option,
     add_truncate_option,
+    recipe_from_args,
 )
 
 NAME = "validate"
@@ -68,24 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_task_option(g)
     add_truncate_option(g)
     add_device_option(g)
-    g.add_argument("--epochs", type=int, default=1, help="Fine-tune epochs (default: 1).")
-    g.add_argument("--lr", type=float, default=1e-4, help="Learning rate.")
-    g.add_argument(
-        "--train-batch-size", type=int, default=8, help="Examples per step (default: 8)."
-    )
-    g.add_argument(
-        "--train-seed", type=int, default=0, help="Seed of the fixed data order (default: 0)."
-    )
-    g.add_argument(
-        "--optimizer", default="adamw", help="'adamw' (default) or 'sgd' (FinetuneConfig)."
-    )
-    g.add_argument("--weight-decay", type=float, default=0.0, help="Weight decay.")
-    g.add_argument(
-        "--parameters",
-        default=None,
-        help="What is trained: 'trainable', 'all', 'lora' or a regex of names (default: "
-        "'lora' with --adapter, else 'trainable').",
-    )
+    add_recipe_options(g)  # --epochs --lr --train-batch-size --train-seed … --parameters
     g.add_argument(
         "--recipe",
         default=None,
@@ -179,12 +164,13 @@ def _setup(args: argparse.Namespace):
 
     from influscope.evaluation.bank_recipe import callable_recipe, finetune_recipe
     from influscope.loading import load_model, load_records
-    from influscope.metagrad.recipe import FinetuneConfig
     from influscope.tasks import get_task
     from influscope.tasks.causal_lm import context_length
     from influscope.tasks.data import record_list
 
     _require(args, "model", "train", "queries", why=f"validate {args.action}")
+    # the built-in recipe's settings are checked before the model loads
+    config = None if args.recipe else recipe_from_args(args)
     model, tokenizer = load_model(args.model, args.task, adapter=args.adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
@@ -200,16 +186,6 @@ def _setup(args: argparse.Namespace):
             fn, model, args.task, train, queries, source, args.measure_batch_size
         )
     else:
-        config = FinetuneConfig(
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.train_batch_size,
-            seed=args.train_seed,
-            optimizer=args.optimizer,
-            weight_decay=args.weight_decay,
-            # an adapter loaded for inference has requires_grad off: train its matrices
-            parameters=args.parameters or ("lora" if args.adapter else "trainable"),
-        )
         made = finetune_recipe(model, args.task, train, queries, config, args.measure_batch_size)
     return made, tokenizer
 
