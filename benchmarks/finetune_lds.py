@@ -100,6 +100,12 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--no-bergson", action="store_true")
     p.add_argument("--no-magic", action="store_true")
+    p.add_argument(
+        "--scores-only",
+        action="store_true",
+        help="Only compute the estimators' scores into OUT/scores (no bank, no LDS): run it "
+        "beside the main command to use a second core while the bank builds.",
+    )
     p.add_argument("--write-docs", action="store_true", help="Update docs/accuracy.md.")
     return p.parse_args()
 
@@ -252,14 +258,20 @@ def main() -> None:
     made = finetune_recipe(base, task, train, queries, ft)
     config = BankConfig(fractions=tuple(args.fractions), subsets=args.subsets)
     t0 = time.perf_counter()
-    bank = build_bank(made.recipe, made.measure, made.n_train, made.fingerprints, config, args.out)
+    bank = (
+        None
+        if args.scores_only
+        else build_bank(
+            made.recipe, made.measure, made.n_train, made.fingerprints, config, args.out
+        )
+    )
     build_s = time.perf_counter() - t0
     print(f"bank: {build_s:.0f} s", flush=True)
 
     run = Finetune(base, task, train, ft)
     models, steps = checkpoints(run, args.checkpoints)
     full = models[-1]
-    if not torch.equal(made.measure(full).double(), bank.full):
+    if bank is not None and not torch.equal(made.measure(full).double(), bank.full):
         raise RuntimeError("the re-run full fine-tune differs from the bank's full run")
     inf = Influence(full, task, modules="all", tokenizer=tok, device="cpu")
     names = inf.layer_names
@@ -330,6 +342,8 @@ def main() -> None:
             scores[key] = cache.get(
                 key, lambda n=n: bergson(args, full, tok, train, queries, names, n)
             )
+    if bank is None:
+        return
     rng = np.random.default_rng(0)
     scores["shuffled_ekfac"] = scores["ekfac"][:, rng.permutation(args.n_train)]
 
