@@ -139,7 +139,14 @@ def vader_split(n_train: int, n_queries: int) -> tuple[list[str], list[str]]:
 
 
 class Cache:
-    """Each estimator's ``(Q, N)`` scores and seconds under ``OUT/scores`` (rerun = reload)."""
+    """Each estimator's ``(Q, N)`` scores, seconds and extras under ``OUT/scores``.
+
+    A rerun reloads what is stored. Two processes on the same ``OUT`` (``--scores-only``
+    beside the main command) share the work: an estimator is claimed by creating
+    ``NAME.lock`` (holding the process id), the other process takes the next unclaimed one,
+    and waits only when every remaining one is claimed. A peer library that fails is stored
+    with its error as the note (delete ``OUT/scores/NAME.pt`` to retry it).
+    """
 
     def __init__(self, out: Path, tag: str) -> None:
         self.dir = out / "scores"
@@ -147,30 +154,77 @@ class Cache:
         self.tag = tag
         self.seconds: dict[str, float] = {}
         self.notes: dict[str, str] = {}
+        self.extra: dict[str, dict] = {}
 
-    def get(self, name: str, compute) -> torch.Tensor | None:
+    def _load(self, name: str) -> dict | None:
         path = self.dir / f"{name}.pt"
-        if path.is_file():
-            got = torch.load(path)
-            if got["tag"] == self.tag:
-                self.seconds[name] = got["seconds"]
-                self.notes.update({name: got["note"]} if got.get("note") else {})
-                return got["scores"]
+        if not path.is_file():
+            return None
+        got = torch.load(path)
+        return got if got["tag"] == self.tag else None
+
+    def _claim(self, name: str) -> bool:
+        lock = self.dir / f"{name}.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)  # the holder is alive
+                return False
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # a killed run's lock
+                return self._claim(name)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+    def _compute(self, name: str, compute) -> dict:
         start = time.perf_counter()
+        note, extra = "", {}
         try:
             scores = compute()
+            if isinstance(scores, tuple):
+                scores, extra = scores
+            scores = torch.as_tensor(scores).double()
         except Exception as exc:  # a peer that does not run here: record why, go on
-            if name.startswith("bergson") or name.startswith("kronfluence"):
-                self.notes[name] = f"{type(exc).__name__}: {exc}"[:600]
-                print(f"{name} failed: {self.notes[name]}", flush=True)
-                return None
-            raise
-        seconds = time.perf_counter() - start
-        scores = torch.as_tensor(scores).double()
-        torch.save({"tag": self.tag, "scores": scores, "seconds": seconds}, path)
-        self.seconds[name] = seconds
-        print(f"{name}: {seconds:.1f} s", flush=True)
-        return scores
+            if not name.startswith(("bergson", "kronfluence")):
+                (self.dir / f"{name}.lock").unlink(missing_ok=True)
+                raise
+            scores, note = None, f"{type(exc).__name__}: {exc}"[:600]
+        got = {
+            "tag": self.tag,
+            "scores": scores,
+            "seconds": time.perf_counter() - start,
+            "note": note,
+            "extra": extra,
+        }
+        torch.save(got, self.dir / f"{name}.pt")
+        (self.dir / f"{name}.lock").unlink(missing_ok=True)
+        print(f"{name}: {got['seconds']:.1f} s {note}", flush=True)
+        return got
+
+    def run(self, jobs: dict) -> dict[str, torch.Tensor | None]:
+        """Every job's scores (``None`` for a peer that failed), loaded or computed."""
+        done: dict[str, dict] = {}
+        pending = list(jobs)
+        while pending:
+            for name in pending:
+                got = self._load(name)
+                if got is None and self._claim(name):
+                    got = self._load(name) or self._compute(name, jobs[name])
+                if got is not None:
+                    break
+            else:
+                time.sleep(10)  # every remaining estimator is being computed elsewhere
+                continue
+            pending.remove(name)
+            done[name] = got
+            self.seconds[name] = got["seconds"]
+            if got.get("note"):
+                self.notes[name] = got["note"]
+            if got.get("extra"):
+                self.extra[name] = got["extra"]
+        return {name: done[name]["scores"] for name in jobs}
 
 
 def kronfluence(model, task, names, fit, train, queries) -> torch.Tensor:
@@ -281,7 +335,6 @@ def main() -> None:
     cfg = ScoreConfig(query_rank=None, batch_size=8)
     tag = json.dumps({**made.fingerprints, "bank": config.to_dict()}, sort_keys=True, default=str)
     cache = Cache(args.out, tag)
-    scores: dict[str, torch.Tensor | None] = {}
     ops: dict[str, object] = {}
 
     def fitted(curvature: str):
@@ -289,59 +342,45 @@ def main() -> None:
             ops[curvature] = inf.fit(fit, FitConfig(curvature=curvature, batch_size=8))
         return ops[curvature]
 
-    for c in ("identity", "kfac", "ekfac"):
-        scores[c] = cache.get(c, lambda c=c: inf.score(queries, train, fitted(c), cfg).pairwise)
-    residuals = {}
+    def plain(c: str):
+        return inf.score(queries, train, fitted(c), cfg).pairwise
+
+    def refined(refine: ScoreConfig):
+        pq = inf.precondition(queries, fitted("ekfac"), refine, train)
+        residuals = pq.refine_residuals[:, -1].tolist()
+        return inf.score(pq, train, fitted("ekfac"), cfg).pairwise, {"residuals": residuals}
+
+    jobs = {c: (lambda c=c: plain(c)) for c in ("identity", "kfac", "ekfac")}
     for n in args.refine_steps:
-
-        def refined(n=n):
-            refine = replace(cfg, refine_steps=n, refine_examples=args.refine_examples or None)
-            pq = inf.precondition(queries, fitted("ekfac"), refine, train)
-            residuals[n] = pq.refine_residuals[:, -1].tolist()
-            return inf.score(pq, train, fitted("ekfac"), cfg).pairwise
-
-        scores[f"ekfac_cg{n}"] = cache.get(f"ekfac_cg{n}", refined)
+        cg = replace(cfg, refine_steps=n, refine_examples=args.refine_examples or None)
+        jobs[f"ekfac_cg{n}"] = lambda cg=cg: refined(cg)
     astra = replace(
         cfg, refine_steps=args.astra_steps, refine="astra", refine_examples=args.astra_examples
     )
-
-    def astra_scores():
-        pq = inf.precondition(queries, fitted("ekfac"), astra, train)
-        return inf.score(pq, train, fitted("ekfac"), cfg).pairwise
-
-    scores["astra"] = cache.get("astra", astra_scores)
+    jobs["astra"] = lambda: refined(astra)
+    if not args.no_magic:
+        magic_cfg = MagicConfig(recipe=ft)
+        jobs["magic"] = lambda: probe.magic(queries, train, magic_cfg).pairwise
     lr_at = [ft.lr_at(s - 1, run.n_steps) for s in steps]
     trajectory = from_models(models, steps, lr_at)
     fit_cfg = FitConfig(curvature="ekfac", batch_size=8)
     for scale in args.source_lr_scales:
         key = "source" if scale == 1.0 else f"source_x{scale:g}"
-        scores[key] = cache.get(
-            key,
-            lambda scale=scale: source_scores(
-                trajectory, task, "all", train, queries, fit_cfg, lr_scale=scale,
-                fit_train=fit, batch_size=8,
-            ).pairwise,
-        )  # fmt: skip
-    scores["tracin"] = cache.get(
-        "tracin",
-        lambda: tracin_scores(trajectory, task, "all", train, queries, batch_size=8).pairwise,
+        jobs[key] = lambda scale=scale: source_scores(
+            trajectory, task, "all", train, queries, fit_cfg, lr_scale=scale,
+            fit_train=fit, batch_size=8,
+        ).pairwise  # fmt: skip
+    jobs["tracin"] = lambda: (
+        tracin_scores(trajectory, task, "all", train, queries, batch_size=8).pairwise
     )
-    scores["bm25"] = cache.get("bm25", lambda: bm25(query_texts, train_texts))
+    jobs["bm25"] = lambda: bm25(query_texts, train_texts)
     if not args.no_kronfluence:
-        scores["kronfluence_ekfac"] = cache.get(
-            "kronfluence_ekfac", lambda: kronfluence(full, task, names, fit, train, queries)
-        )
-    if not args.no_magic:
-        magic_cfg = MagicConfig(recipe=ft)
-        scores["magic"] = cache.get(
-            "magic", lambda: probe.magic(queries, train, magic_cfg).pairwise
-        )
+        jobs["kronfluence_ekfac"] = lambda: kronfluence(full, task, names, fit, train, queries)
     if not args.no_bergson:
         for n in [0, *args.bergson_cg_steps]:
             key = "bergson_ekfac" if n == 0 else f"bergson_ekfac_cg{n}"
-            scores[key] = cache.get(
-                key, lambda n=n: bergson(args, full, tok, train, queries, names, n)
-            )
+            jobs[key] = lambda n=n: bergson(args, full, tok, train, queries, names, n)
+    scores = cache.run(jobs)
     if bank is None:
         return
     rng = np.random.default_rng(0)
@@ -384,7 +423,11 @@ def main() -> None:
         "bank_build_seconds": build_s,
         "estimator_seconds": cache.seconds,
         "notes": cache.notes,
-        "refine_final_residuals": {str(k): v for k, v in residuals.items()},
+        "refine_final_residuals": {
+            k.removeprefix("ekfac_cg"): v["residuals"]
+            for k, v in cache.extra.items()
+            if k.startswith("ekfac_cg")
+        },
         "spearman_vs_ekfac": agree,
         "load_average": load_average(),
         "total_seconds": time.perf_counter() - start,
