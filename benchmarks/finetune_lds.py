@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,6 +97,12 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--source-lr-scales", type=float, nargs="*", default=[1.0, 100.0])
     p.add_argument("--top-k", type=int, nargs="*", default=[10], help="Removal sizes (10).")
     p.add_argument("--removal-queries", type=int, default=16, help="(16).")
+    p.add_argument(
+        "--cg-all-queries",
+        type=int,
+        default=8,
+        help="Also run 5 CG steps over ALL rows for the first this many queries (8; 0 = no).",
+    )
     p.add_argument("--bergson-cg-steps", type=int, nargs="*", default=[5])
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--no-bergson", action="store_true")
@@ -358,6 +365,15 @@ def main() -> None:
         cfg, refine_steps=args.astra_steps, refine="astra", refine_examples=args.astra_examples
     )
     jobs["astra"] = lambda: refined(astra)
+    if args.cg_all_queries:
+        first = queries.subset(list(range(args.cg_all_queries)))
+
+        def cg_all():
+            pq = inf.precondition(first, fitted("ekfac"), replace(cfg, refine_steps=5), train)
+            residuals = pq.refine_residuals[:, -1].tolist()
+            return inf.score(pq, train, fitted("ekfac"), cfg).pairwise, {"residuals": residuals}
+
+        jobs["ekfac_cg5_all_rows"] = cg_all
     if not args.no_magic:
         magic_cfg = MagicConfig(recipe=ft)
         jobs["magic"] = lambda: probe.magic(queries, train, magic_cfg).pairwise
@@ -386,7 +402,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     scores["shuffled_ekfac"] = scores["ekfac"][:, rng.permutation(args.n_train)]
 
-    results = {}
+    results, partial = {}, {}
+    if scores.get("ekfac_cg5_all_rows") is not None:  # first q queries only: a sub-bank
+        q = scores["ekfac_cg5_all_rows"].shape[0]
+        sub = dc_replace(bank, full=bank.full[:q], measured=bank.measured[:, :q])
+        for name in ("ekfac", "ekfac_cg5", "ekfac_cg5_all_rows"):
+            partial[name] = score_bank(
+                sub, scores.pop(name)[:q] if name == "ekfac_cg5_all_rows" else scores[name][:q]
+            ).to_json()["lds"]
     removal = ScoreBankConfig(top_k=tuple(args.top_k), removal_queries=args.removal_queries)
     for name, s in scores.items():
         if s is None:
@@ -432,6 +455,7 @@ def main() -> None:
         "load_average": load_average(),
         "total_seconds": time.perf_counter() - start,
         "results": {k: v.to_json() for k, v in results.items()},
+        "cg_all_rows_first_queries": partial,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = table(summary, results, config.fractions)
@@ -446,6 +470,7 @@ LABELS = {
     "ekfac": "**EK-FAC**",
     "ekfac_cg5": "EK-FAC + 5 CG steps",
     "ekfac_cg20": "EK-FAC + 20 CG steps",
+    "ekfac_cg5_all_rows": "EK-FAC + 5 CG steps over all rows",
     "astra": "ASTRA (EK-FAC-preconditioned stochastic Neumann)",
     "source": "SOURCE, `lr_scale` 1",
     "source_x100": "SOURCE, `lr_scale` 100",
@@ -526,11 +551,21 @@ def table(summary: dict, results: dict, fractions) -> str:
         lines.append(
             f"- Mean per-query Spearman of {label(peer)} with influscope EK-FAC: {rho:.3f}."
         )
+    partial = summary["cg_all_rows_first_queries"]
+    if partial:
+        q = partial["ekfac"][0]["n"] + partial["ekfac"][0]["constant_queries"]
+        cells = "; ".join(
+            f"{label(k)} {', '.join(_cell(r) for r in v)}" for k, v in partial.items()
+        )
+        lines.append(
+            f"- CG over all {summary['n_train']} rows (5 steps), first {q} queries only, LDS at "
+            f"{', '.join(f'{k * 100:g} %' for k in fractions)}-out on those queries: {cells}."
+        )
     res = summary["refine_final_residuals"]
     for n, r in res.items():
         lines.append(
-            f"- EK-FAC + {n} CG steps: final relative residual median {np.median(r):.3g}, "
-            f"max {np.max(r):.3g}."
+            f"- {label('ekfac_cg' + n)}: final relative residual of its system, median "
+            f"{np.median(r):.3g}, max {np.max(r):.3g}."
         )
     removal = [(k, v) for k, v in results.items() if v.removal]
     if removal:
