@@ -541,7 +541,7 @@ def table(summary: dict, results: dict, fractions) -> str:
         met = "met" if gain >= 0.15 else f"missed, by {0.15 - gain:.3f}"
         lines.append(
             f"- Target EK-FAC + CG ≥ EK-FAC + 0.15 at {fractions[0] * 100:g} %-out: **{met}** "
-            f"({best}: {lds1[best]['mean']:.3f} vs {lds1['ekfac']['mean']:.3f}, {gain:+.3f})."
+            f"({label(best)}: {lds1[best]['mean']:.3f} vs {lds1['ekfac']['mean']:.3f}, {gain:+.3f})."
         )
     if "magic" in lds1:
         m = lds1["magic"]["mean"]
@@ -571,16 +571,15 @@ def table(summary: dict, results: dict, fractions) -> str:
     if removal:
         lines += [
             "",
-            "| top-k removal | k | queries | Δf top-k (nats) | Δf k random | top < random | seconds |",
-            "|---|---|---|---|---|---|---|",
+            "| top-k removal | k | queries | Δf top-k (nats) | Δf k random | top < random |",
+            "|---|---|---|---|---|---|",
         ]
         for k, v in removal:
             for r in v.removal:
                 lines.append(
                     f"| {label(k)} | {r.k} | {r.queries} | {r.delta_top:.3f} ± "
                     f"{r.delta_top_sem:.3f} | {r.delta_random:.3f} ± {r.delta_random_sem:.3f} | "
-                    f"{r.top_below_random * r.queries:.0f} / {r.queries} | "
-                    f"{secs.get(f'{k}_removal', 0):.0f} |"
+                    f"{r.top_below_random * r.queries:.0f} / {r.queries} |"
                 )
     return "\n".join(lines)
 
