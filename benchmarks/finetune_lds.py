@@ -424,7 +424,7 @@ def main() -> None:
     agree = {}
     from influscope.metrics import spearman
 
-    for peer in ("kronfluence_ekfac", "bergson_ekfac"):
+    for peer in ("kronfluence_ekfac", "bergson_ekfac", "ekfac_cg5", "ekfac_cg20", "magic"):
         if scores.get(peer) is not None:
             a, b = scores["ekfac"], scores[peer]
             agree[peer] = float(np.mean([spearman(a[q], b[q]) for q in range(len(a))]))
