@@ -15,10 +15,10 @@ preconditioned conjugate gradient on the Gauss-Newton system over one random bat
 the model's context). Output: ``{"scores": (Q, N), "seconds": s}`` in Bergson's sign
 (``∇loss_qᵀ (G + λ)⁻¹ ∇L_i``, i.e. influscope's ``df/dε`` for ``f = −loss_q = log p``).
 
-On CPU, Bergson 2.5.1's CG refines tensors read straight from a read-only memory map (its
-``_read_row`` returns views of it, and the in-place updates then fail). The worker copies
-those rows (``_read_row`` wrapped to ``.clone()``) — benchmark-side only, no change in what
-is computed.
+On CPU, Bergson 2.5.1's CG updates in place tensors that are views of a read-only memory map
+(``Astra._read_row``); the process then dies with a segmentation fault (exit 139, no Python
+error) at the first CG update. The worker copies those rows (``_read_row`` wrapped to
+``.clone()``) — benchmark-side only, no change in what is computed.
 
     python -m benchmarks.bergson_worker JOB.json
 """
