@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 ASSETS ?= .cache/assets
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench bench-accuracy peers peers-bergson assets clean
+.PHONY: demo test lint format bench bench-accuracy bench-finetune peers peers-bergson assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench-accuracy: assets peers
 	$(PY) -m benchmarks.accuracy_lds --subsets 100 --out runs/accuracy/lds
 	$(PY) -m benchmarks.accuracy_brittleness --queries 8 --ks 10 20 50 --seeds 3 --out runs/accuracy/lds
 	$(PY) -m benchmarks.accuracy_mislabel --out runs/accuracy/mislabel
+
+# every estimator on one fine-tune bank (about an hour on a shared 2-core machine; resumable)
+bench-finetune: assets peers
+	$(PY) -m benchmarks.finetune_lds --out runs/accuracy/finetune_lds --removal-queries 12 --write-docs
 
 clean:
 	rm -rf runs .pytest_cache
