@@ -94,7 +94,7 @@ def table(results: dict, args) -> str:
     setting = results["setting"]
     run_s = results["finetune"]["seconds"]
     lines = [
-        "## (b) SmolLM2-135M fine-tune, leave-5 %-out",
+        "### (b) SmolLM2-135M fine-tune, leave-5 %-out",
         "",
         f"SmolLM2-135M-Instruct (GGUF, dequantised to float32), the MLP of its last "
         f"{args.blocks} block(s) ({setting['trained_parameters']:,} parameters) fine-tuned with "
