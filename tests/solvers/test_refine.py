@@ -307,3 +307,18 @@ def test_cli_refine_astra_scaled_announces_cost(workdir, capsys, caplog):
     assert any(
         "refine (astra)" in r.getMessage() and "estimated" in r.getMessage() for r in caplog.records
     )
+
+
+def test_cli_refine_examples_auto_all_or_a_number():
+    import argparse
+
+    from influscope.cli.score import refine_examples_arg, resolve_refine_examples
+    from influscope.solvers.refine import AUTO_EXAMPLES
+
+    assert resolve_refine_examples("auto", 10 * AUTO_EXAMPLES) == AUTO_EXAMPLES
+    assert resolve_refine_examples("auto", AUTO_EXAMPLES) is None  # every sequence: exact
+    assert resolve_refine_examples("all", 10 * AUTO_EXAMPLES) is None
+    assert resolve_refine_examples(refine_examples_arg("3"), 40) == 3
+    for bad in ("0", "-2", "some"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"'auto', 'all' or an integer ≥ 1"):
+            refine_examples_arg(bad)

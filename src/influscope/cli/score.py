@@ -99,8 +99,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=refine_examples_arg,
         default="auto",
         help="Gauss-Newton products over a seeded random subset of this many training "
-        "sequences, or 'all'. Default: auto = min(N, "
-        f"{AUTO_EXAMPLES}) for N training sequences, so that the products cost a fixed "
+        "sequences, or 'all' (default: %(default)s = min(N, "
+        f"{AUTO_EXAMPLES}) for N training sequences), so that the products cost a fixed "
         "number of mini-batches whatever the size of the training set (--refine 2 on 40 "
         "SmolLM2 sequences with 4 queries then stays within 3× a plain score: "
         "docs/benchmarks.md). This trades accuracy for time: an iteration costs about two "
