@@ -4,7 +4,8 @@ The first-hour setting of docs/benchmarks.md (40 one-line documents × 4 queries
 projections, EK-FAC fitted by ``influscope fit``). Loads the model and the fitted factors of
 ``--run`` and times, one after the other, with the resident set size after each:
 
-* the block's query gradients and their ``P^{-1}`` images (:func:`_block_gradients`);
+* the block's query gradients and their ``P^{-1}`` images, flat (:func:`_block_gradients`;
+  the figures in docs/benchmarks.md came from the version before it wrote them flat);
 * one EK-FAC preconditioning ``P^{-1} r`` of one query vector (``apply_p``);
 * one damped Gauss-Newton product over all training sequences for 1 vector and for
   ``Q`` vectors at once (one forward per mini-batch, the tangents vmapped);
@@ -99,17 +100,12 @@ def main() -> None:
     config = ScoreConfig(query_rank=32, refine_steps=2)
 
     t = time.perf_counter()
-    grads, start, _ = _block_gradients(model, inf.tracked.task, layers, op, queries, config)
-    mark(f"query gradients + P^-1 (dense, {len(queries)} queries)", t)
+    b, x, _ = _block_gradients(model, inf.tracked.task, layers, op, queries, config)  # (Q, P)
+    mark(f"query gradients + P^-1 (flat, {len(queries)} queries)", t)
 
     product = GaussNewtonProduct(
         model, inf.tracked.task, layers, op.damping, 8, memory_budget=args.budget_gb * 2**30
     )
-    b = product.flatten(grads)
-    del grads
-    x = product.flatten(start)
-    del start
-    mark(f"flattened b, x ({tuple(x.shape)})", time.perf_counter())
 
     t = time.perf_counter()
     parts = product.unflatten(x[:1])
