@@ -135,7 +135,7 @@ def refine_queries(
     meter = meter or RefineMeter()
     # Neumann's first step reuses the first power-iteration product
     products = steps + 1 + (power_steps - (method == "neumann") if auto else 0)
-    meter.begin(method, x, product, train if examples is None else min(examples, len(train)))
+    meter.begin(method, x, product, len(train) if examples is None else min(examples, len(train)))
 
     def apply_p(r: torch.Tensor) -> torch.Tensor:
         """``P^{-1} r`` for ``(q, P)`` rows, layer by layer into one output."""
