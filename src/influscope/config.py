@@ -203,10 +203,12 @@ class ScoreConfig(Settings):
         refine_seed: Seed of those subsets.
         refine_alpha: Step of Neumann / ASTRA; ``None`` (default) estimates ``1/μ_max`` of
             ``P^{-1}(G + Λ)`` per query by power iteration (a few extra products).
-        refine_start: ``"ekfac"`` (default): iterate from EK-FAC's ``P^{-1}∇f``; ``"scaled"``:
-            from its multiple ``c P^{-1}∇f`` that minimises the ``(G+Λ)``-norm error (no extra
-            cost; for CG, ``k`` steps then equal ``k + 1`` CG steps from zero). A per-query
-            positive scale, so zero steps are plain EK-FAC either way.
+        refine_start: ``"scaled"`` (default): iterate from the multiple ``c P^{-1}∇f`` of
+            EK-FAC's answer that minimises the ``(G+Λ)``-norm error (no extra cost; for CG,
+            ``k`` steps then equal ``k + 1`` CG steps from zero, never worse in that norm
+            than ``k`` steps from ``P^{-1}∇f``); ``"ekfac"``: from ``P^{-1}∇f`` itself (the
+            default before; docs/design.md, "Scaled start"). A per-query positive scale, so
+            zero steps are plain EK-FAC either way.
         refine_memory_gb: Memory budget (GiB) for the refinement's per-query vectors and
             Gauss-Newton tangents (default 2): queries are refined in blocks that fit, so
             memory does not grow with their number; results do not depend on it.
@@ -227,7 +229,7 @@ class ScoreConfig(Settings):
     refine_examples: int | None = None
     refine_seed: int = 0
     refine_alpha: float | None = None
-    refine_start: str = "ekfac"
+    refine_start: str = "scaled"
     refine_memory_gb: float = 2.0
 
     def fingerprint_dict(self) -> dict[str, Any]:
@@ -235,20 +237,26 @@ class ScoreConfig(Settings):
 
         ``to_dict`` without the memory budget ``refine_memory_gb`` (it sizes the query blocks,
         which give identical results), and without ``per_head``, ``refine_alpha`` and
-        ``refine_start`` while they are at their defaults: these fields came after stages were
-        stored, and such a stage must still load. (A refined stage stored before them with
+        ``refine_start`` while they have the value that stages stored before these fields
+        existed were computed with (``False``, ``None``, ``"ekfac"``), so that such a stage
+        still loads. ``refine_start`` is also left out without refinement
+        (``refine_steps=0``), where it changes nothing: so plain stages keep matching now
+        that its default is ``"scaled"``, and a refined stage stored before the field is
+        refused under the new default. (A refined stage stored before them with
         ``refine_examples`` set drew a new subset at every step; the solver now keeps one:
         recompute it with ``overwrite=True`` to get the new behaviour.)
         """
         out = self.to_dict()
         out.pop("refine_memory_gb")
-        for key, default in (
+        for key, before in (
             ("per_head", False),
             ("refine_alpha", None),
             ("refine_start", "ekfac"),
         ):
-            if out[key] == default:
+            if out[key] == before:
                 out.pop(key)
+        if self.refine_steps == 0:
+            out.pop("refine_start", None)
         return out
 
     def __post_init__(self) -> None:

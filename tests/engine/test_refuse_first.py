@@ -73,7 +73,8 @@ def test_score_with_refinement_against_a_stored_stage_is_refused_before_any_pass
     assert inf.last_preconditioned is not None  # what the CLI's report reuses
     calls.clear()
     refined = ScoreConfig(query_rank=None, batch_size=4, refine_steps=2)
-    with pytest.raises(StaleArtifactError, match=r"config\.refine_steps: 0 → 2\)") as err:
+    # (the default start, "scaled", is named too: a plain stage stores no refine_start)
+    with pytest.raises(StaleArtifactError, match=r"config\.refine_steps: 0 → 2[;)]") as err:
         inf.score(queries, train, factors, refined, name="s")
     assert calls == []
     assert "{" not in str(err.value)  # the differing key, not the two config dicts

@@ -100,9 +100,8 @@ def test_two_gloo_ranks_equal_one_process_for_issue13_paths(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
     single = _run()
     # the refinement did move (a no-op would pass the comparison trivially)
-    assert float(single["refine_cg_residuals"][:, -1].max()) < float(
-        single["refine_cg_residuals"][:, 0].min()
-    )
+    residuals = single["refine_cg_residuals"]  # (Q, k+1)
+    assert bool((residuals[:, -1] < residuals[:, 0]).all())
     assert float(single["ensemble_sem"].max()) > 0
     for rank in range(WORLD):
         got = read_tensors(tmp_path / f"rank{rank}.safetensors")

@@ -64,7 +64,8 @@ def test_cg_moves_towards_exact(setup):
     model, train, queries, inf, factors, gnh = setup
     exact = exact_influence(model, TASK, inf.layers, train, queries, factors.damping, gnh)
     plain = inf.score(queries, train, factors, ScoreConfig(query_rank=None)).pairwise
-    cfg = ScoreConfig(query_rank=None, refine_steps=30, refine_tol=1e-12)
+    # from EK-FAC's own answer (the scaled default starts nearer: see the A-norm test below)
+    cfg = ScoreConfig(query_rank=None, refine_steps=30, refine_tol=1e-12, refine_start="ekfac")
     pq = inf.precondition(queries, factors, cfg, train)
     est = inf.score(pq, train, factors, cfg).pairwise
     assert float((est - exact).norm()) < float((plain - exact).norm())
@@ -114,6 +115,30 @@ def _exact_solve(model, task, inf, train, queries, damping):
     return torch.linalg.solve(a, b.t()).t(), a  # (Q, P)
 
 
+def test_scaled_start_default_is_never_further_in_the_a_norm():
+    # Why refine_start="scaled" is the default: k CG steps from c·P⁻¹b are k + 1 CG steps
+    # from zero, which minimise the (G+Λ)-norm error over a Krylov space that holds the k-step
+    # iterate from P⁻¹b; so, in exact arithmetic, never further from (G+Λ)⁻¹∇f in that norm.
+    # The tiny GPT-2 of test_cg_converges_to_exact_damped_gnh_solve (cond ≈ 5e3), all data.
+    model = tiny_gpt2(n_embd=4, n_layer=1, vocab=16, n_positions=16)
+    train = random_lm_data(6, vocab=16, min_len=3, max_len=6, seed=1)
+    queries = random_lm_data(2, vocab=16, min_len=3, max_len=6, seed=2)
+    inf = Influence(model, TASK, modules="mlp")
+    factors = inf.fit(train, FitConfig(curvature="ekfac", batch_size=6, damping_factor=0.1))
+    exact, a = _exact_solve(model, TASK, inf, train, queries, factors.damping)
+    assert ScoreConfig().refine_start == "scaled"
+
+    def a_err(start: str, k: int) -> torch.Tensor:
+        cfg = ScoreConfig(query_rank=None, batch_size=6, refine_steps=k, refine_start=start)
+        e = flatten(inf.precondition(queries, factors, cfg, train).dense, inf.layers) - exact
+        return ((e @ a) * e).sum(1).sqrt()  # (Q,)
+
+    for k in (1, 2, 3, 5):
+        scaled, ekfac = a_err("scaled", k), a_err("ekfac", k)
+        assert bool((scaled <= ekfac * (1 + 1e-9)).all()), k
+    assert bool((a_err("scaled", 1) < 0.9 * a_err("ekfac", 1)).all())  # strictly, here
+
+
 def _windows_decrease(history: torch.Tensor, width: int) -> bool:
     """Each window of ``width`` steps ends below the previous one's largest residual."""
     peaks = [history[:, k : k + width].max(1).values for k in range(0, history.shape[1], width)]
@@ -130,7 +155,9 @@ def test_cg_converges_to_exact_damped_gnh_solve():
     inf = Influence(model, TASK, modules="mlp")
     factors = inf.fit(train, FitConfig(curvature="ekfac", batch_size=6, damping_factor=0.1))
     exact, _ = _exact_solve(model, TASK, inf, train, queries, factors.damping)
-    cfg = ScoreConfig(query_rank=None, batch_size=6, refine_steps=150, refine_tol=1e-11)
+    cfg = ScoreConfig(
+        query_rank=None, batch_size=6, refine_steps=150, refine_tol=1e-11, refine_start="ekfac"
+    )
     pq = inf.precondition(queries, factors, cfg, train)
     got = flatten(pq.dense, inf.layers)  # (Q, P)
     assert float(((got - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-6
@@ -280,3 +307,18 @@ def test_cli_refine_astra_scaled_announces_cost(workdir, capsys, caplog):
     assert any(
         "refine (astra)" in r.getMessage() and "estimated" in r.getMessage() for r in caplog.records
     )
+
+
+def test_cli_refine_examples_auto_all_or_a_number():
+    import argparse
+
+    from influscope.cli.score import refine_examples_arg, resolve_refine_examples
+    from influscope.solvers.refine import AUTO_EXAMPLES
+
+    assert resolve_refine_examples("auto", 10 * AUTO_EXAMPLES) == AUTO_EXAMPLES
+    assert resolve_refine_examples("auto", AUTO_EXAMPLES) is None  # every sequence: exact
+    assert resolve_refine_examples("all", 10 * AUTO_EXAMPLES) is None
+    assert resolve_refine_examples(refine_examples_arg("3"), 40) == 3
+    for bad in ("0", "-2", "some"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"'auto', 'all' or an integer ≥ 1"):
+            refine_examples_arg(bad)

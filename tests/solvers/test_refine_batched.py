@@ -15,6 +15,7 @@ from influscope.errors import ConfigError
 from influscope.reference import damping_vector, exact_gauss_newton, flatten, per_example_gradients
 from influscope.scoring.queries import refine_block_size
 from influscope.solvers import GaussNewtonProduct, refine_queries
+from influscope.solvers.cost import STATE_VECTORS
 from influscope.solvers.refine import power_alpha
 from influscope.tasks import CausalLMTask
 from influscope.toy import VectorClassificationTask, mlp_problem
@@ -73,9 +74,10 @@ def test_query_block_follows_the_memory_budget():
     for budget, want in ((1, 1), (per, 1), (3 * per + 1, 3), (100 * per, 7)):
         product = GaussNewtonProduct(model, TASK, inf.layers, {}, memory_budget=budget)
         assert product.query_block(outputs, 7, torch.float64) == want
-    # the solver's blocks: half of refine_memory_gb over 8 vectors of P numbers, ≤ batch_size
-    gib = 2**30
-    cfg = ScoreConfig(refine_steps=1, batch_size=8, refine_memory_gb=3 * 8 * 8 * 1000 * 2 / gib)
+    # the solver's blocks: half of refine_memory_gb over STATE_VECTORS vectors of P numbers,
+    # ≤ batch_size
+    gib, n = 2**30, STATE_VECTORS
+    cfg = ScoreConfig(refine_steps=1, batch_size=8, refine_memory_gb=3 * n * 8 * 1000 * 2 / gib)
     assert refine_block_size(cfg, 1000, torch.float64, 100) == 3
     assert refine_block_size(cfg, 10**9, torch.float64, 100) == 1
     assert refine_block_size(ScoreConfig(refine_steps=1, batch_size=8), 10, torch.float64, 5) == 5

@@ -21,6 +21,8 @@ from influscope.cli.options import (
     load_influence,
     non_negative_int,
 )
+from influscope.config import ScoreConfig
+from influscope.solvers.refine import AUTO_EXAMPLES
 from influscope.solvers.refine import METHODS as REFINE_METHODS
 
 NAME = "score"
@@ -94,23 +96,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--refine-examples",
-        type=int,
-        default=None,
+        type=refine_examples_arg,
+        default="auto",
         help="Gauss-Newton products over a seeded random subset of this many training "
-        "sequences (default: all). This trades accuracy for time: an iteration costs about two "
+        "sequences, or 'all' (default: %(default)s = min(N, "
+        f"{AUTO_EXAMPLES}) for N training sequences), so that the products cost a fixed "
+        "number of mini-batches whatever the size of the training set (--refine 2 on 40 "
+        "SmolLM2 sequences with 4 queries then stays within 3× a plain score: "
+        "docs/benchmarks.md). This trades accuracy for time: an iteration costs about two "
         "forward passes plus three per query for each sequence used (less when only late "
-        "layers are tracked), so 8-16 sequences make --refine 2 cost a few plain scoring "
-        "passes, while the solve then targets the curvature of that "
-        "subset (cg, neumann: one subset for all steps) or a noisy average (astra: a new "
-        "subset per step). Use all sequences for an exact solve on small training sets.",
+        "layers are tracked), plus two EK-FAC preconditionings per query, while the solve then "
+        "targets the curvature of that subset (cg, neumann: one subset for all steps) or a "
+        "noisy average (astra: a new subset per step). Use 'all' for an exact solve on small "
+        "training sets.",
     )
     score.add_argument(
         "--refine-start",
-        default="ekfac",
+        default=ScoreConfig.refine_start,
         choices=["ekfac", "scaled"],
-        help="Start the refinement from EK-FAC's answer (ekfac, default) or from its multiple "
-        "that minimises the Gauss-Newton-norm error (scaled: no extra cost; helps when EK-FAC "
-        "over- or under-shoots the joint system's scale, as on SmolLM2).",
+        help="Start the refinement from the multiple of EK-FAC's answer that minimises the "
+        "Gauss-Newton-norm error (scaled, default: no extra cost; for cg, N steps are then N+1 "
+        "steps from zero, never worse in that norm than N from EK-FAC's answer, and far better "
+        "when EK-FAC misjudges the joint system's scale, as on SmolLM2) or from EK-FAC's "
+        "answer itself (ekfac, the default before).",
     )
     score.add_argument(
         "--refine-alpha",
@@ -167,9 +175,42 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return score
 
 
+def refine_examples_arg(text: str) -> int | str:
+    """``argparse`` type of ``--refine-examples``: ``auto``, ``all`` or an integer ≥ 1.
+
+    Raises:
+        argparse.ArgumentTypeError: For anything else (argparse prints it with the usage and
+            exits with status 2).
+    """
+    if text in ("auto", "all"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 'all' or an integer ≥ 1, received {text!r}"
+        )
+    return value
+
+
+def resolve_refine_examples(value: int | str, n_train: int) -> int | None:
+    """``ScoreConfig.refine_examples`` from ``--refine-examples``.
+
+    ``auto`` is ``min(N, AUTO_EXAMPLES)`` (:data:`influscope.solvers.refine.AUTO_EXAMPLES`),
+    ``None`` (all) when that is every sequence, so that a small training set gets the exact
+    solve and the same stored stage as ``all``; ``all`` is ``None``; a number is kept.
+    """
+    if value == "all":
+        return None
+    if value == "auto":
+        return None if n_train <= AUTO_EXAMPLES else AUTO_EXAMPLES
+    return int(value)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope score``: precondition the queries, score, write the report."""
-    from influscope.config import ScoreConfig
     from influscope.loading import load_records
     from influscope.report import write_report
     from influscope.report.build import build_report
@@ -197,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         refine_steps=args.refine,
         refine=args.refine_method,
         refine_tol=args.refine_tol,
-        refine_examples=args.refine_examples,
+        refine_examples=resolve_refine_examples(args.refine_examples, len(train)),
         refine_alpha=args.refine_alpha,
         refine_start=args.refine_start,
     )

@@ -206,22 +206,24 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
     )
     rank = config.query_rank
     factored = rank is not None and n_q * n_params > dense_budget
-    meter = RefineMeter(blocks=-(-n_q // block))
+    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        t.numel() * t.element_size() for t in operator.tensors().values()
+    )
+    meter = RefineMeter(blocks=-(-n_q // block), resident=resident)
     dense: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     values, histories = [], []
     for i, lo in enumerate(range(0, n_q, block)):
         rows = list(range(lo, min(lo + block, n_q)))
-        grads, start, f = _block_gradients(
+        grads, start, f = _block_gradients(  # (q, P), (q, P), (q,)
             model, task, layers, operator, queries.subset(rows), config
         )
         values.append(f)
         done = store.get("refine", i) if store is not None else None
         if done is not None:  # refined before an interruption
-            ref = next(iter(start.values()))
-            hist = done.pop("__residuals__").to(ref.device)
-            part = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in done.items()}
-        else:
+            hist = done.pop("__residuals__").to(start.device)
+            part = {k: v.to(device=start.device, dtype=start.dtype) for k, v in done.items()}
+        else:  # the solver takes the flat tensors over (no copies)
             part, hist = refine_queries(
                 product,
                 operator,
@@ -273,10 +275,19 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
 
 
 def _block_gradients(model, task, layers, operator, queries, config):
-    """``({layer: (q, out, in)} gradients, their P^{-1} images, (q,) measurements)``."""
-    grads: dict[str, list[torch.Tensor]] = {}
-    start: dict[str, list[torch.Tensor]] = {}
+    """``((q, P) gradients, (q, P) P^{-1} images, (q,) measurements)``, flat.
+
+    The flat layout is :meth:`~influscope.solvers.GaussNewtonProduct.flatten`'s (each layer's
+    ``(out, in)`` matrix row-major, layer after layer); each layer's part is written in place,
+    so no per-layer copy is kept besides the two ``(q, P)`` tensors. ``P^{-1}∇f`` comes from
+    the captured token rows (:meth:`CurvatureOperator.precondition_batch`: an eigenbasis
+    operator rotates the ``T`` rows, not the ``(out, in)`` gradient), as in the plain path.
+    """
+    sizes = [layer.numel for layer in layers]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    grads = start = None
     values = []
+    row = 0
     for _, lbs, f in layer_passes(
         model,
         task,
@@ -288,9 +299,17 @@ def _block_gradients(model, task, layers, operator, queries, config):
         desc="query gradients",
     ):
         values.append(f)
-        for name, lb in lbs.items():
+        n = len(f)
+        for layer, off, size in zip(layers, offsets, sizes):
+            lb = lbs[layer.name]
             g = lb.gradient()  # (B, out, in)
-            grads.setdefault(name, []).append(g)
-            start.setdefault(name, []).append(operator.precondition(name, g))
-    cat = {k: torch.cat(v) for k, v in grads.items()}
-    return cat, {k: torch.cat(v) for k, v in start.items()}, torch.cat(values)
+            if grads is None:  # (q, P) each
+                grads = g.new_empty(len(queries), sum(sizes))
+                start = g.new_empty(len(queries), sum(sizes))
+            grads[row : row + n, off : off + size].view(n, *g.shape[1:]).copy_(g)
+            del g
+            pre = operator.precondition_batch(layer.name, lb)  # (B, out, in)
+            start[row : row + n, off : off + size].view(n, *pre.shape[1:]).copy_(pre)
+            del pre
+        row += n
+    return grads, start, torch.cat(values)

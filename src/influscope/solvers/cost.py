@@ -8,11 +8,12 @@ extrapolates::
     seconds ≈ t(first mini-batch) × mini-batches per product × products × query blocks
 
 with ``products = steps + 1`` (the starting residual), plus the power iterations of an
-automatic step. Its memory estimate is the solver's vectors, ``8 × Q × P`` numbers per block
-(the query gradients and their ``P^{-1}`` images as handed in, then ``b``, ``v``, ``r``,
-``z``, the search direction and its product), plus at most the product's
-tangent budget (:attr:`GaussNewtonProduct.memory_budget`); the model and its activations come
-on top. The estimate goes to the ``influscope.solvers`` logger and, while progress bars are on
+automatic step (Neumann reuses the first for its first step). Its memory estimate is the
+solver's vectors, :data:`STATE_VECTORS` ``× Q × P`` numbers per block, plus at most the
+product's tangent budget (:attr:`GaussNewtonProduct.memory_budget`), plus what is resident
+anyway when the caller says so (``RefineMeter(resident=...)``: the model's parameters and the
+preconditioner's factors); activations come on top. The estimate goes to the
+``influscope.solvers`` logger and, while progress bars are on
 (:func:`influscope.progress.progress_enabled`), to stderr; a progress bar over the iterations
 shows the largest relative residual of the block.
 """
@@ -29,8 +30,11 @@ from influscope.progress import progress_enabled
 
 logger = logging.getLogger("influscope.solvers")
 
-#: Vectors of ``Q × P`` numbers a solver block holds at once.
-STATE_VECTORS = 8
+#: Vectors of ``Q × P`` numbers a solver block holds at once: CG and Neumann hold four
+#: (``v``, ``r``, the search direction or ``P^{-1}r``, and its product), ASTRA five (``b``
+#: too); ``P^{-1}r`` of one query at a time comes on top. (The power iterations of an
+#: automatic Neumann / ASTRA step hold two or three more while they run.)
+STATE_VECTORS = 5
 
 
 def state_bytes(n_queries: int, n_params: int, dtype: torch.dtype) -> int:
@@ -49,10 +53,13 @@ class RefineMeter:
 
     Args:
         blocks: Query blocks the refinement is run in (the estimate covers all of them).
+        resident: Bytes held anyway during the solve (model parameters, preconditioner
+            factors), added to the memory estimate when given.
     """
 
-    def __init__(self, blocks: int = 1) -> None:
+    def __init__(self, blocks: int = 1, resident: int = 0) -> None:
         self.blocks = blocks
+        self.resident = resident
         self.announced = False
         self.method = "cg"
         self.what = ""
@@ -68,9 +75,14 @@ class RefineMeter:
             f"{self.blocks} block(s) of ≤ {q} queries × {p:,} parameters, Gauss-Newton "
             f"products over {n_examples} training sequences"
         )
+        held = (
+            f" + {self.resident / 2**30:.2f} GiB of model and factors (activations not included)"
+            if self.resident
+            else " (model and activations not included)"
+        )
         self.memory = (
             f"memory ≈ {gib:.2f} GiB of solver vectors + ≤ {budget:.2f} GiB of product "
-            "tangents (model and activations not included)"
+            f"tangents{held}"
         )
 
     def first_product(self, products: int):

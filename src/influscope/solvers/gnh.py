@@ -111,13 +111,16 @@ class GaussNewtonProduct:
             params = {self._names[id(p)]: value for p, value in tracked_values(self.layers, chunks)}
             return functional_call(self._wrapper, params, (batch,))
 
-        theta = torch.cat(
+        return fn
+
+    def _theta(self) -> torch.Tensor:
+        """The tracked parameters as one flat ``(P,)`` vector (built once per product)."""
+        return torch.cat(
             [
                 layer.adapter.weight_out_in(layer.module).detach().reshape(-1)
                 for layer in self.layers
             ]
         )
-        return fn, theta
 
     # --- products --------------------------------------------------------------------------
     def query_block(self, outputs: torch.Tensor, n_vectors: int, dtype: torch.dtype) -> int:
@@ -151,12 +154,12 @@ class GaussNewtonProduct:
         mine = list(range(rank, len(data), world))
         starts = list(range(0, len(mine), self.batch_size))
         began = time.perf_counter()
+        theta = self._theta().to(flat.dtype)  # (P,)
         with eval_mode(self.model), sdpa_kernel([SDPBackend.MATH]):
             for done, start in enumerate(starts, 1):
                 examples = [data.examples[i] for i in mine[start : start + self.batch_size]]
                 batch = {k: v.to(self.device) for k, v in self.task.collate(examples).items()}
-                fn, theta = self._function(batch)
-                theta = theta.to(flat.dtype)
+                fn = self._function(batch)
                 outputs, pullback = vjp(fn, theta)  # one forward for all Q vectors
                 outputs = outputs.detach()
 
@@ -168,10 +171,12 @@ class GaussNewtonProduct:
                     self._vectorized(fn, theta, outputs, grad_loss, pullback, flat, total)
                 else:
                     self._looped(fn, theta, outputs, grad_loss, pullback, flat, total)
+                del pullback, outputs
                 if on_batch is not None:
                     on_batch(done, len(starts), time.perf_counter() - began)
+        del theta
         all_reduce_(total)
-        return total / len(data)
+        return total.div_(len(data))
 
     def _looped(self, fn, theta, outputs, grad_loss, pullback, flat, total) -> None:
         """Reference: one jvp, Hessian jvp and pullback per vector."""
@@ -198,14 +203,16 @@ class GaussNewtonProduct:
             total[rows] += vmap(pullback)(hjv)[0].detach()  # (q, P)
 
     def damped(self, flat: torch.Tensor, data: EncodedDataset, on_batch=None) -> torch.Tensor:
-        """``(G + Λ) V``: ``(Q, P)`` → ``(Q, P)`` (``on_batch``: see :meth:`gauss_newton`)."""
-        lam = torch.cat(
-            [
-                torch.full(
-                    (size,), float(self.damping[layer.name]), dtype=flat.dtype, device=flat.device
-                )
-                for layer, size in zip(self.layers, self.sizes)
-            ]
-        )
+        """``(G + Λ) V``: ``(Q, P)`` → ``(Q, P)`` (``on_batch``: see :meth:`gauss_newton`).
+
+        ``Λ V`` is added in place, layer by layer, to the product's own output, so no
+        ``(Q, P)`` temporary is made besides the result.
+        """
         kwargs = {} if on_batch is None else {"on_batch": on_batch}
-        return self.gauss_newton(flat, data, **kwargs) + lam * flat
+        out = self.gauss_newton(flat, data, **kwargs)
+        done = 0
+        for layer, size in zip(self.layers, self.sizes):
+            lam = float(self.damping[layer.name])
+            out[:, done : done + size].add_(flat[:, done : done + size], alpha=lam)
+            done += size
+        return out

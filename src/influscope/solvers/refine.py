@@ -50,6 +50,12 @@ METHODS = ("cg", "neumann", "astra")
 #: Power iterations for the automatic step of Neumann and ASTRA.
 POWER_STEPS = 4
 
+#: ``score --refine-examples auto`` (the CLI default): products over ``min(N, 16)``
+#: sequences, two mini-batches of the default ``batch_size`` 8, so that a refinement's cost
+#: does not grow with the training set (docs/benchmarks.md, SmolLM2 first hour). The library
+#: default, ``ScoreConfig.refine_examples=None``, stays "all sequences".
+AUTO_EXAMPLES = 16
+
 
 def subset(data: EncodedDataset, examples: int | None, seed: int, step: int) -> EncodedDataset:
     """The seeded random subset of ``examples`` sequences for ``step`` (all when ``None``)."""
@@ -63,8 +69,8 @@ def subset(data: EncodedDataset, examples: int | None, seed: int, step: int) -> 
 def refine_queries(
     product: GaussNewtonProduct,
     operator,
-    grads: dict[str, torch.Tensor],
-    start: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor] | torch.Tensor,
+    start: dict[str, torch.Tensor] | torch.Tensor,
     train: EncodedDataset,
     *,
     steps: int,
@@ -82,8 +88,11 @@ def refine_queries(
     Args:
         product: The ``(G + Λ) V`` product.
         operator: The preconditioner ``P`` (any CurvatureOperator: ``precondition(name, g)``).
-        grads: ``b = {layer: (Q, out, in)}`` query gradients.
-        start: ``P^{-1} b`` (the plain preconditioned queries), same layout.
+        grads: ``b = {layer: (Q, out, in)}`` query gradients, or already flat ``(Q, P)`` in
+            the layout of :meth:`GaussNewtonProduct.flatten`. A flat tensor is taken over:
+            the solver overwrites it (it becomes the residual), so no copy is held.
+        start: ``P^{-1} b`` (the plain preconditioned queries), same layout; a flat tensor is
+            taken over likewise (it becomes the refined ``v``).
         train: Training examples defining ``G``.
         steps, method, tol, examples, seed: See ``ScoreConfig.refine_*``.
         alpha: Neumann / ASTRA step size; ``None`` estimates ``1/μ_max`` per query by power
@@ -102,6 +111,13 @@ def refine_queries(
         The refined ``{layer: (Q, out, in)}`` and the relative residuals ``(Q, k+1)``
         (``k ≤ steps`` iterations run; converged queries repeat their last value).
 
+    Memory: CG holds four ``(Q, P)`` vectors (``v``, ``r``, the search direction ``p`` and its
+    product), Neumann the same with ``P^{-1}r`` for ``p``, ASTRA one more (``b``); ``P^{-1}r``
+    is formed one query at a time, and the updates are in place. Cost: ``steps + 1``
+    products (the starting residual, then one per step; Neumann's automatic step reuses its
+    first power-iteration product for its first step) and ``steps`` preconditionings
+    ``P^{-1}r`` per query (the last step needs none).
+
     Raises:
         ConfigError: Unknown method or a step size that is not positive.
         NumericalError: A residual became NaN/Inf or grew over 10× its start (the message
@@ -111,76 +127,110 @@ def refine_queries(
         raise ConfigError(f"refine must be one of {METHODS}, received {method!r}.")
     if alpha is not None and not alpha > 0:
         raise ConfigError(f"The refinement step alpha must be > 0 or None (auto), got {alpha}.")
-    names = [layer.name for layer in product.layers]
-    b = product.flatten({n: grads[n] for n in names}).to(start[names[0]].dtype)
-    x = product.flatten(start)
+    x = start if isinstance(start, torch.Tensor) else product.flatten(start)  # (Q, P)
+    b = grads if isinstance(grads, torch.Tensor) else product.flatten(grads)  # (Q, P)
+    b = b.to(x.dtype)
     bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)  # (Q,)
-    auto = method != "cg" and alpha is None
+    auto = method != "cg" and alpha is None and steps > 0
     meter = meter or RefineMeter()
-    products = steps + 1 + (power_steps if auto else 0)
-    meter.begin(method, x, product, train if examples is None else min(examples, len(train)))
+    # Neumann's first step reuses the first power-iteration product
+    products = steps + 1 + (power_steps - (method == "neumann") if auto else 0)
+    meter.begin(method, x, product, len(train) if examples is None else min(examples, len(train)))
 
     def apply_p(r: torch.Tensor) -> torch.Tensor:
-        parts = product.unflatten(r)
-        return product.flatten({n: operator.precondition(n, parts[n]) for n in names})
+        """``P^{-1} r`` for ``(q, P)`` rows, layer by layer into one output."""
+        out = torch.empty_like(r)
+        dst = product.unflatten(out)
+        for n, part in product.unflatten(r).items():
+            dst[n].copy_(operator.precondition(n, part))
+        return out
 
     fixed = subset(train, examples, seed, 0)  # CG / Neumann: one subset for every step
     w = product.damped(x, fixed, on_batch=meter.first_product(products))  # A P⁻¹b
-    first = None  # CG's first direction P⁻¹b and bᵀP⁻¹b, when the start is its step
+    first = None  # CG's first direction P⁻¹b = x / c and bᵀP⁻¹b, when the start is its step
     if scale_start and steps > 0:  # zero steps stay plain EK-FAC
-        bz = (b * x).sum(1)  # (Q,) bᵀP⁻¹b
-        c = bz / (x * w).sum(1)  # (Q,) argmin_c ‖c P⁻¹b − A⁻¹b‖_A: CG's first step from 0
+        bz = _dot(b, x)  # (Q,) bᵀP⁻¹b
+        c = bz / _dot(x, w)  # (Q,) argmin_c ‖c P⁻¹b − A⁻¹b‖_A: CG's first step from 0
         c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
-        first = (x, bz)
-        x, w = c[:, None] * x, c[:, None] * w
-    r = b - w
+        first = (c, bz)
+        x.mul_(c[:, None])
+        w.mul_(c[:, None])
+    # r = b − A v₀; ASTRA recomputes its residual from b at every step, the others reuse b
+    r = b - w if method == "astra" else b.sub_(w)
     del w
     history = [r.norm(dim=1) / bnorm]
     _check(history[0], history[0], r, product, 0)  # a NaN/Inf start (preconditioner, data)
     active = history[0] > tol
+    if steps == 0 or not bool(active.any()):
+        return product.unflatten(x), torch.stack(history, 1)
     z = apply_p(r)
+    az = None  # Neumann: A P⁻¹r₀, from the power iteration
     if auto:
-        step_size = power_alpha(product, apply_p, r, fixed, power_steps)  # (Q,)
+        step_size, az = _power(product, apply_p, r, z, fixed, power_steps)  # (Q,)
         meter.note_alpha(step_size)
+        if method != "neumann":
+            az = None
     else:
         step_size = torch.full_like(bnorm, 1.0 if alpha is None else alpha)
-    rz = (r * z).sum(1)
-    p = z.clone()
-    if method == "cg" and first is not None:  # keep conjugacy with the first direction
-        p = z + (rz / first[1])[:, None] * first[0]
+    rz = _dot(r, z)
+    if method == "cg":
+        p = z  # the search direction, updated in place
+        del z
+        if first is not None:  # keep conjugacy with the first direction P⁻¹b = v₀ / c
+            c, bz = first
+            for q in range(p.shape[0]):
+                p[q].add_(x[q], alpha=float(rz[q] / (bz[q] * c[q])))
     del first
     bar = meter.bar(steps)
     for k in range(steps):
         if not bool(active.any()):
             break
-        m = active[:, None]
+        rows = [q for q in range(x.shape[0]) if bool(active[q])]
         if method == "cg":
             ap = product.damped(p, fixed)
-            step = rz / (p * ap).sum(1)
-            step = torch.where(active, step, torch.zeros_like(step))
-            x = x + step[:, None] * p
-            r = torch.where(m, r - step[:, None] * ap, r)
-            z = apply_p(r)
-            rz_new = (r * z).sum(1)
-            beta = rz_new / rz
-            p = torch.where(m, z + beta[:, None] * p, p)
-            rz = torch.where(active, rz_new, rz)
+            step = rz / _dot(p, ap)
+            for q in rows:
+                x[q].add_(p[q], alpha=float(step[q]))
+                r[q].sub_(ap[q], alpha=float(step[q]))
+            del ap
         elif method == "neumann":
-            az = product.damped(z, fixed)
-            x = torch.where(m, x + step_size[:, None] * z, x)
-            r = torch.where(m, r - step_size[:, None] * az, r)
-            z = apply_p(r)
+            if az is None:
+                az = product.damped(z, fixed)
+            for q in rows:
+                x[q].add_(z[q], alpha=float(step_size[q]))
+                r[q].sub_(az[q], alpha=float(step_size[q]))
+            az = None
         else:  # astra: a fresh residual on a fresh mini-batch
-            x = torch.where(m, x + step_size[:, None] * z, x)
-            r = torch.where(m, b - product.damped(x, subset(train, examples, seed, k + 1)), r)
-            z = apply_p(r)
-        res = r.norm(dim=1) / bnorm
+            for q in rows:
+                x[q].add_(z[q], alpha=float(step_size[q]))
+            fresh = product.damped(x, subset(train, examples, seed, k + 1))
+            for q in rows:
+                torch.sub(b[q], fresh[q], out=r[q])
+            del fresh
+        res = torch.where(active, r.norm(dim=1) / bnorm, history[-1])
         history.append(res)
         _check(res, history[0], r, product, k + 1)
         active = active & (res > tol)
+        if k + 1 < steps:  # the next direction (none after the last step)
+            for q in range(x.shape[0]):
+                if not bool(active[q]):
+                    continue
+                zq = apply_p(r[q : q + 1])[0]  # (P,) one query at a time
+                if method == "cg":
+                    rz_new = _dot(r[q : q + 1], zq[None])[0]
+                    p[q].mul_(float(rz_new / rz[q])).add_(zq)
+                    rz[q] = rz_new
+                else:
+                    z[q].copy_(zq)
+                del zq
         meter.step(bar, res)
     meter.close(bar)
     return product.unflatten(x), torch.stack(history, 1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``aᵀb`` of ``(Q, P)`` tensors, ``(Q,)``, without a ``(Q, P)`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
 def power_alpha(product, apply_p, r0: torch.Tensor, data, iterations: int) -> torch.Tensor:
@@ -201,14 +251,28 @@ def power_alpha(product, apply_p, r0: torch.Tensor, data, iterations: int) -> to
     Returns:
         ``(Q,)`` step sizes.
     """
-    u = r0 / r0.norm(dim=1, keepdim=True).clamp_min(torch.finfo(r0.dtype).tiny)
+    return _power(product, apply_p, r0, apply_p(r0), data, iterations)[0]
+
+
+def _power(product, apply_p, r0, z0, data, iterations):
+    """:func:`power_alpha` given ``z_0 = P^{-1} r_0``; also returns ``A z_0`` (``(Q, P)``).
+
+    The first iteration's ``y = P^{-1}(r_0/‖r_0‖)`` is ``z_0/‖r_0‖``, so its product times
+    ``‖r_0‖`` is ``A z_0``, which a Neumann step needs next.
+    """
+    norm = r0.norm(dim=1, keepdim=True).clamp_min(torch.finfo(r0.dtype).tiny)  # (Q, 1)
     mu = torch.zeros(r0.shape[0], dtype=r0.dtype, device=r0.device)
-    for _ in range(max(1, iterations)):
-        y = apply_p(u)
+    u, y, az0 = r0 / norm, z0 / norm, None
+    for i in range(max(1, iterations)):
+        if i:
+            y = apply_p(u)
         w = product.damped(y, data)
-        mu = torch.maximum(mu, (y * w).sum(1) / (y * u).sum(1))  # Rayleigh quotient ≤ μ_max
+        if i == 0:
+            az0 = w * norm  # A z₀
+        mu = torch.maximum(mu, _dot(y, w) / _dot(y, u))  # Rayleigh quotient ≤ μ_max
         u = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return 1.0 / mu.clamp_min(torch.finfo(mu.dtype).tiny)
+        del w, y
+    return 1.0 / mu.clamp_min(torch.finfo(mu.dtype).tiny), az0
 
 
 def _check(res: torch.Tensor, first: torch.Tensor, r: torch.Tensor, product, step: int) -> None:
