@@ -291,6 +291,7 @@ def main() -> None:
             refine_steps=args.cg_steps,
             refine="cg",
             refine_examples=args.cg_examples,
+            refine_start="ekfac",  # as measured (the default before "scaled")
         )
         with stages.stage("cg"):
             scores = inf.score(qs, train, factors, cfg)
