@@ -174,7 +174,7 @@ class Cache:
         path = self.dir / f"{name}.pt"
         if not path.is_file():
             return None
-        got = torch.load(path)
+        got = torch.load(path, weights_only=True)
         return got if got["tag"] == self.tag else None
 
     def _claim(self, name: str) -> bool:

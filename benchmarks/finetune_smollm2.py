@@ -306,7 +306,7 @@ def report(args, bank, results: dict, save) -> None:
     for key in ("ekfac", "cg", "magic"):
         if not (out / f"{key}.json").is_file():
             continue
-        stored = torch.load(out / f"{key}.pt")
+        stored = torch.load(out / f"{key}.pt", weights_only=True)
         cost = json.loads((out / f"{key}.json").read_text())
         got = stored.get("measurements")
         gap = None if got is None else float((got.double() - bank.full).abs().max())
@@ -326,7 +326,7 @@ def report(args, bank, results: dict, save) -> None:
     if "magic" in results:  # is the retrained change linear in the weights?
         dropped, measured = bank.of_fraction(0)  # (m, N), (m, Q)
         actual = (measured - bank.full).double()  # (m, Q)
-        tau = torch.load(out / "magic.pt")["pairwise"].double()  # (Q, N)
+        tau = torch.load(out / "magic.pt", weights_only=True)["pairwise"].double()  # (Q, N)
         pred = -(dropped.double() @ tau.T)  # first-order change: −Σ_{i∈D} d f / d w_i
         pearson = [float(torch.corrcoef(torch.stack([pred[:, q], actual[:, q]]))[0, 1])
                    for q in range(actual.shape[1])]  # fmt: skip
