@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from influscope.budget import plan_score
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
@@ -82,6 +83,8 @@ class Influence:
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
         #: replayed from the in-memory cache (EK-FAC's second pass).
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
+        #: The memory plan of the last fit computed here (:class:`influscope.budget.FitPlan`).
+        self.last_fit_plan = None
         #: The preconditioned queries the last :meth:`score` computed with (the ones it was
         #: given, or those it preconditioned), ``None`` when it loaded its stored stage; the
         #: ``score`` command's report reuses them instead of a second query pass.
@@ -189,6 +192,7 @@ class Influence:
                 config,
                 store=store,  # per-shard partial sums: a killed fit resumes
                 amp_dtype=_amp(config.amp_dtype),
+                on_plan=lambda plan: setattr(self, "last_fit_plan", plan),
             )
             return operator.to("cpu") if self.offload else operator
 
@@ -379,14 +383,23 @@ class Influence:
         )
 
         def compute(refine_store: PartialSums | None) -> Scores:
+            # the memory budget: refused before any forward pass when one layer does not
+            # fit; the batch size is lowered to fit (the stage's fingerprint keeps config's)
+            n_queries = queries.n_queries if given else len(queries)
+            batch = plan_score(self.tracked, train, n_queries, config)
+            run_config = (
+                config if batch == config.batch_size else dataclasses.replace(config, batch_size=batch)
+            )
             pq = (
                 queries
                 if given
-                else self.precondition(queries, factors, config, train, refine_store=refine_store)
+                else self.precondition(
+                    queries, factors, run_config, train, refine_store=refine_store
+                )
             )
             self.last_preconditioned = pq
             want_self = self_influence or config.normalize == "relatif"
-            return score_pass(self.tracked, pq, train, config, factors, want_self)
+            return score_pass(self.tracked, pq, train, run_config, factors, want_self)
 
         # a stored stage is loaded (or a stale one refused, or an unwritable run directory
         # refused) before any query pass: encoded queries are preconditioned inside compute
