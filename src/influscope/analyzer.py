@@ -388,7 +388,9 @@ class Influence:
             n_queries = queries.n_queries if given else len(queries)
             batch = plan_score(self.tracked, train, n_queries, config)
             run_config = (
-                config if batch == config.batch_size else dataclasses.replace(config, batch_size=batch)
+                config
+                if batch == config.batch_size
+                else dataclasses.replace(config, batch_size=batch)
             )
             pq = (
                 queries

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from influscope.cli.options import (
     add_batch_size_option,
+    add_memory_option,
     add_run_options,
     apply_contrast,
     check_writable,
@@ -68,6 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
     )
     add_batch_size_option(score)
+    add_memory_option(score)
     score.add_argument(
         "--refine",
         type=non_negative_int,
@@ -169,7 +171,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope score``: precondition the queries, score, write the report."""
-    from influscope.config import ScoreConfig
+    from influscope.config import ScoreConfig, check_memory_gb
     from influscope.loading import load_records
     from influscope.report import write_report
     from influscope.report.build import build_report
@@ -178,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
+    check_memory_gb(args.memory_gb)  # refused before the model is loaded
     # data files and output directories are checked before the model is loaded
     query_records = apply_contrast(load_records(args.queries), args.contrast)
     if args.report is not None:
@@ -200,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         refine_examples=args.refine_examples,
         refine_alpha=args.refine_alpha,
         refine_start=args.refine_start,
+        memory_gb=args.memory_gb,
     )
     op = score_damping(op, config)  # the report's self-influence uses the same λ
     ensemble = None
