@@ -198,6 +198,11 @@ class Influence:
 
         return run_stage(stage, compute, overwrite)
 
+    def _model_dtype(self) -> str:
+        """The dtype of the tracked layers' weights (``"float32"``, ``"bfloat16"``, …)."""
+        weight = next(self.tracked.layers[0].module.parameters())
+        return str(weight.dtype).removeprefix("torch.")
+
     def _fit_stage(
         self, train: EncodedDataset, config: FitConfig, name: str
     ) -> tuple[StageSpec[CurvatureOperator], EncodedDataset]:
@@ -223,7 +228,14 @@ class Influence:
             load=lambda tensors, meta: CURVATURES[config.curvature].operator.from_tensors(
                 tensors, meta["damping"]
             ),
-            dump=lambda op: (op.tensors(), {"curvature": config.curvature, "damping": op.damping}),
+            dump=lambda op: (
+                op.tensors(),
+                {
+                    "curvature": config.curvature,
+                    "damping": op.damping,
+                    "model_dtype": self._model_dtype(),
+                },
+            ),
             device=self._factor_device,  # CPU memory with offload=True
         )
         return stage, train
@@ -256,6 +268,16 @@ class Influence:
             "under another name and pass it (CLI: --factors NAME)."
         )
         meta = self.run.check("factors", name, {"layers": self.layer_names}, fix)
+        fitted, now = meta.get("model_dtype"), self._model_dtype()
+        if fitted is not None and fitted != now:  # before the fingerprint, which also differs
+            raise StaleArtifactError(
+                f"The factors {name!r} under {self.run.root} were fitted with the model in "
+                f"{fitted}, but the model is now {now}. Expected a {fitted} model; received "
+                f"{now}. Fix: load the model in {fitted} (model.to(torch.{fitted}); the CLI "
+                f"loads float32), or refit the factors in {now} (Influence.fit(..., "
+                f"overwrite=True), `influscope fit ... --name {name} --overwrite`, or another "
+                "name)."
+            )
         config = FitConfig.from_dict(meta["config"])
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
