@@ -159,8 +159,17 @@ def _fit_rows(tracked, config, dims, n, t, resident, batch_size) -> list[float]:
     return rows or [resident + act]
 
 
-def plan_fit(tracked: TrackedModel, train: EncodedDataset, config: FitConfig) -> FitPlan:
+def plan_fit(
+    tracked: TrackedModel, train: EncodedDataset, config: FitConfig, layers=None
+) -> FitPlan:
     """Check a fit against its budget and size its batch and replay cache (no forward pass).
+
+    Args:
+        tracked: The model, its task and the tracked layers.
+        train: The sequences the curvature is fitted on.
+        config: The fit settings (``memory_gb``, ``batch_size``, ``cache_mb``, ...).
+        layers: The layers whose statistics are fitted, when not the tracked ones (an index's
+            projected stand-ins, with their own ``in_dim`` / ``out_dim``).
 
     Raises:
         MemoryBudgetError: ``B`` is below what one tracked layer needs (the message names the
@@ -170,7 +179,7 @@ def plan_fit(tracked: TrackedModel, train: EncodedDataset, config: FitConfig) ->
     budget = budget_bytes(config.memory_gb, device)
     resident = float(resident_bytes(device))
     n, t = len(train), train.max_length()
-    layers = list(tracked.layers)
+    layers = list(tracked.layers if layers is None else layers)
     dims = [(layer.in_dim, layer.out_dim) for layer in layers]
     given = f"memory_gb={config.memory_gb}" if config.memory_gb is not None else "the default"
     # 1. the most demanding single layer, alone, at batch size 1

@@ -74,7 +74,7 @@ def fit_curvature(
     spec = CURVATURES[config.curvature]
     # the memory budget: refused before any forward pass when one layer does not fit; the
     # batch size and the replay cache are sized to it (influscope.budget)
-    plan = plan_fit(tracked, train, config)
+    plan = plan_fit(tracked, train, config, fit_layers)
     batch_size = plan.batch_size
     if on_plan is not None:
         on_plan(plan)
