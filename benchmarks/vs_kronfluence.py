@@ -288,11 +288,12 @@ def _budget_rows(args, ours: dict, theirs: dict) -> list[str]:
     against Kronfluence's from the same run (issue 22's targets: ≤ 0.5× its time, ≤ 1.0× its
     peak)."""
     t2, m2 = sum(theirs["seconds"].values()), theirs["max_rss_mib"]
+    c2 = sum(theirs["cpu_seconds"].values())
     rows = ["", f"Memory budget (`--memory-gb`) vs time and peak RSS (Kronfluence: {t2:.2f} s, "
-            f"{m2:.0f} MiB):", "",
+            f"{c2:.2f} CPU-s, {m2:.0f} MiB):", "",
             "| budget | replayed shards | factors s | scores s | total s | time ÷ Kronfluence | "
-            "peak RSS MiB | peak ÷ Kronfluence | under the budget |",
-            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "CPU-s ÷ Kronfluence | peak RSS MiB | peak ÷ Kronfluence | under the budget |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     runs = [("default", ours)] + [(b, spawn("influscope", args, b)) for b in args.budgets]
     for budget, res in runs:
         t1, m1 = sum(res["seconds"].values()), res["max_rss_mib"]
@@ -301,7 +302,8 @@ def _budget_rows(args, ours: dict, theirs: dict) -> list[str]:
         rows.append(
             f"| {label.get(budget, budget + ' GiB')} | {res['replayed_shards']}/"
             f"{res['shards']} | {res['seconds']['factors']:.2f} | {res['seconds']['scores']:.2f}"
-            f" | {t1:.2f} | {t1 / t2:.2f} | {m1:.0f} | {m1 / m2:.2f} | {under} |"
+            f" | {t1:.2f} | {t1 / t2:.2f} | {sum(res['cpu_seconds'].values()) / c2:.2f} | "
+            f"{m1:.0f} | {m1 / m2:.2f} | {under} |"
         )
     return rows
 
