@@ -73,13 +73,27 @@ def run_influscope(data, stages: Stages) -> dict:
 
     train, queries = dataset(data.train), dataset(data.queries)
     inf = Influence(model, "causal_lm", modules=mlp_names(model), device="cpu")
-    fit = FitConfig(curvature="ekfac", fisher="empirical", batch_size=BATCH)
-    score = ScoreConfig(query_rank=None, batch_size=BATCH)
+    budget = getattr(data, "memory_gb", None)  # "default", "nocache" or GiB
+    memory_gb = None if budget in (None, "default", "nocache") else float(budget)
+    fit = FitConfig(
+        curvature="ekfac",
+        fisher="empirical",
+        batch_size=BATCH,
+        memory_gb=memory_gb,
+        cache_mb=0 if budget == "nocache" else None,
+    )
+    score = ScoreConfig(query_rank=None, batch_size=BATCH, memory_gb=memory_gb)
     with stages.stage("factors"):
         op = inf.fit(train, fit)
+    plan = inf.last_fit_plan
     with stages.stage("scores"):
         scores = inf.score(queries, train, op, score).pairwise  # (Q, N)
-    return {"scores": scores.tolist()}
+    return {
+        "scores": scores.tolist(),
+        "budget_gib": plan.budget / 2**30,
+        "replayed_shards": inf.last_fit_shards["replayed"],
+        "shards": inf.last_fit_shards["computed"] or -(-len(train) // 256),
+    }
 
 
 def run_kronfluence(data, stages: Stages) -> dict:
@@ -209,15 +223,16 @@ def worker(args) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     data = prepare(args.variant, args.n_train, args.n_queries)
+    data.memory_gb = args.memory_gb
     stages = Stages()
     extra = WORKERS[args.worker](data, stages)
     print(json.dumps({**stages.result(), **extra}))
 
 
-def spawn(name: str, args) -> dict:
+def spawn(name: str, args, memory_gb: str = "default") -> dict:
     python = str(BERGSON_PYTHON) if name == "bergson" else sys.executable
     cmd = [python, "-m", "benchmarks.vs_kronfluence", "--worker", name]
-    cmd += ["--variant", args.variant]
+    cmd += ["--variant", args.variant, "--memory-gb", memory_gb]
     cmd += ["--n-train", str(args.n_train), "--n-queries", str(args.n_queries)]
     env = None
     if name == "bergson":  # its own venv; influscope and the benchmarks from this checkout
@@ -263,7 +278,34 @@ def bench_variant(args) -> tuple[list[str], tuple[float, float, float]]:
     ]
     if args.bergson:
         rows[-1:-1] = _bergson_rows(ours, res["bergson"], a, t1)
+    if args.budgets:
+        rows[-1:-1] = _budget_rows(args, ours, theirs)
     return rows, (t1 / t2, rho, t1 / floor)
+
+
+def _budget_rows(args, ours: dict, theirs: dict) -> list[str]:
+    """influscope again under each of ``--budgets`` (GiB, or ``nocache``): time and peak RSS
+    against Kronfluence's from the same run (issue 22's targets: ≤ 0.5× its time, ≤ 1.0× its
+    peak)."""
+    t2, m2 = sum(theirs["seconds"].values()), theirs["max_rss_mib"]
+    c2 = sum(theirs["cpu_seconds"].values())
+    rows = ["", f"Memory budget (`--memory-gb`) vs time and peak RSS (Kronfluence: {t2:.2f} s, "
+            f"{c2:.2f} CPU-s, {m2:.0f} MiB):", "",
+            "| budget | replayed shards | factors s | scores s | total s | time ÷ Kronfluence | "
+            "CPU-s ÷ Kronfluence | peak RSS MiB | peak ÷ Kronfluence | under the budget |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    runs = [("default", ours)] + [(b, spawn("influscope", args, b)) for b in args.budgets]
+    for budget, res in runs:
+        t1, m1 = sum(res["seconds"].values()), res["max_rss_mib"]
+        label = {"default": f"default ({res['budget_gib']:.1f} GiB)", "nocache": "no cache"}
+        under = "–" if budget in ("default", "nocache") else str(m1 <= 1024 * float(budget))
+        rows.append(
+            f"| {label.get(budget, budget + ' GiB')} | {res['replayed_shards']}/"
+            f"{res['shards']} | {res['seconds']['factors']:.2f} | {res['seconds']['scores']:.2f}"
+            f" | {t1:.2f} | {t1 / t2:.2f} | {sum(res['cpu_seconds'].values()) / c2:.2f} | "
+            f"{m1:.0f} | {m1 / m2:.2f} | {under} |"
+        )
+    return rows
 
 
 def _bergson_rows(ours: dict, peer: dict, a: torch.Tensor, t1: float) -> list[str]:
@@ -299,6 +341,14 @@ def main() -> None:
         default=BERGSON_PYTHON.is_file(),
         help="Add Bergson 2.5.1 as a second peer (default: when `make peers-bergson` has run).",
     )
+    parser.add_argument(
+        "--budgets",
+        nargs="*",
+        default=[],
+        help="Also run influscope under these memory budgets (GiB, or 'nocache') and add a "
+        "budget vs time vs peak table.",
+    )
+    parser.add_argument("--memory-gb", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="small", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from influscope.budget import plan_score
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
@@ -82,6 +83,8 @@ class Influence:
         #: Shards of the last :meth:`fit` loaded from a previous (interrupted) run / computed /
         #: replayed from the in-memory cache (EK-FAC's second pass).
         self.last_fit_shards: dict[str, int] = {"loaded": 0, "computed": 0, "replayed": 0}
+        #: The memory plan of the last fit computed here (:class:`influscope.budget.FitPlan`).
+        self.last_fit_plan = None
         #: The preconditioned queries the last :meth:`score` computed with (the ones it was
         #: given, or those it preconditioned), ``None`` when it loaded its stored stage; the
         #: ``score`` command's report reuses them instead of a second query pass.
@@ -189,10 +192,16 @@ class Influence:
                 config,
                 store=store,  # per-shard partial sums: a killed fit resumes
                 amp_dtype=_amp(config.amp_dtype),
+                on_plan=lambda plan: setattr(self, "last_fit_plan", plan),
             )
             return operator.to("cpu") if self.offload else operator
 
         return run_stage(stage, compute, overwrite)
+
+    def _model_dtype(self) -> str:
+        """The dtype of the tracked layers' weights (``"float32"``, ``"bfloat16"``, …)."""
+        weight = next(self.tracked.layers[0].module.parameters())
+        return str(weight.dtype).removeprefix("torch.")
 
     def _fit_stage(
         self, train: EncodedDataset, config: FitConfig, name: str
@@ -219,7 +228,14 @@ class Influence:
             load=lambda tensors, meta: CURVATURES[config.curvature].operator.from_tensors(
                 tensors, meta["damping"]
             ),
-            dump=lambda op: (op.tensors(), {"curvature": config.curvature, "damping": op.damping}),
+            dump=lambda op: (
+                op.tensors(),
+                {
+                    "curvature": config.curvature,
+                    "damping": op.damping,
+                    "model_dtype": self._model_dtype(),
+                },
+            ),
             device=self._factor_device,  # CPU memory with offload=True
         )
         return stage, train
@@ -252,6 +268,16 @@ class Influence:
             "under another name and pass it (CLI: --factors NAME)."
         )
         meta = self.run.check("factors", name, {"layers": self.layer_names}, fix)
+        fitted, now = meta.get("model_dtype"), self._model_dtype()
+        if fitted is not None and fitted != now:  # before the fingerprint, which also differs
+            raise StaleArtifactError(
+                f"The factors {name!r} under {self.run.root} were fitted with the model in "
+                f"{fitted}, but the model is now {now}. Expected a {fitted} model; received "
+                f"{now}. Fix: load the model in {fitted} (model.to(torch.{fitted}); the CLI "
+                f"loads float32), or refit the factors in {now} (Influence.fit(..., "
+                f"overwrite=True), `influscope fit ... --name {name} --overwrite`, or another "
+                "name)."
+            )
         config = FitConfig.from_dict(meta["config"])
         if config.max_examples is not None and config.max_examples < len(train):
             train = train.subset(range(config.max_examples))
@@ -379,14 +405,25 @@ class Influence:
         )
 
         def compute(refine_store: PartialSums | None) -> Scores:
+            # the memory budget: refused before any forward pass when one layer does not
+            # fit; the batch size is lowered to fit (the stage's fingerprint keeps config's)
+            n_queries = queries.n_queries if given else len(queries)
+            batch = plan_score(self.tracked, train, n_queries, config)
+            run_config = (
+                config
+                if batch == config.batch_size
+                else dataclasses.replace(config, batch_size=batch)
+            )
             pq = (
                 queries
                 if given
-                else self.precondition(queries, factors, config, train, refine_store=refine_store)
+                else self.precondition(
+                    queries, factors, run_config, train, refine_store=refine_store
+                )
             )
             self.last_preconditioned = pq
             want_self = self_influence or config.normalize == "relatif"
-            return score_pass(self.tracked, pq, train, config, factors, want_self)
+            return score_pass(self.tracked, pq, train, run_config, factors, want_self)
 
         # a stored stage is loaded (or a stale one refused, or an unwritable run directory
         # refused) before any query pass: encoded queries are preconditioned inside compute

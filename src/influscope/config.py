@@ -62,6 +62,21 @@ class Settings:
         return cls(**data)
 
 
+def check_memory_gb(value: Any) -> None:
+    """``memory_gb`` is ``None`` (derived from free memory) or a finite number of GiB > 0."""
+    require(
+        value is None
+        or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        ),
+        f"memory_gb must be None (derived from the device's free memory) or a finite number of "
+        f"GiB > 0, received {value!r}.",
+    )
+
+
 @dataclass(frozen=True)
 class FitConfig(Settings):
     """How curvature is estimated.
@@ -84,11 +99,18 @@ class FitConfig(Settings):
             With a run directory each shard's partial sums are saved as soon as it is done, so
             a killed fit resumes where it stopped; under ``torch.distributed`` shards are
             dealt to ranks round-robin.
-        cache_mb: Memory (MiB, on the device) for keeping what the first statistics pass
-            captured so that EK-FAC's eigenvalue refit replays it instead of running the model
-            again (one forward + backward over the data instead of two; identical results).
-            Shards beyond the budget are recomputed; ``0`` disables the cache. Not part of the
-            stored fingerprint, since it does not change the factors.
+        memory_gb: Memory budget (GiB) of the fit: the most the process may hold at its
+            peak (resident set size on CPU, allocated memory on CUDA). ``None`` (default):
+            what it holds when the fit starts + 90 % of the device's free memory. It sizes the
+            replay cache (used only while it fits) and, if needed, lowers the batch size; a
+            budget below what one tracked layer needs is refused before any forward pass
+            (:mod:`influscope.budget`). Not part of the fingerprint: results do not depend on
+            it.
+        cache_mb: Upper limit (MiB) of the replay cache, which keeps what the first statistics
+            pass captured so that EK-FAC's eigenvalue refit replays it instead of running the
+            model again (one forward + backward over the data instead of two; identical
+            results). ``None`` (default): as much as ``memory_gb`` leaves; ``0`` disables the
+            cache. Batches beyond it are recomputed. Not part of the stored fingerprint.
         datainf_memory_mb: Largest per-example gradient store (MiB) a ``datainf`` fit may
             hold: it keeps ``n × Σ_ℓ out_ℓ·in_ℓ`` numbers (see
             :mod:`influscope.curvature.datainf`) and refuses to start above this. Not part of
@@ -108,14 +130,16 @@ class FitConfig(Settings):
     amp_dtype: str | None = None
     max_examples: int | None = None
     shard_size: int = 256
-    cache_mb: float = 2048.0
+    cache_mb: float | None = None
     datainf_memory_mb: float = 4096.0
     options: dict[str, Any] | None = None
+    memory_gb: float | None = None
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that determine the factors (``to_dict`` without the memory budgets;
         ``options`` only when given, so fits stored before it existed still match)."""
         out = self.to_dict()
+        out.pop("memory_gb")
         out.pop("cache_mb")
         out.pop("datainf_memory_mb")
         if not out["options"]:
@@ -157,7 +181,11 @@ class FitConfig(Settings):
             f"max_examples must be None or ≥ 1, received {self.max_examples}.",
         )
         require(self.shard_size >= 1, f"shard_size must be ≥ 1, received {self.shard_size}.")
-        require(self.cache_mb >= 0, f"cache_mb must be ≥ 0, received {self.cache_mb}.")
+        require(
+            self.cache_mb is None or self.cache_mb >= 0,
+            f"cache_mb must be None (as the budget allows) or ≥ 0, received {self.cache_mb}.",
+        )
+        check_memory_gb(self.memory_gb)
         require(
             self.datainf_memory_mb > 0,
             f"datainf_memory_mb must be > 0, received {self.datainf_memory_mb}.",
@@ -212,6 +240,10 @@ class ScoreConfig(Settings):
         refine_memory_gb: Memory budget (GiB) for the refinement's per-query vectors and
             Gauss-Newton tangents (default 2): queries are refined in blocks that fit, so
             memory does not grow with their number; results do not depend on it.
+        memory_gb: Memory budget (GiB) of the scoring pass, the most the process may hold at
+            its peak; ``None`` (default): held now + 90 % of the device's free memory. It
+            lowers the batch size if needed and refuses, before any forward pass, a budget
+            below what one tracked layer needs (:mod:`influscope.budget`). Not fingerprinted.
     """
 
     query_rank: int | None = 32
@@ -231,23 +263,25 @@ class ScoreConfig(Settings):
     refine_alpha: float | None = None
     refine_start: str = "scaled"
     refine_memory_gb: float = 2.0
+    memory_gb: float | None = None
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that determine the scores, as stored and compared with a scores stage.
 
-        ``to_dict`` without the memory budget ``refine_memory_gb`` (it sizes the query blocks,
-        which give identical results), and without ``per_head``, ``refine_alpha`` and
-        ``refine_start`` while they have the value that stages stored before these fields
-        existed were computed with (``False``, ``None``, ``"ekfac"``), so that such a stage
-        still loads. ``refine_start`` is also left out without refinement
-        (``refine_steps=0``), where it changes nothing: so plain stages keep matching now
-        that its default is ``"scaled"``, and a refined stage stored before the field is
-        refused under the new default. (A refined stage stored before them with
+        ``to_dict`` without the memory budgets ``refine_memory_gb`` and ``memory_gb`` (they
+        size the query blocks and the batches, which give identical results), and without
+        ``per_head``, ``refine_alpha`` and ``refine_start`` while they have the value that
+        stages stored before these fields existed were computed with (``False``, ``None``,
+        ``"ekfac"``), so that such a stage still loads. ``refine_start`` is also left out
+        without refinement (``refine_steps=0``), where it changes nothing: so plain stages keep
+        matching now that its default is ``"scaled"``, and a refined stage stored before the
+        field is refused under the new default. (A refined stage stored before them with
         ``refine_examples`` set drew a new subset at every step; the solver now keeps one:
         recompute it with ``overwrite=True`` to get the new behaviour.)
         """
         out = self.to_dict()
         out.pop("refine_memory_gb")
+        out.pop("memory_gb")
         for key, before in (
             ("per_head", False),
             ("refine_alpha", None),
@@ -299,6 +333,7 @@ class ScoreConfig(Settings):
             f"refine_memory_gb must be a finite number of GiB > 0, received "
             f"{self.refine_memory_gb!r}.",
         )
+        check_memory_gb(self.memory_gb)
         require(self.refine_tol >= 0, f"refine_tol must be ≥ 0, received {self.refine_tol}.")
         require(
             self.refine_examples is None or self.refine_examples >= 1,

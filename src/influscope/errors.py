@@ -36,6 +36,10 @@ class StorageError(InfluscopeError, OSError):
     """A run directory or output file cannot be created or written."""
 
 
+class MemoryBudgetError(InfluscopeError, MemoryError):
+    """A stage cannot run within the memory budget it was given (``memory_gb``)."""
+
+
 class CollectionError(InfluscopeError, RuntimeError):
     """Gradients captured during training do not match the gradient the training step took."""
 

@@ -18,9 +18,10 @@ Stage tensors, for ``L`` tracked layers of widths ``in_ℓ`` (bias column includ
 sequences and ``Q`` queries (4-byte floats unless stated):
 
 * K-FAC / EK-FAC (:func:`~influscope.curvature.kfac.kronecker_estimate`): covariance
-  ``2·8K`` float64 sums (the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 32·d_max²``
+  ``8K`` float64 sums (``2·8K`` with several shards: the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 32·d_max²``
   workspace); eigenvalues ``8K`` bases + ``16P`` + ``8·B·max in·out``; EK-FAC also keeps the
-  replay cache, ``4·Σ_b B_b T_b Σ_ℓ (in_ℓ + out_ℓ)`` capped at ``FitConfig.cache_mb``;
+  replay cache, ``4·Σ_b B_b T_b Σ_ℓ (in_ℓ + out_ℓ)`` capped at what the memory budget leaves
+  (:mod:`influscope.budget`) and at ``FitConfig.cache_mb``;
   factors on disk ``8(K + P)``;
 * ``curvature="datainf"`` keeps every per-example gradient, ``4·N·P`` in memory and on disk
   (``N`` capped by ``max_examples``), plus a batch of gradients; ``diagonal`` keeps ``8P``
@@ -61,6 +62,26 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.3f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
 
 
+def pass_activation_bytes(model, dims, batch_size: int, tokens: int) -> float:
+    """Rule of thumb for what one forward + backward of a batch adds to the memory held
+    between batches: ``4·B·T·(16·d·n_layer + 2V)`` activations (``d`` hidden width, ``V``
+    vocabulary, from the model's config; within a factor of ~2 on transformers) + the
+    captured ``ā, s`` of the tracked layers, ``4·B·T·Σ_ℓ (in_ℓ + out_ℓ)``.
+
+    Args:
+        model: The model (its ``config`` gives width, depth and vocabulary when it has one).
+        dims: ``(in_ℓ, out_ℓ)`` of the tracked layers.
+        batch_size: Sequences per batch ``B``.
+        tokens: Tokens per sequence ``T`` (the longest).
+    """
+    cfg = getattr(model, "config", None)
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
+    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    per_token = 16 * width * depth + 2 * vocab + sum(i + o for i, o in dims)
+    return 4.0 * batch_size * tokens * per_token
+
+
 def padded_tokens(data: EncodedDataset, batch_size: int) -> int:
     """``Σ_b B_b T_b``: the tokens of every batch, each padded to its longest sequence."""
     total = 0
@@ -79,19 +100,22 @@ def estimate(
     curvature: str = "ekfac",
     max_examples: int | None = None,
     cost: BatchCost | None = None,
-    cache_mb: float = 2048.0,
+    cache_mb: float | None = None,
+    memory_gb: float | None = None,
+    shard_size: int = 256,
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
     and (when ``index`` is an IndexConfig) indexing; with ``cost`` (one measured batch, see
     :func:`influscope.costs.measure_batch`) memory is anchored on measurements and fit stages
-    get a time."""
+    get a time.
+
+    The replay cache is sized as the fit sizes it (:mod:`influscope.budget`): what the
+    budget ``memory_gb`` (``None``: held now + 90 % of the free memory) leaves above the
+    stages' peak without it, at most ``cache_mb`` (``None``: no limit) and at most the whole
+    first pass."""
     tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
     model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = getattr(model, "config", None)
-    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
-    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
-    vocab = getattr(cfg, "vocab_size", 0) or 0
     bsz = index.batch_size if index is not None else batch_size
     t = train.max_length()
     n = len(train)
@@ -102,16 +126,24 @@ def estimate(
     tokens = padded_tokens(fit_data, bsz)
     if cost is not None:
         resident = cost.resident
-        base = captured = 0.0
         pass_bytes = cost.resident + cost.batch_peak
     else:
-        base = 4 * n_params + 4 * bsz * t * (16 * width * depth + 2 * vocab)
-        captured = 4 * bsz * t * sum(i + o for i, o in dims)
-        resident, pass_bytes = 4 * n_params, base + captured
+        resident = 4 * n_params
+        pass_bytes = resident + pass_activation_bytes(model, dims, bsz, t)
     spec = CURVATURES[curvature]
     full_cache = 4 * tokens * sum(i + o for i, o in dims) + tokens  # a and s, plus the mask
-    cache = min(full_cache, cache_mb * 2**20) if spec.replays else 0.0
-    footprint = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, cache)
+    per = max(1, -(-shard_size // bsz)) * bsz
+    shards = max(1, -(-n_fit // per))
+    cache = 0.0
+    if spec.replays:
+        bare = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, 0.0, shards)
+        peak = max((row[1] for row in spec.estimate(bare)), default=pass_bytes)
+        from influscope.budget import budget_bytes
+        from influscope.modules.passes import model_device
+
+        room = max(0.0, budget_bytes(memory_gb, model_device(model)) - peak)
+        cache = min(full_cache, room, math.inf if cache_mb is None else cache_mb * 2**20)
+    footprint = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, cache, shards)
     out = [StageEstimate(*row) for row in spec.estimate(footprint)]
     if cost is not None:
         _fit_times(out, cost, tokens, cache / full_cache if full_cache else 1.0)

@@ -15,6 +15,7 @@ from rich.console import Console
 from influscope.cli.options import (
     add_batch_size_option,
     add_curvature_option,
+    add_memory_option,
     add_run_options,
     load_influence,
 )
@@ -54,6 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Damping = factor × mean eigenvalue per layer (default: 0.1).",
     )
     add_batch_size_option(fit)
+    add_memory_option(fit)
     fit.add_argument("--seed", type=int, default=0, help="Seed of sampled labels.")
     fit.add_argument(
         "--max-examples", type=int, default=None, help="Fit on the first N training records only."
@@ -69,8 +71,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope fit`` (or, with ``--dry-run``, print its estimates)."""
-    from influscope.config import FitConfig
+    from influscope.config import FitConfig, check_memory_gb
 
+    check_memory_gb(args.memory_gb)  # refused before the model is loaded
     inf, train = load_influence(args)
     if args.dry_run:
         from influscope.costs import measure_batch
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             curvature=args.curvature,
             max_examples=args.max_examples,
             cost=cost,
+            memory_gb=args.memory_gb,
         )
         console.print(describe(estimates, cost), soft_wrap=True)
         return 0
@@ -100,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         max_examples=args.max_examples,
+        memory_gb=args.memory_gb,
     )
     op = inf.fit(train, config, name=args.name, overwrite=args.overwrite)
     n_fit = min(len(train), config.max_examples or len(train))
@@ -107,6 +112,17 @@ def run(args: argparse.Namespace) -> int:
         f"[green]fitted[/green] {config.curvature} on {n_fit} sequences, "
         f"{len(inf.tracked.layers)} layers → {inf.run.stage_dir('factors', args.name)}"
     )
+    plan = inf.last_fit_plan
+    if plan is not None:
+        note = (
+            f"batch size {plan.batch_size} (of {config.batch_size}) to fit, "
+            if plan.batch_size < config.batch_size
+            else ""
+        )
+        console.print(
+            f"  memory budget {plan.budget / 2**30:.2f} GiB: {note}"
+            f"{inf.last_fit_shards['replayed']} shard(s) replayed from memory"
+        )
     shards = inf.last_fit_shards
     if shards["loaded"]:
         console.print(

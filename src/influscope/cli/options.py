@@ -230,6 +230,23 @@ def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help=BATCH_SIZE_HELP)
 
 
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--memory-gb`` (the stage's memory budget, :mod:`influscope.budget`).
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="Memory budget in GiB: the most this process may hold at its peak (resident set "
+        "size on CPU, allocated memory on CUDA). It sizes the replay cache and, if needed, "
+        "the batch; a budget below what one layer needs is refused before any work "
+        "(default: held now + 90%% of the device's free memory).",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--task``, ``--modules``, ``--truncate`` and ``--device``, in that order.
 

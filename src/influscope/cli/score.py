@@ -14,6 +14,7 @@ from rich.console import Console
 
 from influscope.cli.options import (
     add_batch_size_option,
+    add_memory_option,
     add_run_options,
     apply_contrast,
     check_writable,
@@ -70,6 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(randomized when 4·(rank+8) ≤ the layer's smaller side).",
     )
     add_batch_size_option(score)
+    add_memory_option(score)
     score.add_argument(
         "--refine",
         type=non_negative_int,
@@ -211,6 +213,7 @@ def resolve_refine_examples(value: int | str, n_train: int) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``influscope score``: precondition the queries, score, write the report."""
+    from influscope.config import check_memory_gb
     from influscope.loading import load_records
     from influscope.report import write_report
     from influscope.report.build import build_report
@@ -219,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from influscope.scoring.damping import describe_damping, score_damping
     from influscope.storage import atomic_write_json
 
+    check_memory_gb(args.memory_gb)  # refused before the model is loaded
     # data files and output directories are checked before the model is loaded
     query_records = apply_contrast(load_records(args.queries), args.contrast)
     if args.report is not None:
@@ -241,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         refine_examples=resolve_refine_examples(args.refine_examples, len(train)),
         refine_alpha=args.refine_alpha,
         refine_start=args.refine_start,
+        memory_gb=args.memory_gb,
     )
     op = score_damping(op, config)  # the report's self-influence uses the same λ
     ensemble = None

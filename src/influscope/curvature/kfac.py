@@ -54,19 +54,22 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
     """Memory of each phase of a K-FAC / EK-FAC fit (bytes; ``K = Σ(in² + out²)``,
     ``P = Σ in·out``, float64 statistics):
 
-    * covariance pass: a pass + ``2·8K`` (the running total and the shard's own sums, both
-      held while a shard is added, :func:`~influscope.engine.shards.reduce_shards`) + the
-      replay cache it fills;
+    * covariance pass: a pass + ``8K`` sums (``2·8K`` with several shards: the running total
+      and the shard's own sums are both held while a shard is added,
+      :func:`~influscope.engine.shards.reduce_shards`; a single shard's sums are the total) +
+      the replay cache it fills;
     * eigendecomposition, one layer at a time: ``8K`` (sums shrinking as bases grow) + one
       factor's float64 workspace ``≈ 4·8·d_max²`` + the replay cache;
-    * eigenvalue refit: ``8K`` bases + ``16P`` sums and eigenvalues + the rotated gradients of
-      a batch ``2·4·B·max in·out`` + the replay cache (and a pass for batches not cached).
+    * eigenvalue refit: ``8K`` bases + ``16P`` sums and eigenvalues (``24P`` with several
+      shards) + the rotated gradients of a batch ``2·4·B·max in·out`` + the replay cache (and
+      a pass for batches not cached).
     """
     cov = 8 * f.kronecker
+    held = 1 if f.shards <= 1 else 2  # total only, or total + a shard's part
     resident = f.resident or f.pass_bytes  # without a measured resident size: a pass
     widest_grad = max((i * o for i, o in f.dims), default=0)
     return [
-        ("fit: covariance", f.pass_bytes + 2 * cov + f.cache_bytes, 0, ""),
+        ("fit: covariance", f.pass_bytes + held * cov + f.cache_bytes, 0, ""),
         (
             "fit: eigendecomposition",
             resident + cov + 4 * 8 * f.widest**2 + f.cache_bytes,
@@ -75,7 +78,11 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
         ),
         (
             "fit: eigenvalues",
-            f.pass_bytes + cov + 16 * f.params + 8 * f.batch_size * widest_grad + f.cache_bytes,
+            f.pass_bytes
+            + cov
+            + 8 * (1 + held) * f.params
+            + 8 * f.batch_size * widest_grad
+            + f.cache_bytes,
             8 * (f.kronecker + f.params),
             "factors on disk",
         ),

@@ -47,7 +47,9 @@ class FitFootprint:
         resident: Memory held between batches (runtime, parameters, data); ``0`` when only
             ``pass_bytes`` is known.
         cache_bytes: The replay cache a replaying fit keeps (captures of the first pass, up to
-            ``FitConfig.cache_mb``).
+            ``FitConfig.cache_mb`` and what the memory budget leaves).
+        shards: Shards of the statistics passes: with one, a shard's sums *are* the total;
+            with more, the running total and the shard being summed are both held.
     """
 
     dims: Sequence[tuple[int, int]]
@@ -56,6 +58,7 @@ class FitFootprint:
     pass_bytes: float
     resident: float = 0.0
     cache_bytes: float = 0.0
+    shards: int = 1
 
     @property
     def params(self) -> int:

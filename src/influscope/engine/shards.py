@@ -14,10 +14,12 @@ loaded, so an interrupted-and-resumed run gives bit-identical statistics to an u
 **Replay cache.** EK-FAC needs two statistics passes over the same data (covariances, then the
 eigenvalue refit in their eigenbasis); both differentiate the very same objective (the data
 labels, or labels sampled with the same per-example seeds). With ``cache_bytes > 0`` the
-captured ``LayerBatch`` tensors of the first pass are kept, shard by shard, while they fit in
+captured ``LayerBatch`` tensors of the first pass are kept, batch by batch, while they fit in
 that budget, and the second pass replays them instead of running the model again: the fit
 then costs one forward + backward over the data instead of two, with bit-identical statistics.
-Shards that do not fit (or were loaded from a previous run) are recomputed as before.
+Batches that do not fit (the rest of the shard where the cache filled up, later shards, and
+shards loaded from a previous run) are recomputed as before, in the same batches. A
+``gate`` (the memory budget, :mod:`influscope.budget`) can refuse a batch on measured memory.
 Across ranks the per-rank totals are all-reduced, which equals a single process to float
 tolerance (only the summation order differs).
 """
@@ -134,9 +136,14 @@ class ShardedPasses:
     store: PartialSums | None = None
     counts: dict[str, int] = field(default_factory=dict)
     cache_bytes: int = 0
+    #: ``gate(size) -> bool``: whether a captured batch of ``size`` bytes may join the replay
+    #: cache now (the memory budget's measured check, :class:`influscope.budget.CacheGate`);
+    #: ``None`` admits whatever fits in ``cache_bytes``.
+    gate: Callable[[int], bool] | None = None
     _cache: dict[int, list[Batch]] = field(default_factory=dict, repr=False)
     _cached_bytes: int = field(default=0, repr=False)
     _cache_full: bool = field(default=False, repr=False)
+    _complete: set[int] = field(default_factory=set, repr=False)
 
     @property
     def cached_shards(self) -> int:
@@ -148,27 +155,43 @@ class ShardedPasses:
         if k in self._cache:
             self.counts["replayed"] = self.counts.get("replayed", 0) + 1
             cached = self._cache[k]
+            self.counts["replayed_batches"] = self.counts.get("replayed_batches", 0) + len(cached)
             yield from track(cached, f"{desc} (replayed from memory)", total=len(cached))
+            done = sum(len(batch[0]) for batch in cached)
+            if k not in self._complete and done < len(positions):
+                # the cache filled up inside this shard: the remaining batches (the same
+                # batches, since the cached ones start the shard) are computed again
+                yield from self.make(desc, positions[done:])
             return
         keep: list[Batch] | None = [] if self.cache_bytes > 0 and not self._cache_full else None
-        kept = 0
         for batch in self.make(desc, positions):
             if keep is not None:
                 size = batch_bytes(batch)
-                if self._cached_bytes + kept + size > self.cache_bytes:
-                    self._cache_full, keep = True, None  # over budget: stop caching
+                over = self._cached_bytes + size > self.cache_bytes
+                if over or (self.gate is not None and not self.gate(size)):
+                    self._cache_full = True  # over budget: keep what is cached, stop here
+                    if keep:
+                        self._cache[k] = keep
+                    keep = None
                 else:
                     keep.append(batch)
-                    kept += size
+                    self._cached_bytes += size
             yield batch
         if keep is not None:
             self._cache[k] = keep
-            self._cached_bytes += kept
+            self._complete.add(k)
 
     def clear_cache(self) -> None:
-        """Drop the replay cache (frees the captured tensors)."""
+        """Drop the replay cache (frees the captured tensors and gives the freed heap back to
+        the operating system, so later stages start from a smaller resident size)."""
+        held = self._cached_bytes
         self._cache.clear()
+        self._complete.clear()
         self._cached_bytes = 0
+        if held:
+            from influscope.budget import release_heap
+
+            release_heap()
 
     def shards(self) -> list[list[int]]:
         """Example positions of each shard."""
@@ -204,12 +227,22 @@ def reduce_shards(
     Returns:
         The totals over all shards and ranks, same keys as ``zeros()``.
     """
-    total = zeros()
+    # The first shard computed here *is* the running total (0 + x = x exactly), so a fit with
+    # one shard holds its sums once, not twice; later shards are added to it.
+    total: dict[str, torch.Tensor] | None = None
     if not isinstance(passes, ShardedPasses):
-        _add(total, compute(passes(phase)))
+        total = compute(passes(phase))
     else:
-        for _, _, part in _own_shards(passes, phase, compute):
-            _add(total, part)
+        for _, _, part, loaded in _own_shards(passes, phase, compute):
+            if total is None and not loaded:
+                total = part
+            else:
+                if total is None:  # read back from disk: moved to the device of zeros()
+                    total = zeros()
+                _add(total, part)
+            del part
+    if total is None:  # a rank without shards
+        total = zeros()
     for v in total.values():
         all_reduce_(v)
     return total
@@ -242,7 +275,7 @@ def gather_shards(
     if not isinstance(passes, ShardedPasses):
         return compute(passes(phase))
     total = zeros(passes.n_examples)
-    for k, positions, part in _own_shards(passes, phase, compute):
+    for k, positions, part, _ in _own_shards(passes, phase, compute):
         start, stop = positions[0], positions[-1] + 1
         for key, rows in part.items():
             if rows.shape[0] != stop - start:
@@ -258,20 +291,22 @@ def gather_shards(
 
 def _own_shards(
     passes: ShardedPasses, phase: str, compute: Compute
-) -> Iterator[tuple[int, list[int], dict[str, torch.Tensor]]]:
-    """``(k, positions, statistics)`` of every shard this rank owns (``k mod world = rank``):
-    read back from the store when a previous run saved it, else computed and saved."""
+) -> Iterator[tuple[int, list[int], dict[str, torch.Tensor], bool]]:
+    """``(k, positions, statistics, loaded)`` of every shard this rank owns
+    (``k mod world = rank``): read back from the store when a previous run saved it
+    (``loaded``), else computed and saved."""
     rank, world = rank_and_world()
     shards = passes.shards()
     for k, positions in enumerate(shards):
         if k % world != rank:
             continue
         part = passes.store.get(phase, k) if passes.store is not None else None
+        loaded = part is not None
         if part is None:
             part = compute(passes.shard_batches(f"{phase} {k + 1}/{len(shards)}", k, positions))
             if passes.store is not None:
                 passes.store.put(phase, k, part)
-        yield k, positions, part
+        yield k, positions, part, loaded
 
 
 def batch_bytes(batch: Batch) -> int:

@@ -6,8 +6,10 @@ safetensors and metadata as JSON; nothing is ever pickled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from influscope.errors import StorageError
 
 
 def current_umask() -> int:
@@ -41,11 +45,41 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def atomic_write(path: Path, write) -> Path:
+#: ``errno`` values of a full disk or an exhausted quota.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(path: Path, exc: OSError, size: int | None = None) -> StorageError:
+    """A :class:`StorageError` for a write that ran out of space, naming the file, what it
+    needed and what is free, and the way out."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"{size / 2**20:.1f} MiB needed, " if size is not None else ""
+    err = StorageError(
+        f"No space left on the device holding {str(path.parent)!r} while writing "
+        f"{path.name!r} ({need}{free}; {exc.strerror or exc}). Nothing was kept: the partial "
+        "file was removed and any previous version is intact. Fix: free disk space there, or "
+        "write the run to another directory (CLI: --run / --out), then run the command again."
+    )
+    err.errno = exc.errno
+    return err
+
+
+def atomic_write(path: Path, write, size: int | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path``.
 
     A reader never sees a half-written file and an interrupted write leaves any previous
     file intact (``os.replace`` is atomic on one filesystem).
+
+    Args:
+        path: The file to write.
+        write: ``write(tmp_path)`` writes the content.
+        size: Bytes it will write, for the message of a full disk (optional).
+
+    Raises:
+        StorageError: The disk is full (or the quota exhausted); the partial file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +91,11 @@ def atomic_write(path: Path, write) -> Path:
         # the mode a plain open() would, under the umask
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in DISK_FULL and not isinstance(exc, StorageError):
+            raise disk_full_error(path, exc, size) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -146,7 +185,10 @@ def atomic_write_tensors(
 ) -> Path:
     """Write tensors to a safetensors file, atomically, streaming one tensor at a time
     (:func:`write_safetensors`: no second copy of the whole set in memory)."""
-    return atomic_write(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return atomic_write(
+        Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata), size=size
+    )
 
 
 def read_json(path: str | Path) -> Any:
