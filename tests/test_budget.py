@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A child process: fit EK-FAC on a one-block width-128 GPT-2 whose full replay cache is
 # ≈ 100 MiB (320 × 64 tokens × 1,282 floats), then report its own peak resident size.
 CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from influscope import FitConfig, Influence
 from influscope.toy import random_lm_data, tiny_gpt2
@@ -34,8 +34,11 @@ model = tiny_gpt2(n_embd=128, n_layer=1, n_positions=64, dtype=torch.float32)
 train = random_lm_data(320, min_len=64, max_len=64, seed=1)
 inf = Influence(model, "causal_lm", modules="mlp", device="cpu")
 op = inf.fit(train, FitConfig(fisher="empirical", batch_size=16, memory_gb=memory_gb))
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child of a large pytest
+# process would report its parent's peak.
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({
-    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "peak": int(hwm.split()[1]) * 1024,
     "replayed": inf.last_fit_shards["replayed"],
     "lam": float(sum(v.sum() for v in op.tensors().values() if v.dtype == torch.float64)),
 }))
@@ -82,7 +85,7 @@ def test_budget_below_one_layer_is_refused_before_any_forward(monkeypatch):
     # a fixed resident size, so the minimum does not depend on this process's history
     monkeypatch.setattr(budget_mod, "resident_bytes", lambda device=None: 2**20)
     widest = max(inf.layers, key=lambda la: la.in_dim**2 + la.out_dim**2)
-    with pytest.raises(MemoryBudgetError) as err:
+    with pytest.raises(MemoryBudgetError, match="needs at least") as err:
         inf.fit(train, FitConfig(memory_gb=2**20 / 2**30))  # 1 MiB: the process alone
     msg = str(err.value)
     assert f"{widest.name!r}" in msg and "needs at least" in msg and "--memory-gb" in msg

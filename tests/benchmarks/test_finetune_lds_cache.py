@@ -43,6 +43,6 @@ def test_peer_failure_is_recorded_and_own_failure_raises(tmp_path):
     got = cache.run({"bergson_ekfac": broken})
     assert got["bergson_ekfac"] is None
     assert "no such flag" in cache.notes["bergson_ekfac"]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no such flag"):
         cache.run({"ekfac": broken})
     assert not (cache.dir / "ekfac.lock").exists()  # released for a rerun

@@ -25,7 +25,7 @@ def test_full_disk_fails_atomically_with_a_message(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
     monkeypatch.setattr(atomic, "write_safetensors", full_disk)
-    with pytest.raises(StorageError) as err:
+    with pytest.raises(StorageError, match="No space left") as err:
         inf.fit(train, FitConfig(batch_size=2))
     msg = str(err.value)
     assert "No space left" in msg and "MiB needed" in msg and "Fix: free disk space" in msg
@@ -47,7 +47,7 @@ def test_factors_fitted_in_another_dtype_are_refused(tmp_path):
     other = Influence(
         model.to(torch.float64), "causal_lm", modules="mlp", device="cpu", run_dir=tmp_path
     )
-    with pytest.raises(StaleArtifactError) as err:
+    with pytest.raises(StaleArtifactError, match="fitted with the model in float32") as err:
         other.load_factors(train)
     msg = str(err.value)
     assert "fitted with the model in float32" in msg and "is now float64" in msg
