@@ -124,6 +124,21 @@ def _gb_arg(x: float) -> str:
     return f"{math.ceil(gb / step) * step:.{digits}f}"
 
 
+def _refuse_below_one_layer(budget, given, layers, dims, needs, what: str, other_fix: str) -> int:
+    """The index of the most demanding layer (``needs[j]``: bytes layer ``j`` needs alone,
+    ``what`` says for what); raise :class:`MemoryBudgetError` when ``budget`` is below it."""
+    worst = max(range(len(dims)), key=needs.__getitem__)
+    if budget < needs[worst]:
+        i, o = dims[worst]
+        raise MemoryBudgetError(
+            f"The memory budget ({given}: {_gib(budget)}) is below what one layer needs: "
+            f"{layers[worst].name!r} ({o} × {i}) needs at least {_gib(needs[worst])} {what}. "
+            f"Expected a budget ≥ {_gib(needs[worst])}; received {_gib(budget)}. Fix: raise "
+            f"--memory-gb / memory_gb to at least {_gb_arg(needs[worst])}, {other_fix}."
+        )
+    return worst
+
+
 @dataclass(frozen=True)
 class FitPlan:
     """What a fit may hold under its budget (bytes).
@@ -184,17 +199,16 @@ def plan_fit(
     given = f"memory_gb={config.memory_gb}" if config.memory_gb is not None else "the default"
     # 1. the most demanding single layer, alone, at batch size 1
     needs = [max(_fit_rows(tracked, config, [d], n, t, resident, 1)) for d in dims]
-    worst = max(range(len(dims)), key=needs.__getitem__)
-    if budget < needs[worst]:
-        i, o = dims[worst]
-        raise MemoryBudgetError(
-            f"The memory budget ({given}: {_gib(budget)}) is below what one layer needs: "
-            f"{layers[worst].name!r} ({o} × {i}) needs at least {_gib(needs[worst])} to fit "
-            f"{config.curvature} alone at batch size 1 (the process already holds "
-            f"{_gib(resident)}). Expected a budget ≥ {_gib(needs[worst])}; received "
-            f"{_gib(budget)}. Fix: raise --memory-gb / memory_gb to at least "
-            f"{_gb_arg(needs[worst])}, or free memory."
-        )
+    worst = _refuse_below_one_layer(
+        budget,
+        given,
+        layers,
+        dims,
+        needs,
+        f"to fit {config.curvature} alone at batch size 1 (the process already holds "
+        f"{_gib(resident)})",
+        "or free memory",
+    )
     # 2. all layers together, at batch size 1
     need_all = max(_fit_rows(tracked, config, dims, n, t, resident, 1))
     if budget < need_all:
@@ -297,17 +311,16 @@ def plan_score(
         return resident + pass_activation_bytes(tracked.model, ds, b, t) + held
 
     needs = [need([d], 1) for d in dims]
-    worst = max(range(len(dims)), key=needs.__getitem__)
-    if budget < needs[worst]:
-        i, o = dims[worst]
-        raise MemoryBudgetError(
-            f"The memory budget ({given}: {_gib(budget)}) is below what one layer needs: "
-            f"{layers[worst].name!r} ({o} × {i}) needs at least {_gib(needs[worst])} to score "
-            f"{n_queries} queries at batch size 1 (the process already holds {_gib(resident)}, "
-            f"factors included). Expected a budget ≥ {_gib(needs[worst])}; received "
-            f"{_gib(budget)}. Fix: raise --memory-gb / memory_gb to at least "
-            f"{_gb_arg(needs[worst])}, or score fewer queries at once."
-        )
+    _refuse_below_one_layer(
+        budget,
+        given,
+        layers,
+        dims,
+        needs,
+        f"to score {n_queries} queries at batch size 1 (the process already holds "
+        f"{_gib(resident)}, factors included)",
+        "or score fewer queries at once",
+    )
     if budget < need(dims, 1):
         raise MemoryBudgetError(
             f"The memory budget ({given}: {_gib(budget)}) is below what the {len(dims)} "
