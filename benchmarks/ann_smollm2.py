@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ann import _recall, _timed
 from benchmarks.common import ROOT, _chunks, load_average, write_section
 
 N_HELD_OUT = 20  # the last 20 chunks are never training windows
@@ -127,17 +128,6 @@ def prefix_run(inf, run: Path, n_shards: int, cfg) -> tuple[Path, object, float]
         - (src / "projector.safetensors").stat().st_mtime
     )
     return out, train, spent
-
-
-def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
-    hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
-    return hits / exact.numel()
-
-
-def _timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 def _peak_mib() -> float:
