@@ -100,7 +100,7 @@ def main() -> None:
     config = ScoreConfig(query_rank=32, refine_steps=2)
 
     t = time.perf_counter()
-    b, x, _ = _block_gradients(model, inf.tracked.task, layers, op, queries, config)  # (Q, P)
+    b, x, _, _ = _block_gradients(model, inf.tracked.task, layers, op, queries, config)  # (Q, P)
     mark(f"query gradients + P^-1 (flat, {len(queries)} queries)", t)
 
     product = GaussNewtonProduct(

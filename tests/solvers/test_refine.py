@@ -307,6 +307,8 @@ def test_cli_refine_astra_scaled_announces_cost(workdir, capsys, caplog):
     assert any(
         "refine (astra)" in r.getMessage() and "estimated" in r.getMessage() for r in caplog.records
     )
+    # the estimate counts the dense P⁻¹r of each query: 2 steps + 3 power iterations but one
+    assert any("+ 5 preconditioning(s) per query of" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_refine_examples_auto_all_or_a_number():

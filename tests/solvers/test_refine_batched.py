@@ -16,6 +16,7 @@ from influscope.reference import damping_vector, exact_gauss_newton, flatten, pe
 from influscope.scoring.queries import refine_block_size
 from influscope.solvers import GaussNewtonProduct, refine_queries
 from influscope.solvers.cost import STATE_VECTORS
+from influscope.solvers.gnh import PRODUCT_TOKENS, product_batch_size
 from influscope.solvers.refine import power_alpha
 from influscope.tasks import CausalLMTask
 from influscope.toy import VectorClassificationTask, mlp_problem
@@ -60,9 +61,23 @@ def test_batched_product_equals_per_query_loop(arch):
     }
     for name, got in outs.items():
         assert float((got - loop).norm() / loop.norm()) < 1e-12, name
+    # one vector takes the fused path (one forward with dual parameters, then the backward)
+    for q in (0, 3):
+        one = product(batch_size=4).gauss_newton(v[q : q + 1], train)
+        assert float((one - loop[q : q + 1]).norm() / loop[q].norm()) < 1e-12, q
     if arch == "gpt2":  # and both equal the dense reference
         dense = v @ exact_gauss_newton(model, TASK, inf.layers, train)
         assert float((loop - dense).norm() / dense.norm()) < 1e-12
+
+
+def test_product_batch_grows_for_short_sequences():
+    short = random_lm_data(40, vocab=16, min_len=3, max_len=8, seed=1)
+    long = random_lm_data(40, vocab=16, min_len=300, max_len=512, seed=1)
+    assert product_batch_size(8, short, 16) == 16  # 16 × 8 tokens ≤ PRODUCT_TOKENS
+    assert product_batch_size(8, short, None) == 40
+    assert product_batch_size(8, long, None) == 8  # never below the configured batch
+    assert product_batch_size(8, short, 3) == 3  # never more than the products' examples
+    assert PRODUCT_TOKENS // 8 >= 16
 
 
 def test_query_block_follows_the_memory_budget():

@@ -43,7 +43,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_flat_block_gradients_equal_dense_preconditioning(mlp):
     inf, _, queries, factors, product, b, start = mlp
-    grads, pre, values = _block_gradients(
+    grads, pre, values, _ = _block_gradients(
         inf.model, inf.task, inf.layers, factors, queries, ScoreConfig(batch_size=2)
     )  # two mini-batches of the 3 queries: rows written at their offsets
     assert grads.shape == pre.shape == (len(queries), sum(layer.numel for layer in inf.layers))

@@ -13,6 +13,7 @@ default ``"auto"``); K-FAC/EK-FAC take it in their eigenbasis
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,7 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
     from influscope.linalg import low_rank
     from influscope.solvers import GaussNewtonProduct, refine_queries
     from influscope.solvers.cost import RefineMeter
+    from influscope.solvers.gnh import product_batch_size
 
     if train is None:
         raise ConfigError(
@@ -201,7 +203,7 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
         task,
         layers,
         operator.damping,
-        config.batch_size,
+        product_batch_size(config.batch_size, train, config.refine_examples),
         memory_budget=config.refine_memory_gb * 2**30 / 2,
     )
     rank = config.query_rank
@@ -215,9 +217,11 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
     values, histories = [], []
     for i, lo in enumerate(range(0, n_q, block)):
         rows = list(range(lo, min(lo + block, n_q)))
-        grads, start, f = _block_gradients(  # (q, P), (q, P), (q,)
+        grads, start, f, seconds = _block_gradients(  # (q, P), (q, P), (q,), s
             model, task, layers, operator, queries.subset(rows), config
         )
+        if i == 0:  # a dense P⁻¹r rotates twice where P⁻¹∇f from token rows rotates once
+            meter.precondition_seconds = 2 * seconds / len(rows)
         values.append(f)
         done = store.get("refine", i) if store is not None else None
         if done is not None:  # refined before an interruption
@@ -275,7 +279,10 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
 
 
 def _block_gradients(model, task, layers, operator, queries, config):
-    """``((q, P) gradients, (q, P) P^{-1} images, (q,) measurements)``, flat.
+    """``((q, P) gradients, (q, P) P^{-1} images, (q,) measurements, seconds)``, flat.
+
+    ``seconds`` is the time spent forming ``P^{-1}∇f`` (the refinement's cost estimate uses
+    it, :class:`~influscope.solvers.cost.RefineMeter`).
 
     The flat layout is :meth:`~influscope.solvers.GaussNewtonProduct.flatten`'s (each layer's
     ``(out, in)`` matrix row-major, layer after layer); each layer's part is written in place,
@@ -287,7 +294,7 @@ def _block_gradients(model, task, layers, operator, queries, config):
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     grads = start = None
     values = []
-    row = 0
+    row, seconds = 0, 0.0
     for _, lbs, f in layer_passes(
         model,
         task,
@@ -308,8 +315,10 @@ def _block_gradients(model, task, layers, operator, queries, config):
                 start = g.new_empty(len(queries), sum(sizes))
             grads[row : row + n, off : off + size].view(n, *g.shape[1:]).copy_(g)
             del g
+            t0 = time.perf_counter()
             pre = operator.precondition_batch(layer.name, lb)  # (B, out, in)
+            seconds += time.perf_counter() - t0
             start[row : row + n, off : off + size].view(n, *pre.shape[1:]).copy_(pre)
             del pre
         row += n
-    return grads, start, torch.cat(values)
+    return grads, start, torch.cat(values), seconds

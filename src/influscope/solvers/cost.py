@@ -6,9 +6,14 @@ mini-batch. :class:`RefineMeter` times the first mini-batch of the first product
 extrapolates::
 
     seconds ≈ t(first mini-batch) × mini-batches per product × products × query blocks
+              + t(P^{-1}, one query) × preconditionings × queries
 
 with ``products = steps + 1`` (the starting residual), plus the power iterations of an
-automatic step (Neumann reuses the first for its first step). Its memory estimate is the
+automatic step (Neumann reuses the first for its first step), and ``steps`` (plus the power
+iterations but one) preconditionings ``P^{-1}r`` of a dense residual per query. The time of
+one ``P^{-1}r`` is twice that of forming the dense ``P^{-1}∇f`` from the query's token rows
+(one dense rotation instead of two), which the caller measures before the refinement
+(:attr:`RefineMeter.precondition_seconds`); on SmolLM2 it is about as large as a product. Its memory estimate is the
 solver's vectors, :data:`STATE_VECTORS` ``× Q × P`` numbers per block, plus at most the
 product's tangent budget (:attr:`GaussNewtonProduct.memory_budget`), plus what is resident
 anyway when the caller says so (``RefineMeter(resident=...)``: the model's parameters and the
@@ -60,6 +65,9 @@ class RefineMeter:
     def __init__(self, blocks: int = 1, resident: int = 0) -> None:
         self.blocks = blocks
         self.resident = resident
+        #: Seconds of one dense ``P^{-1}r`` for one query (0: not measured, not estimated).
+        self.precondition_seconds = 0.0
+        self.queries = 0
         self.announced = False
         self.method = "cg"
         self.what = ""
@@ -69,6 +77,7 @@ class RefineMeter:
         """Record the block's size before its first product."""
         self.method = method
         q, p = x.shape
+        self.queries = q
         gib = state_bytes(q, p, x.dtype) / 2**30
         budget = product.memory_budget / 2**30
         self.what = (
@@ -85,17 +94,30 @@ class RefineMeter:
             f"tangents{held}"
         )
 
-    def first_product(self, products: int):
-        """The ``on_batch`` callback of the first product: announces the estimate once."""
+    def first_product(self, products: int, preconditionings: int = 0):
+        """The ``on_batch`` callback of the first product: announces the estimate once.
+
+        Args:
+            products: Gauss-Newton products per block.
+            preconditionings: Dense ``P^{-1}r`` per query (timed by
+                :attr:`precondition_seconds` when it is set).
+        """
 
         def on_batch(done: int, total: int, seconds: float) -> None:
             if self.announced or done != 1:
                 return
             self.announced = True
             eta = seconds * total * products * self.blocks
+            pre = self.precondition_seconds * preconditionings * self.queries * self.blocks
+            also = (
+                f" + {preconditionings} preconditioning(s) per query of "
+                f"≈ {self.precondition_seconds:.2f} s"
+                if pre
+                else ""
+            )
             _say(
                 f"refine ({self.method}): {self.what}; {products} products per block, "
-                f"{total} mini-batch(es) each; estimated {_duration(eta)} "
+                f"{total} mini-batch(es) each{also}; estimated {_duration(eta + pre)} "
                 f"(first mini-batch {seconds:.2f} s); {self.memory}."
             )
 

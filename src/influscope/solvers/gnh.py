@@ -12,7 +12,10 @@ and ``Λ`` the per-layer damping ``λ_ℓ``. ``J v`` is a ``torch.func.jvp`` of 
 (its forward pass is shared by all ``Q`` query vectors of a mini-batch). The ``Q`` vectors
 go through ``torch.func.vmap`` of these three maps in blocks sized from a memory budget (one
 forward with batched tangents per block instead of one per vector); the per-vector loop is
-kept as the slow reference (``vectorize=False``). Cross-layer blocks of ``G`` are included,
+kept as the slow reference (``vectorize=False``). A single vector (a refinement block of one
+query, the usual case at LLM size) takes one forward instead of two: the forward with dual
+(forward-mode) parameters gives ``J v`` and records the primal graph that ``J^⊤`` then runs
+back through (:meth:`GaussNewtonProduct._fused`), about 20 % less than jvp + vjp on SmolLM2. Cross-layer blocks of ``G`` are included,
 unlike in block-diagonal EK-FAC.
 
 Forward-mode AD is not implemented for the fused scaled-dot-product-attention kernels (flash /
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -38,6 +42,25 @@ from influscope.modules.passes import eval_mode
 from influscope.modules.selection import TrackedLayer
 from influscope.tasks.base import Task
 from influscope.tasks.data import EncodedDataset
+
+#: Tokens a Gauss-Newton mini-batch may hold when its sequences are short
+#: (:func:`product_batch_size`): a pass over a few short sequences costs about as much as one
+#: over many (per-operation overhead and reading the weights dominate), so short sequences
+#: are batched up to this many tokens, about what a batch of 8 × 128 tokens holds anyway.
+PRODUCT_TOKENS = 1024
+
+
+def product_batch_size(batch_size: int, data: EncodedDataset, examples: int | None) -> int:
+    """Sequences per Gauss-Newton mini-batch: ``batch_size``, or more when they are short.
+
+    ``max(batch_size, PRODUCT_TOKENS // T)`` with ``T`` the longest sequence of ``data``, at
+    most the ``examples`` (all of ``data`` when ``None``) the products run over. Results do
+    not depend on it (up to rounding); on SmolLM2 with 8-token documents, one mini-batch of 16
+    takes 4.4 s where two of 8 take 6.4 s.
+    """
+    n = len(data) if examples is None else min(examples, len(data))
+    longest = max(1, data.max_length())
+    return max(1, min(n, max(batch_size, PRODUCT_TOKENS // longest)))
 
 
 class _TaskOutputs(nn.Module):
@@ -141,7 +164,9 @@ class GaussNewtonProduct:
         Per mini-batch: one forward for the vjp (its pullback serves every vector), then the
         ``Q`` vectors in blocks of :meth:`query_block`, each block one ``vmap`` of
         ``jvp`` (a forward with batched tangents), of the loss-Hessian ``jvp`` and of the
-        pullback. ``vectorize=False`` loops over the vectors instead (the slow reference).
+        pullback. A single vector (``Q = 1``) takes :meth:`_fused` instead: one forward with
+        dual parameters, then the backward. ``vectorize=False`` loops over the vectors
+        instead (the slow reference).
 
         Args:
             flat: ``(Q, P)`` vectors.
@@ -160,18 +185,21 @@ class GaussNewtonProduct:
                 examples = [data.examples[i] for i in mine[start : start + self.batch_size]]
                 batch = {k: v.to(self.device) for k, v in self.task.collate(examples).items()}
                 fn = self._function(batch)
-                outputs, pullback = vjp(fn, theta)  # one forward for all Q vectors
-                outputs = outputs.detach()
 
                 def loss_of(o: torch.Tensor, batch=batch) -> torch.Tensor:
                     return self.task.loss_from_outputs(o, batch).sum()
 
                 grad_loss = grad(loss_of)
-                if self.vectorize:
-                    self._vectorized(fn, theta, outputs, grad_loss, pullback, flat, total)
+                if self.vectorize and flat.shape[0] == 1:  # one forward, no separate vjp
+                    self._fused(fn, theta, grad_loss, flat, total)
                 else:
-                    self._looped(fn, theta, outputs, grad_loss, pullback, flat, total)
-                del pullback, outputs
+                    outputs, pullback = vjp(fn, theta)  # one forward for all Q vectors
+                    outputs = outputs.detach()
+                    if self.vectorize:
+                        self._vectorized(fn, theta, outputs, grad_loss, pullback, flat, total)
+                    else:
+                        self._looped(fn, theta, outputs, grad_loss, pullback, flat, total)
+                    del pullback, outputs
                 if on_batch is not None:
                     on_batch(done, len(starts), time.perf_counter() - began)
         del theta
@@ -184,6 +212,23 @@ class GaussNewtonProduct:
             _, jv = jvp(fn, (theta,), (flat[q],))  # (B, ..., out)
             _, hjv = jvp(grad_loss, (outputs,), (jv.to(outputs.dtype),))
             total[q] += pullback(hjv.to(outputs.dtype))[0].detach()
+
+    def _fused(self, fn, theta, grad_loss, flat, total) -> None:
+        """One vector in one forward: ``J v`` from dual parameters, ``J^⊤`` through its graph.
+
+        The forward runs on ``θ + ε v`` (a forward-mode dual tensor that also requires grad):
+        its primal outputs carry the autograd graph and its tangent is ``J v``, so the
+        separate primal forward of the vjp is saved. Same result as :meth:`_looped` (tested
+        in float64).
+        """
+        th = theta.detach().requires_grad_(True)
+        with forward_ad.dual_level():
+            o, jv = forward_ad.unpack_dual(fn(forward_ad.make_dual(th, flat[0])))
+        o_plain = o.detach()
+        _, hjv = jvp(grad_loss, (o_plain,), (jv.detach().to(o_plain.dtype),))
+        del jv, o_plain
+        (g,) = torch.autograd.grad(o, th, hjv.to(o.dtype))
+        total[0] += g.detach()
 
     def _vectorized(self, fn, theta, outputs, grad_loss, pullback, flat, total) -> None:
         """The same with the vectors batched by ``vmap`` in blocks of :meth:`query_block`."""

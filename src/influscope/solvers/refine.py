@@ -135,6 +135,7 @@ def refine_queries(
     meter = meter or RefineMeter()
     # Neumann's first step reuses the first power-iteration product
     products = steps + 1 + (power_steps - (method == "neumann") if auto else 0)
+    preconditionings = steps + (max(1, power_steps) - 1 if auto else 0)  # dense P⁻¹r per query
     meter.begin(method, x, product, len(train) if examples is None else min(examples, len(train)))
 
     def apply_p(r: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ def refine_queries(
         return out
 
     fixed = subset(train, examples, seed, 0)  # CG / Neumann: one subset for every step
-    w = product.damped(x, fixed, on_batch=meter.first_product(products))  # A P⁻¹b
+    w = product.damped(x, fixed, on_batch=meter.first_product(products, preconditionings))
     first = None  # CG's first direction P⁻¹b = x / c and bᵀP⁻¹b, when the start is its step
     if scale_start and steps > 0:  # zero steps stay plain EK-FAC
         bz = _dot(b, x)  # (Q,) bᵀP⁻¹b
