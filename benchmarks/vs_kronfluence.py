@@ -9,7 +9,8 @@ full-rank query gradients; float32 model, batch size 16; measurement = log p(seq
 influscope and the summed cross-entropy for Kronfluence, which makes the two sign conventions
 agree (``I = -∇f^⊤(G+λI)^{-1}∇L`` vs Kronfluence's ``∇loss_q^⊤(G+λI)^{-1}∇L``).
 
-Every library runs in its own fresh subprocess (so peak RSS is its own) with 2 torch threads;
+Every library runs in its own fresh subprocess (so peak RSS is its own) with ``--threads``
+(default 2) torch threads;
 the *floor* is one plain forward + backward (``loss.backward()``, all parameter gradients) over
 the 500 training sequences.
 
@@ -424,7 +425,7 @@ BERGSON_PYTHON = ROOT / ".venv-bergson" / "bin" / "python"
 
 
 def worker(args) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = prepare_data(args.variant, args.n_train, args.n_queries, args.tokens)
     data.memory_gb = args.memory_gb
@@ -446,6 +447,7 @@ def spawn(name: str, args, memory_gb: str = "default") -> dict:
     cmd = [python, "-m", "benchmarks.vs_kronfluence", "--worker", name]
     cmd += ["--variant", args.variant, "--memory-gb", memory_gb, "--tokens", str(tokens)]
     cmd += ["--n-train", str(n_train), "--n-queries", str(n_queries)]
+    cmd += ["--threads", str(args.threads)]
     env = None
     if name == "bergson":  # its own venv; influscope and the benchmarks from this checkout
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", CUDA_VISIBLE_DEVICES="")
@@ -640,6 +642,14 @@ def main() -> None:
     parser.add_argument("--smollm2-tokens", type=int, default=96)
     parser.add_argument("--smollm2-queries", type=int, default=8)
     parser.add_argument("--report", default=None, help="Markdown file to update.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads per worker (default 2, one per core of a quiet 2-core machine; "
+        "use 1 on a loaded machine: two OpenMP threads on oversubscribed cores made one "
+        "float64 eigendecomposition of a 1536 × 1536 factor 13× slower)",
+    )
     parser.add_argument(
         "--bergson",
         action=argparse.BooleanOptionalAction,
