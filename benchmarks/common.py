@@ -201,8 +201,22 @@ class Stages:
             "seconds": self.seconds,
             "cpu_seconds": self.cpu,
             "peak_mib": self.peak_mib,
-            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "max_rss_mib": peak_rss_mib(),
         }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (MiB): Linux ``VmHWM``, else ``ru_maxrss``.
+
+    ``VmHWM``, not ``ru_maxrss``: Linux keeps ``ru_maxrss`` across ``execve``, so a worker
+    spawned by a large parent reports at least the parent's resident size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_average() -> str:
