@@ -20,7 +20,7 @@ from influscope.budget import plan_score
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
-from influscope.curvature.streamed import StreamedOperator, partition_files
+from influscope.curvature.streamed import StreamedOperator, aligned, partition_files
 from influscope.engine.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
@@ -265,7 +265,8 @@ class Influence:
         directory = self.run.stage_dir("factors", name)
         parts = meta.get("partitions")
         if parts is None and not stream:
-            tensors = read_tensors(directory / TENSORS, self._factor_device)
+            # copied out of the mapped file: alignment as in a streamed read (bit-identical)
+            tensors = aligned(read_tensors(directory / TENSORS, self._factor_device))
             return CURVATURES[curvature].operator.from_tensors(tensors, meta["damping"])
         if parts is not None:
             files = {layer: directory / p["file"] for p in parts for layer in p["layers"]}

@@ -31,7 +31,20 @@ from safetensors import safe_open
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 
-__all__ = ["StreamedOperator", "layer_sizes", "partition_files"]
+__all__ = ["StreamedOperator", "aligned", "layer_sizes", "partition_files"]
+
+
+def aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors copied out of a memory-mapped file into the allocator's (64-byte aligned)
+    memory.
+
+    safetensors hands out views of the mapped file, aligned only as the tensor's offset in
+    the file happens to be; BLAS kernels (the SVD of rank-``r`` queries) take other code paths
+    on other alignments and round differently in the last bit. A layer's offset differs between
+    a single-file stage and a partition's file, so both readers copy: factors read either way
+    give bit-identical scores.
+    """
+    return {k: v.clone() if v.device.type == "cpu" else v for k, v in tensors.items()}
 
 
 def partition_files(op: StreamedOperator) -> tuple[list[dict], dict[str, Path]]:
@@ -94,6 +107,8 @@ class StreamedOperator(CurvatureOperator):
         device: Where a loaded layer's tensors are placed (CUDA: through pinned memory).
         owned: A directory deleted when the operator is garbage-collected (the partitions of
             a fit made without a run directory), or ``None``.
+        pin: Copy each layer to ``device`` through pinned host memory with
+            ``non_blocking=True``; ``None`` (default): when ``device`` is a CUDA device.
     """
 
     def __init__(
@@ -103,16 +118,19 @@ class StreamedOperator(CurvatureOperator):
         damping: Mapping[str, float],
         device: torch.device | str = "cpu",
         owned: str | Path | None = None,
+        pin: bool | None = None,
     ) -> None:
         super().__init__(dict(damping))
         self.name = curvature  # type: ignore[misc]  # the fitted approximation's name
         self.curvature = curvature
         self.files = {k: Path(v) for k, v in files.items()}
         self.device = torch.device(device)
+        self.pin = self.device.type == "cuda" if pin is None else bool(pin)
         self._cached: tuple[str, CurvatureOperator] | None = None
         #: Layers loaded so far (a count per layer; tests check the one-at-a-time order).
         self.loads: list[str] = []
         self._owned = owned
+        self._owned_ref: StreamedOperator | None = None  # a copy keeps its source alive
         if owned is not None:
             weakref.finalize(self, shutil.rmtree, str(owned), True)
 
@@ -129,8 +147,10 @@ class StreamedOperator(CurvatureOperator):
             for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if key.rsplit("::", 1)[0] == layer:
                     out[key] = fh.get_tensor(key)
-        if self.device.type == "cuda":
-            # pinned host memory: the host-to-device copy is asynchronous (non_blocking)
+        out = aligned(out)  # not views of the mapped file (see aligned)
+        if self.pin:
+            # pinned host memory: the host-to-device copy is asynchronous (non_blocking); the
+            # kernels that use the tensors run after it on the same stream
             out = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in out.items()}
         elif self.device.type != "cpu":
             out = {k: v.to(self.device) for k, v in out.items()}
@@ -215,7 +235,7 @@ class StreamedOperator(CurvatureOperator):
 
     def with_damping(self, damping: Mapping[str, float]) -> StreamedOperator:
         """The same files with another damping (nothing is read)."""
-        out = StreamedOperator(self.curvature, self.files, damping, self.device)
+        out = StreamedOperator(self.curvature, self.files, damping, self.device, pin=self.pin)
         out._owned_ref = self  # keep an owned directory alive as long as the copy
         return out
 
