@@ -57,6 +57,7 @@ __all__ = [
     "FitPlan",
     "budget_bytes",
     "default_budget",
+    "fix_mmap_threshold",
     "free_memory",
     "plan_fit",
     "plan_score",
@@ -113,6 +114,27 @@ def release_heap() -> None:
     dropped."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+#: ``mallopt`` parameter number of glibc's mmap threshold.
+M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(nbytes: int = 4 * 2**20) -> bool:
+    """Serve every allocation of at least ``nbytes`` with its own ``mmap`` (glibc ``mallopt``),
+    so that freeing it returns it to the operating system at once; whether it could.
+
+    glibc raises its threshold to the size of each large block freed (up to 32 MiB), after
+    which blocks of a few MiB — a layer's covariance sums, eigendecomposition temporaries,
+    captured batches — come from the heap and stay resident once freed: measured +70 MiB
+    (+12 %) above the estimate on a width-384 GPT-2 fitted in two module partitions. A fit
+    split into partitions because memory is tight sets the threshold for the process (glibc
+    then stops adjusting it); larger blocks cost a page fault per page when reused.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
 
 
 def _gib(x: float) -> str:
@@ -301,8 +323,9 @@ def plan_fit(
             f"to at least {_gb_arg(need_all)}, or track fewer "
             "layers (--modules), or use stats_dtype='float32'."
         )
-    else:
-        ranges = split_greedy(need, len(dims), budget)
+    else:  # within (1 − SAFETY)·B, as the replay cache: the estimate is a few % low when
+        # the allocator's heap, not the statistics, sets the peak (small models)
+        ranges = split_greedy(need, len(dims), (1 - SAFETY) * budget)
     # 3. the largest batch (halving) whose estimate fits, in every partition
     batch = config.batch_size
 

@@ -18,7 +18,7 @@ Stage tensors, for ``L`` tracked layers of widths ``in_ℓ`` (bias column includ
 sequences and ``Q`` queries (4-byte floats unless stated):
 
 * K-FAC / EK-FAC (:func:`~influscope.curvature.kfac.kronecker_estimate`): covariance
-  ``8K`` float64 sums (``2·8K`` with several shards: the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 32·d_max²``
+  ``8K`` float64 sums (``2·8K`` with several shards: the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 40·d_max²``
   workspace); eigenvalues ``8K`` bases + ``16P`` + ``8·B·max in·out``; EK-FAC also keeps the
   replay cache, ``4·Σ_b B_b T_b Σ_ℓ (in_ℓ + out_ℓ)`` capped at what the memory budget leaves
   (:mod:`influscope.budget`) and at ``FitConfig.cache_mb``;

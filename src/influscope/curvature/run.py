@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from influscope.budget import CacheGate, FitPlan, plan_fit, release_heap
+from influscope.budget import (
+    CacheGate,
+    FitPlan,
+    fix_mmap_threshold,
+    plan_fit,
+    release_heap,
+)
 from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
@@ -99,6 +105,7 @@ def fit_curvature(
             plan.n_partitions,
             plan.n_partitions * (2 if CURVATURES[config.curvature].replays else 1),
         )
+        fix_mmap_threshold()  # freed blocks go back to the system (see its docstring)
         return _fit_partitions(tracked, train, config, plan, store, amp_dtype, desc_prefix)
     return _fit_group(
         tracked,
