@@ -106,6 +106,7 @@ def estimate(
     shard_size: int = 256,
     partitions: Sequence[tuple[int, int]] | None = None,
     stream_factors: bool = False,
+    query_rank: int | None = None,
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
     and (when ``index`` is an IndexConfig) indexing; with ``cost`` (one measured batch, see
@@ -122,7 +123,10 @@ def estimate(
     the other: memory is the largest partition's, each partition pays its own passes over the
     data (time × the number of partitions for the forward + backward part) and the factors on
     disk are all layers'. With ``stream_factors`` (implied by several partitions) the score
-    stage holds one layer's factors instead of all of them."""
+    stage holds one layer's factors instead of all of them. With ``query_rank`` and more
+    query numbers than :data:`~influscope.scoring.queries.DENSE_BUDGET`, the queries are kept
+    as rank-``r`` factors ``4·Q·r·Σ(in + out)`` plus one layer's rotated gradients and their
+    scaled copy and SVD input, ``3·4·Q·max in·out``, instead of ``4·Q·P``."""
     tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
     model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -175,13 +179,19 @@ def estimate(
         _fit_times(out, cost, tokens, cache / full_cache if full_cache else 1.0, len(ranges))
     if n_queries:
         factors = 8 * sum(i * i + o * o + i * o for i, o in dims)
+        note = ""
         if stream_factors or len(ranges) > 1:  # one layer's factors at a time
             factors = 8 * max(i * i + o * o + i * o for i, o in dims)
+            note = "factors streamed one layer at a time"
+        from influscope.scoring.queries import DENSE_BUDGET
+
+        held = 4 * n_queries * grad  # (Q, out, in) per layer, all layers
+        if query_rank is not None and n_queries * grad > DENSE_BUDGET:
+            widest_grad = max(i * o for i, o in dims)
+            held = 4 * n_queries * (query_rank * sum(i + o for i, o in dims) + 3 * widest_grad)
         out.append(
             StageEstimate(
-                "score",
-                pass_bytes + factors + 4 * n_queries * grad + 4 * n_queries * n * len(dims),
-                0,
+                "score", pass_bytes + factors + held + 4 * n_queries * n * len(dims), 0, note
             )
         )
     if index is not None:
