@@ -153,7 +153,7 @@ def stage_dry_run(args) -> dict[str, Any]:
     from influscope.costs import measure_batch
     from influscope.resources import estimate
 
-    s, model, train, queries = build(args)
+    _, model, train, queries = build(args)
     inf = influence(args, model)
     plan = plan_fit(inf.tracked, train, fit_config(args))
     cost = measure_batch(inf.tracked, train, args.batch_size, sample_seed=0)
@@ -201,7 +201,7 @@ def stage_dry_run(args) -> dict[str, Any]:
 
 
 def stage_fit(args) -> dict[str, Any]:
-    s, model, train, queries = build(args)
+    _, model, train, _queries = build(args)
     inf = influence(args, model)
     t0 = time.perf_counter()
     inf.fit(train, fit_config(args))
@@ -216,7 +216,7 @@ def stage_fit(args) -> dict[str, Any]:
 
 
 def stage_score(args) -> dict[str, Any]:
-    s, model, train, queries = build(args)
+    _, model, train, queries = build(args)
     inf = influence(args, model)
     factors = inf.load_factors(train)
     t0 = time.perf_counter()
