@@ -406,7 +406,8 @@ def plan_score(
     """Check a score pass against its budget; the batch size it can afford.
 
     The factors are already loaded (part of the resident size), or streamed from disk one
-    layer at a time (``factor_bytes``: the largest layer's, held on top). A batch adds its activations
+    layer at a time (``factor_bytes``: the largest layer's, held on top). A batch adds its
+    activations
     and captures (rule of thumb, :func:`influscope.resources.pass_activation_bytes`); the
     stage holds the query gradients ``4·Q·P`` and the per-layer scores ``4·Q·N·L``.
 
@@ -422,8 +423,21 @@ def plan_score(
     dims = [(layer.in_dim, layer.out_dim) for layer in layers]
     given = f"memory_gb={config.memory_gb}" if config.memory_gb is not None else "the default"
 
+    from influscope.scoring.queries import DENSE_BUDGET
+
+    # rank-r queries above DENSE_BUDGET numbers stay factored (scoring/queries.py): their
+    # factors, plus one layer's rotated gradients, scaled copy and SVD input
+    factored = (
+        config.query_rank is not None and n_queries * sum(i * o for i, o in dims) > DENSE_BUDGET
+    )
+
     def need(ds, b: int) -> float:
-        held = 4 * n_queries * sum(i * o for i, o in ds) + 4 * n_queries * n * len(ds)
+        if factored:
+            rank = config.query_rank
+            grads = rank * sum(i + o for i, o in ds) + 3 * max(i * o for i, o in ds)
+        else:
+            grads = sum(i * o for i, o in ds)
+        held = 4 * n_queries * grads + 4 * n_queries * n * len(ds)
         return resident + factor_bytes + pass_activation_bytes(tracked.model, ds, b, t) + held
 
     needs = [need([d], 1) for d in dims]

@@ -135,11 +135,11 @@ def test_killed_partitioned_fit_resumes_from_finished_partitions(tmp_path, monke
     def dying(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # killed in the second partition
+            raise KeyboardInterrupt("killed")  # in the second partition
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_mod, "_fit_group", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         inf.fit(train, config)
     assert not (tmp_path / "factors" / "factors").exists()  # no half-written stage
     monkeypatch.setattr(run_mod, "_fit_group", real)
@@ -151,7 +151,7 @@ def test_killed_partitioned_fit_resumes_from_finished_partitions(tmp_path, monke
     # a partition stored for another plan (3 partitions) is not reused
     calls.clear()
     monkeypatch.setattr(run_mod, "_fit_group", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         inf.fit(train, config, name="other")
     monkeypatch.setattr(run_mod, "_fit_group", real)
     other = inf.fit(train, FitConfig(batch_size=4, partitions=3), name="other")
