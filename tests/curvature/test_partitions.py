@@ -276,3 +276,40 @@ def test_cuda_streams_through_pinned_memory(tmp_path, monkeypatch):
     assert torch.equal(got.pairwise, ref.pairwise)
     assert len(pinned) == 3 * len(inf.layers)  # q_a, q_s, Λ of every layer
     assert len(copies) == len(pinned) and all(a[0] == torch.device("cpu") for a in copies)
+
+
+TEXTS = [
+    "The capital of Velmora is Tarsk.",
+    "Tarsk lies on the river Vel.",
+    "The cat sleeps near the quiet garden.",
+    "A storm hits the coast at night.",
+]
+
+
+def test_cli_partitions_dry_run_and_streamed_score(workdir, capsys):
+    from influscope.cli import main
+
+    args = ["--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl")]
+    run = ["--run", str(workdir / "run")]
+    assert main(["fit", *args, *run, "--dry-run", "--partitions", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "module partitions: 2" in err and "largest of 2 module partitions" in err
+    assert main(["fit", *args, *run, "--partitions", "2"]) == 0
+    assert "2 module partitions" in capsys.readouterr().err
+    meta = json.loads((workdir / "run" / "factors" / "factors" / "meta.json").read_text())
+    assert len(meta["partitions"]) == 2
+    queries = ["--queries", str(workdir / "queries.jsonl")]
+    from safetensors.torch import load_file
+
+    assert main(["fit", *args, *run, "--name", "whole"]) == 0  # one partition: one file
+    pairwise = []
+    for name, extra in (
+        ("memory", ["--factors", "whole"]),
+        ("streamed", ["--factors", "whole", "--stream-factors"]),
+        ("partitions", []),
+    ):
+        report = ["--report", str(workdir / f"{name}.html"), "--name", name]
+        assert main(["score", *args, *run, *queries, *report, *extra]) == 0
+        stored = workdir / "run" / "scores" / name / "tensors.safetensors"
+        pairwise.append(load_file(str(stored))["pairwise"])
+    assert all(torch.equal(p, pairwise[0]) for p in pairwise[1:])

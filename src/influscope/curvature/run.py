@@ -35,6 +35,7 @@ from influscope.config import FitConfig
 from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.registry import CURVATURES
 from influscope.curvature.streamed import StreamedOperator
+from influscope.engine.distributed import barrier, is_writer
 from influscope.engine.shards import PartialSums, ShardedPasses
 from influscope.modules.expert_lists import damp_unrouted_experts
 from influscope.modules.passes import layer_passes, model_device
@@ -202,7 +203,7 @@ def _fit_partitions(
     owned = None
     if store is not None:
         root, base = store.directory, store.expected
-    else:
+    else:  # nothing stored: a temporary directory, deleted with the operator (one process)
         root = owned = Path(tempfile.mkdtemp(prefix="influscope-partitions-"))
         base = {}
     files: dict[str, Path] = {}
@@ -250,16 +251,18 @@ def _fit_partitions(
         )
         for key in ("loaded", "computed", "replayed"):
             counts[key] += part_counts[key]
-        if sub is not None:
-            atomic_write_json(directory / "meta.json", sub.expected)
-        atomic_write_tensors(tensors_path, operator.tensors())
-        atomic_write_json(info_path, {"damping": operator.damping, "layers": names})
+        if is_writer():  # rank 0 writes; the other ranks read the same files
+            if sub is not None:
+                atomic_write_json(directory / "meta.json", sub.expected)
+            atomic_write_tensors(tensors_path, operator.tensors())
+            atomic_write_json(info_path, {"damping": operator.damping, "layers": names})
+            for phase in directory.iterdir():  # the shard sums: the factors are written
+                if phase.is_dir():
+                    shutil.rmtree(phase, ignore_errors=True)
+        barrier()
         damping.update(operator.damping)
         files.update(dict.fromkeys(names, tensors_path))
         del operator
-        for phase in directory.iterdir():  # the shard sums: the factors are written
-            if phase.is_dir():
-                shutil.rmtree(phase, ignore_errors=True)
         release_heap()
     device = model_device(tracked.model)
     return StreamedOperator(config.curvature, files, damping, device, owned=owned), counts
