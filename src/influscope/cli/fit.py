@@ -108,17 +108,17 @@ def run(args: argparse.Namespace) -> int:
             plan, refusal = plan_fit(inf.tracked, fit_data, config), None
         except MemoryBudgetError as exc:
             plan, refusal = None, str(exc)
-
+        batch = plan.batch_size if plan is not None else args.batch_size  # as the fit runs
         cost = measure_batch(
             inf.tracked,
             train,
-            args.batch_size,
+            batch,
             sample_seed=args.seed if args.fisher == "true" else None,
         )
         estimates = estimate(
             inf,
             train,
-            batch_size=args.batch_size,
+            batch_size=batch,
             curvature=args.curvature,
             max_examples=args.max_examples,
             cost=cost,
@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             )
         elif plan is not None:
             console.print("module partitions: 1 (every layer's statistics fit together)")
+        if plan is not None and plan.batch_size < args.batch_size:
+            console.print(f"batch size {plan.batch_size} (of {args.batch_size}) to fit the budget")
         if refusal is not None:
             console.print(f"[red]the fit would be refused:[/red] {refusal}", soft_wrap=True)
         return 0
