@@ -156,7 +156,7 @@ def stage_dry_run(args) -> dict[str, Any]:
     _, model, train, queries = build(args)
     inf = influence(args, model)
     plan = plan_fit(inf.tracked, train, fit_config(args))
-    cost = measure_batch(inf.tracked, train, args.batch_size, sample_seed=0)
+    cost = measure_batch(inf.tracked, train, plan.batch_size, sample_seed=0)  # as the fit
     rows = estimate(
         inf,
         train,
