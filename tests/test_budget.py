@@ -114,11 +114,15 @@ def test_budget_lowers_the_batch_size(monkeypatch):
     between = (need(2) + need(4)) / 2  # a batch of 2 fits, one of 4 does not
     for gb, batch in ((1.0, 8), (between / 2**30, 2), (need(1) / 2**30, 1)):
         plan = budget_mod.plan_fit(inf.tracked, train, FitConfig(batch_size=8, memory_gb=gb))
-        assert plan.batch_size == batch
+        assert plan.batch_size == batch and plan.n_partitions == 1
+    # below all layers together: module partitions instead of a refusal; the gradient index's
+    # projected fit, which cannot be partitioned, is still refused
+    low = FitConfig(batch_size=8, memory_gb=0.999 * need(1) / 2**30)
+    plan = budget_mod.plan_fit(inf.tracked, train, low)
+    assert plan.n_partitions == 2 and plan.partitions[0][0] == 0
+    assert plan.partitions[0][1] == plan.partitions[1][0] and plan.partitions[1][1] == len(dims)
     with pytest.raises(MemoryBudgetError, match="layers need together"):
-        budget_mod.plan_fit(
-            inf.tracked, train, FitConfig(batch_size=8, memory_gb=0.999 * need(1) / 2**30)
-        )
+        budget_mod.plan_fit(inf.tracked, train, low, partitionable=False)
 
 
 def test_factors_are_bit_identical_with_and_without_the_replay_cache():

@@ -53,7 +53,7 @@ def test_estimate_from_a_measured_batch(setup):
     cov, eig = rows["fit: covariance"], rows["fit: eigenvalues"]
     assert cov.memory == pytest.approx(1.1e9 + 8 * k + full_cache)  # one shard: sums once
     assert rows["fit: eigendecomposition"].memory == pytest.approx(
-        1e9 + 8 * k + 32 * max(max(d) for d in dims) ** 2 + full_cache
+        1e9 + 8 * k + 40 * max(max(d) for d in dims) ** 2 + full_cache
     )
     widest = max(i * o for i, o in dims)
     assert eig.memory == pytest.approx(1.1e9 + 8 * k + 16 * p + 32 * widest + full_cache)

@@ -20,6 +20,7 @@ from influscope.budget import plan_score
 from influscope.config import FitConfig, ScoreConfig
 from influscope.curvature import CURVATURES, CurvatureOperator
 from influscope.curvature.run import fit_curvature
+from influscope.curvature.streamed import StreamedOperator, aligned, partition_files
 from influscope.engine.shards import PartialSums
 from influscope.engine.stage import StageSpec, run_stage
 from influscope.errors import ConfigError, DataError, StaleArtifactError
@@ -31,6 +32,8 @@ from influscope.scoring.ensemble import MORE_MEMBERS, EnsembleScores
 from influscope.scoring.pairwise import Scores, score_pass, self_influence_pass, token_pass
 from influscope.scoring.queries import PreconditionedQueries, precondition_queries
 from influscope.storage import RunDirectory
+from influscope.storage.atomic import read_tensors
+from influscope.storage.run import TENSORS
 from influscope.tasks import EncodedDataset, Task, context_length
 from influscope.tasks.base import quiet_length_warning
 from influscope.tasks.data import record_list
@@ -196,7 +199,12 @@ class Influence:
             )
             return operator.to("cpu") if self.offload else operator
 
-        return run_stage(stage, compute, overwrite)
+        result = run_stage(stage, compute, overwrite)
+        if isinstance(result, StreamedOperator) and stage.stores:
+            # a partitioned fit: its files now live in the stage directory (the partial
+            # directory they were written to is gone)
+            result = stage.read()
+        return result
 
     def _model_dtype(self) -> str:
         """The dtype of the tracked layers' weights (``"float32"``, ``"bfloat16"``, …)."""
@@ -225,23 +233,57 @@ class Influence:
             "factors",
             name,
             expected,
-            load=lambda tensors, meta: CURVATURES[config.curvature].operator.from_tensors(
-                tensors, meta["damping"]
-            ),
+            load=lambda tensors, meta: self._factors_from_stage(name, meta),
             dump=lambda op: (
-                op.tensors(),
+                {} if isinstance(op, StreamedOperator) else op.tensors(),
                 {
                     "curvature": config.curvature,
                     "damping": op.damping,
                     "model_dtype": self._model_dtype(),
-                },
+                }
+                | (
+                    {"partitions": partition_files(op)[0]}
+                    if isinstance(op, StreamedOperator)
+                    else {}
+                ),
             ),
             device=self._factor_device,  # CPU memory with offload=True
+            files=lambda op: partition_files(op)[1] if isinstance(op, StreamedOperator) else None,
+            lazy=True,  # _factors_from_stage reads the tensors (all, or one layer at a time)
         )
         return stage, train
 
-    def load_factors(self, train: EncodedDataset, name: str = "factors") -> CurvatureOperator:
+    def _factors_from_stage(self, name: str, meta: dict, stream: bool = False) -> CurvatureOperator:
+        """The operator of a stored factors stage (its metadata checked already).
+
+        A partitioned fit (``meta["partitions"]``) is always streamed: a
+        :class:`~influscope.curvature.streamed.StreamedOperator` reading one layer at a time
+        from the partitions' files. A single-file stage is read whole, as it always was, or
+        streamed from its one file with ``stream=True``.
+        """
+        curvature = meta["curvature"]
+        directory = self.run.stage_dir("factors", name)
+        parts = meta.get("partitions")
+        if parts is None and not stream:
+            # copied out of the mapped file: alignment as in a streamed read (bit-identical)
+            tensors = aligned(read_tensors(directory / TENSORS, self._factor_device))
+            return CURVATURES[curvature].operator.from_tensors(tensors, meta["damping"])
+        if parts is not None:
+            files = {layer: directory / p["file"] for p in parts for layer in p["layers"]}
+        else:
+            files = dict.fromkeys(meta.get("layers") or meta["damping"], directory / TENSORS)
+        return StreamedOperator(curvature, files, meta["damping"], self._factor_device)
+
+    def load_factors(
+        self, train: EncodedDataset, name: str = "factors", stream: bool = False
+    ) -> CurvatureOperator:
         """Load a stored curvature stage, checking it matches this model and training data.
+
+        A stage fitted in module partitions is always streamed, and any stage with
+        ``stream=True``: the returned
+        :class:`~influscope.curvature.streamed.StreamedOperator` reads one layer's factors at a
+        time when used (scores are bit-identical), so memory holds one layer's factors instead
+        of all of them.
 
         Raises:
             StaleArtifactError: If the stage was fitted on another model or data set.
@@ -287,11 +329,10 @@ class Influence:
             "factors",
             name,
             expected,
-            load=lambda tensors, meta: CURVATURES[meta["curvature"]].operator.from_tensors(
-                tensors, meta["damping"]
-            ),
+            load=lambda tensors, meta: self._factors_from_stage(name, meta, stream),
             device=self._factor_device,  # CPU memory with offload=True, like fit()
             fix=fix,
+            lazy=True,
         )
         return stage.read()
 
@@ -408,7 +449,8 @@ class Influence:
             # the memory budget: refused before any forward pass when one layer does not
             # fit; the batch size is lowered to fit (the stage's fingerprint keeps config's)
             n_queries = queries.n_queries if given else len(queries)
-            batch = plan_score(self.tracked, train, n_queries, config)
+            streamed = factors.held_bytes() if isinstance(factors, StreamedOperator) else 0.0
+            batch = plan_score(self.tracked, train, n_queries, config, streamed)
             run_config = (
                 config
                 if batch == config.batch_size

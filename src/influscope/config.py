@@ -118,6 +118,12 @@ class FitConfig(Settings):
         options: The chosen curvature's own settings (fields of its spec's ``options``
             dataclass, e.g. ``{"rank": 4}``), or ``None`` for its defaults. Fingerprinted
             with the factors when given.
+        partitions: Fit the tracked layers in this many contiguous module partitions, one
+            after the other (each runs its own passes over the data, writes its factors to
+            disk and frees them before the next), or ``None`` (default) for as many as the
+            memory budget needs — 1 when every layer's statistics fit together. Each partition
+            beyond the first costs one more forward + backward pass over the data. Not part of
+            the stored fingerprint: the factors are bit-identical for any partition count.
     """
 
     curvature: str = "ekfac"
@@ -134,6 +140,7 @@ class FitConfig(Settings):
     datainf_memory_mb: float = 4096.0
     options: dict[str, Any] | None = None
     memory_gb: float | None = None
+    partitions: int | None = None
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that determine the factors (``to_dict`` without the memory budgets;
@@ -142,6 +149,7 @@ class FitConfig(Settings):
         out.pop("memory_gb")
         out.pop("cache_mb")
         out.pop("datainf_memory_mb")
+        out.pop("partitions")
         if not out["options"]:
             out.pop("options")
         return out
@@ -186,6 +194,16 @@ class FitConfig(Settings):
             f"cache_mb must be None (as the budget allows) or ≥ 0, received {self.cache_mb}.",
         )
         check_memory_gb(self.memory_gb)
+        require(
+            self.partitions is None
+            or (
+                isinstance(self.partitions, int)
+                and not isinstance(self.partitions, bool)
+                and self.partitions >= 1
+            ),
+            f"partitions must be None (as the memory budget needs) or an integer ≥ 1, received "
+            f"{self.partitions!r}.",
+        )
         require(
             self.datainf_memory_mb > 0,
             f"datainf_memory_mb must be > 0, received {self.datainf_memory_mb}.",

@@ -18,7 +18,7 @@ Stage tensors, for ``L`` tracked layers of widths ``in_ℓ`` (bias column includ
 sequences and ``Q`` queries (4-byte floats unless stated):
 
 * K-FAC / EK-FAC (:func:`~influscope.curvature.kfac.kronecker_estimate`): covariance
-  ``8K`` float64 sums (``2·8K`` with several shards: the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 32·d_max²``
+  ``8K`` float64 sums (``2·8K`` with several shards: the total and a shard's part); eigendecomposition one layer at a time (``8K`` + ``≈ 40·d_max²``
   workspace); eigenvalues ``8K`` bases + ``16P`` + ``8·B·max in·out``; EK-FAC also keeps the
   replay cache, ``4·Σ_b B_b T_b Σ_ℓ (in_ℓ + out_ℓ)`` capped at what the memory budget leaves
   (:mod:`influscope.budget`) and at ``FitConfig.cache_mb``;
@@ -38,6 +38,7 @@ Measured against peak RSS in docs/benchmarks.md ("dry-run estimates").
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from influscope.costs import BatchCost
@@ -103,6 +104,9 @@ def estimate(
     cache_mb: float | None = None,
     memory_gb: float | None = None,
     shard_size: int = 256,
+    partitions: Sequence[tuple[int, int]] | None = None,
+    stream_factors: bool = False,
+    query_rank: int | None = None,
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
     and (when ``index`` is an IndexConfig) indexing; with ``cost`` (one measured batch, see
@@ -112,7 +116,17 @@ def estimate(
     The replay cache is sized as the fit sizes it (:mod:`influscope.budget`): what the
     budget ``memory_gb`` (``None``: held now + 90 % of the free memory) leaves above the
     stages' peak without it, at most ``cache_mb`` (``None``: no limit) and at most the whole
-    first pass."""
+    first pass.
+
+    With ``partitions`` (``(start, stop)`` ranges of the tracked layers, the fit's
+    :attr:`~influscope.budget.FitPlan.partitions`) the fit runs one module partition after
+    the other: memory is the largest partition's, each partition pays its own passes over the
+    data (time × the number of partitions for the forward + backward part) and the factors on
+    disk are all layers'. With ``stream_factors`` (implied by several partitions) the score
+    stage holds one layer's factors instead of all of them. With ``query_rank`` and more
+    query numbers than :data:`~influscope.scoring.queries.DENSE_BUDGET`, the queries are kept
+    as rank-``r`` factors ``4·Q·r·Σ(in + out)`` plus one layer's rotated gradients and their
+    scaled copy and SVD input, ``3·4·Q·max in·out``, instead of ``4·Q·P``."""
     tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
     model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -131,29 +145,53 @@ def estimate(
         resident = 4 * n_params
         pass_bytes = resident + pass_activation_bytes(model, dims, bsz, t)
     spec = CURVATURES[curvature]
-    full_cache = 4 * tokens * sum(i + o for i, o in dims) + tokens  # a and s, plus the mask
     per = max(1, -(-shard_size // bsz)) * bsz
     shards = max(1, -(-n_fit // per))
+    ranges = list(partitions) if partitions else [(0, len(dims))]
+
+    def bare_peak(ds) -> float:
+        bare = FitFootprint(ds, n_fit, bsz, pass_bytes, resident, 0.0, shards)
+        return max((row[1] for row in spec.estimate(bare)), default=pass_bytes)
+
+    # the partition whose stages need the most: the fit's peak
+    lo, hi = max(ranges, key=lambda r: bare_peak(dims[r[0] : r[1]]))
+    part = dims[lo:hi]
+    full_cache = 4 * tokens * sum(i + o for i, o in part) + tokens  # a and s, plus the mask
     cache = 0.0
     if spec.replays:
-        bare = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, 0.0, shards)
-        peak = max((row[1] for row in spec.estimate(bare)), default=pass_bytes)
+        peak = bare_peak(part)
         from influscope.budget import budget_bytes
         from influscope.modules.passes import model_device
 
         room = max(0.0, budget_bytes(memory_gb, model_device(model)) - peak)
         cache = min(full_cache, room, math.inf if cache_mb is None else cache_mb * 2**20)
-    footprint = FitFootprint(dims, n_fit, bsz, pass_bytes, resident, cache, shards)
+    footprint = FitFootprint(part, n_fit, bsz, pass_bytes, resident, cache, shards)
     out = [StageEstimate(*row) for row in spec.estimate(footprint)]
+    if len(ranges) > 1:
+        whole = spec.estimate(FitFootprint(dims, n_fit, bsz, pass_bytes, resident, 0.0, shards))
+        for row, full in zip(out, whole):
+            row.disk = full[2]  # every partition's factors end on disk
+            row.note = (
+                f"{row.note + '; ' if row.note else ''}largest of {len(ranges)} module "
+                f"partitions ({hi - lo} layers)"
+            )
     if cost is not None:
-        _fit_times(out, cost, tokens, cache / full_cache if full_cache else 1.0)
+        _fit_times(out, cost, tokens, cache / full_cache if full_cache else 1.0, len(ranges))
     if n_queries:
         factors = 8 * sum(i * i + o * o + i * o for i, o in dims)
+        note = ""
+        if stream_factors or len(ranges) > 1:  # one layer's factors at a time
+            factors = 8 * max(i * i + o * o + i * o for i, o in dims)
+            note = "factors streamed one layer at a time"
+        from influscope.scoring.queries import DENSE_BUDGET
+
+        held = 4 * n_queries * grad  # (Q, out, in) per layer, all layers
+        if query_rank is not None and n_queries * grad > DENSE_BUDGET:
+            widest_grad = max(i * o for i, o in dims)
+            held = 4 * n_queries * (query_rank * sum(i + o for i, o in dims) + 3 * widest_grad)
         out.append(
             StageEstimate(
-                "score",
-                pass_bytes + factors + 4 * n_queries * grad + 4 * n_queries * n * len(dims),
-                0,
+                "score", pass_bytes + factors + held + 4 * n_queries * n * len(dims), 0, note
             )
         )
     if index is not None:
@@ -174,19 +212,24 @@ def estimate(
     return out
 
 
-def _fit_times(rows: list[StageEstimate], cost: BatchCost, tokens: int, cached: float) -> None:
+def _fit_times(
+    rows: list[StageEstimate], cost: BatchCost, tokens: int, cached: float, partitions: int = 1
+) -> None:
     """Seconds of each fit row from the timed batch, scaled to ``tokens`` padded tokens;
-    ``cached`` is the fraction of the eigenvalue pass replayed from memory (no forward)."""
+    ``cached`` is the fraction of the eigenvalue pass replayed from memory (no forward);
+    each of ``partitions`` module partitions runs its own forward + backward passes (the
+    statistics and eigendecompositions are the same in total)."""
     scale = tokens / max(cost.tokens, 1)
+    p = partitions
     for row in rows:
         if row.stage == "fit: covariance":
-            row.seconds = scale * (cost.seconds_pass + cost.seconds_cov)
+            row.seconds = scale * (p * cost.seconds_pass + cost.seconds_cov)
         elif row.stage == "fit: eigendecomposition":
             row.seconds = cost.seconds_eigh
         elif row.stage == "fit: eigenvalues":
-            row.seconds = scale * (cost.seconds_rot + (1 - cached) * cost.seconds_pass)
+            row.seconds = scale * (cost.seconds_rot + p * (1 - cached) * cost.seconds_pass)
         elif row.stage.startswith("fit"):  # one pass with per-example statistics
-            row.seconds = scale * (cost.seconds_pass + cost.seconds_rot)
+            row.seconds = scale * (p * cost.seconds_pass + cost.seconds_rot)
 
 
 def _duration(seconds: float | None) -> str:

@@ -56,6 +56,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     add_batch_size_option(fit)
     add_memory_option(fit)
+    fit.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="Fit the tracked layers in this many contiguous module partitions, one after the "
+        "other (each with its own passes over the data; its factors are written to disk and "
+        "freed before the next). Default: as many as --memory-gb needs (1 when all layers fit "
+        "together).",
+    )
     fit.add_argument("--seed", type=int, default=0, help="Seed of sampled labels.")
     fit.add_argument(
         "--max-examples", type=int, default=None, help="Fit on the first N training records only."
@@ -74,28 +83,6 @@ def run(args: argparse.Namespace) -> int:
     from influscope.config import FitConfig, check_memory_gb
 
     check_memory_gb(args.memory_gb)  # refused before the model is loaded
-    inf, train = load_influence(args)
-    if args.dry_run:
-        from influscope.costs import measure_batch
-        from influscope.resources import describe, estimate
-
-        cost = measure_batch(
-            inf.tracked,
-            train,
-            args.batch_size,
-            sample_seed=args.seed if args.fisher == "true" else None,
-        )
-        estimates = estimate(
-            inf,
-            train,
-            batch_size=args.batch_size,
-            curvature=args.curvature,
-            max_examples=args.max_examples,
-            cost=cost,
-            memory_gb=args.memory_gb,
-        )
-        console.print(describe(estimates, cost), soft_wrap=True)
-        return 0
     config = FitConfig(
         curvature=args.curvature,
         fisher=args.fisher,
@@ -105,7 +92,59 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_examples=args.max_examples,
         memory_gb=args.memory_gb,
-    )
+        partitions=args.partitions,
+    )  # validated before the model is loaded
+    inf, train = load_influence(args)
+    if args.dry_run:
+        from influscope.budget import plan_fit
+        from influscope.costs import measure_batch
+        from influscope.errors import MemoryBudgetError
+        from influscope.resources import describe, estimate
+
+        fit_data = train
+        if args.max_examples is not None and args.max_examples < len(train):
+            fit_data = train.subset(range(args.max_examples))
+        try:  # the partitions the fit would use (refusals are printed, not raised)
+            plan, refusal = plan_fit(inf.tracked, fit_data, config), None
+        except MemoryBudgetError as exc:
+            plan, refusal = None, str(exc)
+        batch = plan.batch_size if plan is not None else args.batch_size  # as the fit runs
+        cost = measure_batch(
+            inf.tracked,
+            train,
+            batch,
+            sample_seed=args.seed if args.fisher == "true" else None,
+        )
+        estimates = estimate(
+            inf,
+            train,
+            batch_size=batch,
+            curvature=args.curvature,
+            max_examples=args.max_examples,
+            cost=cost,
+            memory_gb=args.memory_gb,
+            partitions=plan.partitions if plan is not None else None,
+        )
+        console.print(describe(estimates, cost), soft_wrap=True)
+        if plan is not None and plan.n_partitions > 1:
+            from influscope.curvature.registry import CURVATURES
+
+            passes = plan.n_partitions * (2 if CURVATURES[args.curvature].replays else 1)
+            console.print(
+                f"module partitions: {plan.n_partitions} (the budget "
+                f"{plan.budget / 2**30:.2f} GiB does not hold every layer's statistics at "
+                f"once): each partition runs its own passes over the data, up to {passes} "
+                "forward + backward passes in all (fewer where the replay cache holds them); "
+                "the factors are streamed from disk one layer at a time when scoring",
+                soft_wrap=True,
+            )
+        elif plan is not None:
+            console.print("module partitions: 1 (every layer's statistics fit together)")
+        if plan is not None and plan.batch_size < args.batch_size:
+            console.print(f"batch size {plan.batch_size} (of {args.batch_size}) to fit the budget")
+        if refusal is not None:
+            console.print(f"[red]the fit would be refused:[/red] {refusal}", soft_wrap=True)
+        return 0
     op = inf.fit(train, config, name=args.name, overwrite=args.overwrite)
     n_fit = min(len(train), config.max_examples or len(train))
     console.print(
@@ -119,8 +158,13 @@ def run(args: argparse.Namespace) -> int:
             if plan.batch_size < config.batch_size
             else ""
         )
+        parts = (
+            f"{plan.n_partitions} module partitions (factors on disk, read one layer at a time), "
+            if plan.n_partitions > 1
+            else ""
+        )
         console.print(
-            f"  memory budget {plan.budget / 2**30:.2f} GiB: {note}"
+            f"  memory budget {plan.budget / 2**30:.2f} GiB: {note}{parts}"
             f"{inf.last_fit_shards['replayed']} shard(s) replayed from memory"
         )
     shards = inf.last_fit_shards

@@ -73,6 +73,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_batch_size_option(score)
     add_memory_option(score)
     score.add_argument(
+        "--stream-factors",
+        action="store_true",
+        help="Read the factors from disk one layer at a time while preconditioning, instead "
+        "of loading them all (same scores, bit for bit; factors fitted in module partitions "
+        "are always streamed).",
+    )
+    score.add_argument(
         "--refine",
         type=non_negative_int,
         default=0,
@@ -229,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(Path(args.report).parent, "directory of --report")
     inf, train = load_influence(args)
     queries = encode_records(inf, query_records, args.queries, args.truncate)
-    op = inf.load_factors(train, args.factors)
+    op = inf.load_factors(train, args.factors, stream=args.stream_factors)
     config = ScoreConfig(
         query_rank=args.rank or None,
         query_svd=args.svd,

@@ -72,6 +72,11 @@ class CurvatureOperator(ABC):
     ) -> CurvatureOperator:
         """Rebuild the operator from :meth:`tensors` and its damping."""
 
+    def held_bytes(self) -> int:
+        """Bytes of factors held in memory while the operator is used (all its tensors; a
+        streamed operator holds one layer's)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
     def to(self, device: torch.device | str) -> CurvatureOperator:
         """A copy with every tensor on ``device``."""
         return type(self).from_tensors(

@@ -31,12 +31,19 @@ def eigenbases(passes, layers, config) -> dict[str, tuple]:
     """``{layer: (λ_A, Q_A, λ_S, Q_S, T̄)}`` from one covariance pass (shared with EK-FAC)."""
     cov, n_seq = covariances(passes, layers, stats_dtype(config))
     bases = {}
+    from influscope.budget import release_heap  # (budget imports the curvature registry)
+
     for name in track(list(cov), "eigendecomposition", unit="layer"):
         c = cov.pop(name)  # each layer's sums are freed once decomposed
         n_tok = max(c.n_tokens, 1.0)
         lam_a, q_a = eigendecompose(c.a / n_tok, name, "activation")  # (in,), (in, in)
         lam_s, q_s = eigendecompose(c.s / n_tok, name, "output-gradient")  # (out,), (out, out)
         bases[name] = (lam_a, q_a, lam_s, q_s, c.n_tokens / max(n_seq, 1))
+        del c
+        # the decomposition's temporaries of a few MiB land on glibc's heap, which keeps them
+        # resident once freed: give them back so that the next layer's start from the same
+        # resident size (the budget's estimate assumes so); microseconds per layer
+        release_heap()
     return bases
 
 
@@ -59,7 +66,9 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
       :func:`~influscope.engine.shards.reduce_shards`; a single shard's sums are the total) +
       the replay cache it fills;
     * eigendecomposition, one layer at a time: ``8K`` (sums shrinking as bases grow) + one
-      factor's float64 workspace ``≈ 4·8·d_max²`` + the replay cache;
+      factor's float64 workspace ``≈ 5·8·d_max²`` (the scaled sums, their symmetrised copy,
+      the eigenvectors and ``syevd``'s ``2 d²`` work array; measured ≈ 5.2 at ``d = 1536``)
+      + the replay cache;
     * eigenvalue refit: ``8K`` bases + ``16P`` sums and eigenvalues (``24P`` with several
       shards) + the rotated gradients of a batch ``2·4·B·max in·out`` + the replay cache (and
       a pass for batches not cached).
@@ -72,7 +81,7 @@ def kronecker_estimate(f: FitFootprint) -> list[EstimateRow]:
         ("fit: covariance", f.pass_bytes + held * cov + f.cache_bytes, 0, ""),
         (
             "fit: eigendecomposition",
-            resident + cov + 4 * 8 * f.widest**2 + f.cache_bytes,
+            resident + cov + 5 * 8 * f.widest**2 + f.cache_bytes,
             0,
             "float64, one layer at a time",
         ),

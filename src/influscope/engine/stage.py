@@ -51,6 +51,10 @@ class StageSpec(Generic[R]):
         device: Where stored tensors are loaded.
         fix: How to resolve a stale stage, for the error message (default: overwrite).
         partial: Suffix of the partial-sums directory, or ``None`` for a stage that keeps none.
+        files: ``result -> {file name: existing file}`` saved beside the tensors (a partitioned
+            fit's factors, written to disk while it ran), or ``None``.
+        lazy: ``load`` reads the stage's files itself (it is given no tensors): a stage too
+            large to hold, read a layer at a time.
     """
 
     run: RunDirectory | None
@@ -62,6 +66,8 @@ class StageSpec(Generic[R]):
     device: torch.device | str = "cpu"
     fix: str | None = None
     partial: str | None = "partial"
+    files: Callable[[R], dict[str, Any]] | None = None
+    lazy: bool = False
 
     @property
     def stores(self) -> bool:
@@ -96,6 +102,9 @@ class StageSpec(Generic[R]):
         Raises:
             StaleArtifactError: A fingerprint or config differs; the message names each one.
         """
+        if self.lazy:
+            meta = self.run.check(self.kind, self.name, self.expected, self.fix)  # type: ignore[union-attr]
+            return self.load({}, meta)
         tensors, meta = self.run.load(  # type: ignore[union-attr]
             self.kind, self.name, self.expected, self.device, self.fix
         )
@@ -112,12 +121,15 @@ class StageSpec(Generic[R]):
         """Save ``result`` (rank 0 only; no-op when nothing is stored)."""
         if self.stores and self.dump is not None and is_writer():
             tensors, extra = self.dump(result)
+            files = self.files(result) if self.files is not None else None
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             parent = self.run.stage_dir(self.kind, self.name).parent  # type: ignore[union-attr]
             with watch(
                 f"saving {self.kind}/{self.name}", size, lambda: tmp_bytes(parent, self.name)
             ):
-                self.run.save(self.kind, self.name, tensors, {**self.expected, **extra})  # type: ignore[union-attr]
+                self.run.save(  # type: ignore[union-attr]
+                    self.kind, self.name, tensors, {**self.expected, **extra}, files
+                )
 
 
 def run_stage(

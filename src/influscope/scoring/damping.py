@@ -47,6 +47,7 @@ from influscope.curvature.base import CurvatureOperator
 from influscope.curvature.datainf import DataInfOperator
 from influscope.curvature.diagonal import DiagonalOperator
 from influscope.curvature.eigen import KroneckerEigenOperator
+from influscope.curvature.streamed import StreamedOperator
 from influscope.errors import ConfigError
 from influscope.modules.tracked import TrackedModel
 from influscope.scoring.pairwise import score_pass
@@ -83,6 +84,10 @@ def mean_eigenvalues(op: CurvatureOperator) -> dict[str, float]:
     Raises:
         ConfigError: For an operator storing no curvature (identity) or an unknown kind.
     """
+    if isinstance(op, StreamedOperator):  # one layer loaded at a time
+        return {
+            k: v for name in op.layer_names for k, v in mean_eigenvalues(op.layer(name)).items()
+        }
     if isinstance(op, KroneckerEigenOperator):
         return {k: float(v.double().mean()) for k, v in op.eigenvalues.items()}
     if isinstance(op, DiagonalOperator):
@@ -124,6 +129,8 @@ def redamp(
         lam = {k: f * m for k, m in means.items()}
     if isinstance(op, DataInfOperator) and not all(v > 0 for v in lam.values()):
         raise ConfigError(f"curvature='datainf' divides by λ, which must be > 0; received {lam}.")
+    if isinstance(op, StreamedOperator):  # the same files, another λ (nothing read)
+        return op.with_damping(lam)
     if isinstance(op, DataInfOperator):
         out = DataInfOperator.__new__(DataInfOperator)
         out.__dict__.update(op.__dict__)

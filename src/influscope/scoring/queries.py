@@ -208,8 +208,8 @@ def _refined(model, task, layers, operator, queries, config, dense_budget, train
     )
     rank = config.query_rank
     factored = rank is not None and n_q * n_params > dense_budget
-    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        t.numel() * t.element_size() for t in operator.tensors().values()
+    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + (
+        operator.held_bytes()
     )
     meter = RefineMeter(blocks=-(-n_q // block), resident=resident)
     dense: dict[str, list[torch.Tensor]] = {n: [] for n in names}

@@ -18,6 +18,7 @@ import torch
 
 from influscope.errors import StaleArtifactError, StorageError
 from influscope.storage.atomic import (
+    atomic_write,
     atomic_write_json,
     atomic_write_tensors,
     make_temp_dir,
@@ -134,6 +135,18 @@ def check_writable(directory: str | Path, what: str = "run directory") -> Path:
     return directory
 
 
+def place_file(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``, or copy it where links are refused.
+
+    Raises:
+        StorageError: The disk is full while copying (the partial copy is removed).
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), source.stat().st_size)
+
+
 class RunDirectory:
     """Named stages under one directory.
 
@@ -196,13 +209,31 @@ class RunDirectory:
         return read_tensors(self.stage_dir(kind, name) / TENSORS, device), meta
 
     def save(
-        self, kind: str, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+        self,
+        kind: str,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        files: dict[str, Path] | None = None,
     ) -> Path:
-        """Write a stage atomically (replacing an existing one)."""
+        """Write a stage atomically (replacing an existing one).
+
+        Args:
+            kind: Stage kind.
+            name: Stage name.
+            tensors: Written to ``tensors.safetensors``.
+            meta: Written to ``meta.json`` (with the version).
+            files: ``{file name in the stage: existing file}`` placed beside them (a
+                partitioned fit's factors, already on disk): hard-linked when the file
+                system allows (no copy; the source stays valid until its owner deletes it),
+                else copied.
+        """
         final = self.stage_dir(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(final.parent, f".{name}.")  # the umask's mode, not mkdtemp's 0700
         try:
+            for target, source in (files or {}).items():
+                place_file(Path(source), tmp / target)
             atomic_write_tensors(tmp / TENSORS, tensors)
             atomic_write_json(tmp / META, {**meta, "influscope_version": __version__})
             if final.exists():
