@@ -455,7 +455,8 @@ def spawn(name: str, args, memory_gb: str = "default") -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
-        raise RuntimeError(f"worker {name} exited with {out.returncode}")
+        last = (out.stderr.strip().splitlines() or [""])[-1][:300]
+        raise RuntimeError(f"worker {name} exited with {out.returncode}: {last}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_seconds"] = time.perf_counter() - start  # start-up and loading included
     return res
@@ -594,8 +595,16 @@ def _budget_rows(args, ours: dict, theirs: dict) -> list[str]:
             "| budget | replayed shards | factors s | scores s | total s | time ÷ Kronfluence | "
             "CPU-s ÷ Kronfluence | peak RSS MiB | peak ÷ Kronfluence | under the budget |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    runs = [("default", ours)] + [(b, spawn("influscope", args, b)) for b in args.budgets]
+    runs = [("default", ours)]
+    for b in args.budgets:  # a refused budget is a result (its row says why), not a crash
+        try:
+            runs.append((b, spawn("influscope", args, b)))
+        except RuntimeError as exc:
+            runs.append((b, {"refused": str(exc)}))
     for budget, res in runs:
+        if "refused" in res:
+            rows.append(f"| {budget} GiB | refused: {res['refused']} |" + " – |" * 8)
+            continue
         t1, m1 = sum(res["seconds"].values()), res["max_rss_mib"]
         label = {"default": f"default ({res['budget_gib']:.1f} GiB)", "nocache": "no cache"}
         under = "–" if budget in ("default", "nocache") else str(m1 <= 1024 * float(budget))
