@@ -459,6 +459,12 @@ def spawn(name: str, args, memory_gb: str = "default") -> dict:
         raise RuntimeError(f"worker {name} exited with {out.returncode}: {last}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_seconds"] = time.perf_counter() - start  # start-up and loading included
+    # every worker's result is kept as it comes, so a later worker's failure loses nothing
+    log = ROOT / ".cache" / "bench" / "vs_kronfluence_workers.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(json.dumps({"worker": name, "variant": args.variant, "memory_gb": memory_gb,
+                             "threads": args.threads, "result": res}) + "\n")  # fmt: skip
     return res
 
 
