@@ -137,3 +137,22 @@ def hooked(model, task, layers, data, objective="loss", sample_seed=None, batch_
         for name, lb in grads.items():
             out[name].append(lb.gradient())
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def tiny_llama(seed: int = 0, intermediate: int = 32):
+    """A float64 two-block Llama (nn.Linear projections, SwiGLU MLP: gate/up/down, eager
+    attention) from a config, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    cfg._attn_implementation = "eager"
+    return LlamaForCausalLM(cfg).double().eval()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_lm_data, tiny_gpt2
+from conftest import random_lm_data, tiny_gpt2, tiny_llama
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope import budget as budget_mod
 from influscope.curvature import run as run_mod
@@ -32,31 +32,13 @@ from influscope.errors import ConfigError, MemoryBudgetError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_llama(seed: int = 0):
-    """A float64 two-block Llama (SwiGLU MLP: gate/up/down) from a config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg).double().eval()
-
-
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_partitioned_fit_is_bit_identical_to_one_partition(tmp_path, arch):
-    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama(intermediate=24)
     inf = Influence(model, "causal_lm", modules="mlp", device="cpu", run_dir=tmp_path)
     train = random_lm_data(12, seed=2)
     inf.fit(train, FitConfig(batch_size=4))

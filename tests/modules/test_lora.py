@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import lora, random_lm_data, tiny_gpt2
+from conftest import lora, random_lm_data, tiny_gpt2, tiny_llama
 from influscope import FitConfig, Influence, ScoreConfig
 from influscope.cli import main
 from influscope.curvature import IdentityOperator
@@ -33,24 +33,6 @@ TEXTS = [
     "To be, or not to be, that is the question.",
     "Now is the winter of our discontent.",
 ]
-
-
-def tiny_llama(seed: int = 0):
-    """A float64 two-layer Llama (nn.Linear projections, SwiGLU MLP) from a config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg).double().eval()
 
 
 def test_presets_pick_the_adapters_and_warn_about_frozen_bases():
