@@ -13,8 +13,9 @@ automatic step (Neumann reuses the first for its first step), and ``steps`` (plu
 iterations but one) preconditionings ``P^{-1}r`` of a dense residual per query. The time of
 one ``P^{-1}r`` is twice that of forming the dense ``P^{-1}∇f`` from the query's token rows
 (one dense rotation instead of two), which the caller measures before the refinement
-(:attr:`RefineMeter.precondition_seconds`); on SmolLM2 it is about as large as a product. Its memory estimate is the
-solver's vectors, :data:`STATE_VECTORS` ``× Q × P`` numbers per block, plus at most the
+(:attr:`RefineMeter.precondition_seconds`); on SmolLM2 it is about as large as a product.
+
+Its memory estimate is the solver's vectors, :data:`STATE_VECTORS` ``× Q × P`` numbers per block, plus at most the
 product's tangent budget (:attr:`GaussNewtonProduct.memory_budget`), plus what is resident
 anyway when the caller says so (``RefineMeter(resident=...)``: the model's parameters and the
 preconditioner's factors); activations come on top. The estimate goes to the
