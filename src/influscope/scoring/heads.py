@@ -24,8 +24,11 @@ def _line_terms(pq: PreconditionedQueries, name: str, lb: LayerBatch, axis: str)
     if name in pq.dense:
         q = pq.dense[name].to(lb.a.dtype)  # (Q, out, in)
         g = lb.gradient()  # (B, out, in)
-        spec = "qoi,boi->qbo" if axis == "out" else "qoi,boi->qbi"
-        return -torch.einsum(spec, q, g)
+        if axis == "out":  # batched over rows: (out, Q, in) × (out, in, B) → (out, Q, B)
+            return -torch.bmm(q.transpose(0, 1), g.permute(1, 2, 0)).permute(1, 2, 0)
+        # batched over columns: (in, Q, out) × (in, out, B) → (in, Q, B); einsum("qoi,boi->qbi")
+        # is the same sum, about 10× slower on CPU
+        return -torch.bmm(q.permute(2, 0, 1), g.permute(2, 1, 0)).permute(1, 2, 0)
     u, v = pq.factors[name]
     u, v = u.to(lb.a.dtype), v.to(lb.a.dtype)  # (Q, r, out), (Q, r, in)
     if axis == "out":
