@@ -51,7 +51,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("INFLUSCOPE_PROGRESS", "0")
+os.environ.setdefault("INFLUSCOPE_PROGRESS_SECONDS", "60")  # a progress line a minute per log
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("dry-run", "fit", "score")

@@ -7,7 +7,7 @@ import re
 import time
 
 from conftest import random_lm_data, tiny_gpt2
-from influscope import FitConfig, Influence, ScoreConfig
+from influscope import FitConfig, Influence, ScoreConfig, progress
 from influscope.progress import recording, tmp_bytes, track, watch
 
 
@@ -33,14 +33,46 @@ def test_fit_and_score_announce_a_bar_for_every_long_step(tmp_path):
 
 def test_bars_show_elapsed_and_time_left(monkeypatch, capsys):
     monkeypatch.setenv("INFLUSCOPE_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_on_terminal", lambda: True)
     for _ in track(range(3), "eigendecomposition", unit="layer"):
         time.sleep(0.15)  # tqdm redraws at most every 0.1 s
     err = capsys.readouterr().err
     assert "eigendecomposition" in err and re.search(r"\d\d:\d\d<\d\d:\d\d", err), err
 
 
+def test_off_a_terminal_bars_are_timed_lines(monkeypatch, capsys):
+    """A log file gets one plain line per interval (and a last one), not redrawn bars."""
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_on_terminal", lambda: False)
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS_SECONDS", "0")
+    assert list(track(range(3), "eigendecomposition", unit="layer")) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2].split(",")[0] for line in lines] == [
+        "1/3 layer (33 %)",
+        "2/3 layer (67 %)",
+        "3/3 layer (100 %)",
+    ], lines
+    assert all(line.startswith("influscope: eigendecomposition: ") for line in lines)
+    assert "left" in lines[0] and "\r" not in "".join(lines)
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS_SECONDS", "3600")  # a short step says nothing
+    assert list(track(range(3), "covariance")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_watch_off_a_terminal_prints_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_on_terminal", lambda: False)
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS_SECONDS", "0")
+    with watch("saving factors", 2 * 2**30, lambda: 2**30, interval=0.01):
+        time.sleep(0.1)
+    err = capsys.readouterr().err
+    assert "influscope: saving factors: 1.00/2.00 GiB (50 %)" in err, err
+    assert err.splitlines()[-1].startswith("influscope: saving factors: 2.00/2.00 GiB (100 %)")
+
+
 def test_watch_follows_the_bytes_of_a_save(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INFLUSCOPE_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_on_terminal", lambda: True)
     (tmp_path / ".factors.abc.tmp").mkdir()
     (tmp_path / ".factors.abc.tmp" / "tensors.safetensors").write_bytes(b"x" * 300)
     (tmp_path / ".meta.json.q.tmp").write_bytes(b"y" * 50)  # another file's temporary
