@@ -88,6 +88,48 @@ def track(
     yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
 
 
+class LineBar:
+    """The part of tqdm's interface that solvers use (``update``, ``set_postfix``, ``close``),
+    printed as a :func:`progress_line` every :func:`line_seconds` seconds: a bar off a
+    terminal."""
+
+    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n, self.postfix = 0, ""
+        self._every = line_seconds()
+        self._start = self._last = time.monotonic()
+        self._said = False
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self._every and (self.total is None or self.n < self.total):
+            self._print(now)
+
+    def close(self) -> None:
+        if self._said or time.monotonic() - self._start >= self._every:
+            self._print(time.monotonic())
+
+    def _print(self, now: float) -> None:
+        line = progress_line(self.desc, self.n, self.total, self.unit, now - self._start)
+        _say(line + (f" [{self.postfix}]" if self.postfix else ""))
+        self._last, self._said = now, True
+
+
+def bar(total: int | None, desc: str, unit: str = "step"):
+    """A manual bar (``update``/``set_postfix``/``close``): tqdm on a terminal, a
+    :class:`LineBar` elsewhere, ``None`` when progress is off."""
+    _announce(desc, total, unit)
+    if not progress_enabled():
+        return None
+    if not _on_terminal():
+        return LineBar(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
 def _on_terminal() -> bool:
     """Whether stderr is a terminal (bars redraw in place) rather than a file or a pipe."""
     try:

@@ -89,3 +89,23 @@ def test_watch_follows_the_bytes_of_a_save(tmp_path, monkeypatch, capsys):
         time.sleep(0.1)  # the long call
     assert bars == [("saving factors", 600, "B")] and polled
     assert "saving factors" in capsys.readouterr().err
+
+
+def test_manual_bar_off_a_terminal_prints_lines_with_postfix(monkeypatch, capsys):
+    """The refinement's bar (update / set_postfix / close) as lines in a log."""
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_on_terminal", lambda: False)
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS_SECONDS", "0")
+    with recording() as bars:
+        b = progress.bar(2, "refine (neumann)")
+    assert bars == [("refine (neumann)", 2, "step")] and isinstance(b, progress.LineBar)
+    b.set_postfix(residual="0.5")
+    b.update(1)
+    b.update(1)
+    b.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("influscope: refine (neumann): 1/2 step (50 %)")
+    assert lines[0].endswith("[residual=0.5]") and "left" in lines[0]
+    assert lines[-1].startswith("influscope: refine (neumann): 2/2 step (100 %)")
+    monkeypatch.setenv("INFLUSCOPE_PROGRESS", "0")
+    assert progress.bar(2, "refine (neumann)") is None

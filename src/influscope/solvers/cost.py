@@ -134,17 +134,11 @@ class RefineMeter:
 
     def bar(self, steps: int):
         """A progress bar over ``steps`` iterations (``None`` when bars are off)."""
-        if not progress_enabled() or steps == 0:
+        if steps == 0:
             return None
-        from tqdm.auto import tqdm
+        from influscope.progress import bar
 
-        return tqdm(
-            total=steps,
-            desc=f"refine ({self.method})",
-            unit="step",
-            leave=False,
-            dynamic_ncols=True,
-        )
+        return bar(steps, f"refine ({self.method})", unit="step")
 
     def step(self, bar, residuals: torch.Tensor) -> None:
         """Advance the bar, showing the block's largest relative residual."""
