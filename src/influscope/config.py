@@ -9,19 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from influscope.curvature.registry import CURVATURES
 from influscope.errors import ConfigError
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
+# torch and the curvature registry are imported where used, not here: the CLI builds its
+# parsers (with these configs' defaults) without paying for torch
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -30,7 +27,9 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
         return None
     if name not in _DTYPES:
         raise ConfigError(f"Unknown dtype {name!r}. Supported: {sorted(_DTYPES)}.")
-    return _DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 def require(cond: bool, msg: str) -> None:
@@ -155,6 +154,8 @@ class FitConfig(Settings):
         return out
 
     def __post_init__(self) -> None:
+        from influscope.curvature.registry import CURVATURES
+
         require(
             self.curvature in CURVATURES,
             f"Unknown curvature {self.curvature!r}. Supported: {sorted(CURVATURES)}.",

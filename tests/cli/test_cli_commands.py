@@ -278,6 +278,43 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"influscope {__version__}"
 
 
+def test_help_and_version_do_not_import_torch():
+    """``influscope --help`` / ``--version`` build only the command list: no torch, no
+    transformers (several seconds on a loaded machine); a command builds its own parser."""
+    code = (
+        "import sys\n"
+        "from influscope.cli import main\n"
+        "for argv in (['--version'], ['--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
+    assert "fit" in out.stdout and "Fit curvature factors" in out.stdout  # the listing
+
+
+def test_a_command_parser_alone_equals_the_full_one():
+    """Building one command's parser (what ``main`` does) gives the same options as the full
+    parser, and an unknown command lists every command."""
+    full = build_parser()
+    sub_full = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    for command in COMMANDS:
+        alone = build_parser(command.NAME)
+        sub = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction))
+        got = sorted(o for a in sub.choices[command.NAME]._actions for o in a.option_strings)
+        want = sorted(o for a in sub_full.choices[command.NAME]._actions for o in a.option_strings)
+        assert got == want, command.NAME
+        assert (
+            next(c.help for c in sub_full._choices_actions if c.dest == command.NAME)
+            == command.HELP
+        )
+    with pytest.raises(SystemExit, match=r"^2$"):
+        main(["no-such-command"])
+
+
 def test_error_messages_are_printed_whole(monkeypatch, capsys):
     # rich would read "[text]" as markup and drop it, and wrap a long line at 80 columns
     message = 'bad.jsonl: line 3 reads {"text": "b", ⟨here⟩[text]} [bold]' + " x" * 80

@@ -20,6 +20,7 @@ status 2, and Ctrl-C exit status 130.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -75,8 +76,16 @@ RESUMABLE = (fit.NAME, index.NAME)
 console = Console(stderr=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``influscope`` parser: one sub-parser per module of :data:`COMMANDS`."""
+def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
+    """The ``influscope`` parser: one sub-parser per module of :data:`COMMANDS`.
+
+    Args:
+        only: Which commands get their full parser (options, defaults, choices): ``"*"``
+            every one; a command's name just that one; ``None`` none. The others are listed
+            with their one-line ``HELP`` only, so ``influscope --help``, ``--version`` and a
+            command's own parse do not import what the other commands need (their option
+            defaults and choices come from modules that load torch).
+    """
     parser = Parser(
         prog="influscope",
         description="Which training sequences made this language model produce this output? "
@@ -91,13 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.add_parser(sub)
+        if only == "*" or only == command.NAME:
+            command.add_parser(sub)
+        else:
+            sub.add_parser(command.NAME, help=command.HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``influscope`` command: parse, run the command, report errors."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = next((a for a in argv if not a.startswith("-")), None)
+    known = {command.NAME for command in COMMANDS}
+    # a known command: only its parser is built; otherwise the list of commands (for --help,
+    # --version, or argparse's "invalid choice" message)
+    args = build_parser(word if word in known else None).parse_args(argv)
     try:
         return args.func(args)
     except InfluscopeError as exc:

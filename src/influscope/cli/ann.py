@@ -17,9 +17,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from influscope.index.ann import FAISS_BACKENDS, MIPS
+from influscope.cli.options import LazyChoices
 
 NAME = "ann"
+HELP = "Build a FAISS index over a stored gradient index."
 
 console = Console(stderr=True)
 
@@ -28,7 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``ann`` on ``sub`` (the main parser's sub-parsers)."""
     ann = sub.add_parser(
         NAME,
-        help="Build a FAISS index over a stored gradient index.",
+        help=HELP,
         description="Build an approximate nearest-neighbour (FAISS) index over the rows of a "
         "stored gradient index (influscope index), so that `influscope query --ann` scans a "
         "few IVF lists instead of every row; its candidates are then re-ranked with the exact "
@@ -41,13 +42,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ann.add_argument(
         "--backend",
         default="faiss-ivf",
-        choices=list(FAISS_BACKENDS),
+        choices=LazyChoices("influscope.index.ann", "FAISS_BACKENDS"),
         help="faiss-flat (exact), faiss-ivf (default), faiss-pq, faiss-ivfpq.",
     )
     ann.add_argument(
         "--mips",
         default="augment",
-        choices=list(MIPS),
+        choices=LazyChoices("influscope.index.ann", "MIPS"),
         help="augment (default): inner product as Euclidean search on rows padded to equal "
         "norm; direct: FAISS inner-product metric (docs/scale.md).",
     )

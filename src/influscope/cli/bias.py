@@ -30,6 +30,7 @@ from influscope.errors import DataError
 __all__ = ["NAME", "add_parser", "run"]
 
 NAME = "bias"
+HELP = "Rank reward-model training pairs by influence on a targeted validation set."
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         NAME,
-        help="Rank reward-model training pairs by influence on a targeted validation set.",
+        help=HELP,
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument(

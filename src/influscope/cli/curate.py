@@ -33,13 +33,14 @@ from influscope.cli.options import (
 from influscope.errors import DataError
 
 NAME = "curate"
+HELP = "Rank training data by total influence on a benchmark; list the harmful k %%."
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``curate`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Rank training data by total influence on a benchmark; list the harmful k %%.",
+        help=HELP,
         description=__doc__.split("\n")[0].replace("``", ""),
     )
     add_model_argument(p, positional=True)

@@ -28,13 +28,14 @@ from influscope.cli.options import (
 )
 
 NAME = "damping"
+HELP = "Score at many dampings from one fit (one training pass) and recommend one."
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``damping`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Score at many dampings from one fit (one training pass) and recommend one.",
+        help=HELP,
         description="Re-damp the fitted factors at every λ (absolute and/or relative × mean "
         "eigenvalue per layer), score the queries at all of them in one pass over the "
         "training data, and compare them against the default (relative 0.1).",

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from influscope.cli.options import (
+    LazyChoices,
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
@@ -30,9 +31,9 @@ from influscope.cli.options import (
     resolve_modules,
     task_from_args,
 )
-from influscope.corrections.dda import CORRECTIONS, SMOOTHINGS
 
 NAME = "dda"
+HELP = "Influence corrected for fitting error: debias (minus the base model's), denoise (smoothed over fine-tuning checkpoints), DDA (both), RelatIF."
 
 console = Console(stderr=True)
 
@@ -41,8 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``dda`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Influence corrected for fitting error: debias (minus the base model's), denoise "
-        "(smoothed over fine-tuning checkpoints), DDA (both), RelatIF.",
+        help=HELP,
         description="Influence corrected for the fitting error of a fine-tuned model: debias "
         "subtracts the base model's scores, denoise smooths the scores over the fine-tuning "
         "checkpoints, DDA does both, RelatIF divides by sqrt(self-influence). Fits and scores "
@@ -63,13 +63,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=None,
-        choices=list(CORRECTIONS),
+        choices=LazyChoices("influscope.corrections.dda", "CORRECTIONS"),
         help="Variants to compute (default: every one the given models allow).",
     )
     p.add_argument(
         "--smoothing",
         default="mean",
-        choices=list(SMOOTHINGS),
+        choices=LazyChoices("influscope.corrections.dda", "SMOOTHINGS"),
         help="How denoise combines checkpoints: mean of scores (default) or of per-query z-scores.",
     )
     add_curvature_option(p, help="Curvature fitted at every model (default: ekfac).")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
+HELP = "Train a tiny GPT-2 on Shakespeare + planted facts, attribute them end to end."
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``demo`` on ``sub`` (the main parser's sub-parsers)."""
     demo = sub.add_parser(
         NAME,
-        help="Train a tiny GPT-2 on Shakespeare + planted facts, attribute them end to end.",
+        help=HELP,
         description="Train a tiny GPT-2 on public-domain Shakespeare mixed with planted facts, "
         "fit EK-FAC and attribute the facts: OUT/report.html and OUT/summary.json.",
     )

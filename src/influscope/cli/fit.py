@@ -21,6 +21,7 @@ from influscope.cli.options import (
 )
 
 NAME = "fit"
+HELP = "Fit curvature factors on the training data."
 
 console = Console(stderr=True)
 
@@ -29,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``fit`` on ``sub`` (the main parser's sub-parsers)."""
     fit = sub.add_parser(
         NAME,
-        help="Fit curvature factors on the training data.",
+        help=HELP,
         description="Fit curvature factors (EK-FAC by default) on the training data and store "
         "them under RUN/factors/NAME; a killed fit resumes when rerun.",
     )

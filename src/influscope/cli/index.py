@@ -16,11 +16,10 @@ import argparse
 
 from rich.console import Console
 
-from influscope.cli.options import add_run_options, load_influence
-from influscope.index.config import INDEX_DTYPES, OPTIMIZERS
-from influscope.projection.projector import INITS
+from influscope.cli.options import LazyChoices, add_run_options, load_influence
 
 NAME = "index"
+HELP = "Write projected training gradients to an index."
 
 console = Console(stderr=True)
 
@@ -29,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``index`` on ``sub`` (the main parser's sub-parsers)."""
     index = sub.add_parser(
         NAME,
-        help="Write projected training gradients to an index.",
+        help=HELP,
         description="Project every training sequence's gradient (LoGra: per-layer input and "
         "output projections) and write the rows to RUN/index/NAME in shards, with the "
         "projected curvature, so that `influscope query` answers new queries without a pass "
@@ -42,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     index.add_argument(
         "--init",
         default="orthogonal",
-        choices=list(INITS),
+        choices=LazyChoices("influscope.projection.projector", "INITS"),
         help="LoGra projection (orthogonal, gaussian, pca), or 'eigen': the EK-FAC "
         "eigen-coordinates with most preconditioned mass, same size (docs/scale.md).",
     )
@@ -61,7 +60,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="Labels of the projected curvature: sampled from the model (true) or the data "
         "(empirical) (default: %(default)s).",
     )
-    index.add_argument("--dtype", default="float16", choices=list(INDEX_DTYPES), help="Storage.")
+    index.add_argument(
+        "--dtype",
+        default="float16",
+        choices=LazyChoices("influscope.index.config", "INDEX_DTYPES"),
+        help="Storage.",
+    )
     index.add_argument("--batch-size", type=int, default=8, help="Sequences per pass.")
     index.add_argument("--shard-size", type=int, default=1024, help="Sequences per shard.")
     index.add_argument("--seed", type=int, default=0, help="Seed of projections and labels.")
@@ -74,7 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     index.add_argument(
         "--optimizer",
         default="none",
-        choices=list(OPTIMIZERS),
+        choices=LazyChoices("influscope.index.config", "OPTIMIZERS"),
         help="'adam': scale gradients by Adam's second moments before projecting (TrackStar; "
         "needs --optimizer-state and --curvature identity).",
     )

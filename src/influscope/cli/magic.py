@@ -33,6 +33,7 @@ from influscope.cli.options import (
 )
 
 NAME = "magic"
+HELP = "Exact metagradients (MAGIC) of a deterministic fine-tune."
 
 console = Console(stderr=True)
 
@@ -41,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``magic`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Exact metagradients (MAGIC) of a deterministic fine-tune.",
+        help=HELP,
         description="MAGIC (Ilyas & Engstrom 2025): d f_q(θ_T) / d w_i, the exact derivative "
         "of each query's log p(completion | prompt) after a deterministic fine-tune on --train "
         "with respect to each training example's weight (positive = up-weighting it helps the "

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 from collections.abc import Iterator, Sequence
 
-from influscope.curvature import CURVATURES as _CURVATURE_REGISTRY
 from influscope.errors import ConfigError
-from influscope.tasks import TASKS as _TASK_REGISTRY
-from influscope.tasks.chat import CHAT_LOSSES
 
 __all__ = [
     "CURVATURES",
     "DEFAULT_MODULES",
     "TASKS",
     "HelpFormatter",
+    "LazyChoices",
     "Parser",
     "add_batch_size_option",
     "add_curvature_option",
@@ -58,10 +57,49 @@ __all__ = [
     "task_from_args",
 ]
 
+
+class LazyChoices(Sequence):
+    """An option's choices read from a registry or constant when argparse needs them.
+
+    The registries live in modules that import torch (and transformers), several seconds
+    that ``influscope --help`` and ``--version`` should not pay. argparse only iterates the
+    choices to check a value or to print them, so the module is imported then, and the
+    registry stays the one source of the names.
+
+    Example:
+        >>> "ekfac" in LazyChoices("influscope.curvature.registry", "CURVATURES")
+        True
+    """
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module, self.attr = module, attr
+
+    def _resolve(self) -> tuple:
+        # read each time, not cached: a curvature or task registered at run time is offered
+        return tuple(getattr(importlib.import_module(self.module), self.attr))
+
+    def __getitem__(self, index):
+        return self._resolve()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __contains__(self, value) -> bool:
+        return value in self._resolve()
+
+    def __iter__(self):
+        return iter(self._resolve())
+
+    def __repr__(self) -> str:
+        return repr(list(self._resolve()))
+
+
 #: Values of ``--task``: how a batch becomes a loss and a measurement (the task registry).
-TASKS: tuple[str, ...] = tuple(_TASK_REGISTRY)
+TASKS: Sequence[str] = LazyChoices("influscope.tasks", "TASKS")
 #: Values of ``--curvature`` (the curvature registry, in its order: cheapest first).
-CURVATURES: tuple[str, ...] = tuple(_CURVATURE_REGISTRY)
+CURVATURES: Sequence[str] = LazyChoices("influscope.curvature.registry", "CURVATURES")
+#: Values of ``--chat-loss`` (:data:`influscope.tasks.chat.CHAT_LOSSES`).
+CHAT_LOSSES: Sequence[str] = LazyChoices("influscope.tasks.chat", "CHAT_LOSSES")
 #: Default of ``--modules``: the MLP preset.
 DEFAULT_MODULES: tuple[str, ...] = ("mlp",)
 
@@ -167,7 +205,7 @@ def add_task_option(parser: argparse.ArgumentParser, *, help: str = TASK_HELP) -
         parser: The sub-command's parser.
         help: Help text, when the command uses only part of the task (e.g. only its loss).
     """
-    parser.add_argument("--task", default="causal_lm", choices=list(_TASK_REGISTRY), help=help)
+    parser.add_argument("--task", default="causal_lm", choices=TASKS, help=help)
 
 
 def add_modules_option(
@@ -198,9 +236,7 @@ def add_curvature_option(parser: argparse.ArgumentParser, *, help: str = CURVATU
         parser: The sub-command's parser.
         help: Help text saying what the curvature is used for in this command.
     """
-    parser.add_argument(
-        "--curvature", default="ekfac", choices=list(_CURVATURE_REGISTRY), help=help
-    )
+    parser.add_argument("--curvature", default="ekfac", choices=CURVATURES, help=help)
 
 
 def add_truncate_option(parser: argparse.ArgumentParser) -> None:
@@ -285,7 +321,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="Run directory where stages are stored.")
     add_model_options(parser)  # --task --modules --truncate --device
     parser.add_argument(
-        "--chat-loss", default="assistant", choices=list(CHAT_LOSSES), help=CHAT_LOSS_HELP
+        "--chat-loss", default="assistant", choices=CHAT_LOSSES, help=CHAT_LOSS_HELP
     )
     parser.add_argument(
         "--overwrite",

@@ -22,6 +22,7 @@ from influscope.cli.options import add_device_option, add_model_argument, check_
 from influscope.errors import DataError
 
 NAME = "probe"
+HELP = "Generalisation probes (ID/OOD, length, prompting, representation) beside influence."
 
 
 def _common(p: argparse.ArgumentParser, *, train_required: bool = False) -> None:
@@ -66,7 +67,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``probe`` with its four kinds on ``sub`` (an argparse sub-parsers object)."""
     p = sub.add_parser(
         NAME,
-        help="Generalisation probes (ID/OOD, length, prompting, representation) beside influence.",
+        help=HELP,
         description="Generalisation probes beside influence: representation (linear probes "
         "of a record property per layer), length (accuracy and loss against input length), "
         "prompting (zero-shot vs k-shot) and id-ood (loss and influence provenance per "

@@ -22,9 +22,9 @@ from influscope.cli.options import (
     load_influence,
     non_negative_int,
 )
-from influscope.tasks.chat import display_texts, is_conversational
 
 NAME = "query"
+HELP = "Score new queries against a stored index."
 
 console = Console(stderr=True)
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``query`` on ``sub`` (the main parser's sub-parsers)."""
     query = sub.add_parser(
         NAME,
-        help="Score new queries against a stored index.",
+        help=HELP,
         description="Answer new queries from a gradient index written by `influscope index`: "
         "the top training sequences of each query by projected influence, optionally after a "
         "BM25 text filter (--bm25) and re-scored with the full EK-FAC factors (--rescore). "
@@ -89,6 +89,8 @@ def _text(record: dict) -> str:
     """A record's text; prompt and completion joined by one space unless one already has it."""
     if "text" in record:
         return str(record["text"])
+    from influscope.tasks.chat import display_texts, is_conversational
+
     if is_conversational(record):  # chat turns as "role: content" lines
         return "".join(display_texts(record)).strip()
     prompt, completion = str(record.get("prompt", "")), str(record.get("completion", ""))

@@ -15,6 +15,7 @@ from rich.console import Console
 from influscope.cli.options import non_negative_int
 
 NAME = "report"
+HELP = "Render a run directory (scores + studies) into one self-contained HTML file."
 
 console = Console(stderr=True)
 
@@ -23,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``report`` on ``sub`` (the main parser's sub-parsers)."""
     report = sub.add_parser(
         NAME,
-        help="Render a run directory (scores + studies) into one self-contained HTML file.",
+        help=HELP,
         description="Render a run directory into one self-contained HTML file: the stored "
         "scores stage (top proponents and opponents of each query, their tokens coloured by "
         "influence) and the studies run beside it (influence distribution and its power-law "

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from influscope.cli.options import (
+    LazyChoices,
     add_batch_size_option,
     add_memory_option,
     add_run_options,
@@ -23,19 +24,20 @@ from influscope.cli.options import (
     non_negative_int,
 )
 from influscope.config import ScoreConfig
-from influscope.solvers.refine import AUTO_EXAMPLES
-from influscope.solvers.refine import METHODS as REFINE_METHODS
 
 NAME = "score"
+HELP = "Score training sequences against queries."
 
 console = Console(stderr=True)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``score`` on ``sub`` (the main parser's sub-parsers)."""
+    from influscope.solvers.refine import AUTO_EXAMPLES  # for the help text
+
     score = sub.add_parser(
         NAME,
-        help="Score training sequences against queries.",
+        help=HELP,
         description="Influence of every training sequence on every query (positive = "
         "up-weighting it raises log p(completion | prompt)), with the fitted factors; writes "
         "RUN/scores/NAME, RUN/NAME.json (top-k) and an HTML report.",
@@ -91,7 +93,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     score.add_argument(
         "--refine-method",
         default="cg",
-        choices=list(REFINE_METHODS),
+        choices=LazyChoices("influscope.solvers.refine", "METHODS"),
         help="cg: preconditioned conjugate gradient (default); neumann: preconditioned "
         "Richardson iteration; astra: ASTRA's stochastic preconditioned Neumann iteration, a "
         "fresh random mini-batch of --refine-examples sequences per step.",
@@ -213,6 +215,8 @@ def resolve_refine_examples(value: int | str, n_train: int) -> int | None:
     """
     if value == "all":
         return None
+    from influscope.solvers.refine import AUTO_EXAMPLES
+
     if value == "auto":
         return None if n_train <= AUTO_EXAMPLES else AUTO_EXAMPLES
     return int(value)

@@ -17,9 +17,9 @@ from influscope.cli.options import (
     data_file,
     resolve_modules,
 )
-from influscope.storage.atomic import atomic_write_text
 
 NAME = "trajectory"
+HELP = "SOURCE / TracIn-CP over a run's checkpoints (models that have not converged)."
 
 console = Console(stderr=True)
 
@@ -28,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``trajectory`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="SOURCE / TracIn-CP over a run's checkpoints (models that have not converged).",
+        help=HELP,
         description="Scores of every training sequence on every query from the checkpoints "
         "of one run (a Hugging Face Trainer output_dir with checkpoint-<step>/ folders): "
         "SOURCE (per-segment EK-FAC, Bae et al. 2024) or TracIn-CP. Positive = up-weighting "
@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoints": [{"name": c.name, "step": c.step, "lr": c.lr} for c in traj],
         "scores": scores.pairwise.double().cpu().tolist(),
     }
+    from influscope.storage.atomic import atomic_write_text
+
     atomic_write_text(args.out, json.dumps(out))  # a killed run leaves no partial file
     console.print(f"{args.method} over {len(traj)} checkpoints → {args.out}")
     return 0

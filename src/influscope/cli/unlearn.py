@@ -22,8 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
-from influscope.applications.unlearn import METHODS
 from influscope.cli.options import (
+    LazyChoices,
     add_batch_size_option,
     add_curvature_option,
     add_damping_options,
@@ -40,13 +40,14 @@ from influscope.cli.options import (
 from influscope.errors import DataError
 
 NAME = "unlearn"
+HELP = "Remove training sequences with one or iterated Newton steps; save the edited model."
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``unlearn`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Remove training sequences with one or iterated Newton steps; save the edited model.",
+        help=HELP,
         description=__doc__.split("\n")[0].replace("``", ""),
     )
     add_model_argument(p, positional=True)
@@ -80,7 +81,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=list(METHODS),
+        choices=LazyChoices("influscope.applications.unlearn", "METHODS"),
         default="newton",
         help="newton: one Newton step; iterative: repeated damped Newton steps with the "
         "curvature refitted at the current parameters and a line search (default newton).",

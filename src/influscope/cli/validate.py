@@ -33,6 +33,7 @@ from influscope.cli.options import (
 )
 
 NAME = "validate"
+HELP = "Build a counterfactual validation bank of your fine-tune; score attributions on it."
 
 console = Console(stderr=True)
 
@@ -41,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``validate`` on ``sub`` (the main parser's sub-parsers)."""
     p = sub.add_parser(
         NAME,
-        help="Build a counterfactual validation bank of your fine-tune; score attributions on it.",
+        help=HELP,
         description="build: run your fine-tune on all training rows (twice: it must be "
         "deterministic) and without random leave-k%-out subsets, storing each query "
         "measurement (resumable). score: the LDS of a stored attribution per drop fraction "

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from influscope.modules.selection import TrackedLayer
 from influscope.tasks.data import EncodedDataset
+
+if TYPE_CHECKING:  # (modules imports this module: no import at run time)
+    from influscope.modules.selection import TrackedLayer
 
 #: Elements sampled from each untracked parameter.
 SAMPLE = 4096
