@@ -56,6 +56,12 @@ from influscope.evaluation import BankConfig, ScoreBankConfig, bm25, build_bank,
 from influscope.evaluation.bank_score import score_bank
 from influscope.metagrad import MagicConfig
 from influscope.metagrad.recipe import Finetune, FinetuneConfig
+from influscope.storage.atomic import (
+    atomic_write_json,
+    atomic_write_tensors,
+    read_json,
+    read_tensors,
+)
 from influscope.tasks import EncodedDataset
 from influscope.trajectory import from_models, source_scores, tracin_scores
 
@@ -171,11 +177,17 @@ class Cache:
         self.extra: dict[str, dict] = {}
 
     def _load(self, name: str) -> dict | None:
-        path = self.dir / f"{name}.pt"
+        """A stored result (``NAME.json`` + ``NAME.safetensors`` when it has scores), or
+        ``None`` when absent or computed for another setting (``tag``)."""
+        path = self.dir / f"{name}.json"
         if not path.is_file():
             return None
-        got = torch.load(path, weights_only=True)
-        return got if got["tag"] == self.tag else None
+        got = read_json(path)
+        if got["tag"] != self.tag:
+            return None
+        tensors = self.dir / f"{name}.safetensors"
+        got["scores"] = read_tensors(tensors)["scores"] if tensors.is_file() else None
+        return got
 
     def _claim(self, name: str) -> bool:
         lock = self.dir / f"{name}.lock"
@@ -212,7 +224,11 @@ class Cache:
             "note": note,
             "extra": extra,
         }
-        torch.save(got, self.dir / f"{name}.pt")
+        if scores is not None:  # tensors as safetensors, the rest as JSON: nothing pickled
+            atomic_write_tensors(self.dir / f"{name}.safetensors", {"scores": scores.contiguous()})
+        atomic_write_json(
+            self.dir / f"{name}.json", {k: v for k, v in got.items() if k != "scores"}
+        )
         (self.dir / f"{name}.lock").unlink(missing_ok=True)
         print(f"{name}: {got['seconds']:.1f} s {note}", flush=True)
         return got

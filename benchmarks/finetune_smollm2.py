@@ -53,7 +53,7 @@ from influscope.evaluation import BankConfig, build_bank, finetune_recipe, load_
 from influscope.loading import load_model
 from influscope.metagrad import MagicConfig
 from influscope.metagrad.recipe import FinetuneConfig
-from influscope.storage.atomic import atomic_write_json
+from influscope.storage.atomic import atomic_write_json, atomic_write_tensors, read_tensors
 from influscope.tasks import EncodedDataset
 
 COMMAND = (
@@ -232,7 +232,7 @@ def main() -> None:
         tensors = {"pairwise": scores.pairwise.cpu()}
         if scores.measurements is not None:
             tensors["measurements"] = scores.measurements.cpu()
-        torch.save(tensors, out / f"{key}.pt")
+        atomic_write_tensors(out / f"{key}.safetensors", tensors)
         atomic_write_json(
             out / f"{key}.json", {"seconds": seconds, "peak_mib": peak, **unit, **(extra or {})}
         )
@@ -306,7 +306,7 @@ def report(args, bank, results: dict, save) -> None:
     for key in ("ekfac", "cg", "magic"):
         if not (out / f"{key}.json").is_file():
             continue
-        stored = torch.load(out / f"{key}.pt", weights_only=True)
+        stored = read_tensors(out / f"{key}.safetensors")
         cost = json.loads((out / f"{key}.json").read_text())
         got = stored.get("measurements")
         gap = None if got is None else float((got.double() - bank.full).abs().max())
@@ -326,7 +326,7 @@ def report(args, bank, results: dict, save) -> None:
     if "magic" in results:  # is the retrained change linear in the weights?
         dropped, measured = bank.of_fraction(0)  # (m, N), (m, Q)
         actual = (measured - bank.full).double()  # (m, Q)
-        tau = torch.load(out / "magic.pt", weights_only=True)["pairwise"].double()  # (Q, N)
+        tau = read_tensors(out / "magic.safetensors")["pairwise"].double()  # (Q, N)
         pred = -(dropped.double() @ tau.T)  # first-order change: −Σ_{i∈D} d f / d w_i
         pearson = [float(torch.corrcoef(torch.stack([pred[:, q], actual[:, q]]))[0, 1])
                    for q in range(actual.shape[1])]  # fmt: skip
