@@ -182,20 +182,12 @@ def _say(line: str) -> None:
 
 
 def _lines(items: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
-    """``items``, printing a :func:`progress_line` every :func:`line_seconds` seconds and a
-    last one when a step that printed any ends."""
-    every = line_seconds()
-    start = last = time.monotonic()
-    done, said = 0, False
+    """``items`` with a :class:`LineBar` advanced per item."""
+    bar = LineBar(total, desc, unit)
     for item in items:
         yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= every and (total is None or done < total):
-            _say(progress_line(desc, done, total, unit, now - start))
-            last, said = now, True
-    if said or time.monotonic() - start >= every:
-        _say(progress_line(desc, done, total, unit, time.monotonic() - start))
+        bar.update(1)
+    bar.close()
 
 
 @contextlib.contextmanager
@@ -215,18 +207,17 @@ def watch(
         yield
         return
     if not _on_terminal():
-        with _watch_lines(desc, total, done, interval):
-            yield
-        return
-    bar = tqdm(
-        desc=desc,
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        leave=False,
-        dynamic_ncols=True,
-    )
+        bar = LineBar(total, desc, "B")
+    else:
+        bar = tqdm(
+            desc=desc,
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            leave=False,
+            dynamic_ncols=True,
+        )
     stop = threading.Event()
 
     def poll() -> None:
@@ -243,34 +234,6 @@ def watch(
         thread.join()
         bar.update(max(0.0, total - bar.n))
         bar.close()
-
-
-@contextlib.contextmanager
-def _watch_lines(
-    desc: str, total: float, done: Callable[[], float], interval: float
-) -> Iterator[None]:
-    """:func:`watch` off a terminal: a :func:`progress_line` every :func:`line_seconds`."""
-    every, start, stop = line_seconds(), time.monotonic(), threading.Event()
-
-    def poll() -> None:
-        last = start
-        while not stop.wait(interval):
-            now = time.monotonic()
-            if now - last >= every:
-                with contextlib.suppress(OSError):
-                    got = max(0.0, min(float(done()), total))
-                    _say(progress_line(desc, got, total, "B", now - start))
-                last = now
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        if time.monotonic() - start >= every:
-            _say(progress_line(desc, total, total, "B", time.monotonic() - start))
 
 
 def tmp_bytes(directory: str | Path, name: str) -> int:
