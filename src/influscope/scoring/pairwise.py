@@ -40,7 +40,7 @@ def layer_terms(pq: PreconditionedQueries, name: str, lb: LayerBatch) -> torch.T
         q = pq.dense[name].to(lb.a.dtype)  # (Q, out, in)
         g = lb.gradient()  # (B, out, in)
         # one (Q, out·in) × (out·in, B) product; torch.einsum("qoi,boi->qb") computes the same
-        # about 20× slower on CPU (SmolLM2's MLP shapes: 0.31 s vs 0.014 s per layer and batch)
+        # about 15× slower on CPU (SmolLM2's MLP shapes: benchmarks/layer_terms_cpu.py)
         return -(q.reshape(q.shape[0], -1) @ g.reshape(g.shape[0], -1).t())  # (Q, B)
     return token_terms(pq, name, lb).sum(-1)
 
