@@ -149,13 +149,18 @@ def score_config(args):
 
 def stage_dry_run(args) -> dict[str, Any]:
     """The prediction: ``fit --dry-run``'s estimate and the score stage's."""
-    from influscope.budget import plan_fit
+    from influscope.budget import plan_fit, plan_score
     from influscope.costs import measure_batch
     from influscope.resources import estimate
 
     _, model, train, queries = build(args)
     inf = influence(args, model)
     plan = plan_fit(inf.tracked, train, fit_config(args))
+    # the score's batch, as Influence.score plans it with one layer's factors streamed
+    layer_factors = max(
+        8 * (la.in_dim**2 + la.out_dim**2 + la.in_dim * la.out_dim) for la in inf.layers
+    )
+    score_batch = plan_score(inf.tracked, train, len(queries), score_config(args), layer_factors)
     cost = measure_batch(inf.tracked, train, plan.batch_size, sample_seed=0)  # as the fit
     rows = estimate(
         inf,
@@ -167,6 +172,7 @@ def stage_dry_run(args) -> dict[str, Any]:
         partitions=plan.partitions,
         stream_factors=True,
         query_rank=args.rank,
+        score_batch_size=score_batch,
     )
     fit_rows = [r for r in rows if r.stage.startswith("fit")]
     score_row = next(r for r in rows if r.stage == "score")
@@ -174,6 +180,7 @@ def stage_dry_run(args) -> dict[str, Any]:
         "partitions": plan.n_partitions,
         "partition_ranges": [list(r) for r in plan.partitions],
         "batch_size": plan.batch_size,
+        "score_batch_size": score_batch,
         "budget_gib": plan.budget / 2**30,
         "fit_peak_gib": max(r.memory for r in fit_rows) / 2**30,
         "fit_seconds": sum(r.seconds or 0.0 for r in fit_rows),
@@ -225,6 +232,7 @@ def stage_score(args) -> dict[str, Any]:
     return {
         "seconds_in_score": time.perf_counter() - t0,
         "streamed": type(factors).__name__ == "StreamedOperator",
+        "batch_size": inf.last_score_batch,
         "layer_loads": len(getattr(factors, "loads", [])),
         "scores_finite": bool(pairwise.isfinite().all()),
         "top_train_per_query": pairwise.argmax(1).tolist(),

@@ -66,6 +66,17 @@ def test_estimate_from_a_measured_batch(setup):
     small = {e.stage: e for e in estimate(inf, train, batch_size=4, cost=cost, cache_mb=0)}
     assert small["fit: eigenvalues"].seconds == pytest.approx(scale * 3.0)
     assert small["fit: covariance"].memory == pytest.approx(1.1e9 + 8 * k)
+    # the score row: the measured batch scaled to the score's batch (8 here, the fit's 4)
+    score = {
+        b: next(
+            e
+            for e in estimate(inf, train, 4, 3, cost=cost, score_batch_size=b)
+            if e.stage == "score"
+        )
+        for b in (None, 8)
+    }
+    assert score[8].memory - score[None].memory == pytest.approx(1e8)  # one more batch peak
+    assert "batch 8" in score[8].note and "batch" not in score[None].note
     text = describe(list(rows.values()), cost)
     assert "time" in text.splitlines()[0] and "fit peak ≈" in text and "measured on cpu" in text
     # without a measured batch: no time column

@@ -402,14 +402,18 @@ def plan_score(
     n_queries: int,
     config: ScoreConfig,
     factor_bytes: float = 0.0,
+    queries_held: bool = False,
 ) -> int:
     """Check a score pass against its budget; the batch size it can afford.
 
     The factors are already loaded (part of the resident size), or streamed from disk one
     layer at a time (``factor_bytes``: the largest layer's, held on top). A batch adds its
-    activations
-    and captures (rule of thumb, :func:`influscope.resources.pass_activation_bytes`); the
-    stage holds the query gradients ``4·Q·P`` and the per-layer scores ``4·Q·N·L``.
+    activations and captures (rule of thumb, :func:`influscope.resources.pass_activation_bytes`);
+    the stage holds the query gradients ``4·Q·P`` (already part of the resident size with
+    ``queries_held``: :meth:`influscope.Influence.score` plans again, from the measured
+    resident size, once the queries are preconditioned) and the per-layer scores ``4·Q·N·L``.
+    The batch is halved until the estimate fits ``(1 − SAFETY)·B``, the margin the fit's plan
+    leaves for the heap's fragmentation.
 
     Raises:
         MemoryBudgetError: ``B`` is below what one tracked layer needs at batch size 1 (the
@@ -437,7 +441,7 @@ def plan_score(
             grads = rank * sum(i + o for i, o in ds) + 3 * max(i * o for i, o in ds)
         else:
             grads = sum(i * o for i, o in ds)
-        held = 4 * n_queries * grads + 4 * n_queries * n * len(ds)
+        held = 4 * n_queries * (0 if queries_held else grads) + 4 * n_queries * n * len(ds)
         return resident + factor_bytes + pass_activation_bytes(tracked.model, ds, b, t) + held
 
     needs = [need([d], 1) for d in dims]
@@ -461,6 +465,6 @@ def plan_score(
             "keep low-rank queries (query_rank)."
         )
     batch = config.batch_size
-    while batch > 1 and need(dims, batch) > budget:
+    while batch > 1 and need(dims, batch) > (1 - SAFETY) * budget:
         batch = max(1, batch // 2)
     return batch

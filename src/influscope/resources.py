@@ -107,6 +107,7 @@ def estimate(
     partitions: Sequence[tuple[int, int]] | None = None,
     stream_factors: bool = False,
     query_rank: int | None = None,
+    score_batch_size: int | None = None,
 ) -> list[StageEstimate]:
     """Estimates for fitting (``curvature``, on at most ``max_examples`` sequences), scoring
     and (when ``index`` is an IndexConfig) indexing; with ``cost`` (one measured batch, see
@@ -126,7 +127,13 @@ def estimate(
     stage holds one layer's factors instead of all of them. With ``query_rank`` and more
     query numbers than :data:`~influscope.scoring.queries.DENSE_BUDGET`, the queries are kept
     as rank-``r`` factors ``4·Q·r·Σ(in + out)`` plus one layer's rotated gradients and their
-    scaled copy and SVD input, ``3·4·Q·max in·out``, instead of ``4·Q·P``."""
+    scaled copy and SVD input, ``3·4·Q·max in·out``, instead of ``4·Q·P``.
+
+    The score row is at ``score_batch_size`` (``None``: ``batch_size``), the batch the score
+    pass runs at (:func:`influscope.budget.plan_score`), which is often larger than the fit's
+    (a fit under a budget lowers its batch to hold its statistics; a score holds none): the
+    measured batch peak is scaled by ``score_batch_size / cost.batch_size`` (activations and
+    captures grow with the batch; scaling all of it, fixed part included, errs high)."""
     tracked = getattr(inf, "tracked", inf)  # an Influence or its TrackedModel
     model = tracked.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -189,9 +196,16 @@ def estimate(
         if query_rank is not None and n_queries * grad > DENSE_BUDGET:
             widest_grad = max(i * o for i, o in dims)
             held = 4 * n_queries * (query_rank * sum(i + o for i, o in dims) + 3 * widest_grad)
+        score_b = score_batch_size or bsz
+        if cost is not None:
+            score_pass = cost.resident + cost.batch_peak * score_b / max(cost.batch_size, 1)
+        else:
+            score_pass = resident + pass_activation_bytes(model, dims, score_b, t)
+        if score_b != bsz:
+            note = f"{note + '; ' if note else ''}batch {score_b}"
         out.append(
             StageEstimate(
-                "score", pass_bytes + factors + held + 4 * n_queries * n * len(dims), 0, note
+                "score", score_pass + factors + held + 4 * n_queries * n * len(dims), 0, note
             )
         )
     if index is not None:

@@ -90,6 +90,46 @@ def test_streamed_scores_are_bit_identical_and_hold_one_layer(tmp_path):
     assert parts.held_bytes() < memory.held_bytes()
 
 
+def test_streamed_score_plans_its_training_pass_again_after_the_queries(tmp_path, monkeypatch):
+    """The query pass leaves memory held (a cached layer, heap): the training pass's batch is
+    planned again from the resident size measured after it, and the cached layer is dropped;
+    when even batch size 1 no longer fits, the pass goes on at 1 with a warning."""
+    inf = Influence(tiny_gpt2(), "causal_lm", modules="mlp", device="cpu", run_dir=tmp_path)
+    train = random_lm_data(10, seed=3, min_len=8, max_len=8)
+    queries = random_lm_data(5, seed=4)
+    inf.fit(train, FitConfig(batch_size=4), name="parts")
+    op = inf.load_factors(train, "parts", stream=True)
+    ref = inf.score(queries, train, op, ScoreConfig(batch_size=8))
+    budget = 2**30
+    act = budget_mod.pass_activation_bytes(
+        inf.model, [(la.in_dim, la.out_dim) for la in inf.layers], 1, 8
+    )
+    scores = 4 * len(queries) * len(train) * len(inf.layers)
+    # after the query pass: batch 1 fits (0.95 B), batch 2 does not
+    after = 0.95 * budget - op.held_bytes() - 1.5 * act - scores
+    config = ScoreConfig(batch_size=8, memory_gb=budget / 2**30)
+
+    def score_with(post: float):
+        released, calls = [], [0]
+        monkeypatch.setattr(op, "release", lambda: released.append(True))
+        monkeypatch.setattr(
+            budget_mod, "resident_bytes", lambda device=None: post if released else 2**20
+        )
+        hook = inf.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            got = inf.score(queries, train, op, config)
+        finally:
+            hook.remove()
+        assert released == [True]
+        assert calls[0] == 1 + len(train)  # one query batch, then batches of 1
+        assert inf.last_score_batch == 1
+        torch.testing.assert_close(got.pairwise, ref.pairwise)
+
+    score_with(after)
+    with pytest.warns(UserWarning, match="runs at batch size 1"):
+        score_with(2 * budget)  # not even batch size 1 fits any more
+
+
 def test_partitioned_fit_without_a_run_directory(tmp_path):
     inf = Influence(tiny_gpt2(), "causal_lm", modules="mlp", device="cpu")
     train = random_lm_data(8, seed=5)
