@@ -227,7 +227,8 @@ def stage_score(args) -> dict[str, Any]:
     inf = influence(args, model)
     factors = inf.load_factors(train)
     t0 = time.perf_counter()
-    scores = inf.score(queries, train, factors, score_config(args), name="scores")
+    # computed, never loaded: this stage runs only when it is not recorded or is redone
+    scores = inf.score(queries, train, factors, score_config(args), name="scores", overwrite=True)
     pairwise = scores.pairwise.float()
     return {
         "seconds_in_score": time.perf_counter() - t0,
