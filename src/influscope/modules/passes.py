@@ -62,6 +62,7 @@ def layer_passes(
     amp_dtype: torch.dtype | None = None,
     desc: str = "pass",
     shard: bool = False,
+    trim_heap: bool = False,
 ) -> Iterator[tuple[list[int], dict[str, LayerBatch], torch.Tensor]]:
     """Yield ``(positions, {layer name: LayerBatch}, objective values (B,))`` per batch.
 
@@ -77,6 +78,10 @@ def layer_passes(
         amp_dtype: Autocast dtype, or ``None``.
         desc: Progress-bar label.
         shard: Under ``torch.distributed``, process only this rank's batches.
+        trim_heap: After each batch, drop this generator's references to it and give the
+            freed heap back to the system (:func:`influscope.budget.release_heap`), so that
+            freed blocks do not pile up batch after batch; effective when the caller also
+            drops its references (``del grads``) before asking for the next batch.
 
     Raises:
         NumericalError: When an example's objective is NaN/Inf (the message names it).
@@ -118,6 +123,11 @@ def layer_passes(
             )
             cap.clear()
             yield pos, grads, values.detach()
+            if trim_heap:
+                from influscope.budget import release_heap  # (budget imports this module)
+
+                del grads, values, batch
+                release_heap()
 
 
 def n_batches(n: int, batch_size: int) -> int:
