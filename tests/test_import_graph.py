@@ -113,3 +113,28 @@ def test_every_pytest_raises_names_its_message():
             ):
                 bad.append(f"{p.name}:{node.lineno}")
     assert not bad, "pytest.raises without match=: " + ", ".join(bad)
+
+
+def test_public_names_are_listed_once_in_each_of_the_three_lists():
+    """``influscope/__init__.py`` names its public API three times: ``_LAZY`` (resolved on
+    first use), the ``TYPE_CHECKING`` imports (for IDEs) and ``__all__``; they must agree, and
+    every lazy name must resolve to the object its module defines."""
+    import importlib
+
+    import influscope
+
+    init = SRC / "influscope" / "__init__.py"
+    tree = ast.parse(init.read_text())
+    typed: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                typed.update({alias.name: imp.module for alias in imp.names})
+    assert typed == influscope._LAZY
+    eager = {n for n in influscope.__all__ if n not in influscope._LAZY}
+    assert set(influscope.__all__) == eager | set(influscope._LAZY)
+    assert len(influscope.__all__) == len(set(influscope.__all__))
+    for name, module in influscope._LAZY.items():
+        assert getattr(influscope, name) is getattr(importlib.import_module(module), name)
+    for name in eager:  # the rest are imported eagerly (errors, version)
+        assert name in vars(influscope)

@@ -33,7 +33,10 @@ from influscope.cli.options import (
 )
 
 NAME = "dda"
-HELP = "Influence corrected for fitting error: debias (minus the base model's), denoise (smoothed over fine-tuning checkpoints), DDA (both), RelatIF."
+HELP = (
+    "Influence corrected for fitting error: debias (minus the base model's), denoise "
+    "(smoothed over fine-tuning checkpoints), DDA (both), RelatIF."
+)
 
 console = Console(stderr=True)
 
