@@ -473,7 +473,7 @@ class Influence:
             self.last_preconditioned = pq
             if not given:
                 # the query pass leaves a streamed layer cached and freed blocks on the heap
-                # (measured on a 10-block TinyLlama: +1.8 GiB held after it, +0.1 GiB after
+                # (measured on a 10-block TinyLlama: +1.10 GiB held after it, +0.02 GiB after
                 # this); then plan the training pass again from the measured resident size
                 if is_streamed:
                     factors.release()
