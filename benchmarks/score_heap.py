@@ -29,7 +29,7 @@ import argparse
 import torch
 
 from benchmarks.common import Stages
-from benchmarks.vs_kronfluence import load, prepare_data, tracked
+from benchmarks.vs_kronfluence import encoded, load, prepare_data, tracked
 
 GIB = 2**30
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     if args.llama_run:
         return llama_query_pass(args)
-    from influscope import EncodedDataset, FitConfig, Influence, ScoreConfig
+    from influscope import FitConfig, Influence, ScoreConfig
     from influscope.costs import resident_bytes
 
     if args.no_trim:  # score_pass asks for trim_heap=True: ignore it
@@ -53,12 +53,7 @@ def main() -> None:
         pairwise.layer_passes = lambda *a, **k: passes(*a, **{**k, "trim_heap": False})
     data = prepare_data("smollm2", args.sequences, 8, 96)
     model = load(data)
-
-    def dataset(ids: torch.Tensor) -> EncodedDataset:
-        ones = torch.ones(ids.shape[1], dtype=torch.long)
-        return EncodedDataset([{"input_ids": r, "attention_mask": ones, "labels": r} for r in ids])
-
-    train, queries = dataset(data.train), dataset(data.queries)
+    train, queries = encoded(data.train), encoded(data.queries)
     inf = Influence(model, "causal_lm", modules=tracked(model), device="cpu")
     stages = Stages()
     print(f"resident before the fit: {resident_bytes() / GIB:.2f} GiB", flush=True)

@@ -206,17 +206,20 @@ def run_floor(data, stages: Stages) -> dict:
     return {}
 
 
+def encoded(ids: torch.Tensor):
+    """``(N, T)`` token ids as an :class:`~influscope.EncodedDataset`, every token labelled."""
+    from influscope import EncodedDataset
+
+    ones = torch.ones(ids.shape[1], dtype=torch.long)
+    return EncodedDataset([{"input_ids": r, "attention_mask": ones, "labels": r} for r in ids])
+
+
 def run_influscope(data, stages: Stages) -> dict:
-    from influscope import EncodedDataset, FitConfig, Influence, ScoreConfig
+    from influscope import FitConfig, Influence, ScoreConfig
     from influscope.curvature import ekfac, kfac
 
     model = load(data)
-
-    def dataset(ids: torch.Tensor) -> EncodedDataset:
-        ones = torch.ones(ids.shape[1], dtype=torch.long)
-        return EncodedDataset([{"input_ids": r, "attention_mask": ones, "labels": r} for r in ids])
-
-    train, queries = dataset(data.train), dataset(data.queries)
+    train, queries = encoded(data.train), encoded(data.queries)
     inf = Influence(model, "causal_lm", modules=tracked(model), device="cpu")
     budget = getattr(data, "memory_gb", None)  # "default", "nocache" or GiB
     memory_gb = None if budget in (None, "default", "nocache") else float(budget)
